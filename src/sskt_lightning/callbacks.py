@@ -1,0 +1,51 @@
+"""Callbacks of our own (Lightning's cover checkpoints and progress)."""
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+
+
+class ThroughputMeter(L.Callback):
+    """Training images per second: images seen by the training loop / time spent in it.
+
+    Times each epoch's training phase from its start to the first validation batch (or the epoch's
+    end), synchronising the device only at those two points, never per step. The first epoch is
+    skipped when there are more (warm-up, compilation, cudnn autotune).
+    """
+
+    def __init__(self):
+        self.epochs: list[tuple[int, float]] = []   # (images, seconds) per epoch
+        self._t0 = None
+        self._images = 0
+
+    def _now(self, module) -> float:
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+        return time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, module):
+        self._t0, self._images = self._now(module), 0
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        x = batch["labeled"][0] if isinstance(batch, dict) else batch[0]
+        self._images += x.shape[0] * trainer.world_size
+
+    def _close(self, module):
+        if self._t0 is not None:
+            self.epochs.append((self._images, self._now(module) - self._t0))
+            self._t0 = None
+
+    def on_validation_start(self, trainer, module):
+        if trainer.training:
+            self._close(module)
+
+    def on_train_epoch_end(self, trainer, module):
+        self._close(module)
+
+    @property
+    def images_per_second(self) -> float | None:
+        epochs = self.epochs[1:] if len(self.epochs) > 1 else self.epochs
+        images, seconds = sum(e[0] for e in epochs), sum(e[1] for e in epochs)
+        return images / seconds if seconds > 0 else None

@@ -1,0 +1,70 @@
+"""Every loss of the harness, as plain functions of logits (the formulas of METHODS.md).
+
+Notation: ``a`` student logits (B, K), ``t`` teacher/source logits (B, K), ``T`` temperature.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_cross_entropy(a: torch.Tensor, t: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """``T^2 * mean_b sum_k -softmax(t/T)_k * log_softmax(a/T)_k`` (SSKT's default 'ce')."""
+    q = F.softmax(t / T, dim=1)
+    return (T * T) * -(q * F.log_softmax(a / T, dim=1)).sum(1).mean()
+
+
+def kl_divergence(a: torch.Tensor, t: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """``T^2 * KL(softmax(t/T) || softmax(a/T))``, summed over classes, averaged over the batch."""
+    return (T * T) * F.kl_div(F.log_softmax(a / T, dim=1), F.log_softmax(t / T, dim=1),
+                              reduction="batchmean", log_target=True)
+
+
+def kl_divergence_reference(a: torch.Tensor, t: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """The SSKT reference code's KD loss: ``KLDivLoss()`` with reduction 'mean', i.e. divided by
+    B*K rather than B - K times (1000x for ImageNet sources) weaker than :func:`kl_divergence`.
+    Kept only to reproduce the paper's CE+KD rows."""
+    return (T * T) * F.kl_div(F.log_softmax(a / T, dim=1), F.softmax(t / T, dim=1), reduction="mean")
+
+
+def focal_from_probs(p: torch.Tensor, q: torch.Tensor, gamma: float = 2.0,
+                     log_p: torch.Tensor | None = None) -> torch.Tensor:
+    """``-mean_b sum_k q_k (1 - p_k)^gamma log p_k`` for probabilities ``p`` and targets ``q``."""
+    log_p = torch.log(p.clamp_min(1e-12)) if log_p is None else log_p
+    return -(q * (1 - p).pow(gamma) * log_p).sum(1).mean()
+
+
+def focal(a: torch.Tensor, t: torch.Tensor, T: float = 1.0, gamma: float = 2.0) -> torch.Tensor:
+    """SSKT's 'focal' auxiliary loss, ``p = softmax(a)``, ``q = softmax(t)`` (no temperature)."""
+    log_p = F.log_softmax(a, dim=1)
+    return focal_from_probs(log_p.exp(), F.softmax(t, dim=1), gamma, log_p=log_p)
+
+
+AUX_LOSSES = {
+    "ce": soft_cross_entropy,
+    "kd": kl_divergence,
+    "kd_reference": kl_divergence_reference,
+    "focal": focal,
+}
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, multi_label: bool = False) -> torch.Tensor:
+    """Cross-entropy for single-label data; BCE-with-logits for multi-label (0/1 float targets)."""
+    if multi_label:
+        return F.binary_cross_entropy_with_logits(logits, labels.float())
+    return F.cross_entropy(logits, labels)
+
+
+def sskt_loss(task: torch.Tensor, aux_logits: list[torch.Tensor], source_logits: list[torch.Tensor],
+              alpha: float, aux_loss: str = "ce", T: float = 3.0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``L = L_task + alpha * sum_s L_aux(a_s, t_s)``; returns the total and each source's term."""
+    fn = AUX_LOSSES[aux_loss]
+    terms = [fn(a, t.detach(), T) for a, t in zip(aux_logits, source_logits, strict=True)]
+    total = task + alpha * torch.stack(terms).sum() if terms else task
+    return total, terms
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, alpha: float,
+            T: float) -> torch.Tensor:
+    """Hinton KD: ``(1 - alpha) * CE(z, y) + alpha * T^2 * KL(softmax_T(z_t) || softmax_T(z))``."""
+    return (1 - alpha) * F.cross_entropy(student, labels) + alpha * kl_divergence(student, teacher.detach(), T)

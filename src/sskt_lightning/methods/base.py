@@ -1,0 +1,52 @@
+"""The method seam: a strategy object that knows its losses, extra networks and optimizers.
+
+:class:`sskt_lightning.module.TransferModule` owns the target, the frozen sources, the metrics and
+the logging; it delegates the training step (and, for methods with several optimizers or a meta
+step, the optimizer set-up) to its ``method``. A method is an ``nn.Module`` so that the networks it
+adds (aux heads, DML peers, the MAXL label generator) move with the module, are checkpointed, and
+are seen by DDP.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from sskt_lightning.module import TransferModule
+
+
+def split_batch(batch):
+    """``(x, y, idx)`` from a plain batch, or from the ``labeled`` part of a dict batch."""
+    return batch["labeled"] if isinstance(batch, dict) else batch
+
+
+class Method(nn.Module):
+    name = "base"
+    needs_sources = False          # build cfg.source into module.sources
+    automatic_optimization = True  # False: the method steps its optimizers via manual_backward
+    tap_pooled = False             # target forward also returns the pooled feature
+    tap_stages = False             # ... and every stage's output
+
+    def setup(self, module: TransferModule) -> None:
+        """Build what depends on the target/sources/data (heads, peers). Called once at init."""
+
+    def training_step(self, module: TransferModule, batch) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def configure_optimizers(self, module: TransferModule):
+        """Default: one optimizer (``cfg.optim``) over every trainable parameter of the module."""
+        return module.default_optimizers(p for p in module.parameters() if p.requires_grad)
+
+    def extra_eval_names(self) -> list[str]:
+        """Names of additional networks evaluated beside the target (e.g. DML peers)."""
+        return []
+
+    def extra_eval_logits(self, module: TransferModule, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Their logits on an evaluation batch, keyed by :meth:`extra_eval_names`."""
+        return {}
+
+    def describe(self) -> dict:
+        """Settings recorded in results.json."""
+        return {}

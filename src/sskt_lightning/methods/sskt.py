@@ -1,0 +1,70 @@
+"""SSKT: frozen sources label each target image with their own class distribution; the target
+predicts it through one auxiliary head per source, next to its own task.
+
+    L = L_task(z, y) + alpha * sum_s L_aux(a_s, t_s)           (formula: losses.sskt_loss)
+
+With ``unlabeled=True`` the batch is ``{"labeled": (x, y, idx), "unlabeled": (x_u, idx_u)}``: the
+auxiliary loss runs on both streams, the task loss only on the labeled images (the unlabeled stream
+carries no labels at all).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sskt_lightning.errors import ConfigError
+from sskt_lightning.heads import build_head
+from sskt_lightning.losses import AUX_LOSSES, sskt_loss
+from sskt_lightning.methods.base import Method
+
+
+class SSKT(Method):
+    name = "sskt"
+    needs_sources = True
+
+    def __init__(self, alpha: float = 0.1, temperature: float = 3.0, aux_loss: str = "ce",
+                 aux_head: str = "transfer_module", source_bn: str = "eval",
+                 tm_out: int | None = None, tm_mid: int | None = None, unlabeled: bool = False):
+        super().__init__()
+        if aux_loss not in AUX_LOSSES:
+            raise ConfigError(f"method.aux_loss={aux_loss!r}; choose one of {sorted(AUX_LOSSES)}.")
+        if aux_head not in ("linear", "transfer_module"):
+            raise ConfigError(f"method.aux_head={aux_head!r}; choose 'linear' or 'transfer_module'.")
+        self.alpha, self.temperature, self.aux_loss = float(alpha), float(temperature), aux_loss
+        self.aux_head, self.source_bn, self.unlabeled = aux_head, source_bn, bool(unlabeled)
+        self.tm_out, self.tm_mid = tm_out, tm_mid
+        self.tap_pooled = aux_head == "linear"
+        self.tap_stages = aux_head == "transfer_module"
+        self.heads = nn.ModuleList()
+
+    def setup(self, module):
+        if len(module.sources) == 0:
+            raise ConfigError("method=sskt needs at least one source: e.g. source=[imagenet_resnet50] "
+                              "or source=[imagenet_resnet50,places365_resnet50].")
+        for k in module.sources.num_classes:
+            self.heads.append(build_head(self.aux_head, module.target, k, self.tm_out, self.tm_mid))
+
+    def training_step(self, module, batch):
+        if isinstance(batch, dict):
+            x, y, idx = batch["labeled"]
+            if "unlabeled" in batch:
+                xu, idxu = batch["unlabeled"]
+                x, idx = torch.cat([x, xu]), torch.cat([idx, idxu])
+        elif self.unlabeled:
+            raise ConfigError("method.unlabeled=true needs data.unlabeled=true (a second, unlabeled stream).")
+        else:
+            x, y, idx = batch
+        n = y.shape[0]
+        out = module.target(x)
+        task = module.task_loss(out.logits[:n], y)
+        targets = module.sources(x, idx)
+        aux = [head(out) for head in self.heads]
+        loss, terms = sskt_loss(task, aux, targets, self.alpha, self.aux_loss, self.temperature)
+        parts = {"loss": loss, "task_loss": task}
+        parts.update({f"aux_{key}": t for key, t in zip(module.sources.sources, terms)})
+        module.log_train(parts, out.logits[:n], y)
+        return loss
+
+    def describe(self):
+        return {"alpha": self.alpha, "temperature": self.temperature, "aux_loss": self.aux_loss,
+                "aux_head": self.aux_head, "source_bn": self.source_bn, "unlabeled": self.unlabeled}

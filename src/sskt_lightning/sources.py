@@ -1,0 +1,211 @@
+"""Frozen source networks and the per-source input adapter.
+
+A source is built from its config (``conf/source/*.yaml``) by name (timm / torchvision), with
+weights from the hub, from a URL, from a local file, or from a checkpoint this project wrote. Its
+class count comes from the weights. It never trains: no gradients, no optimizer, eval mode unless
+``bn_mode='train'`` (the reference code's behaviour: BatchNorm uses batch statistics and its
+running stats drift, weights stay fixed).
+
+All sources are called through one seam, :meth:`SourceBank.forward` (images and their sample
+indices in, one logits tensor per source out), so a soft-label cache can answer instead later.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sskt_lightning import weights as W
+from sskt_lightning.errors import ConfigError, WeightsError
+from sskt_lightning.nets.factory import _classifier, _replace_classifier, create_network
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class SourceSpec:
+    """One entry of ``cfg.source`` (see ``conf/source/``)."""
+    key: str
+    name: str | None = None          # timm / torchvision / cifar_* name; None: read from a checkpoint
+    pretrained: bool = True          # hub weights (or ``url``) when no local ``weights`` file
+    weights: str | None = None       # local .safetensors / .pth / .ckpt (this project's too)
+    url: str | None = None           # weights URL for non-hub weights (e.g. CSAIL Places365)
+    num_classes: int | None = None   # None: from the weights
+    strip_prefix: Sequence[str] = field(default_factory=tuple)
+    mean: Sequence[float] | None = None       # None: the net's pretrained config
+    std: Sequence[float] | None = None
+    in_chans: int | None = None
+    input_size: int | None = None    # None: the net's pretrained resolution
+
+    @classmethod
+    def from_config(cls, key: str, cfg: Mapping) -> SourceSpec:
+        known = set(cls.__dataclass_fields__) - {"key"}
+        extra = set(cfg) - known
+        if extra:
+            raise ConfigError(f"source.{key}: unknown option(s) {sorted(extra)}; known: {sorted(known)}.")
+        return cls(key=key, **dict(cfg))
+
+
+class InputAdapter(nn.Module):
+    """Target-normalised images -> the source's input: resize, 1<->3 channels, re-normalise.
+
+    ``x_src = (resize(x * std_data + mean_data) - mean_src) / std_src``; runs on the device.
+    """
+
+    def __init__(self, data_mean, data_std, src_mean, src_std, src_size: int | None):
+        super().__init__()
+        c_in, c_out = len(data_mean), len(src_mean)
+        if c_in not in (1, c_out) and c_out != 1:
+            raise ConfigError(f"Cannot adapt {c_in}-channel images to a {c_out}-channel source.")
+        self.c_in, self.c_out, self.size = c_in, c_out, src_size
+        as_buf = lambda v: torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)  # noqa: E731
+        self.register_buffer("data_mean", as_buf(data_mean), persistent=False)
+        self.register_buffer("data_std", as_buf(data_std), persistent=False)
+        self.register_buffer("src_mean", as_buf(src_mean), persistent=False)
+        self.register_buffer("src_std", as_buf(src_std), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * self.data_std + self.data_mean                 # back to [0, 1] pixels
+        if self.size is not None and tuple(x.shape[-2:]) != (self.size, self.size):
+            down = self.size < min(x.shape[-2:])
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear",
+                              align_corners=False, antialias=down)
+        if self.c_in == 1 and self.c_out == 3:
+            x = x.expand(-1, 3, -1, -1)
+        elif self.c_in == 3 and self.c_out == 1:
+            x = x.mean(1, keepdim=True)
+        return (x - self.src_mean) / self.src_std
+
+
+class FrozenSource(nn.Module):
+    def __init__(self, key: str, net: nn.Module, adapter: InputAdapter, bn_mode: str = "eval"):
+        super().__init__()
+        if bn_mode not in ("eval", "train"):
+            raise ConfigError(f"source_bn must be 'eval' or 'train' (reference behaviour), got {bn_mode!r}.")
+        self.key, self.net, self.adapter, self.bn_mode = key, net, adapter, bn_mode
+        self.num_classes = _classifier(net).out_features
+        net.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.bn_mode == "eval":
+            self.net.eval()
+        return self
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.adapter(x))
+
+
+class SourceBank(nn.Module):
+    """All frozen sources of a run. ``forward(images, index)`` -> one logits tensor per source.
+
+    ``index`` (the batch's sample indices) is unused by the networks; it is the key a soft-label
+    cache would use in place of running them.
+    """
+
+    def __init__(self, sources: Sequence[FrozenSource]):
+        super().__init__()
+        self.sources = nn.ModuleDict({s.key: s for s in sources})
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    @property
+    def num_classes(self) -> list[int]:
+        return [s.num_classes for s in self.sources.values()]
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor | None = None) -> list[torch.Tensor]:
+        return [s(x) for s in self.sources.values()]
+
+
+def _fix_offline(spec: SourceSpec) -> str:
+    return (f"Offline? Download the file and pass source.{spec.key}.weights=/path/to/file "
+            f"(.safetensors, .pth or a .ckpt of this project), or set source.{spec.key}.pretrained=false "
+            "for random weights (smoke runs only).")
+
+
+def _build_net(spec: SourceSpec, data_info: Mapping) -> tuple[nn.Module, dict]:
+    """The network with its weights loaded, and its input statistics from the weights' origin."""
+    stats: dict = {}
+    if spec.weights:
+        obj = W.read_file(spec.weights)
+        name, in_chans = spec.name, spec.in_chans or 3
+        if W.is_project_checkpoint(obj):
+            info = obj["hyper_parameters"]["data_info"]
+            name = name or obj["hyper_parameters"]["model_name"]
+            in_chans = spec.in_chans or info["in_chans"]
+            stats = {"mean": info["mean"], "std": info["std"], "input_size": info["image_size"]}
+        if not name:
+            raise ConfigError(f"source.{spec.key}.name is required: {spec.weights} is not a "
+                              "checkpoint of this project, so it does not say its architecture.")
+        sd = W.extract_state_dict(obj, tuple(spec.strip_prefix))
+        net = create_network(name, num_classes=spec.num_classes or 1000, in_chans=in_chans)
+        clf_key = next(k for k, m in net.named_modules() if m is _classifier(net)) + ".weight"
+        if clf_key in sd and sd[clf_key].shape[0] != _classifier(net).out_features:
+            if spec.num_classes is not None:
+                raise WeightsError(
+                    f"source.{spec.key}.num_classes={spec.num_classes} but {spec.weights} has "
+                    f"{sd[clf_key].shape[0]} classes; remove num_classes to take it from the file.")
+            _replace_classifier(net, sd[clf_key].shape[0])
+        W.load_into(net, sd, f"source {spec.key!r} ({spec.weights})")
+    elif spec.pretrained and spec.url:
+        sd = W.extract_state_dict(W.fetch_url(spec.url, f"source {spec.key!r}", _fix_offline(spec)),
+                                  tuple(spec.strip_prefix))
+        net = create_network(spec.name, num_classes=spec.num_classes or 1000, in_chans=spec.in_chans or 3)
+        W.load_into(net, sd, f"source {spec.key!r} ({spec.url})")
+    elif spec.pretrained:
+        kwargs = {"num_classes": spec.num_classes} if spec.num_classes else {}
+        try:
+            net = _create_pretrained(spec.name, spec.in_chans or 3, **kwargs)
+        except ConfigError:
+            raise
+        except Exception as err:  # hub errors come in many types (HTTP, offline, missing cache)
+            raise WeightsError(f"Could not fetch pretrained weights for source {spec.key!r} "
+                               f"({spec.name}): {type(err).__name__}: {str(err)[:200]}. "
+                               f"{_fix_offline(spec)}") from None
+    else:
+        warnings.warn(f"source {spec.key!r} ({spec.name}) has RANDOM weights (pretrained=false): "
+                      "fine for smoke runs, meaningless for transfer.", stacklevel=2)
+        net = create_network(spec.name, num_classes=spec.num_classes or 1000, in_chans=spec.in_chans or 3)
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    stats.setdefault("mean", cfg.get("mean", IMAGENET_MEAN))
+    stats.setdefault("std", cfg.get("std", IMAGENET_STD))
+    stats.setdefault("input_size", cfg.get("input_size", (3, 224, 224))[-1])
+    return net, stats
+
+
+def _create_pretrained(name: str, in_chans: int, **kwargs) -> nn.Module:
+    import timm
+    from sskt_lightning.nets.factory import TORCHVISION_PREFIX
+    if name.startswith(TORCHVISION_PREFIX):
+        net = create_network(name, kwargs.get("num_classes", 1000), in_chans, pretrained=True)
+    else:
+        net = timm.create_model(name, pretrained=True, in_chans=in_chans, **kwargs)
+    return net
+
+
+def build_source(spec: SourceSpec, data_info: Mapping, bn_mode: str = "eval") -> FrozenSource:
+    net, stats = _build_net(spec, data_info)
+    size = spec.input_size or stats["input_size"]
+    size = size[-1] if isinstance(size, (list, tuple)) else size
+    mean, std = tuple(spec.mean or stats["mean"]), tuple(spec.std or stats["std"])
+    adapter = InputAdapter(data_info["mean"], data_info["std"], mean, std, int(size))
+    log.info("source %s: %s, %d classes, input %d px", spec.key, spec.name or spec.weights,
+             _classifier(net).out_features, size)
+    return FrozenSource(spec.key, net, adapter, bn_mode)
+
+
+def build_sources(source_cfg: Mapping | None, data_info: Mapping, bn_mode: str = "eval") -> SourceBank:
+    """A :class:`SourceBank` from ``cfg.source`` (a mapping of key -> source options)."""
+    specs = [SourceSpec.from_config(k, v) for k, v in (source_cfg or {}).items()]
+    return SourceBank([build_source(s, data_info, bn_mode) for s in specs])

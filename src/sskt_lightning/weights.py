@@ -1,0 +1,87 @@
+"""Read weight files: safetensors, torch ``.pth``/``.pth.tar``/``.ckpt`` (``weights_only=True``),
+and checkpoints written by this project. Every failure is a :class:`WeightsError` naming the fix."""
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.error import URLError
+
+import torch
+
+from sskt_lightning.errors import WeightsError
+
+# Keys under which common training scripts nest the state dict.
+_NESTED_KEYS = ("state_dict", "model", "model_state_dict", "net", "weights")
+TARGET_PREFIX = "target.net."   # this project's TransferModule keeps the target under this name
+
+
+def read_file(path: str | Path) -> dict:
+    """The raw object stored in a weights file (a dict)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"Weights file {str(path)!r} does not exist. Check the path given as "
+                           "source.<name>.weights (absolute, or relative to where you run).")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path), device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors, corrupt archives, foreign formats
+        raise WeightsError(
+            f"Could not read weights from {str(path)!r}: {type(err).__name__}: {str(err)[:300]}. "
+            "Supported: .safetensors, or torch files that torch.load(weights_only=True) accepts "
+            "(tensors and plain containers only).") from None
+
+
+def is_project_checkpoint(obj: dict) -> bool:
+    hp = obj.get("hyper_parameters") if isinstance(obj, dict) else None
+    return isinstance(hp, dict) and "config" in hp and "data_info" in hp
+
+
+def extract_state_dict(obj: dict, strip_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The tensor dict inside ``obj`` with known wrapper prefixes removed.
+
+    Handles nesting (``state_dict``/``model``/...), this project's checkpoints (``target.net.``),
+    DataParallel's ``module.`` and any ``strip_prefixes`` given in the source config.
+    """
+    if is_project_checkpoint(obj):
+        sd = obj["state_dict"]
+        return {k[len(TARGET_PREFIX):]: v for k, v in sd.items() if k.startswith(TARGET_PREFIX)}
+    for key in _NESTED_KEYS:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not sd:
+        raise WeightsError("The weights file holds no tensors (expected a state dict).")
+    for prefix in (*strip_prefixes, "module."):
+        if prefix and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+def fetch_url(url: str, what: str, fix: str) -> dict:
+    """Download (or read from torch's hub cache) the file at ``url``; clear error when offline."""
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True,
+                                                  check_hash=False, progress=False)
+    except (URLError, OSError, RuntimeError, ValueError) as err:
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        raise WeightsError(
+            f"Could not fetch the weights of {what} from {url} ({type(err).__name__}: "
+            f"{str(err)[:200]}). Looked in the cache {cache} first. {fix}") from None
+
+
+def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    """``load_state_dict(strict=True)`` with a readable error listing the first mismatches."""
+    result = model.state_dict()
+    missing = [k for k in result if k not in sd]
+    unexpected = [k for k in sd if k not in result]
+    shape = [f"{k}: file {tuple(sd[k].shape)} vs net {tuple(result[k].shape)}"
+             for k in result if k in sd and sd[k].shape != result[k].shape]
+    if missing or unexpected or shape:
+        raise WeightsError(
+            f"The weights for {what} do not fit the network {type(model).__name__}: "
+            f"{len(missing)} missing keys {missing[:4]}, {len(unexpected)} unexpected {unexpected[:4]}, "
+            f"shape mismatches {shape[:3]}. Check source.<name>.name matches the architecture the "
+            "file was saved from, and strip_prefix for wrapper prefixes.")
+    model.load_state_dict(sd, strict=True)
