@@ -12,8 +12,10 @@ indices in, one logits tensor per source out), so a soft-label cache can answer 
 from __future__ import annotations
 
 import logging
+import socket
 import warnings
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -167,11 +169,13 @@ def _build_net(spec: SourceSpec, data_info: Mapping) -> tuple[nn.Module, dict]:
         kwargs = {"num_classes": spec.num_classes} if spec.num_classes else {}
         try:
             net = _create_pretrained(spec.name, spec.in_chans or 3, **kwargs)
-        except ConfigError:
+        except (ConfigError, WeightsError):
             raise
         except Exception as err:  # hub errors come in many types (HTTP, offline, missing cache)
+            from huggingface_hub import constants
             raise WeightsError(f"Could not fetch pretrained weights for source {spec.key!r} "
-                               f"({spec.name}): {type(err).__name__}: {str(err)[:200]}. "
+                               f"({spec.name}) from the Hugging Face hub, nor find them in its cache "
+                               f"{constants.HF_HUB_CACHE}: {type(err).__name__}: {str(err)[:160]}. "
                                f"{_fix_offline(spec)}") from None
     else:
         warnings.warn(f"source {spec.key!r} ({spec.name}) has RANDOM weights (pretrained=false): "
@@ -184,14 +188,36 @@ def _build_net(spec: SourceSpec, data_info: Mapping) -> tuple[nn.Module, dict]:
     return net, stats
 
 
+def _reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def _hub_cache_only_when_offline():
+    """Without network, make the Hugging Face hub answer from its cache at once (instead of
+    retrying for a minute): the cached file loads, a missing one fails fast."""
+    if _reachable("huggingface.co"):
+        yield
+        return
+    from huggingface_hub import constants
+    before, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 def _create_pretrained(name: str, in_chans: int, **kwargs) -> nn.Module:
     import timm
     from sskt_lightning.nets.factory import TORCHVISION_PREFIX
     if name.startswith(TORCHVISION_PREFIX):
-        net = create_network(name, kwargs.get("num_classes", 1000), in_chans, pretrained=True)
-    else:
-        net = timm.create_model(name, pretrained=True, in_chans=in_chans, **kwargs)
-    return net
+        return create_network(name, kwargs.get("num_classes", 1000), in_chans, pretrained=True)
+    with _hub_cache_only_when_offline():
+        return timm.create_model(name, pretrained=True, in_chans=in_chans, **kwargs)
 
 
 def build_source(spec: SourceSpec, data_info: Mapping, bn_mode: str = "eval") -> FrozenSource:

@@ -1,0 +1,197 @@
+"""CIFAR ResNets for 32 px input, registered with timm as ``cifar_resnet*``.
+
+Two families:
+
+* ``cifar_resnet20/32/44/56/110`` -- He et al. 2016 (Sec. 4.2) CIFAR ResNets: 3x3 stem with 16
+  channels, 3 stages of ``n = (depth - 2) / 6`` BasicBlocks with 16/32/64 channels, stride 2 at
+  stages 2 and 3. Downsampling shortcuts are *option-B-like* 1x1 conv + BN projections (the paper's
+  CIFAR nets use parameter-free option A), which adds ~1% parameters.
+* ``cifar_resnet18/34/50`` -- ImageNet ResNet widths 64/128/256/512 (BasicBlock for 18/34,
+  Bottleneck with expansion 4 for 50) with the common CIFAR adaptation: a 3x3 stride-1 stem and
+  no max-pool.
+
+``feature_info[i]['module']`` is ``layer{i+1}``: the output of the last block of each stage
+(after its final ReLU). The last entry's output is what ``forward_features`` returns.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Type, Union
+
+import torch
+from timm.models import register_model
+from torch import nn
+
+from sskt_lightning.nets._common import CifarClassifier, conv3x3, create_model, stage_info
+
+
+def _projection(in_chs: int, out_chs: int, stride: int) -> Optional[nn.Module]:
+    """1x1 conv + BN shortcut when the shape changes, else ``None`` (identity)."""
+    if stride == 1 and in_chs == out_chs:
+        return None
+    return nn.Sequential(
+        nn.Conv2d(in_chs, out_chs, kernel_size=1, stride=stride, bias=False),
+        nn.BatchNorm2d(out_chs),
+    )
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with a residual connection (post-activation)."""
+
+    expansion = 1
+
+    def __init__(self, in_chs: int, planes: int, stride: int = 1):
+        super().__init__()
+        out_chs = planes * self.expansion
+        self.conv1 = conv3x3(in_chs, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, out_chs)
+        self.bn2 = nn.BatchNorm2d(out_chs)
+        self.downsample = _projection(in_chs, out_chs, stride)
+        self.act2 = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.act2(out + shortcut)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (carries the stride), 1x1 expand (x4), with a residual connection."""
+
+    expansion = 4
+
+    def __init__(self, in_chs: int, planes: int, stride: int = 1):
+        super().__init__()
+        out_chs = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_chs, planes, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.act2 = nn.ReLU(inplace=True)
+        self.conv3 = nn.Conv2d(planes, out_chs, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_chs)
+        self.downsample = _projection(in_chs, out_chs, stride)
+        self.act3 = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.act2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.act3(out + shortcut)
+
+
+class CifarResNet(CifarClassifier):
+    """ResNet for 32 px input: 3x3 stride-1 stem (``conv1``/``bn1``/``act1``), stages ``layer1..layerN``
+    (stride 1 for the first, 2 for the rest), global average pool, ``fc``.
+
+    Args:
+        block: ``BasicBlock`` or ``Bottleneck``.
+        layers: blocks per stage.
+        widths: planes per stage; the stem has ``widths[0]`` channels.
+        num_classes: classifier outputs (0: no classifier, ``forward`` returns pooled features).
+        in_chans: input image channels.
+        drop_rate: dropout on the pooled feature before ``fc``.
+    """
+
+    def __init__(
+        self,
+        block: Type[Union[BasicBlock, Bottleneck]],
+        layers: Sequence[int],
+        widths: Sequence[int],
+        num_classes: int = 10,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+    ):
+        if len(layers) != len(widths):
+            raise ValueError(f"layers {layers} and widths {widths} must have the same length")
+        super().__init__(num_classes, widths[-1] * block.expansion, in_chans)
+        self.conv1 = conv3x3(in_chans, widths[0])
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.act1 = nn.ReLU(inplace=True)
+
+        in_chs, reduction, reductions, names = widths[0], 1, [], []
+        for i, (n_blocks, planes) in enumerate(zip(layers, widths)):
+            stride = 1 if i == 0 else 2
+            blocks = []
+            for j in range(n_blocks):
+                blocks.append(block(in_chs, planes, stride if j == 0 else 1))
+                in_chs = planes * block.expansion
+            reduction *= stride
+            reductions.append(reduction)
+            names.append(f"layer{i + 1}")
+            self.add_module(names[-1], nn.Sequential(*blocks))
+        self.stage_names = names
+        self.feature_info = stage_info([w * block.expansion for w in widths], reductions, names)
+        self._build_head(drop_rate)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+        return x
+
+
+_CIFAR_WIDTHS = (16, 32, 64)
+_IMAGENET_WIDTHS = (64, 128, 256, 512)
+
+
+def _cifar_depth(name: str, depth: int, pretrained: bool, **kwargs: Any) -> CifarResNet:
+    """He et al. CIFAR ResNet of ``depth = 6n + 2``."""
+    n = (depth - 2) // 6
+    args = dict(block=BasicBlock, layers=(n, n, n), widths=_CIFAR_WIDTHS)
+    return create_model(name, CifarResNet, pretrained, args, **kwargs)
+
+
+@register_model
+def cifar_resnet20(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """ResNet-20 for CIFAR (3x3 BasicBlocks, 16/32/64 channels), ~0.27M params."""
+    return _cifar_depth("cifar_resnet20", 20, pretrained, **kwargs)
+
+
+@register_model
+def cifar_resnet32(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """ResNet-32 for CIFAR, ~0.46M params."""
+    return _cifar_depth("cifar_resnet32", 32, pretrained, **kwargs)
+
+
+@register_model
+def cifar_resnet44(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """ResNet-44 for CIFAR, ~0.66M params."""
+    return _cifar_depth("cifar_resnet44", 44, pretrained, **kwargs)
+
+
+@register_model
+def cifar_resnet56(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """ResNet-56 for CIFAR, ~0.85M params."""
+    return _cifar_depth("cifar_resnet56", 56, pretrained, **kwargs)
+
+
+@register_model
+def cifar_resnet110(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """ResNet-110 for CIFAR, ~1.7M params."""
+    return _cifar_depth("cifar_resnet110", 110, pretrained, **kwargs)
+
+
+@register_model
+def cifar_resnet18(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """ResNet-18 (BasicBlock, 2-2-2-2) with a CIFAR stem, ~11.2M params."""
+    args = dict(block=BasicBlock, layers=(2, 2, 2, 2), widths=_IMAGENET_WIDTHS)
+    return create_model("cifar_resnet18", CifarResNet, pretrained, args, **kwargs)
+
+
+@register_model
+def cifar_resnet34(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """ResNet-34 (BasicBlock, 3-4-6-3) with a CIFAR stem, ~21.3M params."""
+    args = dict(block=BasicBlock, layers=(3, 4, 6, 3), widths=_IMAGENET_WIDTHS)
+    return create_model("cifar_resnet34", CifarResNet, pretrained, args, **kwargs)
+
+
+@register_model
+def cifar_resnet50(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
+    """ResNet-50 (Bottleneck x4, 3-4-6-3) with a CIFAR stem, ~23.5M params."""
+    args = dict(block=Bottleneck, layers=(3, 4, 6, 3), widths=_IMAGENET_WIDTHS)
+    return create_model("cifar_resnet50", CifarResNet, pretrained, args, **kwargs)

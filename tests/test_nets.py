@@ -1,0 +1,196 @@
+"""CIFAR-style nets: timm registration, the timm-style interface, feature_info and sizes."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import sskt_lightning  # noqa: F401  (registers cifar_* with timm)
+from sskt_lightning.errors import WeightsError
+
+EXPECTED = {
+    "cifar_resnet18", "cifar_resnet20", "cifar_resnet32", "cifar_resnet34", "cifar_resnet44",
+    "cifar_resnet50", "cifar_resnet56", "cifar_resnet110", "cifar_vgg16_bn", "cifar_wrn16_2",
+    "cifar_wrn40_2",
+}
+NAMES = timm.list_models("cifar_*")
+
+# Published parameter counts (10 classes); checked to +-5%.
+PARAMS_M = {
+    "cifar_resnet20": 0.27, "cifar_resnet32": 0.46, "cifar_resnet44": 0.66, "cifar_resnet56": 0.85,
+    "cifar_resnet110": 1.7, "cifar_resnet18": 11.2, "cifar_resnet50": 23.5, "cifar_vgg16_bn": 14.7,
+    "cifar_wrn40_2": 2.2, "cifar_wrn16_2": 0.69,
+}
+N_STAGES = {"resnet18": 4, "resnet34": 4, "resnet50": 4, "vgg16_bn": 5, "wrn16_2": 3, "wrn40_2": 3}
+
+_cache: dict = {}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny CPU batches: one intra-op thread is faster and steadier on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def cached(name: str) -> nn.Module:
+    """A shared eval-mode 10-class 3-channel instance for read-only tests."""
+    if name not in _cache:
+        torch.manual_seed(0)
+        _cache[name] = timm.create_model(name, num_classes=10).eval()
+    return _cache[name]
+
+
+def capture_stages(model: nn.Module, x: torch.Tensor):
+    """Forward ``x`` with hooks on every feature_info module; return (outputs, call counts, result)."""
+    outs: dict = {}
+    calls: dict = {}
+    handles = []
+    for info in model.feature_info:
+        name = info["module"]
+
+        def hook(_mod, _inp, out, name=name):
+            calls[name] = calls.get(name, 0) + 1
+            outs[name] = out
+
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    try:
+        feats = model.forward_features(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return outs, calls, feats
+
+
+def test_registry_lists_exactly_the_cifar_nets():
+    assert sorted(NAMES) == sorted(EXPECTED)
+    assert len(NAMES) == 11
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("in_chans", [3, 1])
+def test_output_shape_and_pretrained_cfg(name, in_chans):
+    model = cached(name) if in_chans == 3 else timm.create_model(name, num_classes=10, in_chans=1).eval()
+    with torch.no_grad():
+        y = model(torch.randn(2, in_chans, 32, 32))
+    assert y.shape == (2, 10)
+    assert model.num_classes == 10
+    cfg = model.pretrained_cfg
+    assert cfg["input_size"] == (in_chans, 32, 32)
+    assert isinstance(cfg["mean"], tuple) and len(cfg["mean"]) == in_chans
+    assert isinstance(cfg["std"], tuple) and len(cfg["std"]) == in_chans
+    if in_chans == 3:
+        assert cfg["mean"] == pytest.approx((0.4914, 0.4822, 0.4465))
+        assert cfg["std"] == pytest.approx((0.2470, 0.2435, 0.2616))
+    else:
+        assert cfg["mean"] == (0.5,) and cfg["std"] == (0.5,)
+    assert cfg["num_classes"] == 10
+    assert model.get_submodule(cfg["classifier"]) is model.get_classifier()
+    first = model.get_submodule(cfg["first_conv"])
+    assert isinstance(first, nn.Conv2d) and first.in_channels == in_chans
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_feature_info_matches_hooked_tensors(name):
+    model = cached(name)
+    short = name.removeprefix("cifar_")
+    assert len(model.feature_info) == N_STAGES.get(short, 3)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        outs, calls, feats = capture_stages(model, x)
+    for info in model.feature_info:
+        assert set(info) >= {"num_chs", "reduction", "module"}
+        assert calls[info["module"]] == 1, f"{info['module']} must run exactly once per forward"
+        out = outs[info["module"]]
+        assert out.ndim == 4
+        assert out.shape[1] == info["num_chs"]
+        assert out.shape[2] == out.shape[3] == 32 // info["reduction"]
+    reductions = [i["reduction"] for i in model.feature_info]
+    assert reductions == sorted(reductions) and len(set(reductions)) == len(reductions)
+    # The last stage is the feature map forward_features returns, with num_features channels.
+    assert torch.equal(outs[model.feature_info[-1]["module"]], feats)
+    assert feats.shape[1] == model.num_features == model.feature_info[-1]["num_chs"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_head_and_forward_agree(name):
+    model = cached(name)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        pooled = model.forward_head(feats, pre_logits=True)
+        logits = model.forward_head(feats)
+        full = model(x)
+    assert pooled.shape == (2, model.num_features)
+    assert torch.allclose(pooled, feats.mean(dim=(2, 3)), atol=1e-6)
+    assert isinstance(model.get_classifier(), nn.Linear)
+    assert model.get_classifier().in_features == model.num_features
+    assert torch.allclose(logits, model.get_classifier()(pooled), atol=1e-5)
+    assert torch.allclose(full, logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet20", "cifar_resnet50", "cifar_vgg16_bn", "cifar_wrn16_2"])
+def test_reset_classifier(name):
+    model = timm.create_model(name, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    model.reset_classifier(7)
+    with torch.no_grad():
+        assert model(x).shape == (2, 7)
+    assert model.num_classes == 7 and model.pretrained_cfg["num_classes"] == 7
+    assert model.get_classifier().out_features == 7
+    model.reset_classifier(0)
+    with torch.no_grad():
+        assert model(x).shape == (2, model.num_features)
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS_M))
+def test_param_counts(name):
+    n = sum(p.numel() for p in cached(name).parameters())
+    expected = PARAMS_M[name] * 1e6
+    assert abs(n - expected) <= 0.05 * expected, f"{name}: {n / 1e6:.3f}M params, expected ~{PARAMS_M[name]}M"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pretrained_true_raises_weights_error(name):
+    with pytest.raises(WeightsError, match=r"no hub weights.*local weights file") as exc:
+        timm.create_model(name, pretrained=True, num_classes=10)
+    assert name in str(exc.value)
+
+
+# One per block type: BasicBlock, Bottleneck, VGG block, wide pre-activation block.
+@pytest.mark.parametrize("name", ["cifar_resnet20", "cifar_resnet50", "cifar_vgg16_bn", "cifar_wrn16_2"])
+def test_gradients_reach_stem_and_hooked_stages(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10, in_chans=1).train()
+    x = torch.randn(2, 1, 32, 32)
+    outs, _, feats = capture_stages(model, x)
+    # Auxiliary heads use the hooked stage outputs: backprop through them must not hit in-place errors.
+    loss = model.forward_head(feats).sum() + sum(o.mean() for o in outs.values())
+    loss.backward()
+    stem = model.get_submodule(model.pretrained_cfg["first_conv"])
+    assert stem.weight.grad is not None
+    assert stem.weight.grad.abs().sum() > 0
+
+
+def test_timm_kwargs_are_handled():
+    overlay = dict(mean=(0.1, 0.2, 0.3))
+    model = timm.create_model(
+        "cifar_resnet20", num_classes=100, cache_dir="/nonexistent", pretrained_cfg_overlay=overlay
+    )
+    assert model.num_classes == 100
+    assert model.pretrained_cfg["mean"] == (0.1, 0.2, 0.3)
+    assert model.pretrained_cfg["architecture"] == "cifar_resnet20"
+    cfg = timm.data.resolve_data_config({}, model=model)
+    assert cfg["input_size"] == (3, 32, 32) and cfg["mean"] == (0.1, 0.2, 0.3)
+    with pytest.raises(TypeError):
+        timm.create_model("cifar_resnet20", not_a_real_option=1)
+
+
+def test_wrn_drop_rate_is_in_block_dropout():
+    model = timm.create_model("cifar_wrn16_2", drop_rate=0.3)
+    drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert len(drops) == 6 and all(d.p == 0.3 for d in drops)  # 2 blocks x 3 stages
+    assert not any(isinstance(m, nn.Dropout) for m in timm.create_model("cifar_wrn16_2").modules())
