@@ -52,7 +52,9 @@ class TransferModule(L.LightningModule):
         if cfg.get("channels_last"):
             net = net.to(memory_format=torch.channels_last)
         self.target = TappedNet(net, self.method.tap_pooled, self.method.tap_stages)
-        self.sources = (build_sources(OmegaConf.to_container(cfg.get("source") or {}), data_info,
+        source_cfg = cfg.get("source")
+        source_cfg = OmegaConf.to_container(source_cfg) if source_cfg else {}
+        self.sources = (build_sources(source_cfg, data_info,
                                       getattr(self.method, "source_bn", "eval"))
                         if self.method.needs_sources else SourceBank([]))
         self.method.setup(self)
@@ -69,6 +71,9 @@ class TransferModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         return self.method.training_step(self, batch)
+
+    def on_train_epoch_end(self):
+        self.method.on_train_epoch_end(self)
 
     def log_train(self, parts: Mapping[str, torch.Tensor], logits=None, labels=None) -> None:
         """Log the step's loss terms under ``train/``; tensors only, no host sync per step."""

@@ -94,6 +94,7 @@ class FrozenSource(nn.Module):
             raise ConfigError(f"source_bn must be 'eval' or 'train' (reference behaviour), got {bn_mode!r}.")
         self.key, self.net, self.adapter, self.bn_mode = key, net, adapter, bn_mode
         self.num_classes = _classifier(net).out_features
+        self.class_names: list[str] | None = None
         net.requires_grad_(False)
         self.train(False)
 
@@ -137,7 +138,8 @@ def _fix_offline(spec: SourceSpec) -> str:
 
 
 def _build_net(spec: SourceSpec, data_info: Mapping) -> tuple[nn.Module, dict]:
-    """The network with its weights loaded, and its input statistics from the weights' origin."""
+    """The network with its weights loaded, and its input statistics from the weights' origin
+    (plus ``class_names`` when the weights say them: checkpoints of this project)."""
     stats: dict = {}
     if spec.weights:
         obj = W.read_file(spec.weights)
@@ -146,7 +148,8 @@ def _build_net(spec: SourceSpec, data_info: Mapping) -> tuple[nn.Module, dict]:
             info = obj["hyper_parameters"]["data_info"]
             name = name or obj["hyper_parameters"]["model_name"]
             in_chans = spec.in_chans or info["in_chans"]
-            stats = {"mean": info["mean"], "std": info["std"], "input_size": info["image_size"]}
+            stats = {"mean": info["mean"], "std": info["std"], "input_size": info["image_size"],
+                     "class_names": info.get("class_names")}
         if not name:
             raise ConfigError(f"source.{spec.key}.name is required: {spec.weights} is not a "
                               "checkpoint of this project, so it does not say its architecture.")
@@ -228,7 +231,9 @@ def build_source(spec: SourceSpec, data_info: Mapping, bn_mode: str = "eval") ->
     adapter = InputAdapter(data_info["mean"], data_info["std"], mean, std, int(size))
     log.info("source %s: %s, %d classes, input %d px", spec.key, spec.name or spec.weights,
              _classifier(net).out_features, size)
-    return FrozenSource(spec.key, net, adapter, bn_mode)
+    source = FrozenSource(spec.key, net, adapter, bn_mode)
+    source.class_names = stats.get("class_names")  # None when the weights do not say
+    return source
 
 
 def build_sources(source_cfg: Mapping | None, data_info: Mapping, bn_mode: str = "eval") -> SourceBank:

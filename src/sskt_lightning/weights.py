@@ -2,6 +2,7 @@
 and checkpoints written by this project. Every failure is a :class:`WeightsError` naming the fix."""
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from urllib.error import URLError
 
@@ -61,6 +62,8 @@ def extract_state_dict(obj: dict, strip_prefixes: tuple[str, ...] = ()) -> dict[
 
 def fetch_url(url: str, what: str, fix: str) -> dict:
     """Download (or read from torch's hub cache) the file at ``url``; clear error when offline."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)   # a blocked host must not hang the run
     try:
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", weights_only=True,
                                                   check_hash=False, progress=False)
@@ -69,6 +72,8 @@ def fetch_url(url: str, what: str, fix: str) -> dict:
         raise WeightsError(
             f"Could not fetch the weights of {what} from {url} ({type(err).__name__}: "
             f"{str(err)[:200]}). Looked in the cache {cache} first. {fix}") from None
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def load_into(model: torch.nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:

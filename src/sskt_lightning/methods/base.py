@@ -39,6 +39,14 @@ class Method(nn.Module):
         """Default: one optimizer (``cfg.optim``) over every trainable parameter of the module."""
         return module.default_optimizers(p for p in module.parameters() if p.requires_grad)
 
+    def on_train_epoch_end(self, module: TransferModule) -> None:
+        """Manual optimization: Lightning does not step schedulers, so step them per epoch here."""
+        if not self.automatic_optimization:
+            schedulers = module.lr_schedulers()
+            for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+                if scheduler is not None:
+                    scheduler.step()
+
     def extra_eval_names(self) -> list[str]:
         """Names of additional networks evaluated beside the target (e.g. DML peers)."""
         return []

@@ -1,0 +1,24 @@
+"""Datasets in memory (uint8), task views, device-side augmentation, the LightningDataModule."""
+
+from sskt_lightning.data.augment import BatchAugment, normalize
+from sskt_lightning.data.datamodule import DATASET_STATS, ImageDataModule, IndexedImages, collate_batch
+from sskt_lightning.data.formats import (
+    READERS,
+    ImageArrays,
+    ensure_available,
+    parse_idx,
+    read_cifar10,
+    read_cifar100,
+    read_fashion_mnist,
+    read_imagefolder,
+    read_stl10,
+)
+from sskt_lightning.data.views import TaskSplit, class_lookup, make_task_split, pick_per_class, split_val, take_part
+
+__all__ = [
+    "BatchAugment", "normalize",
+    "DATASET_STATS", "ImageDataModule", "IndexedImages", "collate_batch",
+    "READERS", "ImageArrays", "ensure_available", "parse_idx",
+    "read_cifar10", "read_cifar100", "read_fashion_mnist", "read_imagefolder", "read_stl10",
+    "TaskSplit", "class_lookup", "make_task_split", "pick_per_class", "split_val", "take_part",
+]  # fmt: skip

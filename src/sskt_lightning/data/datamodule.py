@@ -1,0 +1,328 @@
+"""`ImageDataModule`: in-memory uint8 datasets, task views, device-side augmentation.
+
+Batches from the loaders (before `on_after_batch_transfer`):
+  train / val / test: `(images uint8 B×C×H×W, labels int64 B, sample_index int64 B)`
+  unlabeled stream:   `(images uint8 B×C×H×W, sample_index int64 B)` - no labels at all
+`sample_index` is the image's index in the full split array it comes from (train split for
+train, val and the labels_per_class pool; test split for test; STL-10's unlabeled split for
+its unlabeled stream), stable across epochs and runs. After the transfer to the device the
+images are normalised float32, augmented during training only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from sskt_lightning.data.augment import BatchAugment, normalize
+from sskt_lightning.data.formats import READERS, ImageArrays, ensure_available
+from sskt_lightning.data.views import TaskSplit, make_task_split
+from sskt_lightning.errors import ConfigError
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DATASET_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "imagefolder": (IMAGENET_MEAN, IMAGENET_STD),
+}
+GRAY_STATS = ((0.5,), (0.5,))
+UNLABELED_SOURCES = ("auto", "split", "pool")
+
+
+class IndexedImages(Dataset):
+    """Items `(image, label, index)` (or `(image, index)` without labels) of `images[indices]`.
+
+    `__getitems__` fetches a whole batch with one indexing op; `collate_batch` passes it through.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, indices: torch.Tensor) -> None:
+        self.images, self.labels, self.indices = images, labels, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _fetch(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.labels is None:
+            return self.images[idx], idx
+        return self.images[idx], self.labels[idx], idx
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        return self._fetch(self.indices[i])
+
+    def __getitems__(self, ids: list[int]) -> tuple[torch.Tensor, ...]:
+        return self._fetch(self.indices[torch.as_tensor(ids, dtype=torch.int64)])
+
+
+def collate_batch(data: Any) -> tuple[torch.Tensor, ...]:
+    """A batch from `IndexedImages.__getitems__` (a tuple) as is; a list of items is stacked."""
+    return data if isinstance(data, tuple) else tuple(default_collate(data))
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf ListConfig (or any sequence) -> list, recursively; other values unchanged."""
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        return [_plain(v) for v in value]
+    return value
+
+
+class ImageDataModule(L.LightningDataModule):
+    """One image-classification dataset with its task view; see the module docstring for batches.
+
+    `setup()` may be called before a Trainer exists (e.g. to read `num_classes`); it loads the
+    data once and is a no-op afterwards. Properties call it on first use.
+    """
+
+    def __init__(self, name: str = "cifar10", data_dir: str = "data", batch_size: int = 128,
+                 eval_batch_size: int | None = None, num_workers: int = 0, val_size: int | float = 5000,
+                 split_seed: int = 0, seed: int = 0, download: bool = True, classes: Sequence[int] | None = None,
+                 label_map: Sequence[int | None] | None = None, class_names: Sequence[str] | None = None,
+                 train_part: Sequence[int] | None = None, labels_per_class: int | None = None,
+                 augment_pad: int = 4, augment_flip: bool = True, image_size: int | Sequence[int] | None = None,
+                 in_chans: int | None = None, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None, unlabeled: bool = False, unlabeled_ratio: float = 1.0,
+                 unlabeled_source: str = "auto", pin_memory: bool = False, persistent_workers: bool | None = None,
+                 drop_last_train: bool = True) -> None:
+        super().__init__()  # no save_hyperparameters: checkpoints stay loadable with weights_only=True
+        if name not in READERS:
+            raise ConfigError(f"data.name={name!r} is not a known dataset; choose one of {sorted(READERS)}.")
+        if unlabeled_source not in UNLABELED_SOURCES:
+            raise ConfigError(f"data.unlabeled_source must be one of {UNLABELED_SOURCES}, got {unlabeled_source!r}.")
+        if batch_size < 1 or unlabeled_ratio <= 0:
+            raise ConfigError(f"data.batch_size must be >= 1 and data.unlabeled_ratio > 0, "
+                              f"got {batch_size} and {unlabeled_ratio}.")
+        self.name, self.data_dir, self.download = name, str(data_dir), bool(download)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or 2 * batch_size)
+        self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
+        self.persistent_workers = self.num_workers > 0 and persistent_workers is not False
+        self.val_size, self.split_seed, self.seed = val_size, int(split_seed), int(seed)
+        self.classes, self.label_map, self.class_names_override = _plain(classes), _plain(label_map), _plain(class_names)
+        self.train_part, self.labels_per_class = _plain(train_part), labels_per_class
+        self.augment = BatchAugment(augment_pad, augment_flip)
+        self.image_size_arg, self.in_chans_arg = _plain(image_size), in_chans
+        self.mean_arg, self.std_arg = _plain(mean), _plain(std)
+        self.unlabeled, self.unlabeled_ratio, self.unlabeled_source = bool(unlabeled), unlabeled_ratio, unlabeled_source
+        self.drop_last_train = bool(drop_last_train)
+        self._split: TaskSplit | None = None
+
+    # ------------------------------------------------------------------ loading
+
+    def prepare_data(self) -> None:
+        """Download missing files (Lightning runs this on one process per node)."""
+        if self.download:
+            ensure_available(self.name, self.data_dir, self._splits_needed(), download=True)
+
+    def _splits_needed(self) -> list[str]:
+        return ["train", "test"] + (["unlabeled"] if self._unlabeled_kind() == "split" else [])
+
+    def _read(self, split: str, classes: list[str] | None = None) -> ImageArrays:
+        reader = READERS[self.name]
+        if self.name != "imagefolder":
+            return reader(self.data_dir, split, self.download)
+        return reader(self.data_dir, split, self.download, image_size=self.image_size_arg,
+                      in_chans=self.in_chans_arg or 3, classes=classes)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the train and test splits once and build the task view (idempotent)."""
+        if self._split is not None:
+            return
+        train = self._read("train")
+        test = self._read("test", classes=train.classes)
+        self._check_fixed_format(train)
+        split = make_task_split(
+            train.labels, test.labels, train.classes, classes=self.classes, label_map=self.label_map,
+            class_names=self.class_names_override, train_part=self.train_part, val_size=self.val_size,
+            split_seed=self.split_seed, labels_per_class=self.labels_per_class, seed=self.seed)
+        self._train_arrays, self._test_arrays = train, test
+        self._unlabeled_images, self._unlabeled_idx = self._unlabeled_pool(train, split)
+        self._mean, self._std = self._stats(train.images.shape[1])
+        self._generators = [torch.Generator().manual_seed(self.seed + k) for k in (0, 1)]
+        self._split = split
+
+    def _check_fixed_format(self, train: ImageArrays) -> None:
+        """image_size / in_chans only resize imagefolder data; elsewhere they must match the files."""
+        if self.name == "imagefolder":
+            return
+        size, chans = tuple(train.images.shape[2:]), train.images.shape[1]
+        wanted = self.image_size_arg
+        wanted = None if wanted is None else tuple(wanted) if isinstance(wanted, list) else (wanted, wanted)
+        if (wanted is not None and wanted != size) or (self.in_chans_arg not in (None, chans)):
+            raise ConfigError(f"{self.name} images are {chans}×{size[0]}×{size[1]}; data.image_size / data.in_chans "
+                              f"can only resize imagefolder data (adapt inputs in the model instead).")
+
+    def _unlabeled_kind(self) -> str:
+        if self.unlabeled_source != "auto":
+            return self.unlabeled_source
+        return "split" if self.name == "stl10" and self.labels_per_class is None else "pool"
+
+    def _unlabeled_pool(self, train: ImageArrays, split: TaskSplit) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(images, indices) of the unlabeled stream; (None, empty) when unlabeled=False."""
+        if not self.unlabeled:
+            return None, split.unlabeled[:0]
+        if self._unlabeled_kind() == "split":
+            if self.name != "stl10":
+                raise ConfigError(f"data.unlabeled_source=split needs a dataset with an unlabeled split (stl10), "
+                                  f"not {self.name}; use pool with data.labels_per_class.")
+            images = self._read("unlabeled").images
+            return images, torch.arange(len(images))
+        if len(split.unlabeled) == 0:
+            raise ConfigError("data.unlabeled=true but there is no unlabeled pool: set data.labels_per_class "
+                              "(the rest of the training images become unlabeled) or use stl10's unlabeled split.")
+        return train.images, split.unlabeled
+
+    def _stats(self, chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        mean, std = DATASET_STATS[self.name]
+        if self.name == "imagefolder" and chans == 1:
+            mean, std = GRAY_STATS
+        mean, std = tuple(self.mean_arg or mean), tuple(self.std_arg or std)
+        if len(mean) != chans or len(std) != chans:
+            raise ConfigError(f"data.mean / data.std need {chans} values (one per channel), got {mean} / {std}.")
+        return tuple(map(float, mean)), tuple(map(float, std))
+
+    @property
+    def task(self) -> TaskSplit:
+        """The task view (index arrays and labels); loads the data on first use."""
+        if self._split is None:
+            self.setup()
+        return self._split
+
+    @property
+    def train_arrays(self) -> ImageArrays:
+        """The full train split in memory (all classes; index it with the task's indices)."""
+        self.task
+        return self._train_arrays
+
+    @property
+    def test_arrays(self) -> ImageArrays:
+        self.task
+        return self._test_arrays
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def num_classes(self) -> int:
+        return self.task.num_classes
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.task.class_names)
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.train_arrays.images.shape[1])
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        h, w = self.train_arrays.images.shape[2:]
+        return int(h), int(w)
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        self.task
+        return self._mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        self.task
+        return self._std
+
+    @property
+    def multi_label(self) -> bool:
+        return False
+
+    @property
+    def num_train(self) -> int:
+        return len(self.task.train)
+
+    @property
+    def num_val(self) -> int:
+        return len(self.task.val)
+
+    @property
+    def num_test(self) -> int:
+        return len(self.task.test)
+
+    @property
+    def num_unlabeled(self) -> int:
+        """Images in the unlabeled stream (0 when unlabeled=False)."""
+        self.task
+        return len(self._unlabeled_idx)
+
+    @property
+    def train_indices(self) -> torch.Tensor:
+        return self.task.train
+
+    @property
+    def val_indices(self) -> torch.Tensor:
+        return self.task.val
+
+    @property
+    def test_indices(self) -> torch.Tensor:
+        return self.task.test
+
+    @property
+    def unlabeled_indices(self) -> torch.Tensor:
+        self.task
+        return self._unlabeled_idx
+
+    @property
+    def unlabeled_batch_size(self) -> int:
+        return max(1, round(self.batch_size * self.unlabeled_ratio))
+
+    # ------------------------------------------------------------------ loaders
+
+    def _loader(self, dataset: Dataset, batch_size: int, generator: torch.Generator | None = None) -> DataLoader:
+        train = generator is not None
+        return DataLoader(
+            dataset, batch_size=batch_size, shuffle=train, generator=generator,
+            drop_last=train and self.drop_last_train and len(dataset) >= batch_size,  # never zero batches
+            num_workers=self.num_workers, pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers, collate_fn=collate_batch)
+
+    def train_dataloader(self) -> DataLoader | dict[str, DataLoader]:
+        """Labelled loader, or `{"labeled": ..., "unlabeled": ...}` (max_size_cycle) when unlabeled=True."""
+        task = self.task
+        labeled = self._loader(IndexedImages(self._train_arrays.images, task.train_labels, task.train),
+                               self.batch_size, self._generators[0])
+        if not self.unlabeled:
+            return labeled
+        unlabeled = self._loader(IndexedImages(self._unlabeled_images, None, self._unlabeled_idx),
+                                 self.unlabeled_batch_size, self._generators[1])
+        return {"labeled": labeled, "unlabeled": unlabeled}
+
+    def val_dataloader(self) -> DataLoader:
+        task = self.task
+        return self._loader(IndexedImages(self._train_arrays.images, task.train_labels, task.val),
+                            self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        task = self.task
+        return self._loader(IndexedImages(self._test_arrays.images, task.test_labels, task.test),
+                            self.eval_batch_size)
+
+    # ------------------------------------------------------------------ device side
+
+    def _training(self) -> bool:
+        trainer = getattr(self, "trainer", None)
+        return bool(trainer is not None and trainer.training)
+
+    def prepare_batch(self, batch: Any, augment: bool = False) -> Any:
+        """uint8 images -> (augmented if `augment`) normalised float; dicts handled per stream."""
+        if isinstance(batch, dict):
+            return {k: self.prepare_batch(v, augment) for k, v in batch.items()}
+        images, *rest = batch
+        if augment:
+            images = self.augment(images)
+        if images.dtype == torch.uint8:
+            images = normalize(images, self.mean, self.std)
+        return (images, *rest)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Normalise on the device; augment only while the trainer is training."""
+        return self.prepare_batch(batch, augment=self._training())

@@ -1,0 +1,127 @@
+"""Frozen sources: weights from files of every supported format, the input adapter, offline errors."""
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sskt_lightning.errors import ConfigError, WeightsError
+from sskt_lightning.nets.factory import create_network
+from sskt_lightning.sources import InputAdapter, SourceSpec, build_source, build_sources
+
+DATA = {"mean": [0.2860], "std": [0.3530], "in_chans": 1, "image_size": [28, 28], "num_classes": 4}
+
+
+def small_source_file(tmp_path, fmt, num_classes=7, prefix=""):
+    net = create_network("cifar_resnet20", num_classes=num_classes)
+    sd = {prefix + k: v.clone() for k, v in net.state_dict().items()}
+    path = tmp_path / f"w.{fmt}"
+    if fmt == "safetensors":
+        save_file(sd, str(path))
+    else:
+        torch.save({"state_dict": sd, "epoch": 3, "arch": "resnet20"}, path)
+    return net, path
+
+
+@pytest.mark.parametrize("fmt,prefix", [("safetensors", ""), ("pth", "module."), ("pth", "")])
+def test_source_from_local_file_takes_class_count_from_weights(tmp_path, fmt, prefix):
+    net, path = small_source_file(tmp_path, fmt, num_classes=7, prefix=prefix)
+    spec = SourceSpec.from_config("s", {"name": "cifar_resnet20", "weights": str(path)})
+    src = build_source(spec, DATA)
+    assert src.num_classes == 7
+    for k, v in net.state_dict().items():
+        assert torch.equal(src.net.state_dict()[k], v), k
+
+
+def test_source_is_frozen_and_stays_in_eval_mode(tmp_path):
+    _, path = small_source_file(tmp_path, "safetensors")
+    src = build_source(SourceSpec.from_config("s", {"name": "cifar_resnet20", "weights": str(path)}), DATA)
+    src.train()
+    assert not src.net.training
+    assert all(not p.requires_grad for p in src.parameters())
+    out = src(torch.randn(2, 1, 28, 28))
+    assert not out.requires_grad and out.shape == (2, 7)
+
+
+def test_reference_bn_mode_follows_train_mode(tmp_path):
+    _, path = small_source_file(tmp_path, "safetensors")
+    src = build_source(SourceSpec.from_config("s", {"name": "cifar_resnet20", "weights": str(path)}),
+                       DATA, bn_mode="train")
+    src.train()
+    assert src.net.training
+    before = src.net.bn1.running_mean.clone() if hasattr(src.net, "bn1") else None
+    src(torch.randn(4, 1, 28, 28))
+    if before is not None:
+        assert not torch.equal(before, src.net.bn1.running_mean)  # the reference behaviour: stats drift
+
+
+def test_num_classes_conflict_is_refused(tmp_path):
+    _, path = small_source_file(tmp_path, "safetensors", num_classes=7)
+    spec = SourceSpec.from_config("s", {"name": "cifar_resnet20", "weights": str(path), "num_classes": 10})
+    with pytest.raises(WeightsError, match="num_classes=10 but .* has 7 classes"):
+        build_source(spec, DATA)
+
+
+def test_wrong_architecture_names_the_mismatch(tmp_path):
+    _, path = small_source_file(tmp_path, "safetensors")
+    spec = SourceSpec.from_config("s", {"name": "cifar_resnet32", "weights": str(path)})
+    with pytest.raises(WeightsError, match="do not fit the network.*missing keys"):
+        build_source(spec, DATA)
+
+
+def test_unreadable_or_missing_file(tmp_path):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a torch file")
+    with pytest.raises(WeightsError, match="Could not read weights"):
+        build_source(SourceSpec.from_config("s", {"name": "cifar_resnet20", "weights": str(bad)}), DATA)
+    with pytest.raises(WeightsError, match="does not exist"):
+        build_source(SourceSpec.from_config("s", {"name": "cifar_resnet20", "weights": str(tmp_path / "x")}), DATA)
+
+
+def test_unknown_source_option_is_refused():
+    with pytest.raises(ConfigError, match="unknown option"):
+        SourceSpec.from_config("s", {"name": "resnet50", "pretrainde": True})
+
+
+def test_input_adapter_matches_hand_normalisation():
+    data_mean, data_std = [0.2860], [0.3530]
+    src_mean, src_std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    adapter = InputAdapter(data_mean, data_std, src_mean, src_std, src_size=56)
+    pixels = torch.rand(2, 1, 28, 28)
+    x = (pixels - 0.2860) / 0.3530
+    out = adapter(x)
+    assert out.shape == (2, 3, 56, 56)
+    up = torch.nn.functional.interpolate(pixels, size=(56, 56), mode="bilinear", align_corners=False)
+    for c in range(3):
+        expected = (up[:, 0] - src_mean[c]) / src_std[c]
+        assert torch.allclose(out[:, c], expected, atol=1e-5)
+
+
+def test_input_adapter_same_size_three_channels_is_pure_renormalisation():
+    adapter = InputAdapter([0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], 32)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(adapter(x), x * 0.5 + 0.5, atol=1e-6)
+
+
+def test_offline_hub_weights_fail_fast_with_the_fix():
+    start = time.perf_counter()
+    spec = SourceSpec.from_config("imagenet_resnet18", {"name": "resnet18.tv_in1k", "pretrained": True})
+    with pytest.raises(WeightsError) as err:
+        build_source(spec, DATA)
+    assert time.perf_counter() - start < 30
+    msg = str(err.value)
+    assert "source.imagenet_resnet18.weights=" in msg and "pretrained=false" in msg
+
+
+def test_offline_url_weights_fail_with_the_fix():
+    spec = SourceSpec.from_config("places365_resnet50", {
+        "name": "resnet50", "pretrained": True, "strip_prefix": ["module."],
+        "url": "http://places2.csail.mit.edu/models_places365/resnet50_places365.pth.tar"})
+    with pytest.raises(WeightsError, match=r"resnet50_places365.pth.tar.*source.places365_resnet50.weights="):
+        build_source(spec, DATA)
+
+
+def test_random_weights_warn():
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        bank = build_sources({"a": {"name": "cifar_resnet20", "pretrained": False, "num_classes": 5}}, DATA)
+    assert bank.num_classes == [5]

@@ -1,0 +1,126 @@
+"""End to end: configs compose, scratch and SSKT train a few steps on files in the real formats and
+write results.json, checkpoints and metrics; sources stay bit-identical; offline errors are clear."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from sskt_lightning.compose import compose_config
+from sskt_lightning.train import CONFIG_DIR, run
+
+CONF = Path(CONFIG_DIR)
+SMOKE = ["trainer=smoke", "data.batch_size=8", "data.val_size=16", "data.num_workers=0"]
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in ("model", "data", "method", "trainer", "logger")
+                                          for o in options(g)])
+def test_every_config_option_composes(group, option, tmp_path):
+    cfg = compose_config([f"{group}={option}"], tmp_path)
+    assert cfg[group] is not None
+
+
+def test_canonical_call_composes_with_both_paper_sources(tmp_path):
+    cfg = compose_config(["model=resnet18", "data=cifar10", "method=sskt",
+                          "source=[imagenet_resnet50,places365_resnet50]",
+                          "source.places365_resnet50.pretrained=false"], tmp_path)
+    assert list(cfg.source) == ["imagenet_resnet50", "places365_resnet50"]
+    assert cfg.source.places365_resnet50.pretrained is False
+    assert cfg.source.imagenet_resnet50.pretrained is True
+    assert cfg.method.aux_head == "transfer_module" and cfg.method.alpha == 0.1
+
+
+def train(tmp_path, data_dir, *overrides):
+    cfg = compose_config(["data=cifar10", f"paths.data_dir={data_dir}", "model=resnet20", *SMOKE,
+                          *overrides], tmp_path)
+    return run(cfg), tmp_path
+
+
+def check_run_dir(results, out):
+    for key in ("method", "model", "data", "sources", "seed", "epochs", "test_acc", "best_val_acc",
+                "wall_time_s", "train_images_per_s"):
+        assert key in results, key
+    assert json.loads((out / "results.json").read_text()) == results
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert list((out / "checkpoints").glob("best-*.ckpt"))
+    assert (out / "csv" / "metrics.csv").is_file() and (out / "config.yaml").is_file()
+    assert 0.0 <= results["test_acc"] <= 1.0
+
+
+def test_scratch_trains_and_writes_its_run_dir(tmp_path, cifar_dir):
+    results, out = train(tmp_path, cifar_dir, "method=scratch")
+    check_run_dir(results, out)
+    assert results["method"] == "scratch" and results["sources"] == [] and results["model"] == "cifar_resnet20"
+    assert results["train_images_per_s"] > 0
+
+
+@pytest.mark.parametrize("aux_head,aux_loss", [("transfer_module", "ce"), ("linear", "kd")])
+def test_sskt_with_a_checkpoint_of_this_project_as_source(tmp_path, cifar_dir, aux_head, aux_loss):
+    first, src_dir = train(tmp_path / "src", cifar_dir, "method=scratch", "model=resnet32")
+    ckpt = src_dir / first["checkpoints"]["last"]
+    results, out = train(tmp_path / "sskt", cifar_dir, "method=sskt", "source=[checkpoint]",
+                         f"source.checkpoint.weights={ckpt}", f"method.aux_head={aux_head}",
+                         f"method.aux_loss={aux_loss}")
+    check_run_dir(results, out)
+    assert results["sources"] == ["checkpoint"]
+    ckpt_keys = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert not any(k.startswith("sources.") for k in ckpt_keys)   # frozen sources are not saved
+    assert any(k.startswith("method.heads.0.") for k in ckpt_keys)
+
+
+def test_sources_bit_identical_after_training_and_heads_learn(tmp_path, cifar_dir):
+    from sskt_lightning.module import TransferModule
+    import lightning as L
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from sskt_lightning.train import data_info_of
+    cfg = compose_config(["data=cifar10", f"paths.data_dir={cifar_dir}", *SMOKE, "method=sskt",
+                          "source=[timm,imagenet_resnet18]", "source.timm.name=cifar_resnet20",
+                          "source.timm.pretrained=false", "source.imagenet_resnet18.pretrained=false",
+                          "source.imagenet_resnet18.input_size=40"], tmp_path)
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    module = TransferModule(OmegaConf.to_container(cfg, resolve=True), data_info_of(dm))
+    before = {k: v.clone() for k, v in module.sources.state_dict().items()}
+    heads_before = {k: v.clone() for k, v in module.method.heads.state_dict().items()}
+    target_before = {k: v.clone() for k, v in module.target.state_dict().items()}
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(module, datamodule=dm)
+    after = module.sources.state_dict()
+    assert before.keys() == after.keys() and any("running_mean" in k for k in after)
+    for k in before:
+        assert torch.equal(before[k], after[k]), f"source tensor {k} changed"
+    assert all(not p.requires_grad for p in module.sources.parameters())
+    optimized = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert not optimized & {id(p) for p in module.sources.parameters()}
+    assert any(not torch.equal(heads_before[k], v) for k, v in module.method.heads.state_dict().items())
+    assert any(not torch.equal(target_before[k], v) for k, v in module.target.state_dict().items())
+
+
+def test_sskt_without_sources_is_refused(tmp_path, cifar_dir):
+    from sskt_lightning.errors import ConfigError
+    with pytest.raises(ConfigError, match="at least one source"):
+        train(tmp_path, cifar_dir, "method=sskt", "source=[]")
+
+
+def test_canonical_call_offline_stops_fast_with_the_fix(tmp_path):
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "sskt_lightning.train", "model=resnet18", "data=cifar10",
+                           "method=sskt", f"paths.data_dir={tmp_path / 'none'}",
+                           f"hydra.run.dir={tmp_path / 'run'}"],
+                          capture_output=True, text=True, timeout=120)
+    assert time.perf_counter() - start < 60
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr
+    assert "CIFAR-10" in err or "cifar10" in err.lower()
+    assert str(tmp_path / "none") in err and "paths.data_dir" in err
+    assert "Traceback" not in err
