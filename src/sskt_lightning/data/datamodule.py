@@ -16,7 +16,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
 
 from sskt_lightning.data.augment import BatchAugment, normalize
 from sskt_lightning.data.formats import READERS, ImageArrays, ensure_available
@@ -286,14 +286,23 @@ class ImageDataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers, collate_fn=collate_batch)
 
     def train_dataloader(self) -> DataLoader | dict[str, DataLoader]:
-        """Labelled loader, or `{"labeled": ..., "unlabeled": ...}` (max_size_cycle) when unlabeled=True."""
+        """Labelled loader, or `{"labeled": ..., "unlabeled": ...}` when unlabeled=True.
+
+        An epoch is one pass over the labelled images, as for every other method: the unlabeled
+        stream draws exactly one batch per labelled batch (random, without replacement within each
+        pass over the pool, continuing across passes), so both loaders have the same length.
+        """
         task = self.task
         labeled = self._loader(IndexedImages(self._train_arrays.images, task.train_labels, task.train),
                                self.batch_size, self._generators[0])
         if not self.unlabeled:
             return labeled
-        unlabeled = self._loader(IndexedImages(self._unlabeled_images, None, self._unlabeled_idx),
-                                 self.unlabeled_batch_size, self._generators[1])
+        pool = IndexedImages(self._unlabeled_images, None, self._unlabeled_idx)
+        sampler = RandomSampler(pool, num_samples=len(labeled) * self.unlabeled_batch_size,
+                                generator=self._generators[1])
+        unlabeled = DataLoader(pool, batch_size=self.unlabeled_batch_size, sampler=sampler, drop_last=True,
+                               num_workers=self.num_workers, pin_memory=self.pin_memory,
+                               persistent_workers=self.persistent_workers, collate_fn=collate_batch)
         return {"labeled": labeled, "unlabeled": unlabeled}
 
     def val_dataloader(self) -> DataLoader:

@@ -1,0 +1,212 @@
+"""DML (deep mutual learning, Zhang et al., CVPR 2018): a cohort of K >= 2 networks learn together,
+each from the labels and from the others' predictions. For peer k:
+
+    L_k = CE(z_k, y) + 1/(K-1) * sum_{l != k} T^2 * KL(softmax_T(z_l) || softmax_T(z_k))
+
+(formula: :func:`dml_loss`; the paper uses T = 1), with the other peers' logits detached: each
+loss only ever reaches its own peer's parameters. Peer 0 is the target (``module.target``), the
+run's result; the other peers are model configs listed in ``method.peers`` and live in
+``self.peers`` (an ``nn.ModuleList``: checkpointed, moved to the device, in eval mode whenever the
+module is). They are evaluated beside the target (``val/peer1_acc``, ``test/peer1_acc``, ...).
+
+Each peer has its own optimizer and scheduler, built from the same ``cfg.optim``; the method uses
+manual optimization (``automatic_optimization = False``, steps through ``module.manual_backward``
+and ``module.optimizers()``, schedulers stepped per epoch by :meth:`Method.on_train_epoch_end`).
+Note that Lightning's ``trainer.global_step`` counts optimizer steps, i.e. K per batch here.
+
+``update``:
+  * ``sequential`` (default, the paper's Algorithm 1): all peers predict the batch; peer 0 steps;
+    the peer that just stepped predicts the batch again with its new weights; peer 1 steps; and so
+    on: each peer's step sees the predictions of every earlier peer made *after* that peer's step
+    in this iteration (2K - 1 forwards per batch). The re-predictions run in train mode like the
+    first ones (batch statistics) but without gradients and without touching the BatchNorm running
+    statistics (each batch enters them once per peer).
+  * ``simultaneous``: one forward of every peer, all K losses from those logits, all K steps.
+
+DDP: every ``manual_backward`` produces gradients for one peer only (the others' logits carry no
+graph), so per backward call the other peers' parameters are "unused" and the DDP gradient
+reducer has to be told so (``find_unused_parameters=True``, or a strategy that syncs per
+optimizer). That is a setting of the trainer/strategy, not of this method.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from sskt_lightning import weights as W
+from sskt_lightning.errors import ConfigError, WeightsError
+from sskt_lightning.losses import kl_divergence, task_loss
+from sskt_lightning.methods.base import Method, split_batch
+from sskt_lightning.nets.factory import create_network, resolve_model_name
+
+UPDATES = ("sequential", "simultaneous")
+PEER_KEYS = ("name", "pretrained", "kwargs", "weights")
+
+
+def dml_loss(logits: torch.Tensor, others: Sequence[torch.Tensor], labels: torch.Tensor,
+             T: float = 1.0, multi_label: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``L_k = L_task(z_k, y) + mean_{l != k} T^2 KL(softmax_T(z_l) || softmax_T(z_k))``, the
+    partners' logits ``others`` detached; returns the total and the mimicry (KL) term."""
+    kl = torch.stack([kl_divergence(logits, z, T) for z in others]).mean()
+    return task_loss(logits, labels, multi_label) + kl, kl
+
+
+def _peer_spec(k: int, spec) -> dict:
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"method.peers[{k - 1}] (peer {k}) must be a model config such as "
+                          f"{{name: resnet20, pretrained: false}}, got {spec!r}.")
+    unknown = set(spec) - set(PEER_KEYS)
+    if unknown:
+        raise ConfigError(f"method.peers[{k - 1}] (peer {k}): unknown option(s) {sorted(unknown)}; known: {list(PEER_KEYS)}.")
+    out = {"name": spec.get("name"), "pretrained": bool(spec.get("pretrained") or False),
+           "kwargs": dict(spec.get("kwargs") or {}), "weights": spec.get("weights")}
+    if not out["name"] and not out["weights"]:
+        raise ConfigError(f"method.peers[{k - 1}] (peer {k}) needs a name (e.g. name: resnet20), or weights: a "
+                          "checkpoint of this project, which names its architecture.")
+    return out
+
+
+@contextmanager
+def _buffers_kept(net: nn.Module):
+    """Run a train-mode forward without leaving a trace in the buffers (BN running stats)."""
+    saved = [(b, b.detach().clone()) for b in net.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
+
+
+class DML(Method):
+    name = "dml"
+    automatic_optimization = False
+
+    def __init__(self, peers: Sequence | Mapping | str = ({"name": "resnet20", "pretrained": False},),
+                 update: str = "sequential", temperature: float = 1.0):
+        super().__init__()
+        if update not in UPDATES:
+            raise ConfigError(f"method.update={update!r}; choose one of {list(UPDATES)}.")
+        if float(temperature) <= 0:
+            raise ConfigError(f"method.temperature={temperature} must be > 0.")
+        if isinstance(peers, (Mapping, str)):
+            peers = [peers]
+        self.peer_specs = [_peer_spec(k, p) for k, p in enumerate(peers or [], start=1)]
+        if not self.peer_specs:
+            raise ConfigError("method=dml needs at least one peer beside the target: e.g. "
+                              "method.peers='[{name: resnet20, pretrained: false}]'.")
+        self.update, self.temperature = update, float(temperature)
+        self.peers = nn.ModuleList()
+        self.peer_names: list[str] = []
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, module):
+        info = module.data_info
+        size = info["image_size"]
+        size = size[-1] if isinstance(size, (list, tuple)) else size
+        for k, spec in enumerate(self.peer_specs, start=1):
+            net, name = self._build_peer(k, spec, info, size)
+            if module.cfg.get("channels_last"):
+                net = net.to(memory_format=torch.channels_last)
+            self.peers.append(net)
+            self.peer_names.append(name)
+
+    @staticmethod
+    def _build_peer(k: int, spec: dict, info: Mapping, size: int) -> tuple[nn.Module, str]:
+        obj = W.read_file(spec["weights"]) if spec["weights"] else None
+        name = spec["name"]
+        if name is None and obj is not None and W.is_project_checkpoint(obj):
+            name = obj["hyper_parameters"]["model_name"]
+        if name is None:
+            raise ConfigError(f"method.peers[{k - 1}].name (peer {k}) is required: {spec['weights']} is not a checkpoint "
+                              "of this project, so it does not say its architecture.")
+        name = resolve_model_name(name, size)
+        make = lambda pretrained: create_network(name, info["num_classes"], info["in_chans"],  # noqa: E731
+                                                 pretrained=pretrained, **spec["kwargs"])
+        if spec["pretrained"] and obj is None:
+            from sskt_lightning.sources import _hub_cache_only_when_offline
+            try:
+                with _hub_cache_only_when_offline():
+                    net = make(True)
+            except (ConfigError, WeightsError):
+                raise
+            except Exception as err:  # hub errors come in many types (HTTP, offline, missing cache)
+                raise WeightsError(
+                    f"Could not fetch pretrained weights for DML peer {k} ({name}): "
+                    f"{type(err).__name__}: {str(err)[:160]}. Offline? Pass "
+                    f"method.peers[{k - 1}].weights=/path/to/file, or pretrained: false.") from None
+        else:
+            net = make(False)
+        if obj is not None:
+            W.load_into(net, W.extract_state_dict(obj), f"DML peer {k} ({spec['weights']})")
+        return net, name
+
+    def configure_optimizers(self, module):
+        """One optimizer (and scheduler) per peer from ``cfg.optim``; the target's first."""
+        optimizers, schedulers = [], []
+        for net in (module.target, *self.peers):
+            out = module.default_optimizers(p for p in net.parameters() if p.requires_grad)
+            if isinstance(out, Mapping):
+                optimizers.append(out["optimizer"])
+                sched = out.get("lr_scheduler")
+                if sched is not None:   # stepped per epoch by Method.on_train_epoch_end
+                    schedulers.append(sched["scheduler"] if isinstance(sched, Mapping) else sched)
+            else:
+                optimizers.append(out)
+        return (optimizers, schedulers) if schedulers else optimizers
+
+    # ------------------------------------------------------------------ training
+    def networks(self, module) -> list:
+        """The cohort as callables ``x -> logits``: the target first, then the peers."""
+        return [lambda x: module.target(x).logits, *self.peers]
+
+    def cohort(self, module) -> list[nn.Module]:
+        return [module.target, *self.peers]
+
+    def peer_loss(self, module, logits: torch.Tensor, others: Sequence[torch.Tensor], labels: torch.Tensor):
+        """Peer's loss from its own logits (with graph) and its partners' (detached here)."""
+        return dml_loss(logits, others, labels, self.temperature, module.multi_label)
+
+    def _step(self, module, optimizer, loss: torch.Tensor) -> None:
+        optimizer.zero_grad()
+        module.manual_backward(loss)
+        optimizer.step()
+
+    def training_step(self, module, batch):
+        x, y, _ = split_batch(batch)
+        optimizers = module.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        nets, modules = self.networks(module), self.cohort(module)
+        K = len(nets)
+        logits = [f(x) for f in nets]                   # every peer, with its graph
+        latest = [z.detach() for z in logits]           # each peer's newest prediction
+        losses = []
+        for k in range(K):
+            if self.update == "sequential" and k > 0:
+                # peer k-1 just stepped: its partners must see its new prediction
+                with torch.no_grad(), _buffers_kept(modules[k - 1]):
+                    latest[k - 1] = nets[k - 1](x)
+            others = [latest[l] for l in range(K) if l != k]
+            loss, _ = self.peer_loss(module, logits[k], others, y)
+            self._step(module, optimizers[k], loss)
+            losses.append(loss.detach())
+        parts = {"loss": losses[0], **{f"peer{k}_loss": losses[k] for k in range(1, K)}}
+        module.log_train(parts, logits[0].detach(), y)
+        return losses[0]
+
+    # ------------------------------------------------------------------ evaluation
+    def extra_eval_names(self) -> list[str]:
+        return [f"peer{k}" for k in range(1, len(self.peer_specs) + 1)]
+
+    def extra_eval_logits(self, module, x):
+        return {f"peer{k}": peer(x) for k, peer in enumerate(self.peers, start=1)}
+
+    def describe(self):
+        return {"update": self.update, "temperature": self.temperature,
+                "peers": [{"model": n, "pretrained": s["pretrained"], "weights": s["weights"]}
+                          for n, s in zip(self.peer_names, self.peer_specs)]}

@@ -1,0 +1,109 @@
+"""KD (Hinton et al. 2015): the target matches a frozen teacher's softened class distribution.
+
+    L = (1 - alpha) * CE(z, y) + alpha * T^2 * KL(softmax_T(z_teacher) || softmax_T(z))
+
+(formula: ``losses.kd_loss``; KL summed over classes, averaged over the batch). The teacher is the
+single entry of ``cfg.source``: hub weights, a local file, or a checkpoint of this project
+(``source=[checkpoint] source.checkpoint.weights=<.ckpt>``). It is a :class:`FrozenSource`: no
+gradients, eval mode, never in the optimizer, never checkpointed; its input is adapted to its own
+resolution and statistics like every source.
+
+KD compares the two distributions class by class, so the teacher's class set must be the target's,
+in the same order. :meth:`KD.setup` refuses (before any training) a teacher with another class
+count, or, when the teacher knows its class names (checkpoints of this project), other names;
+teachers with a different label space are what ``method=sskt`` is for.
+"""
+from __future__ import annotations
+
+import torch
+
+from sskt_lightning.errors import ConfigError
+from sskt_lightning.losses import kd_loss, kl_divergence, task_loss
+from sskt_lightning.methods.base import Method, split_batch
+
+_FIX_COUNT = ("Give one: source=[checkpoint] source.checkpoint.weights=/path/to/teacher.ckpt (a run of "
+              "this project on the target's classes), or any single source whose classes are the "
+              "target's (e.g. source=[imagenet_resnet50] for an ImageNet target).")
+
+
+def kd_loss_multilabel(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                       alpha: float, T: float) -> torch.Tensor:
+    """:func:`losses.kd_loss` with BCE-with-logits as the task term (multi-label data such as VOC);
+    the distillation term is the same softmax KL. ``losses.kd_loss`` hard-codes cross-entropy, so
+    this lives here until it takes a ``multi_label`` flag."""
+    return ((1 - alpha) * task_loss(student, labels, multi_label=True)
+            + alpha * kl_divergence(student, teacher.detach(), T))
+
+
+def _names_preview(names, limit: int = 6) -> str:
+    names = list(names)
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}]"
+
+
+class KD(Method):
+    name = "kd"
+    needs_sources = True
+
+    def __init__(self, alpha: float = 0.9, temperature: float = 4.0):
+        super().__init__()
+        if not 0.0 <= float(alpha) <= 1.0:
+            raise ConfigError(f"method.alpha={alpha}: the KD weight must lie in [0, 1] "
+                              "(L = (1 - alpha) * CE + alpha * T^2 * KL).")
+        if float(temperature) <= 0:
+            raise ConfigError(f"method.temperature={temperature} must be > 0.")
+        self.alpha, self.temperature = float(alpha), float(temperature)
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self, module):
+        sources = module.sources.sources
+        if len(sources) != 1:
+            got = f"{len(sources)}: {list(sources)}" if len(sources) else "none (source=[])"
+            raise ConfigError(f"method=kd takes exactly one teacher, the single entry of cfg.source; "
+                              f"got {got}. {_FIX_COUNT}")
+        key, teacher = next(iter(sources.items()))
+        info = module.data_info
+        c, names = int(info["num_classes"]), info.get("class_names")
+        data = info.get("name", "the target data")
+        fix = ("KD matches the teacher's class distribution to the target's class by class, so "
+               "both need the same label space. For a teacher trained on other classes use "
+               "method=sskt, which learns the teacher's distribution through an auxiliary head.")
+        if teacher.num_classes != c:
+            what = f" ({_names_preview(teacher.class_names)})" if teacher.class_names else ""
+            raise ConfigError(
+                f"method=kd: the teacher (source.{key}) has {teacher.num_classes} classes{what}, the "
+                f"target ({data}) has {c}{f' ({_names_preview(names)})' if names else ''}. {fix}")
+        if teacher.class_names is not None and names is not None and list(teacher.class_names) != list(names):
+            t_names, y_names = [str(n) for n in teacher.class_names], [str(n) for n in names]
+            i = next(i for i, (a, b) in enumerate(zip(t_names, y_names)) if a != b)
+            order = " (the same names in another order)" if sorted(t_names) == sorted(y_names) else ""
+            raise ConfigError(
+                f"method=kd: the teacher (source.{key}) has {teacher.num_classes} classes named "
+                f"{_names_preview(t_names)}, the target ({data}) has {c} named {_names_preview(y_names)}"
+                f"{order}; they first differ at class {i}: teacher {t_names[i]!r} vs target "
+                f"{y_names[i]!r}. {fix}")
+        self.teacher_key = key
+
+    # ------------------------------------------------------------------ training
+    def loss(self, module, logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor):
+        """The total loss and its two (unweighted) terms for logging."""
+        teacher = teacher.detach()
+        if module.multi_label:
+            loss = kd_loss_multilabel(logits, teacher, labels, self.alpha, self.temperature)
+        else:
+            loss = kd_loss(logits, teacher, labels, self.alpha, self.temperature)
+        with torch.no_grad():   # the terms of kd_loss, for the log only
+            task = module.task_loss(logits, labels)
+            kd = kl_divergence(logits, teacher, self.temperature)
+        return loss, {"loss": loss, "task_loss": task, "kd_loss": kd}
+
+    def training_step(self, module, batch):
+        x, y, idx = split_batch(batch)
+        logits = module.target(x).logits
+        teacher = module.sources(x, idx)[0]     # FrozenSource: no_grad, eval mode
+        loss, parts = self.loss(module, logits, teacher, y)
+        module.log_train(parts, logits, y)
+        return loss
+
+    def describe(self):
+        return {"alpha": self.alpha, "temperature": self.temperature}

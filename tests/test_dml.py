@@ -1,0 +1,225 @@
+"""DML (method=dml): each peer learns only from its own loss, sequential updates re-predict after
+each step (the paper's Algorithm 1), simultaneous ones predict once, one optimizer per peer, and a
+two-peer run end to end with the peers evaluated beside the target."""
+import csv
+import json
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, TensorDataset
+
+import sskt_lightning.train as train_mod
+from sskt_lightning.compose import compose_config
+from sskt_lightning.data.formats import CIFAR10_CLASSES
+from sskt_lightning.errors import ConfigError
+from sskt_lightning.losses import kl_divergence, task_loss
+from sskt_lightning.methods.dml import DML, dml_loss
+from sskt_lightning.module import TransferModule
+from sskt_lightning.train import run
+
+SMOKE = ["trainer=smoke", "data.batch_size=8", "data.val_size=16", "data.num_workers=0"]
+CIFAR10_INFO = {"name": "cifar10", "num_classes": 10, "in_chans": 3, "image_size": [32, 32],
+                "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26], "multi_label": False,
+                "class_names": list(CIFAR10_CLASSES)}
+THREE = "method.peers=[{name: resnet20},{name: resnet20}]"   # a cohort of K = 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny nets on a shared 2-core machine: one intra-op thread is several times faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def dml_module(tmp_path, *overrides):
+    cfg = compose_config(["model=resnet20", "method=dml", "trainer=cpu", "trainer.max_epochs=4",
+                          *overrides], tmp_path)
+    torch.manual_seed(0)
+    return TransferModule(OmegaConf.to_container(cfg, resolve=True), CIFAR10_INFO)
+
+
+def batches(n_batches=1, bs=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = n_batches * bs
+    ds = TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.arange(n) % 10, torch.arange(n))
+    return DataLoader(ds, batch_size=bs, shuffle=False)
+
+
+def fit(module, loader, **kwargs):
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
+    trainer.fit(module, train_dataloaders=loader)
+    return trainer
+
+
+def cohort(module):
+    return [module.target, *module.method.peers]
+
+
+def snapshot(net):
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------- the loss and its gradients
+def test_dml_loss_is_ce_plus_mean_kl_to_the_partners():
+    z = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    a, b = torch.tensor([[1.0, 0.5, 0.0], [0.0, 0.0, 3.0]]), torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]])
+    y = torch.tensor([0, 2])
+    total, kl = dml_loss(z, [a, b], y)
+    expected_kl = (kl_divergence(z, a) + kl_divergence(z, b)) / 2     # 1/(K-1) sum over partners
+    assert kl.item() == pytest.approx(expected_kl.item(), rel=1e-6)
+    assert total.item() == pytest.approx((task_loss(z, y) + expected_kl).item(), rel=1e-6)
+    # one partner, by hand: KL(softmax([0,0,0]) || softmax([2,0,-1])) for row 1 (uniform q = 1/3)
+    p = torch.softmax(z[0], 0)
+    by_hand = sum((1 / 3) * (torch.log(torch.tensor(1 / 3)) - torch.log(p[k])) for k in range(3))
+    assert dml_loss(z[:1], [b[:1]], y[:1])[1].item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+def test_each_peer_gets_gradients_only_from_its_own_loss(tmp_path):
+    module = dml_module(tmp_path, THREE)
+    method = module.method
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    nets = cohort(module)
+    assert len(nets) == 3 and len(method.networks(module)) == 3
+    for k in range(3):
+        module.zero_grad(set_to_none=True)
+        logits = [f(x) for f in method.networks(module)]          # every one with its graph
+        loss, _ = method.peer_loss(module, logits[k], [logits[l] for l in range(3) if l != k], y)
+        loss.backward()
+        for j, net in enumerate(nets):
+            grads = [p.grad for p in net.parameters()]
+            if j == k:
+                assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+            else:
+                assert all(g is None for g in grads), f"peer {j} got gradients from peer {k}'s loss"
+
+
+# ---------------------------------------------------------------------------- update orders
+class Spy:
+    """Records every peer_loss call: (own logits, partners' logits) as the method passes them."""
+
+    def __init__(self, method):
+        self.calls, self.inner = [], method.peer_loss
+        method.peer_loss = self
+
+    def __call__(self, module, logits, others, labels):
+        self.calls.append((logits.detach().clone(), [o.detach().clone() for o in others]))
+        return self.inner(module, logits, others, labels)
+
+
+def count_forwards(module):
+    counts = [0] * len(cohort(module))
+    for k, net in enumerate(cohort(module)):
+        net.register_forward_hook(lambda m, i, o, k=k: counts.__setitem__(k, counts[k] + 1))
+    return counts
+
+
+def test_sequential_partners_see_predictions_made_after_the_previous_steps(tmp_path):
+    module = dml_module(tmp_path)                       # K = 2, update=sequential (default)
+    assert module.method.update == "sequential"
+    spy, counts = Spy(module.method), count_forwards(module)
+    before = [snapshot(n) for n in cohort(module)]
+    loader = batches(1)
+    fit(module, loader)
+    assert counts == [2, 1]          # peer 0 predicted again after its step; peer 1 once
+    (z0, partners0), (z1, partners1) = spy.calls
+    assert torch.equal(partners0[0], z1)                 # peer 0 sees peer 1's (not yet updated) prediction
+    # the re-prediction left no trace in BatchNorm's running statistics: one update per batch
+    tracked = [v for k, v in module.target.state_dict().items() if k.endswith("num_batches_tracked")]
+    assert tracked and all(int(v) == 1 for v in tracked)
+    x = next(iter(loader))[0]
+    module.train()
+    with torch.no_grad():
+        z0_updated = module.target(x).logits             # peer 0's prediction with its new weights
+    assert torch.allclose(partners1[0], z0_updated, atol=1e-5)
+    assert not torch.allclose(partners1[0], z0, atol=1e-4)   # ... not the pre-step one
+    for net, b in zip(cohort(module), before):
+        assert any(not torch.equal(b[k], v) for k, v in net.state_dict().items() if "weight" in k)
+
+
+def test_sequential_with_three_peers_predicts_2k_minus_1_times(tmp_path):
+    module = dml_module(tmp_path, THREE)
+    counts = count_forwards(module)
+    fit(module, batches(2))
+    assert counts == [4, 4, 2]       # per batch: 2, 2, 1
+
+
+def test_simultaneous_predicts_once_per_peer_and_step(tmp_path):
+    module = dml_module(tmp_path, THREE, "method.update=simultaneous")
+    spy, counts = Spy(module.method), count_forwards(module)
+    before = [snapshot(n) for n in cohort(module)]
+    fit(module, batches(2))
+    assert counts == [2, 2, 2]       # one forward per peer per step
+    for step in range(2):
+        calls = spy.calls[3 * step: 3 * step + 3]
+        own = [c[0] for c in calls]
+        for k, (_, partners) in enumerate(calls):       # everybody saw the same, pre-step logits
+            assert all(torch.equal(p, o) for p, o in zip(partners, [own[l] for l in range(3) if l != k]))
+    for net, b in zip(cohort(module), before):
+        assert any(not torch.equal(b[k], v) for k, v in net.state_dict().items() if "weight" in k)
+
+
+def test_one_optimizer_and_scheduler_per_peer(tmp_path):
+    module = dml_module(tmp_path)
+    assert module.automatic_optimization is False
+    trainer = fit(module, batches(1))
+    assert len(trainer.optimizers) == 2 and len(trainer.lr_scheduler_configs) == 2
+    params = [{id(p) for g in opt.param_groups for p in g["params"]} for opt in trainer.optimizers]
+    assert params[0] == {id(p) for p in module.target.parameters()}
+    assert params[1] == {id(p) for p in module.method.peers[0].parameters()}
+    assert all(c.scheduler.last_epoch == 1 for c in trainer.lr_scheduler_configs)   # stepped per epoch
+
+
+# ---------------------------------------------------------------------------- config
+def test_bad_configs_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="sequential"):
+        DML(update="alternate")
+    with pytest.raises(ConfigError, match="at least one peer"):
+        DML(peers=[])
+    with pytest.raises(ConfigError, match="unknown option"):
+        DML(peers=[{"name": "resnet20", "lr": 0.1}])
+
+
+def test_a_peer_can_start_from_weights(tmp_path):
+    from sskt_lightning.nets.factory import create_network
+    net = create_network("resnet20", 10, 3, image_size=32)
+    torch.save(net.state_dict(), tmp_path / "peer.pth")
+    module = dml_module(tmp_path, f"method.peers=[{{name: resnet20, weights: '{tmp_path / 'peer.pth'}'}}]")
+    peer = module.method.peers[0].state_dict()
+    assert all(torch.equal(peer[k], v) for k, v in net.state_dict().items())
+    assert module.method.describe()["peers"][0]["model"] == "cifar_resnet20"
+
+
+# ---------------------------------------------------------------------------- end to end
+def test_two_peer_run_end_to_end(tmp_path, cifar_dir, monkeypatch):
+    initial = []
+
+    class Recording(TransferModule):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            initial.append(snapshot(self))
+
+    monkeypatch.setattr(train_mod, "TransferModule", Recording)
+    cfg = compose_config(["data=cifar10", f"paths.data_dir={cifar_dir}", "model=resnet20", *SMOKE,
+                          "method=dml"], tmp_path)
+    results = run(cfg)
+    out = tmp_path
+    assert json.loads((out / "results.json").read_text()) == results
+    assert results["method"] == "dml" and results["sources"] == []
+    assert 0.0 <= results["extra"]["test_peer1_acc"] <= 1.0
+    assert results["method_settings"]["update"] == "sequential"
+    with open(out / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    for key in ("val/peer1_acc", "train/peer1_loss", "train/loss", "val/acc"):
+        assert any(r.get(key) for r in rows), key
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert len(ckpt["optimizer_states"]) == 2 and len(ckpt["lr_schedulers"]) == 2
+    final = ckpt["state_dict"]
+    for prefix in ("target.", "method.peers.0."):
+        weights = [k for k in final if k.startswith(prefix) and k.endswith("weight")]
+        assert weights and any(not torch.equal(initial[0][k], final[k]) for k in weights), prefix

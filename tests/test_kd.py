@@ -1,0 +1,172 @@
+"""KD (method=kd): the loss against a hand-computed number, teachers with another label space refused
+before training, the teacher frozen, and an end-to-end run with a checkpoint of this project."""
+import csv
+import json
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from sskt_lightning.compose import compose_config
+from sskt_lightning.data.formats import CIFAR10_CLASSES
+from sskt_lightning.errors import ConfigError
+from sskt_lightning.losses import task_loss
+from sskt_lightning.methods.kd import KD
+from sskt_lightning.module import TransferModule
+from sskt_lightning.nets.factory import NetOutput
+from sskt_lightning.train import data_info_of, run
+
+SMOKE = ["trainer=smoke", "data.batch_size=8", "data.val_size=16", "data.num_workers=0"]
+# A random-weight 10-class teacher that needs no download.
+TIMM_TEACHER = ["source=[timm]", "source.timm.name=cifar_resnet20", "source.timm.pretrained=false",
+                "source.timm.num_classes=10"]
+CIFAR10_INFO = {"name": "cifar10", "num_classes": 10, "in_chans": 3, "image_size": [32, 32],
+                "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26], "multi_label": False,
+                "class_names": list(CIFAR10_CLASSES)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny nets on a shared 2-core machine: one intra-op thread is several times faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from data_fixtures import write_cifar10
+    root = tmp_path_factory.mktemp("data")
+    write_cifar10(root, n_train=80, n_test=24)
+    return root
+
+
+def train(out, data_dir, *overrides):
+    cfg = compose_config(["data=cifar10", f"paths.data_dir={data_dir}", "model=resnet20", *SMOKE,
+                          *overrides], out)
+    return run(cfg), out
+
+
+@pytest.fixture(scope="module")
+def scratch_ckpt(tmp_path_factory, data_dir):
+    results, out = train(tmp_path_factory.mktemp("scratch"), data_dir, "method=scratch")
+    return out / results["checkpoints"]["last"]
+
+
+def module_for(tmp_path, *overrides, data_info=CIFAR10_INFO):
+    cfg = compose_config(["data=cifar10", "model=resnet20", "method=kd", *overrides], tmp_path)
+    return TransferModule(OmegaConf.to_container(cfg, resolve=True), data_info)
+
+
+# ---------------------------------------------------------------------------- the loss
+def test_training_step_loss_matches_hand_computation():
+    # B=2, C=3, alpha=0.9, T=4. By hand (math module, softmax written out):
+    #   CE  = mean(-log softmax([2,0,-1])[0], -log softmax([0,1,0])[2])          = 0.8606453667
+    #   KL  = mean_b sum_k q_k log(q_k / p_k), q = softmax(t/4), p = softmax(z/4) = 0.0612866678
+    #   L   = 0.1 * CE + 0.9 * 16 * KL                                             = 0.9685925525
+    z = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]], requires_grad=True)
+    t = torch.tensor([[1.0, 0.5, 0.0], [0.0, 0.0, 3.0]], requires_grad=True)
+    y = torch.tensor([0, 2])
+    logged = {}
+    fake = SimpleNamespace(target=lambda x: NetOutput(z), sources=lambda x, idx: [t], multi_label=False,
+                           task_loss=lambda logits, labels: task_loss(logits, labels),
+                           log_train=lambda parts, logits, labels: logged.update(parts))
+    method = KD(alpha=0.9, temperature=4.0)
+    loss = method.training_step(fake, (torch.zeros(2, 3, 4, 4), y, torch.arange(2)))
+    assert loss.item() == pytest.approx(0.9685925525, rel=1e-6)
+    assert logged["loss"].item() == pytest.approx(0.9685925525, rel=1e-6)
+    assert logged["task_loss"].item() == pytest.approx(0.8606453667, rel=1e-6)
+    assert logged["kd_loss"].item() == pytest.approx(16 * 0.0612866678, rel=1e-6)
+    loss.backward()
+    assert z.grad is not None and t.grad is None        # teacher logits detached
+    assert method.describe() == {"alpha": 0.9, "temperature": 4.0}
+
+
+def test_config_defaults(tmp_path):
+    cfg = compose_config(["method=kd"], tmp_path)
+    assert cfg.method.alpha == 0.9 and cfg.method.temperature == 4.0 and cfg.method.name == "kd"
+
+
+# ---------------------------------------------------------------------------- refusals
+def test_teacher_with_another_class_count_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="method=sskt") as err:
+        module_for(tmp_path, *TIMM_TEACHER, "source.timm.num_classes=100")
+    assert "100 classes" in str(err.value) and "has 10" in str(err.value)
+
+
+@pytest.mark.parametrize("sources,found", [(["source=[]"], "got none"),
+                                           ([*TIMM_TEACHER, "source=[timm,imagenet_resnet18]",
+                                             "source.imagenet_resnet18.pretrained=false"], "got 2")])
+def test_zero_or_several_teachers_are_refused(tmp_path, sources, found):
+    with pytest.raises(ConfigError, match="exactly one teacher") as err:
+        module_for(tmp_path, *sources)
+    assert found in str(err.value) and "source=[checkpoint]" in str(err.value)
+
+
+def test_checkpoint_teacher_with_other_class_names_is_refused(tmp_path, data_dir):
+    # the teacher learned CIFAR-10 with classes 0 and 1 swapped: 10 classes, other names per logit
+    swap = "data.label_map=[1,0,2,3,4,5,6,7,8,9]"
+    results, out = train(tmp_path / "teacher", data_dir, "method=scratch", swap)
+    ckpt = out / results["checkpoints"]["last"]
+    cfg = compose_config(["data=cifar10", f"paths.data_dir={data_dir}", *SMOKE], tmp_path)
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    with pytest.raises(ConfigError, match="method=sskt") as err:
+        module_for(tmp_path, "source=[checkpoint]", f"source.checkpoint.weights={ckpt}",
+                   data_info=data_info_of(dm))
+    msg = str(err.value)
+    assert "'automobile'" in msg and "'airplane'" in msg and "another order" in msg
+    # the same checkpoint is a valid teacher for the task it was trained on
+    dm_swapped = instantiate(compose_config(["data=cifar10", f"paths.data_dir={data_dir}", *SMOKE, swap],
+                                            tmp_path).data)
+    dm_swapped.setup("fit")
+    module = module_for(tmp_path, "source=[checkpoint]", f"source.checkpoint.weights={ckpt}",
+                        data_info=data_info_of(dm_swapped))
+    assert module.sources.sources["checkpoint"].class_names == dm_swapped.class_names
+
+
+# ---------------------------------------------------------------------------- the teacher stays frozen
+def test_teacher_unchanged_and_in_eval_mode_while_the_target_learns(tmp_path, data_dir):
+    cfg = compose_config(["data=cifar10", f"paths.data_dir={data_dir}", *SMOKE, "method=kd", *TIMM_TEACHER],
+                         tmp_path)
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    module = TransferModule(OmegaConf.to_container(cfg, resolve=True), data_info_of(dm))
+    teacher = module.sources.sources["timm"]
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    target_before = {k: v.clone() for k, v in module.target.state_dict().items()}
+    modes = []
+    teacher.net.register_forward_hook(lambda m, i, o: modes.append((m.training, o.requires_grad)))
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=dm)
+    assert len(modes) == 3 and all(m == (False, False) for m in modes)   # eval mode, no graph
+    after = teacher.state_dict()
+    assert any("running_mean" in k for k in after)
+    for k in before:
+        assert torch.equal(before[k], after[k]), f"teacher tensor {k} changed"
+    assert all(not p.requires_grad for p in teacher.parameters())
+    optimized = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert not optimized & {id(p) for p in teacher.parameters()}
+    assert any(not torch.equal(target_before[k], v) for k, v in module.target.state_dict().items())
+
+
+# ---------------------------------------------------------------------------- end to end
+def test_kd_from_a_checkpoint_of_this_project_end_to_end(tmp_path, data_dir, scratch_ckpt):
+    results, out = train(tmp_path, data_dir, "method=kd", "source=[checkpoint]",
+                         f"source.checkpoint.weights={scratch_ckpt}")
+    assert json.loads((out / "results.json").read_text()) == results
+    assert results["method"] == "kd" and results["sources"] == ["checkpoint"]
+    assert results["method_settings"] == {"alpha": 0.9, "temperature": 4.0}
+    assert 0.0 <= results["test_acc"] <= 1.0
+    with open(out / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    for key in ("train/loss", "train/task_loss", "train/kd_loss"):
+        values = [float(r[key]) for r in rows if r.get(key)]
+        assert values and all(v >= 0 for v in values), key
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert not any(k.startswith("sources.") for k in ckpt)   # the teacher is not saved

@@ -1,0 +1,74 @@
+"""SSKT with unlabeled images: the auxiliary loss sees both streams, the task loss only labels."""
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from sskt_lightning.compose import compose_config
+from sskt_lightning.module import TransferModule
+from sskt_lightning.train import data_info_of, run
+
+UNLABELED = ["data=cifar10", "data.val_size=16", "data.batch_size=4", "data.num_workers=0",
+             "data.labels_per_class=2", "data.unlabeled=true", "data.unlabeled_ratio=2.0",
+             "method=sskt", "method.unlabeled=true", "method.aux_head=linear", "source=[timm]",
+             "source.timm.name=cifar_resnet20", "source.timm.pretrained=false", "model=resnet20"]
+
+
+def build(tmp_path, data_dir, *extra):
+    cfg = compose_config([*UNLABELED, f"paths.data_dir={data_dir}", *extra], tmp_path)
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    return cfg, dm, TransferModule(OmegaConf.to_container(cfg, resolve=True), data_info_of(dm))
+
+
+@pytest.mark.filterwarnings("ignore:.*RANDOM weights")
+def test_unlabeled_images_reach_only_the_aux_loss(tmp_path, cifar_dir):
+    cfg, dm, module = build(tmp_path, cifar_dir)
+    # poison every label of the unlabeled pool: reading one would crash cross-entropy (class 10_000)
+    labels = dm.task.train_labels
+    labels[dm.unlabeled_indices] = 10_000
+    seen = {"task": [], "source": []}
+    task_loss, sources_forward = module.task_loss, module.sources.forward
+
+    def spy_task(logits, y):
+        seen["task"].append((logits.shape[0], y.max().item()))
+        return task_loss(logits, y)
+
+    def spy_sources(x, index=None):
+        seen["source"].append(set(index.tolist()))
+        return sources_forward(x, index)
+
+    module.task_loss = spy_task
+    module.sources.forward = spy_sources
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(module, datamodule=dm)
+    labeled_bs, unlabeled_bs = dm.batch_size, dm.unlabeled_batch_size
+    assert unlabeled_bs == 8
+    assert seen["task"] and all(n == labeled_bs and top < 10 for n, top in seen["task"])
+    pool = set(dm.unlabeled_indices.tolist())
+    for idx in seen["source"]:   # each aux batch: the labeled images plus unlabeled ones
+        assert len(idx & pool) > 0 and len(idx - pool) > 0
+
+
+def test_unlabeled_stream_has_the_labeled_stream_length(tmp_path, cifar_dir):
+    _, dm, _ = build(tmp_path, cifar_dir)
+    loaders = dm.train_dataloader()
+    assert len(loaders["unlabeled"]) == len(loaders["labeled"])
+
+
+@pytest.mark.filterwarnings("ignore:.*RANDOM weights")
+def test_unlabeled_sskt_runs_end_to_end(tmp_path, cifar_dir):
+    cfg = compose_config([*UNLABELED, f"paths.data_dir={cifar_dir}", "trainer=smoke"], tmp_path)
+    results = run(cfg)
+    assert results["method_settings"]["unlabeled"] is True
+    assert (tmp_path / "results.json").is_file()
+
+
+def test_unlabeled_method_without_unlabeled_data_is_refused(tmp_path, cifar_dir):
+    from sskt_lightning.errors import ConfigError
+    cfg, dm, module = build(tmp_path, cifar_dir, "data.unlabeled=false")
+    batch = next(iter(dm.train_dataloader()))
+    with pytest.raises(ConfigError, match="data.unlabeled=true"):
+        module.method.training_step(module, dm.prepare_batch(batch, False))
