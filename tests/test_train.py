@@ -124,3 +124,42 @@ def test_canonical_call_offline_stops_fast_with_the_fix(tmp_path):
     assert "CIFAR-10" in err or "cifar10" in err.lower()
     assert str(tmp_path / "none") in err and "paths.data_dir" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("fmt", ["stl10", "imagefolder", "fashion_mnist"])
+def test_scratch_and_sskt_on_every_on_disk_format(tmp_path, fmt):
+    import data_fixtures as fx
+    data_dir = tmp_path / "data"
+    if fmt == "stl10":
+        fx.write_stl10(data_dir, n_train=40, n_test=16, n_unlabeled=8)
+        extra = ["data=stl10", "data.val_size=8"]
+    elif fmt == "imagefolder":
+        fx.write_imagefolder(data_dir, n_per_class=10, size=20)
+        extra = ["data=imagefolder", "data.val_size=6", "data.image_size=16"]
+    else:
+        fx.write_fashion_mnist(data_dir / "FashionMNIST" / "raw", n_train=60, n_test=20)
+        extra = ["data=fashion_mnist", "data.val_size=12"]
+    common = [f"paths.data_dir={data_dir}", f"data.data_dir={data_dir}", "trainer=smoke", "data.batch_size=8",
+              "data.num_workers=0", "model=resnet20", *extra]
+    for method in (["method=scratch"], ["method=sskt", "source=[timm]", "source.timm.name=resnet18",
+                                         "source.timm.pretrained=false", "source.timm.input_size=48"]):
+        out = tmp_path / method[0].split("=")[1]
+        with pytest.warns(UserWarning) if method[0] == "method=sskt" else _nothing():
+            results = run(compose_config([*common, *method], out))
+        check_run_dir(results, out)
+        assert results["data"] == fmt
+
+
+def _nothing():
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def test_wandb_offline_run_keeps_its_metrics_in_the_run_dir(tmp_path, cifar_dir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    results, out = train(tmp_path, cifar_dir, "method=scratch", "logger=wandb", "logger.wandb.tags=[test]")
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    assert results["group"].startswith("data=cifar10 model=resnet20 method=scratch")
+    import wandb
+    assert wandb.run is None   # finished after the job
