@@ -49,3 +49,20 @@ class ThroughputMeter(L.Callback):
         epochs = self.epochs[1:] if len(self.epochs) > 1 else self.epochs
         images, seconds = sum(e[0] for e in epochs), sum(e[1] for e in epochs)
         return images / seconds if seconds > 0 else None
+
+
+class WeightsDigest(L.Callback):
+    """After training, each process writes a digest of the target's weights to
+    ``<run dir>/weights_digest_rank<r>.json``: under DDP all ranks must agree (a sync check)."""
+
+    def on_fit_end(self, trainer, module):
+        import hashlib
+        import json
+        from pathlib import Path
+        digest = hashlib.sha256()
+        for name, tensor in sorted(module.target.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        out = Path(trainer.default_root_dir) / f"weights_digest_rank{trainer.global_rank}.json"
+        out.write_text(json.dumps({"rank": trainer.global_rank, "world_size": trainer.world_size,
+                                   "sha256": digest.hexdigest()}))

@@ -92,8 +92,16 @@ def run(cfg: DictConfig) -> dict:
                            auto_insert_metric_name=False, save_last=True, save_top_k=1)
     meter = ThroughputMeter()
     loggers = build_loggers(cfg, output_dir, group, config)
-    trainer = instantiate(cfg.trainer, callbacks=[best, meter], logger=loggers,
-                          default_root_dir=str(output_dir))
+    extra = {}
+    if cfg.trainer.get("strategy") == "ddp":
+        # several optimizers stepped in one step (DML, MAXL): each backward touches only some
+        # parameters, which DDP must be told about
+        from lightning.pytorch.strategies import DDPStrategy
+        extra["strategy"] = DDPStrategy(find_unused_parameters=not module.automatic_optimization)
+    callbacks = [best, meter, *(instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c)]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers,
+                          default_root_dir=str(output_dir), **extra)
+    dm.split_batch_across(trainer.world_size)   # data.batch_size is global
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("resume"))
     wall = time.perf_counter() - start

@@ -271,6 +271,18 @@ class ImageDataModule(L.LightningDataModule):
         self.task
         return self._unlabeled_idx
 
+    def split_batch_across(self, world_size: int) -> None:
+        """Make the configured (global) batch sizes per-process for ``world_size`` processes."""
+        if world_size <= 1:
+            return
+        for attr in ("batch_size", "eval_batch_size"):
+            value = getattr(self, attr)
+            if value % world_size:
+                raise ConfigError(
+                    f"data.{attr}={value} is the global batch size and must divide by the "
+                    f"{world_size} processes (devices x nodes); choose a multiple of {world_size}.")
+            setattr(self, attr, value // world_size)
+
     @property
     def unlabeled_batch_size(self) -> int:
         return max(1, round(self.batch_size * self.unlabeled_ratio))
@@ -279,8 +291,14 @@ class ImageDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, batch_size: int, generator: torch.Generator | None = None) -> DataLoader:
         train = generator is not None
+        sampler = None
+        if not train and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # evaluation under DDP: shard without the padding duplicates of DistributedSampler, so
+            # every sample is counted exactly once (torchmetrics sums the shards' states)
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
         return DataLoader(
-            dataset, batch_size=batch_size, shuffle=train, generator=generator,
+            dataset, batch_size=batch_size, shuffle=train, generator=generator, sampler=sampler,
             drop_last=train and self.drop_last_train and len(dataset) >= batch_size,  # never zero batches
             num_workers=self.num_workers, pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers, collate_fn=collate_batch)

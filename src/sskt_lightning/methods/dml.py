@@ -50,7 +50,7 @@ def dml_loss(logits: torch.Tensor, others: Sequence[torch.Tensor], labels: torch
              T: float = 1.0, multi_label: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``L_k = L_task(z_k, y) + mean_{l != k} T^2 KL(softmax_T(z_l) || softmax_T(z_k))``, the
     partners' logits ``others`` detached; returns the total and the mimicry (KL) term."""
-    kl = torch.stack([kl_divergence(logits, z, T) for z in others]).mean()
+    kl = torch.stack([kl_divergence(logits, z.detach(), T) for z in others]).mean()
     return task_loss(logits, labels, multi_label) + kl, kl
 
 

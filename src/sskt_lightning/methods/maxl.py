@@ -30,6 +30,7 @@ g's running statistics follow the meta steps that train it.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -190,6 +191,12 @@ class MAXL(Method):
         """Second-order gradients do not work under DDP: fall back to the first-order form there."""
         trainer = getattr(module, "_trainer", None)
         world = getattr(trainer, "world_size", 1) if trainer is not None else 1
+        ddp_kwargs = getattr(getattr(trainer, "strategy", None), "_ddp_kwargs", None)
+        if world > 1 and ddp_kwargs is not None and not ddp_kwargs.get("find_unused_parameters", False):
+            # each of MAXL's two backward passes reaches only one network: DDP must be told
+            raise ConfigError("method=maxl under DDP needs unused-parameter detection (the multi-task "
+                              "and meta updates each reach only their own network): set "
+                              "+trainer.strategy=ddp_find_unused_parameters_true.")
         if world > 1 and self.requested_meta == "second_order":
             if self.meta != "first_order":
                 rank_zero_warn(f"method=maxl: meta=second_order does not work under distributed training "
@@ -199,6 +206,13 @@ class MAXL(Method):
             self.meta = "first_order"
         else:
             self.meta = self.requested_meta
+
+    def on_train_epoch_end(self, module) -> None:
+        """The base class steps both schedulers per epoch. With alternate=epoch one optimizer sits an
+        epoch out by design; PyTorch's 'scheduler before optimizer step' warning is then noise."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            super().on_train_epoch_end(module)
 
     # ------------------------------------------------------------------ pieces
     def generator_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -280,7 +294,7 @@ class MAXL(Method):
                 o = functional_call(target, self._prefixed({**shifted, **buffers}), (x,))
                 return focal_on_logits(functional_call(self.aux_head, head, (o,)), gen, self.gamma)
 
-            hvp_term = lr_inner * (aux_at(1.0) - aux_at(-1.0)) / (2 * eps)
+            hvp_term = -lr_inner * (aux_at(1.0) - aux_at(-1.0)) / (2 * eps)
             objective = hvp_term + self.entropy_weight * neg_ent
             gen_loss = gen_primary.detach() + self.entropy_weight * neg_ent.detach()
         else:
