@@ -1,4 +1,5 @@
-"""Write tiny datasets in the real on-disk formats (CIFAR pickles, STL-10 binaries, idx .gz, ImageFolder).
+"""Write tiny datasets in the real on-disk formats (CIFAR pickles, STL-10 binaries, idx .gz, ImageFolder,
+Pascal VOC 2007: JPEGs + XML annotations + ImageSets lists).
 
 Each writer returns what it wrote as `{split: (images uint8 N×C×H×W, labels int64 N)}` in the
 logical (row-major, channel-first) layout, so tests can compare the readers' output with it.
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sskt_lightning.data.formats import CIFAR10_CLASSES, STL10_CLASSES
+from sskt_lightning.data.formats import CIFAR10_CLASSES, STL10_CLASSES, VOC_CLASSES
 
 Arrays = dict[str, tuple[np.ndarray, np.ndarray]]
 
@@ -127,4 +128,81 @@ def write_imagefolder(root: str | Path, classes: list[str] | tuple[str, ...] = (
             pixels = img[0] if chans == 1 else img.transpose(1, 2, 0)
             Image.fromarray(pixels).save(path)
         out[split] = (images, labels)
+    return out
+
+
+def voc_objects(g: int) -> list[tuple[str, int]]:
+    """(class name, difficult) of the objects in the g-th written VOC image (trainval first, then test).
+
+    Image 0 holds a dog and two persons; every image has class g % 20; every third (g % 3 == 1)
+    also a difficult-only object of class (g + 7) % 20; g % 4 == 2 repeats its main class as difficult.
+    """
+    if g == 0:
+        return [("dog", 0), ("person", 0), ("person", 0)]
+    objects = [(VOC_CLASSES[g % 20], 0)]
+    if g % 3 == 1:
+        objects.append((VOC_CLASSES[(g + 7) % 20], 1))
+    if g % 4 == 2:
+        objects.append((VOC_CLASSES[g % 20], 1))
+    return objects
+
+
+def _voc_xml(image_id: str, width: int, height: int, objects: list[tuple[str, int]]) -> str:
+    """A standard VOC annotation; persons get <part>s with their own <name> (as in the real files)."""
+    parts = []
+    for name, difficult in objects:
+        body = (f"<name>{name}</name><pose>Unspecified</pose><truncated>0</truncated>"
+                f"<difficult>{difficult}</difficult>"
+                f"<bndbox><xmin>1</xmin><ymin>1</ymin><xmax>{width}</xmax><ymax>{height}</ymax></bndbox>")
+        if name == "person":
+            body += ("<part><name>head</name><bndbox><xmin>2</xmin><ymin>2</ymin><xmax>5</xmax><ymax>5</ymax>"
+                     "</bndbox></part><part><name>hand</name><bndbox><xmin>3</xmin><ymin>3</ymin><xmax>4</xmax>"
+                     "<ymax>4</ymax></bndbox></part>")
+        parts.append(f"\t<object>\n\t\t{body}\n\t</object>")
+    return (f"<annotation>\n\t<folder>VOC2007</folder>\n\t<filename>{image_id}.jpg</filename>\n"
+            f"\t<source><database>The VOC2007 Database</database><annotation>PASCAL VOC2007</annotation></source>\n"
+            f"\t<size><width>{width}</width><height>{height}</height><depth>3</depth></size>\n"
+            f"\t<segmented>0</segmented>\n" + "\n".join(parts) + "\n</annotation>\n")
+
+
+def write_voc2007(root: str | Path, n_trainval: int = 8, n_test: int = 5, size: int | tuple[int, int] = 24,
+                  seed: int = 0) -> dict[str, dict]:
+    """`<root>/VOCdevkit/VOC2007/` with JPEGImages/<id>.jpg, Annotations/<id>.xml, ImageSets/Main/{trainval,test}.txt.
+
+    Ids are 6-digit, trainval and test interleaved (as in the real set); each list file is sorted.
+    Images are solid colours (JPEG keeps them within a few levels) of height h and width
+    w + 8 * (g % 3), so the reader must resize. One extra image/annotation pair is in no list.
+    Returns `{"train"|"test": {"ids", "colors" N×3 uint8, "labels" N×20 int64, "objects"}}`,
+    labels counting difficult objects as positive.
+    """
+    from PIL import Image
+
+    h, w = (size, size) if isinstance(size, int) else size
+    folder = Path(root) / "VOCdevkit" / "VOC2007"
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    total = n_trainval + n_test
+    in_test = np.zeros(total, dtype=bool)
+    in_test[np.random.default_rng(seed).permutation(total)[:n_test]] = True
+    numbers = {"train": np.flatnonzero(~in_test) * 2 + 5, "test": np.flatnonzero(in_test) * 2 + 5}
+    colors = np.random.default_rng(seed + 1).integers(20, 236, size=(total + 1, 3), dtype=np.uint8)
+    out, g = {}, 0
+    for split, image_set in (("train", "trainval"), ("test", "test")):
+        ids = [f"{k:06d}" for k in numbers[split]]
+        labels = np.zeros((len(ids), len(VOC_CLASSES)), dtype=np.int64)
+        objects = []
+        for row, image_id in enumerate(ids):
+            objs = voc_objects(g)
+            width = w + 8 * (g % 3)
+            Image.new("RGB", (width, h), tuple(int(c) for c in colors[g])).save(
+                folder / "JPEGImages" / f"{image_id}.jpg", quality=95)
+            (folder / "Annotations" / f"{image_id}.xml").write_text(_voc_xml(image_id, width, h, objs))
+            labels[row, [VOC_CLASSES.index(name) for name, _ in objs]] = 1
+            objects.append(objs)
+            g += 1
+        (folder / "ImageSets" / "Main" / f"{image_set}.txt").write_text("\n".join(ids) + "\n")
+        out[split] = {"ids": ids, "colors": colors[g - len(ids):g], "labels": labels, "objects": objects}
+    extra = f"{2 * total + 11:06d}"  # on disk, in no list: must not be read
+    Image.new("RGB", (w, h), tuple(int(c) for c in colors[total])).save(folder / "JPEGImages" / f"{extra}.jpg")
+    (folder / "Annotations" / f"{extra}.xml").write_text(_voc_xml(extra, w, h, [("cat", 0)]))
     return out

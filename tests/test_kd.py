@@ -86,6 +86,17 @@ def test_training_step_loss_matches_hand_computation():
     assert method.describe() == {"alpha": 0.9, "temperature": 4.0}
 
 
+def test_multi_label_targets_use_bce_as_the_task_term():
+    z = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    t = torch.tensor([[1.0, 0.5, 0.0], [0.0, 0.0, 3.0]])
+    y = torch.tensor([[1, 0, 1], [0, 0, 1]])
+    fake = SimpleNamespace(multi_label=True, task_loss=lambda logits, labels: task_loss(logits, labels, True))
+    loss, parts = KD(alpha=0.9, temperature=4.0).loss(fake, z, t, y)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(z, y.float())
+    assert parts["task_loss"].item() == pytest.approx(bce.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(0.1 * bce.item() + 0.9 * 16 * 0.0612866678, rel=1e-6)
+
+
 def test_config_defaults(tmp_path):
     cfg = compose_config(["method=kd"], tmp_path)
     assert cfg.method.alpha == 0.9 and cfg.method.temperature == 4.0 and cfg.method.name == "kd"

@@ -65,6 +65,16 @@ def sskt_loss(task: torch.Tensor, aux_logits: list[torch.Tensor], source_logits:
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, alpha: float,
-            T: float) -> torch.Tensor:
-    """Hinton KD: ``(1 - alpha) * CE(z, y) + alpha * T^2 * KL(softmax_T(z_t) || softmax_T(z))``."""
-    return (1 - alpha) * F.cross_entropy(student, labels) + alpha * kl_divergence(student, teacher.detach(), T)
+            T: float, multi_label: bool = False) -> torch.Tensor:
+    """Hinton KD: ``(1 - alpha) * CE(z, y) + alpha * T^2 * KL(softmax_T(z_t) || softmax_T(z))``
+    (BCE as the task term for multi-label data; the distillation term is the same)."""
+    return ((1 - alpha) * task_loss(student, labels, multi_label)
+            + alpha * kl_divergence(student, teacher.detach(), T))
+
+
+def dml_loss(logits: torch.Tensor, others: list[torch.Tensor], labels: torch.Tensor,
+             T: float = 1.0, multi_label: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """DML, peer k: ``L_task(z_k, y) + mean_{l != k} T^2 KL(softmax_T(z_l) || softmax_T(z_k))``, the
+    partners' logits ``others`` detached; returns the total and the mimicry (KL) term."""
+    kl = torch.stack([kl_divergence(logits, z.detach(), T) for z in others]).mean()
+    return task_loss(logits, labels, multi_label) + kl, kl

@@ -80,7 +80,7 @@ class TransferModule(L.LightningModule):
         bs = labels.shape[0] if labels is not None else None
         for key, value in parts.items():
             self.log(f"train/{key}", value.detach(), on_step=True, on_epoch=False,
-                     prog_bar=key == "loss", batch_size=bs)
+                     batch_size=bs)  # no prog_bar: its per-step refresh would sync the device
 
     def configure_optimizers(self):
         return self.method.configure_optimizers(self)

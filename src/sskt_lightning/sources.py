@@ -170,16 +170,8 @@ def _build_net(spec: SourceSpec, data_info: Mapping) -> tuple[nn.Module, dict]:
         W.load_into(net, sd, f"source {spec.key!r} ({spec.url})")
     elif spec.pretrained:
         kwargs = {"num_classes": spec.num_classes} if spec.num_classes else {}
-        try:
-            net = _create_pretrained(spec.name, spec.in_chans or 3, **kwargs)
-        except (ConfigError, WeightsError):
-            raise
-        except Exception as err:  # hub errors come in many types (HTTP, offline, missing cache)
-            from huggingface_hub import constants
-            raise WeightsError(f"Could not fetch pretrained weights for source {spec.key!r} "
-                               f"({spec.name}) from the Hugging Face hub, nor find them in its cache "
-                               f"{constants.HF_HUB_CACHE}: {type(err).__name__}: {str(err)[:160]}. "
-                               f"{_fix_offline(spec)}") from None
+        net = create_pretrained(spec.name, spec.in_chans or 3, f"source {spec.key!r}", _fix_offline(spec),
+                                **kwargs)
     else:
         warnings.warn(f"source {spec.key!r} ({spec.name}) has RANDOM weights (pretrained=false): "
                       "fine for smoke runs, meaningless for transfer.", stacklevel=2)
@@ -214,13 +206,23 @@ def _hub_cache_only_when_offline():
         constants.HF_HUB_OFFLINE = before
 
 
-def _create_pretrained(name: str, in_chans: int, **kwargs) -> nn.Module:
+def create_pretrained(name: str, in_chans: int, what: str, fix: str, **kwargs) -> nn.Module:
+    """A network with hub weights (timm / torchvision); offline, the cache answers at once and a
+    missing file is a :class:`WeightsError` saying ``what`` failed and ``fix``."""
     import timm
     from sskt_lightning.nets.factory import TORCHVISION_PREFIX
-    if name.startswith(TORCHVISION_PREFIX):
-        return create_network(name, kwargs.get("num_classes", 1000), in_chans, pretrained=True)
-    with _hub_cache_only_when_offline():
-        return timm.create_model(name, pretrained=True, in_chans=in_chans, **kwargs)
+    try:
+        if name.startswith(TORCHVISION_PREFIX):
+            return create_network(name, kwargs.pop("num_classes", 1000), in_chans, pretrained=True, **kwargs)
+        with _hub_cache_only_when_offline():
+            return timm.create_model(name, pretrained=True, in_chans=in_chans, **kwargs)
+    except (ConfigError, WeightsError):
+        raise
+    except Exception as err:  # hub errors come in many types (HTTP, offline, missing cache)
+        from huggingface_hub import constants
+        raise WeightsError(f"Could not fetch pretrained weights for {what} ({name}) from the hub, nor "
+                           f"find them in its cache {constants.HF_HUB_CACHE} or torch's "
+                           f"{torch.hub.get_dir()}: {type(err).__name__}: {str(err)[:160]}. {fix}") from None
 
 
 def build_source(spec: SourceSpec, data_info: Mapping, bn_mode: str = "eval") -> FrozenSource:

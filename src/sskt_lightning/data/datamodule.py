@@ -1,7 +1,8 @@
 """`ImageDataModule`: in-memory uint8 datasets, task views, device-side augmentation.
 
 Batches from the loaders (before `on_after_batch_transfer`):
-  train / val / test: `(images uint8 B×C×H×W, labels int64 B, sample_index int64 B)`
+  train / val / test: `(images uint8 B×C×H×W, labels int64 B, sample_index int64 B)`; for
+                      multi-label data (voc2007) labels are int64 B×K multi-hot 0/1 rows
   unlabeled stream:   `(images uint8 B×C×H×W, sample_index int64 B)` - no labels at all
 `sample_index` is the image's index in the full split array it comes from (train split for
 train, val and the labels_per_class pool; test split for test; STL-10's unlabeled split for
@@ -19,9 +20,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
 
 from sskt_lightning.data.augment import BatchAugment, normalize
-from sskt_lightning.data.formats import READERS, ImageArrays, ensure_available
-from sskt_lightning.data.views import TaskSplit, make_task_split
+from sskt_lightning.data.formats import (
+    MULTI_LABEL_DATASETS,
+    READERS,
+    RESIZABLE_DATASETS,
+    ImageArrays,
+    ensure_available,
+)
+from sskt_lightning.data.views import TaskSplit, check_multi_label_views, make_task_split
 from sskt_lightning.errors import ConfigError
+from sskt_lightning.metrics import METRICS  # acc (single-label); map, reference_image_ap (multi-label)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DATASET_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -30,6 +38,7 @@ DATASET_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
     "fashion_mnist": ((0.2860,), (0.3530,)),
     "imagefolder": (IMAGENET_MEAN, IMAGENET_STD),
+    "voc2007": (IMAGENET_MEAN, IMAGENET_STD),
 }
 GRAY_STATS = ((0.5,), (0.5,))
 UNLABELED_SOURCES = ("auto", "split", "pool")
@@ -87,7 +96,7 @@ class ImageDataModule(L.LightningDataModule):
                  in_chans: int | None = None, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, unlabeled: bool = False, unlabeled_ratio: float = 1.0,
                  unlabeled_source: str = "auto", pin_memory: bool = False, persistent_workers: bool | None = None,
-                 drop_last_train: bool = True) -> None:
+                 drop_last_train: bool = True, metric: str | None = None) -> None:
         super().__init__()  # no save_hyperparameters: checkpoints stay loadable with weights_only=True
         if name not in READERS:
             raise ConfigError(f"data.name={name!r} is not a known dataset; choose one of {sorted(READERS)}.")
@@ -96,6 +105,15 @@ class ImageDataModule(L.LightningDataModule):
         if batch_size < 1 or unlabeled_ratio <= 0:
             raise ConfigError(f"data.batch_size must be >= 1 and data.unlabeled_ratio > 0, "
                               f"got {batch_size} and {unlabeled_ratio}.")
+        multi = name in MULTI_LABEL_DATASETS
+        if metric is not None and (metric not in METRICS or (metric == "acc") == multi):
+            fits = [m for m in METRICS if (m == "acc") != multi]
+            raise ConfigError(f"data.metric={metric!r} does not fit {name} ({'multi' if multi else 'single'}-label "
+                              f"data); choose one of {fits} (or null for {fits[0]}).")
+        if multi:
+            check_multi_label_views(name, classes=classes, label_map=label_map, class_names=class_names,
+                                    labels_per_class=labels_per_class)
+        self.metric_arg = metric
         self.name, self.data_dir, self.download = name, str(data_dir), bool(download)
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or 2 * batch_size)
@@ -123,6 +141,9 @@ class ImageDataModule(L.LightningDataModule):
 
     def _read(self, split: str, classes: list[str] | None = None) -> ImageArrays:
         reader = READERS[self.name]
+        if self.name == "voc2007":
+            size = {} if self.image_size_arg is None else {"image_size": self.image_size_arg}
+            return reader(self.data_dir, split, self.download, **size)
         if self.name != "imagefolder":
             return reader(self.data_dir, split, self.download)
         return reader(self.data_dir, split, self.download, image_size=self.image_size_arg,
@@ -146,15 +167,17 @@ class ImageDataModule(L.LightningDataModule):
         self._split = split
 
     def _check_fixed_format(self, train: ImageArrays) -> None:
-        """image_size / in_chans only resize imagefolder data; elsewhere they must match the files."""
+        """image_size / in_chans only resize imagefolder (and voc2007: size) data; elsewhere they must match."""
         if self.name == "imagefolder":
             return
         size, chans = tuple(train.images.shape[2:]), train.images.shape[1]
         wanted = self.image_size_arg
         wanted = None if wanted is None else tuple(wanted) if isinstance(wanted, list) else (wanted, wanted)
-        if (wanted is not None and wanted != size) or (self.in_chans_arg not in (None, chans)):
+        resized = self.name in RESIZABLE_DATASETS
+        if (wanted is not None and wanted != size and not resized) or (self.in_chans_arg not in (None, chans)):
             raise ConfigError(f"{self.name} images are {chans}×{size[0]}×{size[1]}; data.image_size / data.in_chans "
-                              f"can only resize imagefolder data (adapt inputs in the model instead).")
+                              f"can only resize imagefolder data (voc2007: image_size only; adapt inputs in the "
+                              f"model instead).")
 
     def _unlabeled_kind(self) -> str:
         if self.unlabeled_source != "auto":
@@ -234,7 +257,13 @@ class ImageDataModule(L.LightningDataModule):
 
     @property
     def multi_label(self) -> bool:
-        return False
+        """True for multi-label data (labels are B×K multi-hot rows); known without loading."""
+        return self.name in MULTI_LABEL_DATASETS
+
+    @property
+    def metric(self) -> str:
+        """The evaluation metric's name (one of `METRICS`): data.metric, else acc / map by label type."""
+        return self.metric_arg or ("map" if self.multi_label else "acc")
 
     @property
     def num_train(self) -> int:

@@ -8,9 +8,12 @@ bad checksum, ...) becomes a `DataNotFoundError` that says where we looked and w
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import socket
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +37,18 @@ FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]  # fmt: skip
+VOC_CLASSES = [
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+]  # fmt: skip
+MULTI_LABEL_DATASETS = frozenset({"voc2007"})  # labels are N×K multi-hot rows
+RESIZABLE_DATASETS = ("imagefolder", "voc2007")  # readers that take image_size (images differ in size on disk)
 
 
 @dataclass
 class ImageArrays:
-    """A whole split in memory: uint8 images N×C×H×W, int64 labels N (-1 = unknown), class names."""
+    """A whole split in memory: uint8 images N×C×H×W, class names, and int64 labels: N class ids
+    (-1 = unknown), or for multi-label data N×K multi-hot rows of 0/1 (K = number of classes)."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -47,12 +57,17 @@ class ImageArrays:
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
             raise ValueError(f"images must be uint8 N×C×H×W, got {self.images.dtype} {tuple(self.images.shape)}")
-        if self.labels.dtype != torch.int64 or self.labels.shape != (len(self.images),):
-            raise ValueError(f"labels must be int64 of length {len(self.images)}, got {self.labels.dtype} "
+        n, k = len(self.images), len(self.classes)
+        if self.labels.dtype != torch.int64 or self.labels.shape not in ((n,), (n, k)):
+            raise ValueError(f"labels must be int64 of shape ({n},) or multi-hot ({n}, {k}), got {self.labels.dtype} "
                              f"{tuple(self.labels.shape)}")
 
     def __len__(self) -> int:
         return len(self.images)
+
+    @property
+    def multi_label(self) -> bool:
+        return self.labels.ndim == 2
 
 
 # --------------------------------------------------------------------------- download plumbing
@@ -413,12 +428,123 @@ def read_imagefolder(root: str | Path, split: str = "train", download: bool = Fa
     return ImageArrays(images, labels, list(by_class))
 
 
+# --------------------------------------------------------------------------- Pascal VOC 2007
+
+VOC_DIR = Path("VOCdevkit") / "VOC2007"
+VOC_URL = "http://host.robots.ox.ac.uk/pascal/VOC/voc2007/"  # the official site
+_VOC_MIRRORS = (VOC_URL, "https://thor.robots.ox.ac.uk/pascal/VOC/voc2007/")  # thor: torchvision's mirror
+_VOC_TARS = {  # split -> (image set, archive, md5); both archives extract into VOCdevkit/VOC2007/
+    "train": ("trainval", "VOCtrainval_06-Nov-2007.tar", "c52e279531787c972589f7e41ab4ae64"),
+    "test": ("test", "VOCtest_06-Nov-2007.tar", "b6e924de25625d8de591ea690078ad9f"),
+}
+VOC_IMAGE_SIZE = 224
+
+
+def _download_voc(root: Path, tar: str, md5: str) -> None:
+    """Fetch and extract one VOC archive, trying the official site, then the mirror."""
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    errors = []
+    for base in _VOC_MIRRORS:
+        try:
+            download_and_extract_archive(base + tar, str(root), filename=tar, md5=md5)
+            return
+        except Exception as err:  # noqa: BLE001 - try the next mirror; all reasons are reported
+            errors.append(f"{base}: {type(err).__name__}: {err}")
+    raise RuntimeError("; ".join(errors))
+
+
+def _voc_fix(root: Path) -> str:
+    tars = " and ".join(VOC_URL + t for _, t, _ in _VOC_TARS.values())
+    return (f"download {tars} (mirror: {_VOC_MIRRORS[1]}) and extract both under {root} (giving "
+            f"{root / VOC_DIR}/), or set paths.data_dir=<dir that contains {VOC_DIR}/> to use a local copy.")
+
+
+def _locate_voc2007(root: Path, split: str, download: bool) -> tuple[Path, list[str]]:
+    """(`<root>/VOCdevkit/VOC2007`, image ids of the split) once the split's files are all on disk."""
+    _check_split(split, tuple(_VOC_TARS), "Pascal VOC 2007")
+    image_set, tar, md5 = _VOC_TARS[split]
+    folder = root / VOC_DIR
+    list_file = folder / "ImageSets" / "Main" / f"{image_set}.txt"
+    failure = None
+    if not list_file.is_file() and download:
+        failure = _try_download(lambda: _download_voc(root, tar, md5))
+        failure = failure or f"{tar} did not contain {list_file.relative_to(root)}"
+    if not list_file.is_file():
+        looked = [list_file, folder / "Annotations", folder / "JPEGImages"]
+        raise _not_found(f"Pascal VOC 2007 {image_set}", looked, _download_reason(download, failure), _voc_fix(root))
+    ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+    missing = [p for i in ids for p in (folder / "JPEGImages" / f"{i}.jpg", folder / "Annotations" / f"{i}.xml")
+               if not p.is_file()]
+    if missing or not ids:
+        reason = (f"{list_file} lists {len(ids)} images, but {len(missing)} of their files are missing "
+                  f"(a partial extraction?)." if ids else f"{list_file} lists no images.")
+        raise _not_found(f"Pascal VOC 2007 {image_set}", missing[:5] or [list_file], reason, _voc_fix(root))
+    return folder, ids
+
+
+def _voc_labels(xml_path: Path) -> list[int]:
+    """Class ids of the image's objects (`<annotation><object><name>`), difficult ones included."""
+    try:
+        tree = ET.parse(xml_path)
+    except ET.ParseError as err:
+        raise DataNotFoundError(f"{xml_path} is not a readable VOC annotation ({err}); "
+                                f"re-extract the archive.") from None
+    ids = set()
+    for obj in tree.getroot().findall("object"):  # direct children only: person <part>s have <name>s too
+        name = (obj.findtext("name") or "").strip()
+        if name not in VOC_CLASSES:
+            raise DataNotFoundError(f"{xml_path} has an object of class {name!r}, not one of the 20 VOC classes.")
+        ids.add(VOC_CLASSES.index(name))
+    return sorted(ids)
+
+
+def _load_images_into(paths: Sequence[Path], size: tuple[int, int]) -> torch.Tensor:
+    """Decode, resize and center-crop RGB images into one preallocated N×3×H×W uint8 tensor (threads)."""
+    out = torch.empty((len(paths), 3, *size), dtype=torch.uint8)
+    rows = out.numpy()  # shares out's memory
+
+    def load(k: int) -> None:
+        try:
+            rows[k] = _load_image(paths[k], "RGB", size)
+        except OSError as err:  # PIL: truncated or not an image
+            raise DataNotFoundError(f"{paths[k]} is not a readable image ({err}); re-extract the archive.") from None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        list(pool.map(load, range(len(paths))))  # PIL releases the GIL while decoding and resizing
+    return out
+
+
+def read_voc2007(root: str | Path, split: str = "train", download: bool = False,
+                 image_size: int | Sequence[int] = VOC_IMAGE_SIZE) -> ImageArrays:
+    """Pascal VOC 2007 classification from `<root>/VOCdevkit/VOC2007/` (the official tars' layout).
+
+    Split "train" is the 5011 trainval images (`ImageSets/Main/trainval.txt`), "test" the 4952
+    test images (`test.txt`), in the order the list files give. Labels are N×20 multi-hot rows
+    (`VOC_CLASSES` order): an image is positive for a class when its `Annotations/<id>.xml` has at
+    least one object of it, *difficult objects included* (so no image is ever "unknown" for a
+    class; the official evaluation instead ignores images whose only instances are difficult).
+    Images are converted to RGB, resized to cover `image_size` keeping the aspect ratio and
+    center-cropped (int -> square), as `read_imagefolder` does. 224 px: 754 MB for trainval.
+    """
+    size = _as_size(image_size)
+    if size is None:
+        raise ConfigError("Pascal VOC images differ in size; data.image_size must be set (e.g. 224).")
+    folder, ids = _locate_voc2007(Path(root), split, download)
+    labels = torch.zeros((len(ids), len(VOC_CLASSES)), dtype=torch.int64)
+    for row, image_id in enumerate(ids):
+        labels[row, _voc_labels(folder / "Annotations" / f"{image_id}.xml")] = 1
+    images = _load_images_into([folder / "JPEGImages" / f"{i}.jpg" for i in ids], size)
+    return ImageArrays(images, labels, list(VOC_CLASSES))
+
+
 READERS: dict[str, Callable[..., ImageArrays]] = {
     "cifar10": read_cifar10,
     "cifar100": read_cifar100,
     "stl10": read_stl10,
     "fashion_mnist": read_fashion_mnist,
     "imagefolder": read_imagefolder,
+    "voc2007": read_voc2007,
 }
 
 _LOCATORS: dict[str, Callable[[Path, str, bool], object]] = {
@@ -427,6 +553,7 @@ _LOCATORS: dict[str, Callable[[Path, str, bool], object]] = {
     "stl10": _locate_stl10,
     "fashion_mnist": _locate_fashion_mnist,
     "imagefolder": _locate_imagefolder,
+    "voc2007": _locate_voc2007,
 }
 
 

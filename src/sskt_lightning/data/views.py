@@ -8,6 +8,8 @@ Applied in this order, all deterministic:
   d. `val_size`  hold out a validation set (count or fraction), drawn with `split_seed`;
   e. `labels_per_class` keep N labelled images per class, drawn with the run `seed`; the rest
      of the training images form the unlabeled pool.
+Multi-label data (N×K multi-hot labels, e.g. VOC 2007) takes only c and d: a, b and e (and
+`class_names`) are single-label notions and raise ConfigError.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ PART_SEED = 0  # fixed on purpose: train_part parts must not depend on the run s
 class TaskSplit:
     """Index arrays (int64, sorted) into the full train / test arrays, plus the task's labels."""
 
-    train_labels: torch.Tensor  # new class id per full-train image, -1 where dropped
+    train_labels: torch.Tensor  # new class id per full-train image, -1 where dropped (multi-label: N×K 0/1)
     test_labels: torch.Tensor  # same for the test split
     class_names: list[str]
     train: torch.Tensor  # labelled training images
@@ -146,12 +148,34 @@ def pick_per_class(indices: torch.Tensor, labels: torch.Tensor, n: int | None, n
     return labelled, rest
 
 
+def check_multi_label_views(name: str, **views: object) -> None:
+    """ConfigError when any single-label view (classes, label_map, ...) is set for multi-label data."""
+    used = [k for k, v in views.items() if v is not None]
+    if used:
+        raise ConfigError(f"{', '.join('data.' + k for k in used)} cannot be used with {name}: its images carry "
+                          f"several labels each, so class subsets, relabelling, renaming and N labels per class "
+                          f"are undefined. Leave them null (data.train_part and data.val_size still apply).")
+
+
+def _multi_label_split(train_labels: torch.Tensor, test_labels: torch.Tensor, names: Sequence[str],
+                       train_part: Sequence[int] | None, val_size: int | float, split_seed: int) -> TaskSplit:
+    """Steps c and d only; labels stay the multi-hot rows, every test image is kept."""
+    pool = take_part(torch.arange(len(train_labels)), train_part)
+    train, val = split_val(pool, val_size, split_seed)
+    return TaskSplit(train_labels=train_labels, test_labels=test_labels, class_names=list(names), train=train,
+                     val=val, unlabeled=train[:0], test=torch.arange(len(test_labels)))
+
+
 def make_task_split(train_labels: torch.Tensor, test_labels: torch.Tensor, names: Sequence[str], *,
                     classes: Sequence[int] | None = None, label_map: Sequence[int | None] | None = None,
                     class_names: Sequence[str] | None = None, train_part: Sequence[int] | None = None,
                     val_size: int | float = 5000, split_seed: int = 0, labels_per_class: int | None = None,
                     seed: int = 0) -> TaskSplit:
-    """Apply steps a-e to the original labels of the train and test splits."""
+    """Apply steps a-e to the original labels of the train and test splits (multi-hot: c, d)."""
+    if train_labels.ndim == 2:
+        check_multi_label_views("multi-label data", classes=classes, label_map=label_map, class_names=class_names,
+                                labels_per_class=labels_per_class)
+        return _multi_label_split(train_labels, test_labels, names, train_part, val_size, split_seed)
     lookup, new_names = class_lookup(names, classes, label_map, class_names)
     train_new, test_new = relabel(train_labels, lookup), relabel(test_labels, lookup)
     pool = take_part((train_new >= 0).nonzero().flatten(), train_part)

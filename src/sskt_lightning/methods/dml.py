@@ -18,7 +18,8 @@ Note that Lightning's ``trainer.global_step`` counts optimizer steps, i.e. K per
   * ``sequential`` (default, the paper's Algorithm 1): all peers predict the batch; peer 0 steps;
     the peer that just stepped predicts the batch again with its new weights; peer 1 steps; and so
     on: each peer's step sees the predictions of every earlier peer made *after* that peer's step
-    in this iteration (2K - 1 forwards per batch). The re-predictions run in train mode like the
+    in this iteration (2K - 1 forwards per batch; the K first forwards keep their graphs until
+    each peer's backward). The re-predictions run in train mode like the
     first ones (batch statistics) but without gradients and without touching the BatchNorm running
     statistics (each batch enters them once per peer).
   * ``simultaneous``: one forward of every peer, all K losses from those logits, all K steps.
@@ -37,21 +38,13 @@ import torch
 from torch import nn
 
 from sskt_lightning import weights as W
-from sskt_lightning.errors import ConfigError, WeightsError
-from sskt_lightning.losses import kl_divergence, task_loss
+from sskt_lightning.errors import ConfigError
+from sskt_lightning.losses import dml_loss
 from sskt_lightning.methods.base import Method, split_batch
 from sskt_lightning.nets.factory import create_network, resolve_model_name
 
 UPDATES = ("sequential", "simultaneous")
 PEER_KEYS = ("name", "pretrained", "kwargs", "weights")
-
-
-def dml_loss(logits: torch.Tensor, others: Sequence[torch.Tensor], labels: torch.Tensor,
-             T: float = 1.0, multi_label: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``L_k = L_task(z_k, y) + mean_{l != k} T^2 KL(softmax_T(z_l) || softmax_T(z_k))``, the
-    partners' logits ``others`` detached; returns the total and the mimicry (KL) term."""
-    kl = torch.stack([kl_divergence(logits, z.detach(), T) for z in others]).mean()
-    return task_loss(logits, labels, multi_label) + kl, kl
 
 
 def _peer_spec(k: int, spec) -> dict:
@@ -129,17 +122,10 @@ class DML(Method):
         make = lambda pretrained: create_network(name, info["num_classes"], info["in_chans"],  # noqa: E731
                                                  pretrained=pretrained, **spec["kwargs"])
         if spec["pretrained"] and obj is None:
-            from sskt_lightning.sources import _hub_cache_only_when_offline
-            try:
-                with _hub_cache_only_when_offline():
-                    net = make(True)
-            except (ConfigError, WeightsError):
-                raise
-            except Exception as err:  # hub errors come in many types (HTTP, offline, missing cache)
-                raise WeightsError(
-                    f"Could not fetch pretrained weights for DML peer {k} ({name}): "
-                    f"{type(err).__name__}: {str(err)[:160]}. Offline? Pass "
-                    f"method.peers[{k - 1}].weights=/path/to/file, or pretrained: false.") from None
+            from sskt_lightning.sources import create_pretrained
+            net = create_pretrained(name, info["in_chans"], f"DML peer {k}",
+                                    f"Offline? Pass method.peers[{k - 1}].weights=/path/to/file, or "
+                                    "pretrained: false.", num_classes=info["num_classes"], **spec["kwargs"])
         else:
             net = make(False)
         if obj is not None:
@@ -191,7 +177,7 @@ class DML(Method):
                 # peer k-1 just stepped: its partners must see its new prediction
                 with torch.no_grad(), _buffers_kept(modules[k - 1]):
                     latest[k - 1] = nets[k - 1](x)
-            others = [latest[l] for l in range(K) if l != k]
+            others = [latest[j] for j in range(K) if j != k]
             loss, _ = self.peer_loss(module, logits[k], others, y)
             self._step(module, optimizers[k], loss)
             losses.append(loss.detach())

@@ -18,21 +18,12 @@ from __future__ import annotations
 import torch
 
 from sskt_lightning.errors import ConfigError
-from sskt_lightning.losses import kd_loss, kl_divergence, task_loss
+from sskt_lightning.losses import kd_loss, kl_divergence
 from sskt_lightning.methods.base import Method, split_batch
 
 _FIX_COUNT = ("Give one: source=[checkpoint] source.checkpoint.weights=/path/to/teacher.ckpt (a run of "
               "this project on the target's classes), or any single source whose classes are the "
               "target's (e.g. source=[imagenet_resnet50] for an ImageNet target).")
-
-
-def kd_loss_multilabel(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
-                       alpha: float, T: float) -> torch.Tensor:
-    """:func:`losses.kd_loss` with BCE-with-logits as the task term (multi-label data such as VOC);
-    the distillation term is the same softmax KL. ``losses.kd_loss`` hard-codes cross-entropy, so
-    this lives here until it takes a ``multi_label`` flag."""
-    return ((1 - alpha) * task_loss(student, labels, multi_label=True)
-            + alpha * kl_divergence(student, teacher.detach(), T))
 
 
 def _names_preview(names, limit: int = 6) -> str:
@@ -88,10 +79,7 @@ class KD(Method):
     def loss(self, module, logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor):
         """The total loss and its two (unweighted) terms for logging."""
         teacher = teacher.detach()
-        if module.multi_label:
-            loss = kd_loss_multilabel(logits, teacher, labels, self.alpha, self.temperature)
-        else:
-            loss = kd_loss(logits, teacher, labels, self.alpha, self.temperature)
+        loss = kd_loss(logits, teacher, labels, self.alpha, self.temperature, module.multi_label)
         with torch.no_grad():   # the terms of kd_loss, for the log only
             task = module.task_loss(logits, labels)
             kd = kl_divergence(logits, teacher, self.temperature)

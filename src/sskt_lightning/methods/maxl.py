@@ -110,7 +110,7 @@ class MAXL(Method):
 
     def __init__(self, psi: int | Sequence[int] = 5, generator: dict | None = None,
                  generator_optim: dict | None = None, lr_inner: float | None = None,
-                 entropy_weight: float = 0.2, gamma: float = 2.0, meta: str = "second_order",
+                 entropy_weight: float = 0.2, focal_gamma: float = 2.0, meta: str = "second_order",
                  alternate: str = "step", fd_eps: float = 0.01):
         super().__init__()
         if meta not in META_MODES:
@@ -131,11 +131,15 @@ class MAXL(Method):
             raise ConfigError(f"method.fd_eps={fd_eps}: must be positive.")
         self.psi = psi if isinstance(psi, int) else [int(p) for p in psi]
         self.generator_cfg = dict(generator or {})
-        self.generator_optim_cfg = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4,
-                                    "nesterov": False, "step_size": 50, "gamma": 0.5,
-                                    **(generator_optim or {})}
+        defaults = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False,
+                    "step_size": 50, "gamma": 0.5}
+        unknown = set(generator_optim or {}) - set(defaults)
+        if unknown:
+            raise ConfigError(f"method.generator_optim: unknown keys {sorted(unknown)}; "
+                              f"known: {sorted(defaults)}.")
+        self.generator_optim_cfg = {**defaults, **(generator_optim or {})}
         self.lr_inner = None if lr_inner is None else float(lr_inner)
-        self.entropy_weight, self.gamma, self.fd_eps = float(entropy_weight), float(gamma), float(fd_eps)
+        self.entropy_weight, self.gamma, self.fd_eps = float(entropy_weight), float(focal_gamma), float(fd_eps)
         self.meta, self.requested_meta, self.alternate = meta, meta, alternate
         self.aux_head: nn.Module | None = None
         self.generator: nn.Module | None = None
@@ -195,8 +199,9 @@ class MAXL(Method):
         if world > 1 and ddp_kwargs is not None and not ddp_kwargs.get("find_unused_parameters", False):
             # each of MAXL's two backward passes reaches only one network: DDP must be told
             raise ConfigError("method=maxl under DDP needs unused-parameter detection (the multi-task "
-                              "and meta updates each reach only their own network): set "
-                              "+trainer.strategy=ddp_find_unused_parameters_true.")
+                              "and meta updates each reach only their own network): use trainer=ddp "
+                              "(or trainer=ddp_cpu), which turns it on for manually optimized methods, "
+                              "or trainer.strategy=ddp_find_unused_parameters_true.")
         if world > 1 and self.requested_meta == "second_order":
             if self.meta != "first_order":
                 rank_zero_warn(f"method=maxl: meta=second_order does not work under distributed training "
