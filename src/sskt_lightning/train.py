@@ -148,6 +148,13 @@ def _rel(path: str, root: Path) -> str | None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    if multirun and cfg.trainer.get("strategy") == "ddp" and cfg.trainer.get("devices") not in (1, "1"):
+        # Lightning's DDP launcher re-runs the command line in each child process: under -m that
+        # would start the whole sweep again in every child
+        print("\nerror: trainer=ddp cannot run inside a Hydra multirun (-m): Lightning's DDP launcher "
+              "re-runs the command line, i.e. the whole sweep, in every process. Run each job as a "
+              "single run instead (see README, 'Sweeps with DDP').\n", file=sys.stderr)
+        sys.exit(2)
     try:
         return run(cfg)["test_acc"]
     except SSKTError as err:
