@@ -9,21 +9,14 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from torchmetrics.classification import MulticlassAccuracy, MultilabelAveragePrecision
 
 from sskt_lightning.losses import task_loss
+from sskt_lightning.metrics import primary_metric
 from sskt_lightning.methods.base import Method
 from sskt_lightning.nets.factory import TappedNet, create_network, resolve_model_name
 from sskt_lightning.sources import SourceBank, build_sources
 
 SOURCES_PREFIX = "sources."
-
-
-def _primary_metric(data_info: Mapping):
-    n = data_info["num_classes"]
-    if data_info.get("multi_label"):
-        return MultilabelAveragePrecision(num_labels=n, average="macro")
-    return MulticlassAccuracy(num_classes=n, average="micro")
 
 
 class TransferModule(L.LightningModule):
@@ -59,11 +52,11 @@ class TransferModule(L.LightningModule):
                         if self.method.needs_sources else SourceBank([]))
         self.method.setup(self)
 
-        self.val_metric = _primary_metric(data_info)
-        self.test_metric = _primary_metric(data_info)
+        self.val_metric = primary_metric(data_info)
+        self.test_metric = primary_metric(data_info)
         extras = self.method.extra_eval_names()   # e.g. DML peers, evaluated beside the target
-        self.extra_val_metrics = torch.nn.ModuleDict({n: _primary_metric(data_info) for n in extras})
-        self.extra_test_metrics = torch.nn.ModuleDict({n: _primary_metric(data_info) for n in extras})
+        self.extra_val_metrics = torch.nn.ModuleDict({n: primary_metric(data_info) for n in extras})
+        self.extra_test_metrics = torch.nn.ModuleDict({n: primary_metric(data_info) for n in extras})
 
     # ------------------------------------------------------------------ training
     def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ def data_info_of(dm) -> dict:
     """What the model needs to know about the data (and what a checkpoint records of it)."""
     return {"name": dm.name, "num_classes": int(dm.num_classes), "in_chans": int(dm.in_chans),
             "image_size": list(dm.image_size), "mean": list(dm.mean), "std": list(dm.std),
-            "multi_label": bool(getattr(dm, "multi_label", False)),
+            "multi_label": bool(getattr(dm, "multi_label", False)), "metric": dm.metric,
             "class_names": list(dm.class_names)}
 
 
@@ -111,7 +111,7 @@ def run(cfg: DictConfig) -> dict:
     results = {
         "method": module.method.name, "model": module.model_name, "data": data_info["name"],
         "sources": sources, "seed": int(cfg.seed), "epochs": int(trainer.current_epoch),
-        "group": group, "test_metric": "map" if data_info["multi_label"] else "acc",
+        "group": group, "test_metric": data_info["metric"],
         "test_acc": float(tested["test/acc"]),
         "best_val_acc": float(best.best_model_score) if best.best_model_score is not None else None,
         "best_val_epoch": _epoch_of(best.best_model_path),
