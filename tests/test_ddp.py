@@ -34,7 +34,8 @@ def test_two_process_ddp_matches_single_process_fields(tmp_path, cifar_dir, meth
     assert 0 <= ddp["test_acc"] <= 1
     digests = [json.loads((tmp_path / "ddp" / f"weights_digest_rank{r}.json").read_text()) for r in (0, 1)]
     assert [d["world_size"] for d in digests] == [2, 2]
-    assert digests[0]["sha256"] == digests[1]["sha256"], "ranks' target weights diverged"
+    assert digests[0]["parameters"] == digests[1]["parameters"], "ranks' target weights diverged"
+    assert digests[0]["buffers"] == digests[1]["buffers"], "ranks' BatchNorm statistics diverged"
 
 
 def test_global_batch_size_must_divide_by_the_world_size(cifar_dir):

@@ -52,17 +52,24 @@ class ThroughputMeter(L.Callback):
 
 
 class WeightsDigest(L.Callback):
-    """After training, each process writes a digest of the target's weights to
-    ``<run dir>/weights_digest_rank<r>.json``: under DDP all ranks must agree (a sync check)."""
+    """After training, each process writes digests of the target's parameters and of its buffers
+    (BatchNorm statistics) to ``<run dir>/weights_digest_rank<r>.json``: under DDP all ranks must
+    agree (a sync check)."""
 
-    def on_fit_end(self, trainer, module):
+    @staticmethod
+    def _digest(tensors) -> str:
         import hashlib
-        import json
-        from pathlib import Path
         digest = hashlib.sha256()
-        for name, tensor in sorted(module.target.state_dict().items()):
+        for name, tensor in tensors:
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def on_fit_end(self, trainer, module):
+        import json
+        from pathlib import Path
         out = Path(trainer.default_root_dir) / f"weights_digest_rank{trainer.global_rank}.json"
-        out.write_text(json.dumps({"rank": trainer.global_rank, "world_size": trainer.world_size,
-                                   "sha256": digest.hexdigest()}))
+        out.write_text(json.dumps({
+            "rank": trainer.global_rank, "world_size": trainer.world_size,
+            "parameters": self._digest(sorted(module.target.named_parameters())),
+            "buffers": self._digest(sorted(module.target.named_buffers()))}))
