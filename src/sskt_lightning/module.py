@@ -100,6 +100,22 @@ class TransferModule(L.LightningModule):
             extras[name].update(extra_logits, y.int() if self.multi_label else y)
             self.log(f"{stage}/{name}_acc", extras[name], on_epoch=True, batch_size=bs)
 
+    def _broadcast_buffers(self) -> None:
+        """Under DDP, give every process rank 0's BatchNorm statistics before evaluating.
+
+        DDP broadcasts buffers at the start of a training forward, so after the last step each
+        process holds the statistics of its own last batch; evaluation (sharded over processes)
+        and checkpoints must all use one set. Frozen sources never change and are skipped."""
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            for buffer in [*self.target.buffers(), *self.method.buffers()]:
+                torch.distributed.broadcast(buffer, src=0)
+
+    def on_validation_start(self):
+        self._broadcast_buffers()
+
+    def on_test_start(self):
+        self._broadcast_buffers()
+
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, "val")
 
