@@ -105,9 +105,9 @@ def run(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("resume"))
     wall = time.perf_counter() - start
+    val_hist = trainer.callback_metrics.get("val/acc")  # the last validation (before test resets it)
     tested = trainer.test(module, datamodule=dm, verbose=False)[0]  # last epoch's weights
 
-    val_hist = trainer.callback_metrics.get("val/acc")
     results = {
         "method": module.method.name, "model": module.model_name, "data": data_info["name"],
         "sources": sources, "seed": int(cfg.seed), "epochs": int(trainer.current_epoch),
