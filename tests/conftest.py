@@ -9,6 +9,17 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny CPU batches: one intra-op thread is faster and steadier than two fighting over 2 cores
+    (and the DDP tests' worker processes need the cores too)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def cifar_dir(tmp_path_factory):
     from data_fixtures import write_cifar10

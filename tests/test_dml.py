@@ -27,15 +27,6 @@ CIFAR10_INFO = {"name": "cifar10", "num_classes": 10, "in_chans": 3, "image_size
 THREE = "method.peers=[{name: resnet20},{name: resnet20}]"   # a cohort of K = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny nets on a shared 2-core machine: one intra-op thread is several times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def dml_module(tmp_path, *overrides):
     cfg = compose_config(["model=resnet20", "method=dml", "trainer=cpu", "trainer.max_epochs=4",
                           *overrides], tmp_path)

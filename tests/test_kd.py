@@ -28,15 +28,6 @@ CIFAR10_INFO = {"name": "cifar10", "num_classes": 10, "in_chans": 3, "image_size
                 "class_names": list(CIFAR10_CLASSES)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny nets on a shared 2-core machine: one intra-op thread is several times faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     from data_fixtures import write_cifar10

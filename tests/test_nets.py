@@ -27,15 +27,6 @@ N_STAGES = {"resnet18": 4, "resnet34": 4, "resnet50": 4, "vgg16_bn": 5, "wrn16_2
 _cache: dict = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny CPU batches: one intra-op thread is faster and steadier on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def cached(name: str) -> nn.Module:
     """A shared eval-mode 10-class 3-channel instance for read-only tests."""
     if name not in _cache:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from sskt_lightning.compose import compose_config
 from sskt_lightning.train import CONFIG_DIR, run

@@ -1,7 +1,6 @@
 """SSKT with unlabeled images: the auxiliary loss sees both streams, the task loss only labels."""
 import lightning as L
 import pytest
-import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
