@@ -1,0 +1,35 @@
+"""Hydra multirun through the real command line: every method runs a few steps, each job in its own
+directory, a failing job does not end the sweep, and the report reads the sweep."""
+import json
+import subprocess
+import sys
+
+from sskt_lightning.report import main as report_main
+
+SMALL_SOURCE = ["source=[timm]", "source.timm.name=cifar_resnet20", "source.timm.num_classes=10",
+                "source.timm.pretrained=false"]
+
+
+def multirun(tmp_path, data_dir, *overrides):
+    cmd = [sys.executable, "-m", "sskt_lightning.train", "-m", "data=cifar10", "model=resnet20",
+           "trainer=smoke", "data.batch_size=8", "data.num_workers=0", f"paths.data_dir={data_dir}",
+           f"hydra.sweep.dir={tmp_path / 'sweep'}", *SMALL_SOURCE, *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp_path / "sweep", proc
+
+
+def test_every_method_runs_in_one_multirun(tmp_path, cifar_dir):
+    sweep, _ = multirun(tmp_path, cifar_dir, "data.val_size=16", "method=scratch,kd,dml,maxl,sskt")
+    methods = sorted(json.loads((sweep / str(n) / "results.json").read_text())["method"] for n in range(5))
+    assert methods == ["dml", "kd", "maxl", "scratch", "sskt"]
+    assert report_main([str(sweep), "--out", str(tmp_path / "report"), "--no-plots"]) == 0
+    assert "sskt" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_a_failing_job_does_not_end_the_sweep(tmp_path, cifar_dir):
+    # the second job asks for more validation images than the data has: a ConfigError
+    sweep, proc = multirun(tmp_path, cifar_dir, "method=scratch", "data.val_size=16,100000")
+    assert (sweep / "0" / "results.json").is_file()
+    assert (sweep / "1" / "failed.txt").is_file() and not (sweep / "1" / "results.json").exists()
+    assert "ConfigError" in (sweep / "1" / "failed.txt").read_text()
