@@ -95,6 +95,8 @@ def main(argv=None):
 
     args.results.mkdir(parents=True, exist_ok=True)
     results = [r for r in load_results([args.out]) if "labels_per_class" in r]
+    for r in results:  # the label budget as part of the data column of the table
+        r["data"] = f"{r['data']} ({r['labels_per_class']} labels/class)"
     paths = write_report(results, args.results)
     rows = summarise(results)
     note = (f"\nFashion-MNIST 4 coarse classes, {args.model}, target epochs per labels/class {epochs}, source "
