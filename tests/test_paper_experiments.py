@@ -21,7 +21,7 @@ def test_paper_experiment_runs_a_few_steps(name, tmp_path):
     data = cfg.data.name
     WRITERS[data](tmp_path / "data")
     sources = list(cfg.source)
-    overrides = [f"experiment=paper/{name}", f"paths.data_dir={tmp_path / 'data'}", "trainer=smoke",
+    overrides = [f"experiment=paper/{name}", f"paths.data_dir={tmp_path / 'data'}", "trainer=smoke", "trainer.max_epochs=1",
                  "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1",
                  "data.batch_size=4", "data.val_size=8", "data.num_workers=0", "method=sskt",
                  *(f"source.{s}.pretrained=false" for s in sources),
@@ -30,5 +30,7 @@ def test_paper_experiment_runs_a_few_steps(name, tmp_path):
                  *(f"source.{s}.input_size=32" for s in sources)]
     if data == "voc2007":
         overrides.append("data.image_size=64")
-    results = run(compose_config(overrides, tmp_path / "run"))
+    cfg = compose_config(overrides, tmp_path / "run")
+    assert cfg.trainer.max_epochs == 1   # the experiment sets 200; the command line wins
+    results = run(cfg)
     assert results["sources"] == sources and results["data"] == data
