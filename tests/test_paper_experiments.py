@@ -10,7 +10,7 @@ from sskt_lightning.train import CONFIG_DIR, run
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment" / "paper").glob("*.yaml"))
 WRITERS = {"cifar10": fx.write_cifar10, "cifar100": fx.write_cifar100, "stl10": fx.write_stl10}
 if hasattr(fx, "write_voc2007"):
-    WRITERS["voc2007"] = fx.write_voc2007
+    WRITERS["voc2007"] = lambda root: fx.write_voc2007(root, n_trainval=24, n_test=8)
 
 
 @pytest.mark.filterwarnings("ignore:.*RANDOM weights")
