@@ -23,13 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from sskt_lightning import weights as W
+from sskt_lightning.data.datamodule import IMAGENET_MEAN, IMAGENET_STD
 from sskt_lightning.errors import ConfigError, WeightsError
 from sskt_lightning.nets.factory import _classifier, _replace_classifier, create_network
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -155,8 +154,9 @@ def _build_net(spec: SourceSpec, data_info: Mapping) -> tuple[nn.Module, dict]:
                               "checkpoint of this project, so it does not say its architecture.")
         sd = W.extract_state_dict(obj, tuple(spec.strip_prefix))
         net = create_network(name, num_classes=spec.num_classes or 1000, in_chans=in_chans)
-        clf_key = next(k for k, m in net.named_modules() if m is _classifier(net)) + ".weight"
-        if clf_key in sd and sd[clf_key].shape[0] != _classifier(net).out_features:
+        classifier = _classifier(net)
+        clf_key = next(k for k, m in net.named_modules() if m is classifier) + ".weight"
+        if clf_key in sd and sd[clf_key].shape[0] != classifier.out_features:
             if spec.num_classes is not None:
                 raise WeightsError(
                     f"source.{spec.key}.num_classes={spec.num_classes} but {spec.weights} has "

@@ -99,10 +99,6 @@ def _replace_classifier(model: nn.Module, num_classes: int) -> None:
             return
 
 
-def classifier_num_classes(model: nn.Module) -> int:
-    return _classifier(model).out_features
-
-
 def stage_modules(model: nn.Module) -> list[tuple[str, int]]:
     """``(module name, channels)`` of each stage whose output feeds a transfer-module branch.
 
