@@ -236,7 +236,7 @@ def _cifar_arrays(paths: Sequence[Path], dataset: type, label_key: str, classes:
             raise DataError(f"{path} has no {label_key!r} entry (keys: {sorted(map(str, batch))}). {fix}")
         labels.append(_check_labels(batch[label_key], len(data), len(classes), str(path), fix))
         images.append(data)
-    data = np.concatenate(images).reshape(-1, 3, 32, 32)
+    data = np.concatenate(images).reshape(-1, 3, 32, 32)  # as torchvision's CIFAR10 does (but from a safe load)
     return ImageArrays(torch.from_numpy(data), torch.from_numpy(np.concatenate(labels)), classes)
 
 
@@ -562,8 +562,8 @@ def _voc_fix(root: Path) -> str:
             f"{root / VOC_DIR}/), or set paths.data_dir=<dir that contains {VOC_DIR}/> to use a local copy.")
 
 
-def _locate_voc2007(root: Path, split: str, download: bool) -> tuple[Path, list[str]]:
-    """(`<root>/VOCdevkit/VOC2007`, image ids of the split) once the split's files are all on disk."""
+def _locate_voc2007(root: Path, split: str, download: bool) -> tuple[list[Path], list[Path]]:
+    """(JPEG paths, annotation paths) of the split, in list-file order, once they are all on disk."""
     _check_split(split, tuple(_VOC_SPLITS), "Pascal VOC 2007")
     image_set, archive = _VOC_SPLITS[split]
     folder = root / VOC_DIR
@@ -575,14 +575,14 @@ def _locate_voc2007(root: Path, split: str, download: bool) -> tuple[Path, list[
     if not list_file.is_file():
         looked = [list_file, folder / "Annotations", folder / "JPEGImages"]
         raise _not_found(f"Pascal VOC 2007 {image_set}", looked, _download_reason(download, failure), _voc_fix(root))
-    ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
-    missing = [p for i in ids for p in (folder / "JPEGImages" / f"{i}.jpg", folder / "Annotations" / f"{i}.xml")
-               if not p.is_file()]
-    if missing or not ids:
-        reason = (f"{list_file} lists {len(ids)} images, but {len(missing)} of their files are missing "
-                  f"(a partial extraction?)." if ids else f"{list_file} lists no images.")
+    voc = VOCDetection(str(root), year="2007", image_set=image_set)  # reads the list file into file paths
+    images, annotations = [Path(p) for p in voc.images], [Path(p) for p in voc.annotations]
+    missing = [p for pair in zip(images, annotations) for p in pair if not p.is_file()]
+    if missing or not images:
+        reason = (f"{list_file} lists {len(images)} images, but {len(missing)} of their files are missing "
+                  f"(a partial extraction?)." if images else f"{list_file} lists no images.")
         raise _not_found(f"Pascal VOC 2007 {image_set}", missing[:5] or [list_file], reason, _voc_fix(root))
-    return folder, ids
+    return images, annotations
 
 
 def _voc_labels(xml_path: Path) -> list[int]:
@@ -628,16 +628,16 @@ def read_voc2007(root: str | Path, split: str = "train", download: bool = False,
     class; the official evaluation instead ignores images whose only instances are difficult).
     Images are converted to RGB, resized to cover `image_size` keeping the aspect ratio and
     center-cropped (int -> square), as `read_imagefolder` does. 224 px: 754 MB for trainval.
+    List files and annotations are read by torchvision's VOCDetection.
     """
     size = _as_size(image_size)
     if size is None:
         raise ConfigError("Pascal VOC images differ in size; data.image_size must be set (e.g. 224).")
-    folder, ids = _locate_voc2007(Path(root), split, download)
-    labels = torch.zeros((len(ids), len(VOC_CLASSES)), dtype=torch.int64)
-    for row, image_id in enumerate(ids):
-        labels[row, _voc_labels(folder / "Annotations" / f"{image_id}.xml")] = 1
-    images = _load_images_into([folder / "JPEGImages" / f"{i}.jpg" for i in ids], size)
-    return ImageArrays(images, labels, list(VOC_CLASSES))
+    image_files, annotations = _locate_voc2007(Path(root), split, download)
+    labels = torch.zeros((len(image_files), len(VOC_CLASSES)), dtype=torch.int64)
+    for row, xml_path in enumerate(annotations):
+        labels[row, _voc_labels(xml_path)] = 1
+    return ImageArrays(_load_images_into(image_files, size), labels, list(VOC_CLASSES))
 
 
 READERS: dict[str, Callable[..., ImageArrays]] = {
