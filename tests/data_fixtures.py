@@ -9,8 +9,10 @@ Labels cycle through the classes (every class present); pixels are seeded random
 from __future__ import annotations
 
 import gzip
+import io
 import pickle
 import struct
+import types
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +30,41 @@ def _labels(n: int, num_classes: int, offset: int = 0) -> np.ndarray:
     return (np.arange(n, dtype=np.int64) + offset) % num_classes
 
 
+class _Python2Pickler(pickle._Pickler):
+    """Pickles as Python 2's cPickle wrote the CIFAR batches: protocol 2, every str/bytes as a
+    (SHORT_)BINSTRING (loaded as bytes with encoding='bytes'), numpy's reconstructor under its
+    numpy 1 name `numpy.core.multiarray._reconstruct` (then numpy.ndarray, numpy.dtype)."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_bytes(self, obj: bytes) -> None:
+        n = len(obj)
+        self.write((pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + struct.pack("<i", n)) + obj)
+        self.memoize(obj)
+
+    def save_str(self, obj: str) -> None:
+        self.save_bytes(obj.encode("latin1"))
+
+    def save_global(self, obj, name=None) -> None:
+        if getattr(obj, "__module__", None) in ("numpy._core.multiarray", "numpy.core.multiarray"):
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n" + obj.__name__.encode() + b"\n")
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+    dispatch[bytes], dispatch[str], dispatch[types.FunctionType] = save_bytes, save_str, save_global
+
+
+def python2_pickle(obj) -> bytes:
+    """`obj` pickled as Python 2 wrote the CIFAR batches (see `_Python2Pickler`)."""
+    f = io.BytesIO()
+    _Python2Pickler(f, protocol=2).dump(obj)
+    return f.getvalue()
+
+
 def _dump(path: Path, obj: dict) -> None:
-    """Pickle like the originals: bytes keys (they were written by Python 2)."""
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=2)
+    """Pickle like the originals: bytes keys, Python 2's protocol-2 opcodes."""
+    Path(path).write_bytes(python2_pickle(obj))
 
 
 def write_cifar10(root: str | Path, n_train: int = 50, n_test: int = 20, seed: int = 0) -> Arrays:
@@ -111,7 +144,7 @@ def write_fashion_mnist(folder: str | Path, n_train: int = 60, n_test: int = 20,
 
 
 def write_imagefolder(root: str | Path, classes: list[str] | tuple[str, ...] = ("cat", "dog", "fox"),
-                      n_per_class: int = 4, size: int | tuple[int, int] = 16, splits: tuple[str, ...] = ("train", "val"),
+                      n_per_class: int = 4, size: int | tuple[int, int] = 16, splits: tuple[str, ...] = ("train", "test"),
                       mode: str = "RGB", seed: int = 0) -> Arrays:
     """`<root>/<split>/<class>/<i>.png` (lossless, so pixels can be compared); size int or (h, w)."""
     from PIL import Image

@@ -27,7 +27,6 @@ from sskt_lightning.data import (
     class_lookup,
     make_task_split,
     normalize,
-    parse_idx,
     pick_per_class,
     read_cifar10,
     read_cifar100,
@@ -72,7 +71,7 @@ def test_cifar_pixel_layout(tmp_path):
     row[1] = 200  # R, row 0, col 1
     row[1024 + 32 * 2] = 100  # G, row 2, col 0
     row[2048 + 32 * 31 + 30] = 50  # B, row 31, col 30
-    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:  # as Python 3 re-pickles a batch
         pickle.dump({b"data": row[None], b"labels": [4]}, f, protocol=2)
     img = read_cifar10(tmp_path, "test").images[0]
     assert img[0, 0, 1] == 200 and img[0, 1, 0] == 0
@@ -126,15 +125,6 @@ def test_fashion_mnist_reader_local(tmp_path, compress):
     assert train.classes == FASHION_MNIST_CLASSES
 
 
-def test_parse_idx_checks_header():
-    good = bytes([0, 0, 8, 2, 0, 0, 0, 2, 0, 0, 0, 3]) + bytes(range(6))
-    assert parse_idx(good).tolist() == [[0, 1, 2], [3, 4, 5]]
-    with pytest.raises(ValueError, match="magic"):
-        parse_idx(bytes([0, 0, 9, 1, 0, 0, 0, 1, 5]))
-    with pytest.raises(ValueError, match="header"):
-        parse_idx(good[:-1])
-
-
 @pytest.mark.skipif(not DEBIAN_FMNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_fashion_mnist_debian_files(tmp_path):
     train = read_fashion_mnist(tmp_path, "train", download=False)
@@ -149,13 +139,13 @@ def test_imagefolder_reader(tmp_path):
     written = write_imagefolder(tmp_path, ["ant", "bee", "cow"], n_per_class=3, size=(10, 12))
     train = read_imagefolder(tmp_path, "train")
     _check(train, written["train"], 9, (3, 10, 12))
-    _check(read_imagefolder(tmp_path, "test", classes=train.classes), written["val"], 9, (3, 10, 12))
+    _check(read_imagefolder(tmp_path, "test", classes=train.classes), written["test"], 9, (3, 10, 12))
     assert train.classes == ["ant", "bee", "cow"]
 
 
 def test_imagefolder_resize_gray_and_test_dir(tmp_path):
     write_imagefolder(tmp_path, ["a", "b"], n_per_class=2, size=(20, 40), splits=("train", "test"))
-    arrays = read_imagefolder(tmp_path, "test", image_size=16, in_chans=1)  # test/ used when no val/
+    arrays = read_imagefolder(tmp_path, "test", image_size=16, in_chans=1)
     assert tuple(arrays.images.shape) == (4, 1, 16, 16)
     wide = read_imagefolder(tmp_path, "train", image_size=[8, 12])
     assert tuple(wide.images.shape) == (4, 3, 8, 12)

@@ -15,8 +15,8 @@ from data_fixtures import write_voc2007
 from torchmetrics.classification import MulticlassAccuracy, MultilabelAveragePrecision
 
 from sskt_lightning.data import VOC_CLASSES, ImageDataModule, ensure_available, read_voc2007
-from sskt_lightning.errors import ConfigError, DataNotFoundError
-from sskt_lightning.metrics import ReferenceImageAP, image_average_precision, primary_metric
+from sskt_lightning.errors import ConfigError, DataError, DataNotFoundError
+from sskt_lightning.metrics import ReferenceImageAP, primary_metric
 
 VOC = ("VOCdevkit", "VOC2007")
 
@@ -100,7 +100,7 @@ def test_missing_data_without_download_and_partial_trees(tmp_path, no_network):
         read_voc2007(tmp_path, "test")
     assert f"{written['test']['ids'][1]}.jpg" in str(info.value)
     (folder / "Annotations" / f"{written['train']['ids'][2]}.xml").write_text("<annotation><object>")
-    with pytest.raises(DataNotFoundError, match="not a readable VOC annotation"):
+    with pytest.raises(DataError, match="not a readable VOC annotation"):
         read_voc2007(tmp_path, "train", image_size=8)
     with pytest.raises(ConfigError, match="split"):
         read_voc2007(tmp_path, "val")
@@ -182,11 +182,21 @@ def _sklearn_ap(scores: list[float], labels: list[int]) -> float:
     return ap
 
 
+def _image_ap(preds: torch.Tensor, target: torch.Tensor) -> list[float]:
+    """ReferenceImageAP of each image on its own."""
+    out = []
+    for p, t in zip(preds, target):
+        metric = ReferenceImageAP(num_labels=preds.shape[1])
+        metric.update(p[None], t[None])
+        out.append(metric.compute().item())
+    return out
+
+
 def test_reference_image_ap_by_hand():
     # image 0: both positives ranked first -> AP 1; image 1: its positive ranked 2nd -> AP 1/2
     preds = torch.tensor([[0.9, 0.1, 0.5], [0.8, 0.6, 0.1]])
     target = torch.tensor([[1, 0, 1], [0, 1, 0]])
-    assert image_average_precision(preds, target).tolist() == [1.0, 0.5]
+    assert _image_ap(preds, target) == [1.0, 0.5]
     metric = ReferenceImageAP(num_labels=3)
     metric.update(preds, target)
     assert metric.compute().item() == pytest.approx(0.75)
@@ -199,14 +209,31 @@ def test_reference_image_ap_by_hand():
     assert metric.compute().item() == pytest.approx((1 + 0.5 + 1 / 3) / 3)
 
 
-def test_image_ap_matches_sklearn_definition_with_ties():
+def test_reference_image_ap_edge_cases_by_hand():
+    """Ties, an image without a positive, an all-positive image, and logits a float32 sigmoid would tie."""
+    preds = torch.tensor([
+        [0.5, 0.5, 0.1, 0.9],    # positive 0 tied with negative 1, both below negative 3: P at the run end = 1/3
+        [0.5, 0.5, 0.5, 0.1],    # positives 0, 2 in a 3-way tie with negative 1: each 2/3 -> AP 2/3
+        [0.2, 0.7, 0.1, 0.3],    # no positive label: AP 0 (the reference's sklearn AP; LRAP would say 1)
+        [0.2, 0.7, 0.1, 0.3],    # every label positive: AP 1
+        [30.0, 20.0, -5.0, -9.0],  # logits: the positive (30) is first -> AP 1 (a float32 sigmoid ties 30 and 20)
+    ])
+    target = torch.tensor([[1, 0, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    expected = [1 / 3, 2 / 3, 0.0, 1.0, 1.0]
+    assert _image_ap(preds, target) == pytest.approx(expected)
+    metric = ReferenceImageAP(num_labels=4)
+    metric.update(preds, target)
+    assert metric.compute().item() == pytest.approx(sum(expected) / 5)
+
+
+def test_reference_image_ap_matches_sklearn_definition_with_ties():
     gen = torch.Generator().manual_seed(0)
     preds = torch.randint(0, 5, (40, 20), generator=gen).float() / 4  # many tied scores
     target = (torch.rand(40, 20, generator=gen) < 0.2).long()
     target[0] = 0  # an image with no positive label counts 0
     expected = [_sklearn_ap(p.tolist(), t.tolist()) for p, t in zip(preds, target)]
-    assert torch.allclose(image_average_precision(preds, target), torch.tensor(expected), atol=1e-6)
-    metric = ReferenceImageAP()
+    assert _image_ap(preds, target) == pytest.approx(expected, abs=1e-6)
+    metric = ReferenceImageAP(num_labels=20)
     for chunk in range(0, 40, 16):  # uneven batches: still the mean over images
         metric.update(preds[chunk:chunk + 16], target[chunk:chunk + 16])
     assert metric.compute().item() == pytest.approx(float(np.mean(expected)), abs=1e-6)
@@ -214,14 +241,15 @@ def test_image_ap_matches_sklearn_definition_with_ties():
 
 def test_reference_image_ap_state_sums_across_processes():
     preds, target = torch.rand(6, 20), (torch.rand(6, 20) < 0.3).long()
-    whole, left, right = ReferenceImageAP(), ReferenceImageAP(), ReferenceImageAP()
+    target[2] = 0
+    whole, left, right = ReferenceImageAP(20), ReferenceImageAP(20), ReferenceImageAP(20)
     whole.update(preds, target)
     left.update(preds[:4], target[:4])
     right.update(preds[4:], target[4:])
-    assert left._reductions["ap_sum"] is left._reductions["count"]  # both dist_reduce_fx="sum"
+    assert left._reductions["measure"] is left._reductions["total"]  # both dist_reduce_fx="sum"
     left.merge_state(right)
     assert left.compute().item() == pytest.approx(whole.compute().item())
-    assert int(left.count) == 6
+    assert int(left.total) == 6
 
 
 def test_primary_metric_cases():

@@ -13,5 +13,9 @@ class DataNotFoundError(SSKTError, FileNotFoundError):
     """A dataset is not on disk and could not be downloaded."""
 
 
+class DataError(SSKTError, ValueError):
+    """Dataset files are on disk but unusable (corrupt, truncated, refused, wrong shapes or labels)."""
+
+
 class WeightsError(SSKTError, RuntimeError):
     """Pretrained weights could not be fetched or do not fit the network."""

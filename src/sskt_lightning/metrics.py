@@ -14,71 +14,51 @@ from collections.abc import Mapping
 
 import torch
 from torchmetrics import Metric
-from torchmetrics.classification import MulticlassAccuracy, MultilabelAveragePrecision
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MultilabelAveragePrecision,
+    MultilabelRankingAveragePrecision,
+)
 
 from sskt_lightning.errors import ConfigError
 
 METRICS = ("acc", "map", "reference_image_ap")
 
 
-def image_average_precision(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Average precision of each image (row) over its K class scores: a B-vector.
-
-    The classes of one image are ranked by score and the image's positive labels are the
-    relevant items; AP is sklearn's `average_precision_score(target[i], preds[i])`, i.e.
-    `sum_n (R_n - R_{n-1}) P_n` over the distinct score thresholds (tied scores form one step).
-    A row without any positive label gets 0 (sklearn >= 0.22 does the same, with a warning).
-    """
-    if preds.shape != target.shape or preds.ndim != 2:
-        raise ValueError(f"preds and target must both be B×K, got {tuple(preds.shape)} and {tuple(target.shape)}")
-    scores, order = preds.float().sort(dim=1, descending=True, stable=True)
-    hits = target.gather(1, order).float()
-    k = scores.shape[1]
-    # precision at the end of each run of tied scores, assigned to every position of the run
-    precision = hits.cumsum(1) / torch.arange(1, k + 1, device=preds.device, dtype=torch.float32)
-    run_end = torch.ones_like(hits, dtype=torch.bool)
-    run_end[:, :-1] = scores[:, :-1] != scores[:, 1:]
-    positions = torch.arange(k, device=preds.device).expand_as(hits)
-    end_index = torch.where(run_end, positions, torch.full_like(positions, k))
-    end_index = end_index.flip(1).cummin(1).values.flip(1)  # the first run end at or after each position
-    positives = hits.sum(1)
-    ap = (hits * precision.gather(1, end_index)).sum(1) / positives.clamp(min=1)
-    return torch.where(positives > 0, ap, torch.zeros_like(ap))
-
-
-class ReferenceImageAP(Metric):
+class ReferenceImageAP(MultilabelRankingAveragePrecision):
     """The SSKT reference code's VOC metric. NOT the standard VOC mAP - do not report it as such.
 
-    The reference code computes average precision *per image* over its 20 class scores (how well
-    the image's own labels are ranked above its other classes; see `image_average_precision`)
-    and averages these over images. The standard metric (`MultilabelAveragePrecision`, macro) is
-    AP *per class* over all test images, averaged over classes; the two differ and are not
-    comparable. The reference averages per-image APs within each batch and then averages the
-    batch means; this metric keeps the exact mean over all images (the same when every batch has
-    the same size), summing per-image APs and counting images, so it is exact under DDP.
+    The reference computes average precision *per image* over its K class scores (how well the
+    image's own labels are ranked above its other classes: sklearn's `average_precision_score`
+    of the image's row) and averages these over images. That is torchmetrics' label ranking
+    average precision: for each positive class, (positives scored at least as high) / (classes
+    scored at least as high), averaged over the image's positives; tied scores count at the end
+    of their run in both. Two differences are removed here:
+      - an image without a positive label counts 0, as sklearn's AP gives (LRAP counts it 1);
+        VOC has no such image (every annotation has an object);
+      - scores go in as their within-image ranks scaled into [0, 1): torchmetrics passes logits
+        through a float32 sigmoid, which ties every logit above ~16.6 at 1.0.
+    The standard metric (`MultilabelAveragePrecision`, macro) is AP *per class* over all test
+    images, averaged over classes; the two are not comparable. The reference averages per-image
+    APs within each batch, then the batch means; this keeps the exact mean over all images (sum
+    and count states, so exact under DDP).
 
-    `update(preds, target)`: preds B×K scores (logits or probabilities: AP only uses the ranking),
-    target B×K multi-hot 0/1. Images without a positive label count as AP 0.
+    `update(preds, target)`: preds B×K scores (logits or probabilities: only their order
+    matters), target B×K multi-hot 0/1.
     """
 
-    is_differentiable = False
-    higher_is_better = True
-    full_state_update = False
-
-    def __init__(self, num_labels: int | None = None, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.num_labels = num_labels
-        self.add_state("ap_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+    def __init__(self, num_labels: int, **kwargs) -> None:
+        super().__init__(num_labels=num_labels, **kwargs)
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        if self.num_labels is not None and preds.shape[-1] != self.num_labels:
-            raise ValueError(f"expected {self.num_labels} class scores per image, got {preds.shape[-1]}")
-        self.ap_sum += image_average_precision(preds, target).sum().to(self.ap_sum.dtype)
-        self.count += preds.shape[0]
-
-    def compute(self) -> torch.Tensor:
-        return (self.ap_sum / self.count).float()
+        if preds.ndim != 2 or preds.shape != target.shape or preds.shape[1] != self.num_labels:
+            raise ValueError(f"expected B×{self.num_labels} scores and targets, got {tuple(preds.shape)} and "
+                             f"{tuple(target.shape)}")
+        ranks = (preds[:, :, None] > preds[:, None, :]).sum(2).double() / preds.shape[1]  # order and ties kept
+        positive = target.sum(1) > 0
+        self.total += (~positive).sum()  # images without a positive: AP 0
+        if positive.any():
+            super().update(ranks[positive], target[positive])
 
 
 def primary_metric(data_info: Mapping) -> Metric:

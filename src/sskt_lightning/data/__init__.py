@@ -8,7 +8,6 @@ from sskt_lightning.data.formats import (
     VOC_CLASSES,
     ImageArrays,
     ensure_available,
-    parse_idx,
     read_cifar10,
     read_cifar100,
     read_fashion_mnist,
@@ -21,7 +20,7 @@ from sskt_lightning.data.views import TaskSplit, class_lookup, make_task_split, 
 __all__ = [
     "BatchAugment", "normalize",
     "DATASET_STATS", "METRICS", "ImageDataModule", "IndexedImages", "collate_batch",
-    "MULTI_LABEL_DATASETS", "READERS", "VOC_CLASSES", "ImageArrays", "ensure_available", "parse_idx",
+    "MULTI_LABEL_DATASETS", "READERS", "VOC_CLASSES", "ImageArrays", "ensure_available",
     "read_cifar10", "read_cifar100", "read_fashion_mnist", "read_imagefolder", "read_stl10", "read_voc2007",
     "TaskSplit", "class_lookup", "make_task_split", "pick_per_class", "split_val", "take_part",
 ]  # fmt: skip

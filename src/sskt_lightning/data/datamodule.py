@@ -80,6 +80,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _class_ids(classes: Sequence[int | str] | None, names: Sequence[str], dataset: str) -> list[int] | None:
+    """data.classes as class ids: ints are ids; strings are the dataset's class names (or ids in quotes)."""
+    if classes is None:
+        return None
+    names = list(names)
+    unknown = [c for c in classes if isinstance(c, str) and c not in names and not c.isdigit()]
+    if unknown:
+        raise ConfigError(f"data.classes has {unknown}, not class names of {dataset}; give class ids "
+                          f"0..{len(names) - 1} or names from {names}.")
+    return [names.index(c) if isinstance(c, str) and c in names else int(c) for c in classes]
+
+
 class ImageDataModule(L.LightningDataModule):
     """One image-classification dataset with its task view; see the module docstring for batches.
 
@@ -96,7 +108,7 @@ class ImageDataModule(L.LightningDataModule):
                  in_chans: int | None = None, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, unlabeled: bool = False, unlabeled_ratio: float = 1.0,
                  unlabeled_source: str = "auto", pin_memory: bool = False, persistent_workers: bool | None = None,
-                 drop_last_train: bool = True, metric: str | None = None) -> None:
+                 drop_last_train: bool = True, metric: str | None = None, skip_bad_images: bool = False) -> None:
         super().__init__()  # no save_hyperparameters: checkpoints stay loadable with weights_only=True
         if name not in READERS:
             raise ConfigError(f"data.name={name!r} is not a known dataset; choose one of {sorted(READERS)}.")
@@ -110,6 +122,8 @@ class ImageDataModule(L.LightningDataModule):
             fits = [m for m in METRICS if (m == "acc") != multi]
             raise ConfigError(f"data.metric={metric!r} does not fit {name} ({'multi' if multi else 'single'}-label "
                               f"data); choose one of {fits} (or null for {fits[0]}).")
+        if skip_bad_images and name != "imagefolder":
+            raise ConfigError(f"data.skip_bad_images=true applies to imagefolder data only, not {name}.")
         if multi:
             check_multi_label_views(name, classes=classes, label_map=label_map, class_names=class_names,
                                     labels_per_class=labels_per_class)
@@ -126,7 +140,7 @@ class ImageDataModule(L.LightningDataModule):
         self.image_size_arg, self.in_chans_arg = _plain(image_size), in_chans
         self.mean_arg, self.std_arg = _plain(mean), _plain(std)
         self.unlabeled, self.unlabeled_ratio, self.unlabeled_source = bool(unlabeled), unlabeled_ratio, unlabeled_source
-        self.drop_last_train = bool(drop_last_train)
+        self.drop_last_train, self.skip_bad_images = bool(drop_last_train), bool(skip_bad_images)
         self._split: TaskSplit | None = None
 
     # ------------------------------------------------------------------ loading
@@ -147,7 +161,7 @@ class ImageDataModule(L.LightningDataModule):
         if self.name != "imagefolder":
             return reader(self.data_dir, split, self.download)
         return reader(self.data_dir, split, self.download, image_size=self.image_size_arg,
-                      in_chans=self.in_chans_arg or 3, classes=classes)
+                      in_chans=self.in_chans_arg or 3, classes=classes, skip_bad_images=self.skip_bad_images)
 
     def setup(self, stage: str | None = None) -> None:
         """Read the train and test splits once and build the task view (idempotent)."""
@@ -156,8 +170,9 @@ class ImageDataModule(L.LightningDataModule):
         train = self._read("train")
         test = self._read("test", classes=train.classes)
         self._check_fixed_format(train)
+        classes = _class_ids(self.classes, train.classes, self.name)  # names -> ids, before the task split
         split = make_task_split(
-            train.labels, test.labels, train.classes, classes=self.classes, label_map=self.label_map,
+            train.labels, test.labels, train.classes, classes=classes, label_map=self.label_map,
             class_names=self.class_names_override, train_part=self.train_part, val_size=self.val_size,
             split_seed=self.split_seed, labels_per_class=self.labels_per_class, seed=self.seed)
         self._train_arrays, self._test_arrays = train, test
