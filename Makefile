@@ -33,4 +33,4 @@ benchmark: install data
 	$(PY) experiments/fashion_transfer/benchmark.py
 
 clean:
-	rm -rf outputs multirun .pytest_cache
+	rm -rf outputs multirun .pytest_cache build dist   # .venv and .venv-wheelcheck stay (slow to rebuild)

@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from importlib.metadata import packages_distributions
 from pathlib import Path
@@ -27,6 +26,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from sskt_lightning.compose import compose_config
+
+tomllib = pytest.importorskip("tomllib")   # Python >= 3.11
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv-wheelcheck"
@@ -214,3 +215,41 @@ def test_wheel_in_a_fresh_venv_composes_trains_evaluates_and_reports(tmp_path):
     assert Path(editable["package"]).parent == tmp_path / "checkout" / "src" / "sskt_lightning"
     assert Path(editable["config_dir"]) == Path(editable["resources"]) == tmp_path / "checkout" / "conf"
     assert editable["pkg"] == editable["dir"] == probe["pkg"]
+
+
+def _readme_example() -> str:
+    """The code block of README's 'Use the module in your own Lightning script' section."""
+    text = (ROOT / "README.md").read_text().split("## Use the module in your own Lightning script", 1)[1]
+    text = text.split("\n## ", 1)[0]
+    lines, block = text.splitlines(), []
+    start = next(i for i, line in enumerate(lines) if line.startswith("    "))
+    for line in lines[start:]:
+        if line and not line.startswith("    "):
+            break
+        block.append(line[4:])
+    return "\n".join(block)
+
+
+def test_readme_library_example_runs(tmp_path, monkeypatch):
+    """The README's own code, made tiny and offline by replacing a few literals (each must be there)."""
+    from data_fixtures import write_cifar10
+    code = _readme_example()
+    for old, new in [
+        ('"source=[imagenet_resnet18]"',   # random source weights: no hub here
+         '"source=[imagenet_resnet18]", "source.imagenet_resnet18.pretrained=false", '
+         '"source.imagenet_resnet18.input_size=32"'),
+        ("batch_size=128, val_size=5000", "batch_size=8, val_size=16"),
+        ('max_epochs=10, accelerator="auto"', 'max_epochs=1, accelerator="cpu", limit_train_batches=2, '
+         'limit_val_batches=2, limit_test_batches=2, enable_progress_bar=False'),
+    ]:
+        assert old in code, f"README example changed: {old!r} not found"
+        code = code.replace(old, new)
+    write_cifar10(tmp_path / "data", n_train=80, n_test=24)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    with pytest.warns(UserWarning, match="RANDOM weights"):
+        exec(compile(code, "README.md", "exec"), namespace)
+    tested = namespace["trainer"].callback_metrics
+    assert 0.0 <= float(tested["test/acc"]) <= 1.0
+    assert list((tmp_path / "lightning_logs").rglob("last.ckpt"))
+    assert namespace["module"].method.name == "sskt" and len(namespace["module"].sources) == 1
