@@ -59,6 +59,20 @@ def test_eval_reproduces_the_runs_test_score_and_the_hand_computed_one(trained, 
     assert result["loss"] == pytest.approx(loss, rel=1e-5)   # sensitive to the input statistics
 
 
+def test_an_sskt_checkpoint_evaluates_without_its_sources(trained, tmp_path):
+    """Only the target is rebuilt: the source's weights file may be gone by evaluation time."""
+    import shutil
+    results, out, data_dir, _ = trained
+    source = tmp_path / "source.ckpt"
+    shutil.copy(out / results["checkpoints"]["last"], source)
+    sskt = run(compose_config(["data=cifar10", f"paths.data_dir={data_dir}", "model=resnet20", *SMOKE,
+                               "method=sskt", "source=[checkpoint]", f"source.checkpoint.weights={source}"],
+                              tmp_path / "sskt"))
+    source.unlink()
+    result = evaluate(eval_cfg(tmp_path / "eval", tmp_path / "sskt" / sskt["checkpoints"]["last"]))
+    assert result["method"] == "sskt" and result["acc"] == pytest.approx(sskt["test_acc"], abs=1e-6)
+
+
 def test_eval_on_the_validation_split_and_an_explicit_data_config(trained, tmp_path):
     results, out, data_dir, _ = trained
     ckpt = out / results["checkpoints"]["last"]
