@@ -9,9 +9,9 @@ FMNIST := /usr/share/datasets/fashion-mnist
 install: $(STAMP)
 
 # Re-runs only when pyproject.toml changes; a second `make install` is a no-op.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,wandb]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,wandb,sweep]'
 	@touch $(STAMP)
 
 # Debian's Fashion-MNIST package: the real data available offline.
@@ -33,4 +33,4 @@ benchmark: install data
 	$(PY) experiments/fashion_transfer/benchmark.py
 
 clean:
-	rm -rf outputs multirun .pytest_cache
+	rm -rf outputs multirun .pytest_cache build dist   # .venv and .venv-wheelcheck stay (slow to rebuild)

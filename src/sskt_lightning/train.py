@@ -28,7 +28,7 @@ from sskt_lightning.errors import SSKTError
 from sskt_lightning.module import TransferModule
 
 log = logging.getLogger("sskt_lightning")
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+from sskt_lightning.compose import CONFIG_DIR  # noqa: E402  (conf/, shipped as sskt_lightning.conf)
 # Overrides that do not change the experiment: left out of the W&B / report group.
 _NOT_IN_GROUP = ("seed=", "paths.", "logger", "hydra.", "trainer.devices", "trainer.accelerator",
                  "data.num_workers")
