@@ -11,7 +11,6 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
@@ -195,15 +194,19 @@ def test_reference_adapter_errors(options, data, match):
         build_source(spec, data)
 
 
-def test_paper_configs_use_the_reference_adapter():
+def test_paper_configs_use_the_reference_adapter(tmp_path):
     for row in PAPER:
-        raw = yaml.safe_load((Path(CONFIG_DIR) / "experiment" / "paper" / f"{row}.yaml").read_text())
-        for key, opts in raw["source"].items():
-            assert opts["adapter"] == "reference" and opts["input_size"] is None, (row, key)
-            assert opts["scale_factor"] == (1.0 if row.startswith("voc") else 7 / 3), (row, key)
-    for name in ("imagenet_resnet50", "places365_resnet50"):   # the project adapter stays the default
-        raw = yaml.safe_load((Path(CONFIG_DIR) / "source" / f"{name}.yaml").read_text())
-        assert raw["adapter"] == "project"
+        cfg = compose_config([f"experiment=paper/{row}"], tmp_path)
+        for key, opts in cfg.source.items():
+            assert opts.adapter == "reference" and opts.input_size is None, (row, key)
+            assert opts.scale_factor == (1.0 if row.startswith("voc") else 7 / 3), (row, key)
+            assert opts.name, (row, key)       # the full source config, not an orphan override
+    plain = compose_config(["source=[imagenet_resnet50,places365_resnet50]"], tmp_path)
+    assert all(opts.adapter == "project" for opts in plain.source.values())   # the default elsewhere
+    # a row's sources are one list: the KD column replaces it with its teacher, nothing left behind
+    kd = compose_config(["experiment=paper/cifar10_resnet20", "method=kd", "source=[checkpoint]",
+                         "source.checkpoint.weights=teacher.ckpt"], tmp_path)
+    assert list(kd.source) == ["checkpoint"] and kd.source.checkpoint.adapter == "project"
 
 
 # ---------------------------------------------------------------------------- 4. MAXL
