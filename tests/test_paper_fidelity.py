@@ -91,7 +91,7 @@ def reference_tm_params(stage_channels, o, m, k, bias=True):
     """The reference's head from its layer shapes: per branch conv1x1 (c->m), BN(m), conv3x3 (m->m),
     BN(m), conv1x1 (m->o), BN(o) -- convs with biases -- then Linear(o, K)."""
     b = 1 if bias else 0
-    per_branch = lambda c: (c * m + b * m) + 2 * m + (9 * m * m + b * m) + 2 * m + (m * o + b * o) + 2 * o  # noqa: E731
+    per_branch = lambda c: (c * m + b * m) + 2 * m + (9 * m * m + b * m) + 2 * m + (m * o + b * o) + 2 * o
     return sum(per_branch(c) for c in stage_channels) + o * k + k
 
 

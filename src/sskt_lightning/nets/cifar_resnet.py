@@ -22,8 +22,8 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence, Type, Union
 
 import torch
-from timm.models import register_model
 import torch.nn.functional as F
+from timm.models import register_model
 from torch import nn
 
 from sskt_lightning.errors import ConfigError
