@@ -21,7 +21,7 @@ def test_heads_shapes_on_every_net(name):
         assert out.pooled.shape == (2, tapped.num_features)
         assert [f.shape[1] for f in out.stages] == tapped.stage_channels
         assert len(out.stages) >= 3
-        for kind in ("linear", "transfer_module"):
+        for kind in ("linear", "mlp", "transfer_module"):
             head = build_head(kind, tapped, num_classes=365).eval()
             assert head(out).shape == (2, 365)
 

@@ -45,6 +45,8 @@ class SourceSpec:
     std: Sequence[float] | None = None
     in_chans: int | None = None
     input_size: int | None = None    # None: the net's pretrained resolution
+    adapter: str = "project"         # project: InputAdapter | reference: ReferenceInputAdapter
+    scale_factor: float | None = None  # adapter=reference only; None: 7/3 (the reference code's)
 
     @classmethod
     def from_config(cls, key: str, cfg: Mapping) -> SourceSpec:
@@ -86,8 +88,59 @@ class InputAdapter(nn.Module):
         return (x - self.src_mean) / self.src_std
 
 
+ADAPTERS = ("project", "reference")
+REFERENCE_SCALE = 7 / 3   # the SSKT reference code: 32 px CIFAR -> 74 px, 96 px STL-10 -> 224 px
+
+
+class ReferenceInputAdapter(nn.Module):
+    """What the SSKT reference code feeds its sources: the target's *normalised* batch, bilinearly
+    upsampled by a fixed factor, with no re-normalisation to the source's statistics.
+
+    Exactly ``F.interpolate(x, scale_factor=s, mode="bilinear", align_corners=False)`` -- the
+    semantics of the reference's ``nn.Upsample(scale_factor=7/3, mode='bilinear')``: the output
+    size is ``floor(s * size)`` (32 -> 74, 96 -> 224) and the sampling grid uses ``1/s`` as given
+    (not the ratio of the sizes). ``scale_factor=1`` passes the batch through unchanged (the
+    reference's VOC path, whose 224 px images are not resized). The channels must already match:
+    the reference had no 1-channel data, so this adapter refuses it rather than guessing (use the
+    project adapter, which converts 1 -> 3 channels and re-normalises).
+    """
+
+    kind = "reference"
+    mode = "bilinear"
+    align_corners = False
+
+    def __init__(self, scale_factor: float = REFERENCE_SCALE, data_chans: int = 3, src_chans: int = 3,
+                 key: str = "<name>"):
+        super().__init__()
+        if not scale_factor or float(scale_factor) <= 0:
+            raise ConfigError(f"source.{key}.scale_factor={scale_factor}: must be a positive number "
+                              f"(the reference code's is 7/3 = {REFERENCE_SCALE!r}).")
+        if data_chans != src_chans:
+            raise ConfigError(
+                f"source.{key}.adapter=reference feeds the target's {data_chans}-channel batch to the "
+                f"source unchanged, but the source takes {src_chans} channels. The reference code had "
+                f"only RGB data; use source.{key}.adapter=project (converts channels and re-normalises).")
+        self.scale_factor = float(scale_factor)
+        self.channels = int(data_chans)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scale_factor == 1.0:
+            return x
+        return F.interpolate(x, scale_factor=self.scale_factor, mode=self.mode,
+                             align_corners=self.align_corners)
+
+    def signature(self) -> dict:
+        """Every setting the adapter's output depends on (a soft-label cache key)."""
+        return {"kind": self.kind, "scale_factor": self.scale_factor, "mode": self.mode,
+                "align_corners": self.align_corners, "recompute_scale_factor": None,
+                "antialias": False, "normalise": False, "channels": self.channels}
+
+    def extra_repr(self) -> str:
+        return f"scale_factor={self.scale_factor!r}, mode={self.mode!r}, align_corners={self.align_corners}"
+
+
 class FrozenSource(nn.Module):
-    def __init__(self, key: str, net: nn.Module, adapter: InputAdapter, bn_mode: str = "eval"):
+    def __init__(self, key: str, net: nn.Module, adapter: nn.Module, bn_mode: str = "eval"):
         super().__init__()
         if bn_mode not in ("eval", "train"):
             raise ConfigError(f"source_bn must be 'eval' or 'train' (reference behaviour), got {bn_mode!r}.")
@@ -225,8 +278,34 @@ def create_pretrained(name: str, in_chans: int, what: str, fix: str, **kwargs) -
                            f"{torch.hub.get_dir()}: {type(err).__name__}: {str(err)[:160]}. {fix}") from None
 
 
+def _check_adapter_options(spec: SourceSpec) -> None:
+    if spec.adapter not in ADAPTERS:
+        raise ConfigError(f"source.{spec.key}.adapter={spec.adapter!r}: choose 'project' (resize to the "
+                          f"source's resolution and re-normalise) or 'reference' (the SSKT reference "
+                          f"code: upsample the normalised batch by scale_factor).")
+    if spec.adapter == "project" and spec.scale_factor is not None:
+        raise ConfigError(f"source.{spec.key}.scale_factor applies to adapter=reference only; the project "
+                          f"adapter resizes to source.{spec.key}.input_size. Set "
+                          f"source.{spec.key}.adapter=reference, or remove scale_factor.")
+    if spec.adapter == "reference" and spec.input_size is not None:
+        raise ConfigError(f"source.{spec.key}.adapter=reference scales by source.{spec.key}.scale_factor, "
+                          f"not to a size: set source.{spec.key}.input_size=null (it is "
+                          f"{spec.input_size}).")
+
+
 def build_source(spec: SourceSpec, data_info: Mapping, bn_mode: str = "eval") -> FrozenSource:
+    _check_adapter_options(spec)
     net, stats = _build_net(spec, data_info)
+    if spec.adapter == "reference":
+        scale = REFERENCE_SCALE if spec.scale_factor is None else spec.scale_factor
+        src_chans = spec.in_chans or len(spec.mean or stats["mean"])   # as the project adapter's c_out
+        adapter = ReferenceInputAdapter(scale, len(data_info["mean"]), src_chans, spec.key)
+        log.info("source %s: %s, %d classes, the target's normalised batch upsampled x%.4g "
+                 "(adapter=reference)", spec.key, spec.name or spec.weights,
+                 _classifier(net).out_features, adapter.scale_factor)
+        source = FrozenSource(spec.key, net, adapter, bn_mode)
+        source.class_names = stats.get("class_names")
+        return source
     size = spec.input_size or stats["input_size"]
     size = size[-1] if isinstance(size, (list, tuple)) else size
     mean, std = tuple(spec.mean or stats["mean"]), tuple(spec.std or stats["std"])

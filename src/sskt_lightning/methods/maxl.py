@@ -2,23 +2,29 @@
 
 Two networks:
 
-* the multi-task network: the target (trunk + primary head, C classes) plus an auxiliary
-  :class:`~sskt_lightning.heads.LinearHead` with ``sum(psi)`` classes on the pooled feature, where
-  the ``psi[c]`` contiguous auxiliary slots belong to primary class ``c``;
+* the multi-task network: the target (trunk + primary head, C classes) plus an auxiliary head
+  with ``sum(psi)`` classes on the pooled feature (``aux_head``: ``linear``, or ``mlp``, the
+  reference's Linear(f, f)-ReLU-Linear(f, sum(psi))), where the ``psi[c]`` contiguous auxiliary
+  slots belong to primary class ``c``;
 * the label-generation network ``g`` (any model of the harness): its logits over ``sum(psi)``
   classes go through :func:`mask_softmax`, which keeps only the slots of each image's true class.
 
 With the focal form ``l(p, q) = -sum_k q_k (1 - p_k)^2 log p_k`` (``losses.focal_from_probs``):
 
     multi-task step:  L(theta1) = mean l(primary, onehot(y)) + mean l(aux, g(x, y).detach())
-    meta step:        theta1+ = theta1 - lr_inner * grad L(theta1)        (g NOT detached)
+    meta step:        theta1+ = theta1 - lr_inner * D(grad L(theta1))     (g NOT detached)
                       L_gen   = mean l(primary(theta1+), onehot(y)) + w * sum_k ybar_k log ybar_k
 
 and only g's optimizer steps on ``L_gen`` (``ybar``: batch mean of g's output; ``w`` =
-``entropy_weight``, 0.2). ``meta=second_order`` differentiates through the inner step
-(``create_graph=True``); ``meta=first_order`` replaces the Hessian-vector product by a central
-finite difference (DARTS; the MAXL authors' later variant), which needs no double backward and is
-what runs under DDP.
+``entropy_weight``, 0.2). ``D`` is the update rule of the multi-task optimizer
+(``inner_update=optimizer``, :class:`VirtualSGD`: torch.optim.SGD's weight decay, momentum buffer,
+dampening and Nesterov term, read from the optimizer's current state), so theta1+ is the step the
+multi-task net would really take; ``inner_update=plain`` uses ``D(g) = g`` (the reference's inner
+step, the same rule as its plain-SGD multi-task optimizer). ``meta=second_order`` differentiates
+through the inner step (``create_graph=True``); ``meta=first_order`` replaces the Hessian-vector
+product by a central finite difference (DARTS; the MAXL authors' later variant) along
+``dD/dg * v`` -- the same rule's derivative -- which needs no double backward and is what runs
+under DDP.
 
 BatchNorm in the virtual forwards (the meta step's forward at theta1, at theta1+ and at
 theta1 +- eps*v) runs in training mode, i.e. on the batch's statistics exactly like the real step,
@@ -31,7 +37,8 @@ g's running statistics follow the meta steps that train it.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +47,7 @@ from torch import nn
 from torch.func import functional_call
 
 from sskt_lightning.errors import ConfigError
-from sskt_lightning.heads import LinearHead
+from sskt_lightning.heads import build_head
 from sskt_lightning.losses import focal_from_probs
 from sskt_lightning.methods.base import Method, split_batch
 from sskt_lightning.nets.factory import create_network, resolve_model_name
@@ -48,6 +55,8 @@ from sskt_lightning.optim import step_decay
 
 META_MODES = ("second_order", "first_order")
 ALTERNATE_MODES = ("step", "epoch")
+AUX_HEADS = ("linear", "mlp")
+INNER_UPDATES = ("optimizer", "plain")
 _NET = "net."   # the target (TappedNet) keeps its classifier under .net
 
 
@@ -103,6 +112,64 @@ def neg_entropy_of_mean(gen: torch.Tensor) -> torch.Tensor:
     return (ybar * ybar.clamp_min(1e-20).log()).sum()
 
 
+# ---------------------------------------------------------------------------- the virtual step
+@dataclass
+class VirtualSGD:
+    """The update ``torch.optim.SGD`` applies to one parameter, ``p+ = p - lr * D(p, g)``:
+
+        d = g + weight_decay * p
+        b = d                                   (no momentum buffer yet: the first step)
+        b = momentum * b_prev + (1 - dampening) * d
+        D = d + momentum * b  (nesterov)   or   D = b   (momentum > 0)   or   D = d
+
+    ``buffer`` is the optimizer's current momentum buffer (a constant). ``VirtualSGD()`` is the
+    plain step ``D = g``. ``D`` is affine in ``g``; :meth:`grad_scale` is its slope.
+    """
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    buffer: torch.Tensor | None = None
+
+    def direction(self, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        d = g + self.weight_decay * p if self.weight_decay else g
+        if self.momentum:
+            b = d if self.buffer is None else self.momentum * self.buffer + (1 - self.dampening) * d
+            d = d + self.momentum * b if self.nesterov else b
+        return d
+
+    def grad_scale(self) -> float:
+        """``dD/dg``: the factor with which the gradient (hence g's labels) enters the update."""
+        if not self.momentum:
+            return 1.0
+        c = 1.0 if self.buffer is None else 1.0 - self.dampening
+        return 1.0 + self.momentum * c if self.nesterov else c
+
+
+def virtual_sgd_rules(optimizer, named_params: Mapping[str, torch.Tensor]) -> dict[str, VirtualSGD]:
+    """One :class:`VirtualSGD` per named parameter, from an SGD optimizer's groups and state."""
+    opt = getattr(optimizer, "optimizer", optimizer)   # unwrap Lightning's LightningOptimizer
+    if not isinstance(opt, torch.optim.SGD):
+        raise ConfigError(
+            f"method=maxl: method.inner_update=optimizer mirrors the multi-task optimizer's update in the "
+            f"meta step and knows torch.optim.SGD only, but cfg.optim builds {type(opt).__name__}. Use an "
+            f"SGD optimizer, or method.inner_update=plain (theta - lr_inner * grad, the reference's step).")
+    group_of = {id(p): group for group in opt.param_groups for p in group["params"]}
+    rules = {}
+    for name, p in named_params.items():
+        group = group_of.get(id(p))
+        if group is None:
+            raise ConfigError(f"method=maxl: parameter {name!r} is not in the multi-task optimizer.")
+        if group.get("maximize", False):
+            raise ConfigError("method=maxl: the multi-task optimizer maximises (maximize=True); "
+                              "the meta step assumes it minimises.")
+        buf = opt.state.get(p, {}).get("momentum_buffer")
+        rules[name] = VirtualSGD(float(group["momentum"]), float(group["dampening"]),
+                                 float(group["weight_decay"]), bool(group["nesterov"]),
+                                 None if buf is None else buf.detach())
+    return rules
+
+
 class MAXL(Method):
     name = "maxl"
     automatic_optimization = False
@@ -111,8 +178,14 @@ class MAXL(Method):
     def __init__(self, psi: int | Sequence[int] = 5, generator: dict | None = None,
                  generator_optim: dict | None = None, lr_inner: float | None = None,
                  entropy_weight: float = 0.2, focal_gamma: float = 2.0, meta: str = "second_order",
-                 alternate: str = "step", fd_eps: float = 0.01):
+                 alternate: str = "step", fd_eps: float = 0.01, aux_head: str = "linear",
+                 lr_inner_decay: dict | None = None, inner_update: str = "optimizer"):
         super().__init__()
+        if aux_head not in AUX_HEADS:
+            raise ConfigError(f"method.aux_head={aux_head!r}; choose one of {list(AUX_HEADS)} "
+                              f"(mlp: Linear(f, f)-ReLU-Linear(f, sum(psi)), the reference's).")
+        if inner_update not in INNER_UPDATES:
+            raise ConfigError(f"method.inner_update={inner_update!r}; choose one of {list(INNER_UPDATES)}.")
         if meta not in META_MODES:
             raise ConfigError(f"method.meta={meta!r}; choose one of {list(META_MODES)}.")
         if alternate not in ALTERNATE_MODES:
@@ -131,7 +204,8 @@ class MAXL(Method):
             raise ConfigError(f"method.fd_eps={fd_eps}: must be positive.")
         self.psi = psi if isinstance(psi, int) else [int(p) for p in psi]
         self.generator_cfg = dict(generator or {})
-        defaults = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False,
+        # the reference's: plain SGD (no momentum), lr 1e-3, wd 5e-4, x0.5 every 50 epochs
+        defaults = {"lr": 1e-3, "momentum": 0.0, "weight_decay": 5e-4, "nesterov": False,
                     "step_size": 50, "gamma": 0.5}
         unknown = set(generator_optim or {}) - set(defaults)
         if unknown:
@@ -139,11 +213,30 @@ class MAXL(Method):
                               f"known: {sorted(defaults)}.")
         self.generator_optim_cfg = {**defaults, **(generator_optim or {})}
         self.lr_inner = None if lr_inner is None else float(lr_inner)
+        self.lr_inner_decay = self._check_decay(lr_inner_decay, lr_inner)
+        self.aux_head_kind, self.inner_update = aux_head, inner_update
         self.entropy_weight, self.gamma, self.fd_eps = float(entropy_weight), float(focal_gamma), float(fd_eps)
         self.meta, self.requested_meta, self.alternate = meta, meta, alternate
         self.aux_head: nn.Module | None = None
         self.generator: nn.Module | None = None
         self.generator_name: str | None = None
+
+    @staticmethod
+    def _check_decay(decay: dict | None, lr_inner) -> dict | None:
+        if not decay:
+            return None
+        decay = dict(decay)
+        if set(decay) != {"every", "factor"}:
+            raise ConfigError(f"method.lr_inner_decay={decay}: give {{every: <epochs>, factor: <x>}} "
+                              f"(the reference: {{every: 50, factor: 0.5}}), or null.")
+        every, factor = decay["every"], decay["factor"]
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1 or float(factor) <= 0:
+            raise ConfigError(f"method.lr_inner_decay={decay}: every must be a positive integer and "
+                              f"factor positive.")
+        if lr_inner is None:
+            raise ConfigError("method.lr_inner_decay needs a fixed method.lr_inner: with lr_inner=null the "
+                              "inner step already uses the multi-task optimizer's scheduled lr.")
+        return {"every": int(every), "factor": float(factor)}
 
     # ------------------------------------------------------------------ set-up
     def setup(self, module):
@@ -157,7 +250,7 @@ class MAXL(Method):
         psi = [self.psi] * num_classes if isinstance(self.psi, int) else self.psi
         num_aux = sum(psi)
         self.register_buffer("slot_class", slot_classes(psi, num_aux), persistent=False)
-        self.aux_head = LinearHead(module.target.num_features, num_aux)
+        self.aux_head = build_head(self.aux_head_kind, module.target, num_aux)
         self.generator = self._build_generator(module, num_aux)
 
     def _build_generator(self, module, num_aux: int) -> nn.Module:
@@ -247,24 +340,40 @@ class MAXL(Method):
         return {_NET + n: t for n, t in d.items()}
 
     def inner_lr(self, module) -> float:
-        """``lr_inner``, or (null) the multi-task optimizer's current learning rate."""
+        """``lr_inner`` (times ``factor ** (epoch // every)`` with ``lr_inner_decay``), or (null)
+        the multi-task optimizer's current learning rate."""
         if self.lr_inner is not None:
-            return self.lr_inner
+            if self.lr_inner_decay is None:
+                return self.lr_inner
+            d = self.lr_inner_decay
+            return self.lr_inner * d["factor"] ** (int(module.current_epoch) // d["every"])
         opt = module.optimizers()[0]
         return float(getattr(opt, "optimizer", opt).param_groups[0]["lr"])
 
+    def virtual_rules(self, module) -> dict[str, VirtualSGD] | None:
+        """The multi-task optimizer's update rule per target parameter (``inner_update=optimizer``),
+        or None (``plain``: theta - lr * grad)."""
+        if self.inner_update == "plain":
+            return None
+        return virtual_sgd_rules(module.optimizers()[0], self._net_params(module.target))
+
     # ------------------------------------------------------------------ the meta objective
     def generator_objective(self, target, x: torch.Tensor, y: torch.Tensor, lr_inner: float,
-                            meta: str | None = None):
+                            meta: str | None = None, rules: Mapping[str, VirtualSGD] | None = None):
         """A scalar whose gradient with respect to g's parameters is the meta gradient of
         ``L_gen``, and a dict of values to log (``gen_loss`` = L_gen, ``gen_entropy`` = H(ybar)).
 
+        ``rules``: the update rule per target parameter name (:class:`VirtualSGD`; None: plain
+        ``theta - lr * grad``): ``theta1+ = theta1 - lr * D(theta1, grad L(theta1))``.
         ``second_order``: the scalar is ``L_gen(theta1+(g))`` itself, theta1+ kept in the graph.
-        ``first_order``: ``-lr/(2 eps) * [L(theta1 + eps v) - L(theta1 - eps v)] + w * sum ybar log ybar``
-        with ``v = grad L_gen-primary(theta1+)`` (theta1+ detached), ``eps = fd_eps / ||v||``; only
-        g's parameters are leaves of its graph (the target and aux head enter as constants).
+        ``first_order``: ``-lr/(2 eps) * [L(theta1 + eps u) - L(theta1 - eps u)] + w * sum ybar log ybar``
+        with ``u = dD/dg * v``, ``v = grad L_gen-primary(theta1+)`` (theta1+ detached),
+        ``eps = fd_eps / ||u||``; only g's parameters are leaves of its graph (the target and aux
+        head enter as constants).
         """
         meta = meta or self.meta
+        plain = VirtualSGD()
+        rule = (lambda n: plain) if rules is None else (lambda n: rules.get(n, plain))
         gen = self.generator_output(x, y)
         neg_ent = neg_entropy_of_mean(gen)
         params = self._net_params(target)
@@ -275,7 +384,7 @@ class MAXL(Method):
             loss, primary, aux = self.multitask_loss(out, y, gen)       # gen NOT detached
             grads = torch.autograd.grad(loss, [params[n] for n in names], create_graph=True,
                                         allow_unused=True)
-            plus = {n: params[n] - lr_inner * g if g is not None else params[n]
+            plus = {n: params[n] - lr_inner * rule(n).direction(params[n], g) if g is not None else params[n]
                     for n, g in zip(names, grads)}
             logits_plus = functional_call(target.net, {**plus, **buffers}, (x,))
             gen_primary = self.primary_loss(logits_plus, y)
@@ -284,12 +393,14 @@ class MAXL(Method):
         elif meta == "first_order":
             loss, primary, aux = self.multitask_loss(out, y, gen.detach())
             grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-            plus = {n: (params[n] - lr_inner * g if g is not None else params[n]).detach().requires_grad_()
+            plus = {n: (params[n] - lr_inner * rule(n).direction(params[n], g) if g is not None
+                        else params[n]).detach().requires_grad_()
                     for n, g in zip(names, grads)}
             logits_plus = functional_call(target.net, {**plus, **buffers}, (x,))
             gen_primary = self.primary_loss(logits_plus, y)
             v = torch.autograd.grad(gen_primary, [plus[n] for n in names], allow_unused=True)
-            v = [torch.zeros_like(plus[n]) if g is None else g for n, g in zip(names, v)]
+            v = [torch.zeros_like(plus[n]) if g is None or grads[i] is None else rule(n).grad_scale() * g
+                 for i, (n, g) in enumerate(zip(names, v))]
             norm = torch.sqrt(sum((g.double() ** 2).sum() for g in v)).to(v[0].dtype)
             eps = self.fd_eps / norm.clamp_min(1e-12)
             head = {n: p.detach() for n, p in self.aux_head.named_parameters()}
@@ -326,7 +437,8 @@ class MAXL(Method):
     def meta_update(self, module, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """One step of g's optimizer on the meta gradient; the multi-task network is not touched."""
         opt = module.optimizers()[1]
-        objective, logs = self.generator_objective(module.target, x, y, self.inner_lr(module))
+        objective, logs = self.generator_objective(module.target, x, y, self.inner_lr(module),
+                                                   rules=self.virtual_rules(module))
         opt.zero_grad()
         module.manual_backward(objective, inputs=[p for p in self.generator.parameters() if p.requires_grad])
         opt.step()
@@ -355,5 +467,7 @@ class MAXL(Method):
         return {"psi": self.psi, "num_aux_classes": int(self.slot_class.numel()) if hasattr(self, "slot_class") else None,
                 "meta": self.meta, "requested_meta": self.requested_meta, "alternate": self.alternate,
                 "lr_inner": self.lr_inner if self.lr_inner is not None else "multi-task lr",
+                "lr_inner_decay": self.lr_inner_decay, "inner_update": self.inner_update,
+                "aux_head": self.aux_head_kind,
                 "entropy_weight": self.entropy_weight, "focal_gamma": self.gamma,
                 "generator": self.generator_name, "generator_optim": dict(self.generator_optim_cfg)}

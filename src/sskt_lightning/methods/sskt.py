@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sskt_lightning.errors import ConfigError
-from sskt_lightning.heads import build_head
+from sskt_lightning.heads import TM_WIDTHS, build_head
 from sskt_lightning.losses import AUX_LOSSES, sskt_loss
 from sskt_lightning.methods.base import Method
 
@@ -24,7 +24,8 @@ class SSKT(Method):
 
     def __init__(self, alpha: float = 0.1, temperature: float = 3.0, aux_loss: str = "ce",
                  aux_head: str = "transfer_module", source_bn: str = "eval",
-                 tm_out: int | None = None, tm_mid: int | None = None, unlabeled: bool = False):
+                 tm_out: int | None = None, tm_mid: int | None = None, unlabeled: bool = False,
+                 tm_width: str = "auto", tm_bias: bool = False):
         super().__init__()
         if aux_loss not in AUX_LOSSES:
             raise ConfigError(f"method.aux_loss={aux_loss!r}; choose one of {sorted(AUX_LOSSES)}.")
@@ -33,6 +34,9 @@ class SSKT(Method):
         self.alpha, self.temperature, self.aux_loss = float(alpha), float(temperature), aux_loss
         self.aux_head, self.source_bn, self.unlabeled = aux_head, source_bn, bool(unlabeled)
         self.tm_out, self.tm_mid = tm_out, tm_mid
+        if tm_width not in TM_WIDTHS:
+            raise ConfigError(f"method.tm_width={tm_width!r}; choose one of {list(TM_WIDTHS)}.")
+        self.tm_width, self.tm_bias = tm_width, bool(tm_bias)
         self.tap_pooled = aux_head == "linear"
         self.tap_stages = aux_head == "transfer_module"
         self.heads = nn.ModuleList()
@@ -42,7 +46,8 @@ class SSKT(Method):
             raise ConfigError("method=sskt needs at least one source: e.g. source=[imagenet_resnet50] "
                               "or source=[imagenet_resnet50,places365_resnet50].")
         for k in module.sources.num_classes:
-            self.heads.append(build_head(self.aux_head, module.target, k, self.tm_out, self.tm_mid))
+            self.heads.append(build_head(self.aux_head, module.target, k, self.tm_out, self.tm_mid,
+                                         self.tm_width, self.tm_bias))
 
     def training_step(self, module, batch):
         if isinstance(batch, dict):
@@ -67,4 +72,5 @@ class SSKT(Method):
 
     def describe(self):
         return {"alpha": self.alpha, "temperature": self.temperature, "aux_loss": self.aux_loss,
-                "aux_head": self.aux_head, "source_bn": self.source_bn, "unlabeled": self.unlabeled}
+                "aux_head": self.aux_head, "source_bn": self.source_bn, "unlabeled": self.unlabeled,
+                "tm_width": self.tm_width, "tm_bias": self.tm_bias}
