@@ -61,7 +61,8 @@ def _imports(folder: Path) -> dict[str, set[str]]:
 
 def _undeclared(folder: Path, declared: set[str]) -> dict[str, set[str]]:
     dists = packages_distributions()
-    own = {"sskt_lightning", "data_fixtures", "conftest", "two_stage"}
+    # the project and the folder's own modules (tests import helpers from each other)
+    own = {"sskt_lightning", "two_stage"} | {p.stem for p in folder.rglob("*.py")}
     missing = {}
     for name, files in _imports(folder).items():
         if name in sys.stdlib_module_names or name in own:
