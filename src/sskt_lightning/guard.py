@@ -72,8 +72,9 @@ class NonFiniteGuard:
                 f"Training stopped: the loss went non-finite (NaN or inf) at training step {step}"
                 f"{f' (epoch {epoch})' if epoch is not None else ''}, in "
                 f"{', '.join(describe_term(k) for k in culprits)}"
-                f"{f'; still finite then: {finite}' if finite else ''}. Detected {where} (steps "
-                f"{self.checked_through + 1}-{self.step} checked). {CAUSES} No checkpoint with "
+                f"{f'; still finite then: {finite}' if finite else ''}. Detected at step {self.step}, {where} "
+                f"(the guard checks at logging intervals, epoch ends and before every checkpoint). {CAUSES} "
+                "No checkpoint with "
                 "non-finite values was written; results.json records the failure.")
         self.checked_through = self.step
 

@@ -70,7 +70,7 @@ class TransferModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx):
         interval = max(1, int(getattr(self.trainer, "log_every_n_steps", 50) or 50))
         if self.guard.step % interval == 0:
-            self.guard.check(f"at the logging interval (every {interval} steps)", self.current_epoch)
+            self.guard.check(f"at a logging interval (trainer.log_every_n_steps={interval})", self.current_epoch)
 
     def on_train_epoch_end(self):
         self.guard.check("at the end of the epoch", self.current_epoch)
