@@ -35,6 +35,22 @@ def cli(*args, cwd=None, timeout=180):
                           timeout=timeout, env=ENV, cwd=cwd)
 
 
+def main_in_process(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """``python -m sskt_lightning.train *args`` in this process: (exit code, stderr)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sskt_lightning import train as train_mod
+    monkeypatch.setattr(sys, "argv", ["train", *args, "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"])
+    code = 0
+    try:
+        train_mod.main()
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        GlobalHydra.instance().clear()
+    return code, capsys.readouterr().err
+
+
 def train(out, data_dir, *overrides):
     return run(compose_config([*SMOKE, f"paths.data_dir={data_dir}", *overrides], out))
 
@@ -101,15 +117,9 @@ def test_full_disk_in_a_run_is_one_clear_message_and_exit_2(tmp_path, cifar_dir,
 
     monkeypatch.setattr(torch, "save", enospc)
     out = tmp_path / "run"
-    monkeypatch.setattr(sys, "argv", ["train", *SMOKE, "method=scratch", f"paths.data_dir={cifar_dir}",
-                                      f"hydra.run.dir={out}", "hydra/job_logging=disabled"])
-    try:
-        with pytest.raises(SystemExit) as info:
-            train_mod.main()
-    finally:
-        GlobalHydra.instance().clear()
-    err = capsys.readouterr().err
-    assert info.value.code == 2
+    code, err = main_in_process(monkeypatch, capsys, *SMOKE, "method=scratch", f"paths.data_dir={cifar_dir}",
+                                f"hydra.run.dir={out}")
+    assert code == 2
     assert "disk is full" in err and ".ckpt'" in err and "Traceback" not in err
     failed = json.loads((out / "results.json").read_text())
     assert failed["status"] == "failed" and "disk is full" in failed["error"] and "test_acc" not in failed
@@ -142,7 +152,7 @@ def http_dir(tmp_path):
     server.server_close()
 
 
-def test_hostile_checkpoint_served_over_http_never_runs(tmp_path, cifar_dir, http_dir):
+def test_hostile_checkpoint_served_over_http_never_runs(tmp_path, cifar_dir, http_dir, monkeypatch):
     served, url = http_dir
     marker = tmp_path / "PWNED"
     torch.save({"state_dict": {}, "epoch": 0, "payload": _Payload(marker)}, served / "evil.ckpt")
@@ -154,6 +164,7 @@ def test_hostile_checkpoint_served_over_http_never_runs(tmp_path, cifar_dir, htt
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
     # the payload is live: Lightning's own remote loader (weights_only=False for URLs) runs it
     from lightning.fabric.utilities.cloud_io import _load
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))   # not the user's hub cache
     _load(f"{url}/evil.ckpt")
     assert marker.exists()
 
@@ -181,12 +192,13 @@ def test_a_checkpoint_served_over_http_is_downloaded_checked_and_resumed(tmp_pat
 
 
 # ---------------------------------------------------------------------------- non-finite losses
-def test_huge_learning_rate_stops_the_run_with_exit_2_and_a_failed_results_json(tmp_path, cifar_dir):
+def test_huge_learning_rate_stops_the_run_with_exit_2_and_a_failed_results_json(tmp_path, cifar_dir,
+                                                                               monkeypatch, capsys):
     out = tmp_path / "run"
-    proc = cli(*SMOKE, "method=scratch", f"paths.data_dir={cifar_dir}", "optim.optimizer.lr=1e6",
-               "trainer.max_epochs=3", "trainer.limit_train_batches=4", f"hydra.run.dir={out}")
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    err = proc.stderr
+    code, err = main_in_process(monkeypatch, capsys, *SMOKE, "method=scratch", f"paths.data_dir={cifar_dir}",
+                                "optim.optimizer.lr=1e6", "trainer.max_epochs=3", "trainer.limit_train_batches=4",
+                                f"hydra.run.dir={out}")
+    assert code == 2, err[-3000:]
     assert "non-finite" in err and "training step" in err and "optim.optimizer.lr" in err
     assert "Traceback" not in err
     failed = json.loads((out / "results.json").read_text())
@@ -295,16 +307,18 @@ def test_unknown_source_lists_the_available_ones_without_a_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_output_path_under_a_file_and_a_missing_resume_are_one_clear_message(tmp_path, cifar_dir):
+def test_output_path_under_a_file_is_one_clear_message(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
     proc = cli(f"hydra.run.dir={afile / 'run'}")
     assert proc.returncode == 2 and "which is a file" in proc.stderr and "hydra.run.dir" in proc.stderr
     assert "Traceback" not in proc.stderr
-    proc = cli(*SMOKE, "method=scratch", f"paths.data_dir={cifar_dir}", "resume=/nonexistent/last.ckpt",
-               f"hydra.run.dir={tmp_path / 'run'}")
-    assert proc.returncode == 2 and "resume=/nonexistent/last.ckpt: no such file" in proc.stderr
-    assert "Traceback" not in proc.stderr
+
+
+def test_a_missing_resume_file_is_one_clear_message(tmp_path, cifar_dir, monkeypatch, capsys):
+    code, err = main_in_process(monkeypatch, capsys, *SMOKE, "method=scratch", f"paths.data_dir={cifar_dir}",
+                                "resume=/nonexistent/last.ckpt", f"hydra.run.dir={tmp_path / 'run'}")
+    assert code == 2 and "resume=/nonexistent/last.ckpt: no such file" in err and "Traceback" not in err
 
 
 def test_read_only_output_directory_is_refused(tmp_path, monkeypatch):

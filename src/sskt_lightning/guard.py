@@ -9,7 +9,7 @@ runs at logging intervals, at every epoch end and before every checkpoint save, 
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
@@ -55,15 +55,22 @@ class NonFiniteGuard:
             bad = ~torch.isfinite(value).all()
             self.first_bad[key] = torch.where(bad & (first < 0), torch.full_like(first, self.step), first)
 
-    def check(self, where: str, epoch: int | None = None) -> None:
-        """Raise :class:`NonFiniteError` if any term was non-finite since the run started."""
-        if not self.first_bad:
-            self.checked_through = self.step
-            return
+    def check(self, where: str, epoch: int | None = None,
+              any_rank: Callable[[bool], bool] | None = None) -> None:
+        """Raise :class:`NonFiniteError` if any term was non-finite since the run started.
+
+        ``any_rank`` (distributed runs): ``local -> whether any process saw one``, so that every
+        process stops at the same check instead of waiting for the others in a collective."""
         keys = list(self.first_bad)
-        device = self.first_bad[keys[0]].device
-        firsts = torch.stack([self.first_bad[k].to(device) for k in keys]).tolist()   # the one sync
+        firsts = []
+        if keys:
+            device = self.first_bad[keys[0]].device
+            firsts = torch.stack([self.first_bad[k].to(device) for k in keys]).tolist()   # the one sync
         bad = sorted((s, k == "loss", k) for k, s in zip(keys, firsts) if s >= 0)
+        if any_rank is not None and any_rank(bool(bad)) and not bad:
+            raise NonFiniteError(
+                f"Training stopped at step {self.step}: another process of this distributed run saw a "
+                f"non-finite loss ({where}); its error names the term and step. {CAUSES}")
         if bad:
             step = bad[0][0]
             culprits = [k for s, _, k in bad if s == step and k != "loss"] or ["loss"]

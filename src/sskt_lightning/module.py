@@ -67,13 +67,21 @@ class TransferModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         return self.method.training_step(self, batch)
 
+    def check_finite(self, where: str) -> None:
+        """The non-finite guard's check (one host sync; under DDP one all-reduce of a flag)."""
+        trainer = self._trainer
+        any_rank = None
+        if trainer is not None and trainer.world_size > 1:
+            any_rank = lambda bad: trainer.strategy.reduce_boolean_decision(bad, all=False)  # noqa: E731
+        self.guard.check(where, self.current_epoch if trainer is not None else None, any_rank)
+
     def on_train_batch_end(self, outputs, batch, batch_idx):
         interval = max(1, int(getattr(self.trainer, "log_every_n_steps", 50) or 50))
         if self.guard.step % interval == 0:
-            self.guard.check(f"at a logging interval (trainer.log_every_n_steps={interval})", self.current_epoch)
+            self.check_finite(f"at a logging interval (trainer.log_every_n_steps={interval})")
 
     def on_train_epoch_end(self):
-        self.guard.check("at the end of the epoch", self.current_epoch)
+        self.check_finite("at the end of the epoch")
         self.method.on_train_epoch_end(self)
 
     def log_train(self, parts: Mapping[str, torch.Tensor], logits=None, labels=None) -> None:
@@ -136,7 +144,7 @@ class TransferModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         """Never a checkpoint of a run gone non-finite; frozen sources are rebuilt from the config,
         so they stay out of every checkpoint."""
-        self.guard.check("before saving a checkpoint", self.current_epoch)
+        self.check_finite("before saving a checkpoint")
         sd = checkpoint["state_dict"]
         check_weights_finite(((k, v) for k, v in sd.items() if not k.startswith(SOURCES_PREFIX)),
                              f"at epoch {self.current_epoch}, step {self.global_step}")

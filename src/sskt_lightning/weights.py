@@ -42,12 +42,19 @@ def read_file(path: str | Path, option: str = "source.<name>.weights") -> dict:
             from safetensors.torch import load_file
             return load_file(str(path), device="cpu")
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:   # weights_only refused something
+    except pickle.UnpicklingError as err:
+        found = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line]
+        if found:   # weights_only refused a reference to a Python object: the file could run code
+            raise WeightsError(
+                f"{option}={text}: refused to load: the file holds Python objects other than tensors "
+                f"and plain containers, and loading them could run code ({found[0][:200]}). Only files "
+                "that torch.load(weights_only=True) accepts are read; re-save the weights as a plain "
+                "state dict (torch.save(model.state_dict(), ...)) or as .safetensors.") from None
+        err_text = next((ln.strip() for ln in reversed(str(err).splitlines()) if ln.strip() and "documentation" not in ln), "")
         raise WeightsError(
-            f"{option}={text}: refused to load: the file holds Python objects other than tensors and "
-            f"plain containers, and loading them could run code ({str(err).splitlines()[0][:200]}). "
-            "Only files that torch.load(weights_only=True) accepts are read; re-save the weights as "
-            "a plain state dict (torch.save(model.state_dict(), ...)) or as .safetensors.") from None
+            f"Could not read weights from {option}={text}: truncated, corrupt or not a weights file "
+            f"(UnpicklingError: {err_text[:200]}). Supported: .safetensors, or torch files (.pth, .pt, "
+            ".ckpt) that torch.load(weights_only=True) accepts.") from None
     except Exception as err:  # truncated archives, corrupt or foreign formats
         reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
         raise WeightsError(
