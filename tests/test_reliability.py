@@ -7,9 +7,11 @@ import functools
 import http.server
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -38,6 +40,7 @@ def cli(*args, cwd=None, timeout=180):
 def main_in_process(monkeypatch, capsys, *args) -> tuple[int, str]:
     """``python -m sskt_lightning.train *args`` in this process: (exit code, stderr)."""
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
 
     from sskt_lightning import train as train_mod
     monkeypatch.setattr(sys, "argv", ["train", *args, "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"])
@@ -48,6 +51,7 @@ def main_in_process(monkeypatch, capsys, *args) -> tuple[int, str]:
         code = exit_.code
     finally:
         GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None     # later in-process runs must not see this job's overrides
     return code, capsys.readouterr().err
 
 
@@ -67,8 +71,13 @@ for i in range(1000):
 
 
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_file_and_no_temp(tmp_path):
+    """$TMPDIR on another file system (tmpfs) than the checkpoint: Lightning's own writer then copies
+    across file systems and a kill leaves a truncated or empty last.ckpt."""
     path = tmp_path / "ckpts" / "last.ckpt"
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True, env=ENV)
+    other_fs = Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else tmp_path
+    tmpdir = Path(tempfile.mkdtemp(dir=other_fs, prefix="sskt-test-"))
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True,
+                            env={**ENV, "TMPDIR": str(tmpdir)})
     try:
         for line in proc.stdout:          # two complete writes, then kill while the third is written
             if line.strip() == "writing 2":
@@ -83,6 +92,9 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_file_and_no_temp(t
     obj = torch.load(path, weights_only=True)
     assert obj["i"] in (1, 2) and torch.equal(obj["w"], torch.full((1 << 24,), float(obj["i"])))
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]   # no stray temporary file
+    leftovers = list(tmpdir.iterdir())
+    shutil.rmtree(tmpdir, ignore_errors=True)
+    assert not leftovers
 
 
 def test_full_disk_during_a_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):

@@ -107,10 +107,21 @@ def _checkpoint_callbacks(ckpt_dir: Path):
 
 
 def run(cfg: DictConfig) -> dict:
-    """Train and test one configuration; return (and write) its results."""
+    """Train and test one configuration; return (and write) its results. A failure is recorded in
+    the run directory (``failed.txt``, ``results.json`` with ``status: failed``) and re-raised."""
+    try:
+        return _run(cfg)
+    except Exception as err:
+        record_failure(cfg, err)
+        raise
+
+
+def _run(cfg: DictConfig) -> dict:
     from sskt_lightning.validate import check_output_dir, validate_config
     validate_config(cfg)                       # before any data is read
     output_dir = check_output_dir(cfg.paths.output_dir)
+    for name in (FAILED, RESULTS):             # from an earlier run in this directory: no longer true
+        (output_dir / name).unlink(missing_ok=True)
 
     import lightning as L
     from hydra.utils import instantiate
@@ -158,8 +169,8 @@ def run(cfg: DictConfig) -> dict:
     dm.split_batch_across(trainer.world_size)   # data.batch_size is global
     import time
     start = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=str(resume_path) if resume_path else None,
-                weights_only=True)
+    # Lightning reads the verified file through SafeCheckpointIO (weights_only=True, local only)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(resume_path) if resume_path else None)
     wall = time.perf_counter() - start
     last_path = ckpt_dir / "last.ckpt"
     if last._last_global_step_saved != trainer.global_step or not last_path.is_file():
@@ -255,21 +266,15 @@ def _hydra_main(cfg: DictConfig) -> float:
               "re-runs the command line, i.e. the whole sweep, in every process. Run each job as a "
               "single run instead (see README, 'Sweeps with DDP').\n", file=sys.stderr)
         sys.exit(2)
-    try:   # a failed.txt from an earlier run in this directory no longer applies
-        (Path(OmegaConf.select(cfg, "paths.output_dir", default=".")) / FAILED).unlink(missing_ok=True)
-    except OSError:
-        pass
     try:
-        return optimized_value(cfg, run(cfg))
+        return optimized_value(cfg, run(cfg))   # run() records a failure in the run directory
     except SSKTError as err:
-        record_failure(cfg, err)
         if multirun:  # one failed job must not end the sweep; the summary at the end lists it
             log.error("job failed: %s; the sweep goes on.", _one_line(err))
             return math.nan
         print(f"\nerror: {err}\n", file=sys.stderr)
         sys.exit(2)
     except Exception as err:
-        record_failure(cfg, err)
         if multirun:
             log.error("job failed (%s); the sweep goes on. Details: %s", _one_line(err),
                       Path(cfg.paths.output_dir) / FAILED)
