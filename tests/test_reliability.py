@@ -264,6 +264,23 @@ def test_a_non_finite_term_is_named_with_its_step(tmp_path, cifar_dir, monkeypat
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 
+def test_guard_names_the_first_step_and_term_across_changing_term_sets():
+    from sskt_lightning.guard import NonFiniteGuard
+    guard = NonFiniteGuard()
+    ok = torch.tensor(1.0)
+    guard.update({"loss": ok, "task_loss": ok, "aux_a": ok})
+    guard.update({"loss": ok, "gen_loss": ok})                              # another set of terms
+    guard.check("here")                                                     # all finite: silent
+    guard.update({"loss": torch.tensor(float("inf")), "task_loss": ok, "aux_a": torch.tensor(float("nan"))})
+    guard.update({"loss": torch.tensor(float("nan")), "gen_loss": torch.tensor(float("nan"))})
+    with pytest.raises(NonFiniteError) as info:
+        guard.check("at the test")
+    msg = str(info.value)
+    assert "at training step 3" in msg and "aux_a (SSKT's auxiliary loss of source 'a')" in msg
+    assert "gen_loss" not in msg.split("still finite then")[0].split("in aux_a")[0]
+    assert "still finite then: ['task_loss', 'gen_loss']" in msg and "Detected at step 4, at the test" in msg
+
+
 def test_a_checkpoint_of_non_finite_weights_is_refused(tmp_path, cifar_dir):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf

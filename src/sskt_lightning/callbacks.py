@@ -68,8 +68,10 @@ class WeightsDigest(L.Callback):
     def on_fit_end(self, trainer, module):
         import json
         from pathlib import Path
+
+        from sskt_lightning.atomic import atomic_write_text
         out = Path(trainer.default_root_dir) / f"weights_digest_rank{trainer.global_rank}.json"
-        out.write_text(json.dumps({
+        atomic_write_text(out, json.dumps({
             "rank": trainer.global_rank, "world_size": trainer.world_size,
             "parameters": self._digest(sorted(module.target.named_parameters())),
             "buffers": self._digest(sorted(module.target.named_buffers()))}))

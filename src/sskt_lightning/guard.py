@@ -39,21 +39,39 @@ class NonFiniteGuard:
     """First non-finite step of each logged term, kept on the device."""
 
     def __init__(self):
-        self.step = 0                                  # training steps seen (calls of update)
-        self.first_bad: dict[str, torch.Tensor] = {}   # term -> first step it was non-finite (-1: never)
+        self.step = 0   # training steps seen (calls of update)
+        # per set of logged keys: the first step each was non-finite (-1: never), one device tensor
+        self.first_bad: dict[tuple[str, ...], torch.Tensor] = {}
         self.checked_through = 0
 
     def update(self, parts: Mapping[str, torch.Tensor]) -> None:
+        """A handful of device ops per step, whatever the number of terms; no host sync."""
         self.step += 1
-        for key, value in parts.items():
-            if not isinstance(value, torch.Tensor):
-                continue
-            value = value.detach()
-            first = self.first_bad.get(key)
-            if first is None or first.device != value.device:
-                first = torch.full((), -1, dtype=torch.long, device=value.device)
-            bad = ~torch.isfinite(value).all()
-            self.first_bad[key] = torch.where(bad & (first < 0), torch.full_like(first, self.step), first)
+        items = [(k, v.detach()) for k, v in parts.items() if isinstance(v, torch.Tensor)]
+        if not items:
+            return
+        keys = tuple(k for k, _ in items)
+        values = torch.stack([(v if v.numel() == 1 else v.sum()).reshape(()).float() for _, v in items])
+        first = self.first_bad.get(keys)
+        if first is None or first.device != values.device:
+            first = torch.full((len(keys),), -1, dtype=torch.long, device=values.device)
+        self.first_bad[keys] = torch.where(~torch.isfinite(values) & (first < 0), self.step, first)
+
+    def _firsts(self) -> dict[str, int]:
+        """Term -> first non-finite step (-1: never), over every set of keys seen (one sync)."""
+        if not self.first_bad:
+            return {}
+        groups = list(self.first_bad.items())
+        device = groups[0][1].device
+        flat = torch.cat([t.to(device) for _, t in groups]).tolist()
+        out: dict[str, int] = {}
+        i = 0
+        for keys, _ in groups:
+            for k in keys:
+                s, i = flat[i], i + 1
+                prev = out.get(k, -1)
+                out[k] = s if prev < 0 else (prev if s < 0 else min(prev, s))
+        return out
 
     def check(self, where: str, epoch: int | None = None,
               any_rank: Callable[[bool], bool] | None = None) -> None:
@@ -61,11 +79,8 @@ class NonFiniteGuard:
 
         ``any_rank`` (distributed runs): ``local -> whether any process saw one``, so that every
         process stops at the same check instead of waiting for the others in a collective."""
-        keys = list(self.first_bad)
-        firsts = []
-        if keys:
-            device = self.first_bad[keys[0]].device
-            firsts = torch.stack([self.first_bad[k].to(device) for k in keys]).tolist()   # the one sync
+        found = self._firsts()
+        keys, firsts = list(found), list(found.values())
         bad = sorted((s, k == "loss", k) for k, s in zip(keys, firsts) if s >= 0)
         if any_rank is not None and any_rank(bool(bad)) and not bad:
             raise NonFiniteError(
@@ -81,8 +96,7 @@ class NonFiniteGuard:
                 f"{', '.join(describe_term(k) for k in culprits)}"
                 f"{f'; still finite then: {finite}' if finite else ''}. Detected at step {self.step}, {where} "
                 f"(the guard checks at logging intervals, epoch ends and before every checkpoint). {CAUSES} "
-                "No checkpoint with "
-                "non-finite values was written; results.json records the failure.")
+                "No checkpoint with non-finite values was written; results.json records the failure.")
         self.checked_through = self.step
 
 
