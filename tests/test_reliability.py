@@ -22,7 +22,14 @@ import torch
 from sskt_lightning import weights as W
 from sskt_lightning.checkpoints import SafeCheckpointIO
 from sskt_lightning.compose import compose_config
-from sskt_lightning.errors import ConfigError, DataNotFoundError, NonFiniteError, OutputError, ResumeError, WeightsError
+from sskt_lightning.errors import (
+    ConfigError,
+    DataNotFoundError,
+    NonFiniteError,
+    OutputError,
+    ResumeError,
+    WeightsError,
+)
 from sskt_lightning.train import run
 
 SMOKE = ["trainer=smoke", "data.batch_size=8", "data.val_size=16", "data.num_workers=0", "data=cifar10",
@@ -117,9 +124,6 @@ def test_full_disk_during_a_checkpoint_write_keeps_the_previous_file(tmp_path, m
 
 def test_full_disk_in_a_run_is_one_clear_message_and_exit_2(tmp_path, cifar_dir, monkeypatch, capsys):
     """Through the command line's own code path (in-process): no traceback, results.json says failed."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    from sskt_lightning import train as train_mod
     real_save = torch.save
 
     def enospc(obj, f, *args, **kwargs):
@@ -260,7 +264,7 @@ def test_a_non_finite_term_is_named_with_its_step(tmp_path, cifar_dir, monkeypat
     with pytest.raises(NonFiniteError) as info:
         train(tmp_path, cifar_dir, f"method={method}", *extra)
     msg = str(info.value)
-    assert f"training step 1" in msg and term in msg and "Usual causes" in msg
+    assert "training step 1" in msg and term in msg and "Usual causes" in msg
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 

@@ -98,10 +98,10 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path, cifar_dir, m
 
 def test_last_ckpt_is_the_last_epoch_when_the_best_is_earlier(tmp_path, cifar_dir):
     """Lightning's save_last writes `last` only with a new best; here the best is epoch 0."""
+    import lightning as L
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    import lightning as L
     from sskt_lightning.module import TransferModule
     from sskt_lightning.train import data_info_of
     res = _run(tmp_path, cifar_dir, "method=scratch",

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -51,10 +50,10 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
 def _download(url: str, dest: Path, timeout: float = 60.0) -> Path:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (http(s) only)
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             atomic_write(dest, lambda f: shutil.copyfileobj(response, f, 1 << 20),
                          what=f"downloading {url} to")
-    except (urllib.error.URLError, socket.timeout, ConnectionError, ValueError) as err:
+    except (TimeoutError, urllib.error.URLError, ConnectionError, ValueError) as err:
         reason = getattr(err, "reason", None) or err
         raise ResumeError(f"resume={url}: could not download it ({type(err).__name__}: {reason}). Check the "
                           "URL, or download the file yourself and pass resume=/path/to/last.ckpt.") from None

@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 
 from sskt_lightning.guard import NonFiniteGuard, check_weights_finite
 from sskt_lightning.losses import task_loss
-from sskt_lightning.metrics import primary_metric
 from sskt_lightning.methods.base import Method
+from sskt_lightning.metrics import primary_metric
 from sskt_lightning.nets.factory import TappedNet, create_network, resolve_model_name
 from sskt_lightning.sources import SourceBank, build_sources
 
@@ -72,7 +72,7 @@ class TransferModule(L.LightningModule):
         trainer = self._trainer
         any_rank = None
         if trainer is not None and trainer.world_size > 1:
-            any_rank = lambda bad: trainer.strategy.reduce_boolean_decision(bad, all=False)  # noqa: E731
+            any_rank = lambda bad: trainer.strategy.reduce_boolean_decision(bad, all=False)
         self.guard.check(where, self.current_epoch if trainer is not None else None, any_rank)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):

@@ -128,7 +128,11 @@ def _run(cfg: DictConfig) -> dict:
 
     from sskt_lightning.atomic import atomic_write_text, remove_stale_temps
     from sskt_lightning.callbacks import RunState, ThroughputMeter
-    from sskt_lightning.checkpoints import SafeCheckpointIO, check_resume_fits, prepare_resume
+    from sskt_lightning.checkpoints import (
+        SafeCheckpointIO,
+        check_resume_fits,
+        prepare_resume,
+    )
     module_cls = globals().get("TransferModule") or __getattr__("TransferModule")
 
     ckpt_dir = output_dir / "checkpoints"

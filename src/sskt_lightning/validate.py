@@ -27,7 +27,8 @@ _NO_RUN_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", 
 
 # ---------------------------------------------------------------------------- config groups
 def _config_dir() -> Path:
-    from sskt_lightning.train import CONFIG_DIR   # one definition of where the configs live
+    # one definition of where the configs live
+    from sskt_lightning.train import CONFIG_DIR
     return Path(CONFIG_DIR)
 
 
@@ -39,7 +40,7 @@ def known_top_level_keys() -> set[str]:
     """The keys ``conf/train.yaml`` defines, plus one per config group directory."""
     config_dir = _config_dir()
     root = OmegaConf.load(config_dir / "train.yaml")
-    keys = {k for k in root.keys() if k not in ("defaults", "hydra")}
+    keys = {k for k in root if k not in ("defaults", "hydra")}
     keys |= {p.name for p in config_dir.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))}
     return keys
 
