@@ -1,6 +1,6 @@
 """Resume continues the same run: a run killed with SIGKILL mid-epoch and resumed from its
 last.ckpt ends with the same results and bit-identical weights as an uninterrupted run (scratch and
-SSKT, deterministic, CPU); the CSV log continues; last.ckpt is the last epoch even when the best
+SSKT, SSKT with an unlabeled stream; deterministic, CPU); the CSV log continues; last.ckpt is the last epoch even when the best
 validation epoch is earlier; a resume into a fresh directory works; bad resume files are refused."""
 import csv
 import json
@@ -28,6 +28,8 @@ METHODS = {
     "sskt": ["method=sskt", "method.aux_head=linear", "source=[timm]", "source.timm.name=cifar_resnet20",
              "source.timm.pretrained=false", "source.timm.num_classes=10"],
 }
+METHODS["sskt_unlabeled"] = [*METHODS["sskt"], "method.unlabeled=true", "data.unlabeled=true",
+                             "data.labels_per_class=4"]   # a second, unlabeled stream
 COMPARED = ("test_acc", "best_val_acc", "best_val_epoch", "last_val_acc", "epochs", "extra", "status")
 
 
