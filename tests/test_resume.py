@@ -51,25 +51,26 @@ def _weights(path):
 
 def _killed_run(out: Path, data_dir, method: list[str]) -> None:
     """The command line run, stopped by SIGKILL in the middle of epoch 1 (epoch 0's checkpoint on disk)."""
-    ready = out.parent / f"{out.name}.ready"
+    ready, log = out.parent / f"{out.name}.ready", out.parent / f"{out.name}.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sskt_lightning.train", *COMMON, *method, f"paths.data_dir={data_dir}",
-         f"hydra.run.dir={out}", "+callbacks.stall._target_=reliability_helpers.Stall",
-         f"+callbacks.stall.ready={ready}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 120
-        while not ready.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.time() < deadline, "the run never reached epoch 1"
-            time.sleep(0.1)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sskt_lightning.train", *COMMON, *method, f"paths.data_dir={data_dir}",
+             f"hydra.run.dir={out}", "+callbacks.stall._target_=reliability_helpers.Stall",
+             f"+callbacks.stall.ready={ready}"], env=env, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.time() + 120
+            while not ready.exists():
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.time() < deadline, "the run never reached epoch 1"
+                time.sleep(0.1)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "results.json").exists()
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
