@@ -10,12 +10,12 @@ SMALL_SOURCE = ["source=[timm]", "source.timm.name=cifar_resnet20", "source.timm
                 "source.timm.pretrained=false"]
 
 
-def multirun(tmp_path, data_dir, *overrides):
+def multirun(tmp_path, data_dir, *overrides, returncode=0):
     cmd = [sys.executable, "-m", "sskt_lightning.train", "-m", "data=cifar10", "model=resnet20",
            "trainer=smoke", "data.batch_size=8", "data.num_workers=0", f"paths.data_dir={data_dir}",
            f"hydra.sweep.dir={tmp_path / 'sweep'}", *SMALL_SOURCE, *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == returncode, proc.stderr[-3000:]
     return tmp_path / "sweep", proc
 
 
@@ -27,9 +27,14 @@ def test_every_method_runs_in_one_multirun(tmp_path, cifar_dir):
     assert "sskt" in (tmp_path / "report" / "report.md").read_text()
 
 
-def test_a_failing_job_does_not_end_the_sweep(tmp_path, cifar_dir):
-    # the second job asks for more validation images than the data has: a ConfigError
-    sweep, proc = multirun(tmp_path, cifar_dir, "method=scratch", "data.val_size=16,100000")
-    assert (sweep / "0" / "results.json").is_file()
-    assert (sweep / "1" / "failed.txt").is_file() and not (sweep / "1" / "results.json").exists()
-    assert "ConfigError" in (sweep / "1" / "failed.txt").read_text()
+def test_a_failing_job_does_not_end_the_sweep_but_fails_it(tmp_path, cifar_dir):
+    # the second job asks for more validation images than the data has: a ConfigError; the sweep
+    # goes on, then exits non-zero with one line per failed job
+    sweep, proc = multirun(tmp_path, cifar_dir, "method=scratch", "data.val_size=16,100000", returncode=1)
+    assert json.loads((sweep / "0" / "results.json").read_text())["status"] == "ok"
+    failed = json.loads((sweep / "1" / "results.json").read_text())
+    assert failed["status"] == "failed" and "test_acc" not in failed
+    assert (sweep / "1" / "failed.txt").read_text().startswith("ConfigError: ")
+    assert "1 of 2 jobs failed" in proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("  job 1: ConfigError: ")]
+    assert "job 0:" not in proc.stderr

@@ -6,7 +6,7 @@ import timm
 import torch
 from torch import nn
 
-import sskt_lightning  # noqa: F401  (registers cifar_* with timm)
+import sskt_lightning.nets  # noqa: F401  (registers cifar_* with timm)
 from sskt_lightning.errors import WeightsError
 
 EXPECTED = {

@@ -68,8 +68,72 @@ class WeightsDigest(L.Callback):
     def on_fit_end(self, trainer, module):
         import json
         from pathlib import Path
+
+        from sskt_lightning.atomic import atomic_write_text
         out = Path(trainer.default_root_dir) / f"weights_digest_rank{trainer.global_rank}.json"
-        out.write_text(json.dumps({
+        atomic_write_text(out, json.dumps({
             "rank": trainer.global_rank, "world_size": trainer.world_size,
             "parameters": self._digest(sorted(module.target.named_parameters())),
             "buffers": self._digest(sorted(module.target.named_buffers()))}))
+
+
+# ---------------------------------------------------------------------------- resume state
+def collect_rng_states() -> dict:
+    """Every global random state the run draws from, as tensors and plain values only (so the
+    checkpoint stays loadable with ``weights_only=True``): torch CPU (and CUDA, when in use: the
+    on-device augmentation draws from it), numpy and python ``random``."""
+    import random
+
+    import numpy as np
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states = {"torch": torch.get_rng_state(),
+              "numpy": [kind, torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)],
+              "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    import random
+
+    import numpy as np
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class RunState(L.Callback):
+    """What a resumed run needs beyond weights, optimizers and loops (which Lightning keeps):
+
+    * the global random states (:func:`collect_rng_states`), captured with every checkpoint and put
+      back at the start of the first training epoch after a resume, i.e. at the point where the
+      uninterrupted run continued from the same state (the data module keeps its samplers'
+      generators in its own ``state_dict``);
+    * the CSV log flushed to disk before the checkpoint callbacks save at an epoch's end, so the
+      rows up to a checkpoint are on disk whenever the checkpoint is.
+    """
+
+    def __init__(self):
+        self._pending: dict | None = None
+
+    def state_dict(self) -> dict:
+        return {"rng": collect_rng_states()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._pending = state_dict.get("rng")
+
+    def on_train_epoch_start(self, trainer, module):
+        if self._pending is not None:
+            restore_rng_states(self._pending)
+            self._pending = None
+
+    def on_train_epoch_end(self, trainer, module):
+        from lightning.pytorch.loggers import CSVLogger
+        for logger in trainer.loggers:
+            if isinstance(logger, CSVLogger):
+                logger.save()

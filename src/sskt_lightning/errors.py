@@ -19,3 +19,15 @@ class DataError(SSKTError, ValueError):
 
 class WeightsError(SSKTError, RuntimeError):
     """Pretrained weights could not be fetched or do not fit the network."""
+
+
+class ResumeError(WeightsError):
+    """``resume=`` names no usable checkpoint of this run (missing, truncated, foreign, mismatched)."""
+
+
+class OutputError(SSKTError, OSError):
+    """The run directory cannot be written (read-only, full disk, a path under a file)."""
+
+
+class NonFiniteError(SSKTError, ArithmeticError):
+    """Training produced a non-finite loss or non-finite weights; the run was stopped."""

@@ -10,9 +10,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from sskt_lightning.guard import NonFiniteGuard, check_weights_finite
 from sskt_lightning.losses import task_loss
-from sskt_lightning.metrics import primary_metric
 from sskt_lightning.methods.base import Method
+from sskt_lightning.metrics import primary_metric
 from sskt_lightning.nets.factory import TappedNet, create_network, resolve_model_name
 from sskt_lightning.sources import SourceBank, build_sources
 
@@ -57,6 +58,7 @@ class TransferModule(L.LightningModule):
         extras = self.method.extra_eval_names()   # e.g. DML peers, evaluated beside the target
         self.extra_val_metrics = torch.nn.ModuleDict({n: primary_metric(data_info) for n in extras})
         self.extra_test_metrics = torch.nn.ModuleDict({n: primary_metric(data_info) for n in extras})
+        self.guard = NonFiniteGuard()   # every loss term logged by log_train, checked without per-step syncs
 
     # ------------------------------------------------------------------ training
     def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -65,11 +67,27 @@ class TransferModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         return self.method.training_step(self, batch)
 
+    def check_finite(self, where: str) -> None:
+        """The non-finite guard's check (one host sync; under DDP one all-reduce of a flag)."""
+        trainer = self._trainer
+        any_rank = None
+        if trainer is not None and trainer.world_size > 1:
+            any_rank = lambda bad: trainer.strategy.reduce_boolean_decision(bad, all=False)
+        self.guard.check(where, self.current_epoch if trainer is not None else None, any_rank)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        interval = max(1, int(getattr(self.trainer, "log_every_n_steps", 50) or 50))
+        if self.guard.step % interval == 0:
+            self.check_finite(f"at a logging interval (trainer.log_every_n_steps={interval})")
+
     def on_train_epoch_end(self):
+        self.check_finite("at the end of the epoch")
         self.method.on_train_epoch_end(self)
 
     def log_train(self, parts: Mapping[str, torch.Tensor], logits=None, labels=None) -> None:
-        """Log the step's loss terms under ``train/``; tensors only, no host sync per step."""
+        """Log the step's loss terms under ``train/``; tensors only, no host sync per step. Every
+        term also feeds the non-finite guard (:mod:`sskt_lightning.guard`)."""
+        self.guard.update(parts)
         bs = labels.shape[0] if labels is not None else None
         for key, value in parts.items():
             self.log(f"train/{key}", value.detach(), on_step=True, on_epoch=False,
@@ -124,8 +142,12 @@ class TransferModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint):
-        """Frozen sources are rebuilt from the config; keep them out of every checkpoint."""
+        """Never a checkpoint of a run gone non-finite; frozen sources are rebuilt from the config,
+        so they stay out of every checkpoint."""
+        self.check_finite("before saving a checkpoint")
         sd = checkpoint["state_dict"]
+        check_weights_finite(((k, v) for k, v in sd.items() if not k.startswith(SOURCES_PREFIX)),
+                             f"at epoch {self.current_epoch}, step {self.global_step}")
         for key in [k for k in sd if k.startswith(SOURCES_PREFIX)]:
             del sd[key]
 

@@ -194,7 +194,7 @@ def _build_net(spec: SourceSpec, data_info: Mapping) -> tuple[nn.Module, dict]:
     (plus ``class_names`` when the weights say them: checkpoints of this project)."""
     stats: dict = {}
     if spec.weights:
-        obj = W.read_file(spec.weights)
+        obj = W.read_file(spec.weights, f"source.{spec.key}.weights")
         name, in_chans = spec.name, spec.in_chans or 3
         if W.is_project_checkpoint(obj):
             info = obj["hyper_parameters"]["data_info"]

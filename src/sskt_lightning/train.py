@@ -1,37 +1,45 @@
 """Entry point: ``python -m sskt_lightning.train model=<net> data=<dataset> method=<name> ...``.
 
-Hydra composes ``conf/train.yaml`` with the config groups; this file only wires the pieces: data
-module -> TransferModule -> Trainer (callbacks, loggers) -> fit -> test on the last epoch's weights
--> ``results.json`` in the run directory.
+Hydra composes ``conf/train.yaml`` with the config groups; this file only wires the pieces: checks
+(:mod:`sskt_lightning.validate`) -> data module -> TransferModule -> Trainer (callbacks, loggers,
+safe checkpoint I/O) -> fit -> test on the last epoch's weights -> ``results.json`` in the run
+directory. A failure writes ``failed.txt`` and a ``results.json`` with ``"status": "failed"``.
+
+Only the standard library, Hydra and OmegaConf are imported at the top: ``--help`` and ``--cfg``
+answer without loading torch, Lightning or timm.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 
 import hydra
-import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
-from sskt_lightning.callbacks import ThroughputMeter
 from sskt_lightning.errors import SSKTError
-from sskt_lightning.module import TransferModule
 
 log = logging.getLogger("sskt_lightning")
 from sskt_lightning.compose import CONFIG_DIR  # noqa: E402  (conf/, shipped as sskt_lightning.conf)
 # Overrides that do not change the experiment: left out of the W&B / report group.
 _NOT_IN_GROUP = ("seed=", "paths.", "logger", "hydra.", "trainer.devices", "trainer.accelerator",
-                 "data.num_workers")
+                 "data.num_workers", "resume=")
+RESULTS, FAILED = "results.json", "failed.txt"
+
+
+def __getattr__(name: str):
+    """Heavy names resolved on first use (``train.TransferModule``), so importing this module
+    stays light; tests may replace them with ``monkeypatch.setattr``."""
+    if name == "TransferModule":
+        from sskt_lightning.module import TransferModule
+        return TransferModule
+    raise AttributeError(name)
 
 
 def data_info_of(dm) -> dict:
@@ -59,8 +67,10 @@ def group_name(cfg: DictConfig, sources: list[str]) -> str:
     return " ".join(parts)
 
 
-def build_loggers(cfg: DictConfig, output_dir: Path, group: str, config: dict) -> list:
-    loggers = [CSVLogger(save_dir=str(output_dir), name="csv", version="")]
+def build_loggers(cfg: DictConfig, output_dir: Path, group: str, config: dict,
+                  keep_through_epoch: int | None = None) -> list:
+    from sskt_lightning.runlog import RunCSVLogger
+    loggers = [RunCSVLogger(save_dir=str(output_dir), keep_through_epoch=keep_through_epoch)]
     wandb_cfg = cfg.logger.get("wandb") if cfg.get("logger") else None
     if wandb_cfg:
         from lightning.pytorch.loggers import WandbLogger
@@ -72,43 +82,108 @@ def build_loggers(cfg: DictConfig, output_dir: Path, group: str, config: dict) -
     return loggers
 
 
-def run(cfg: DictConfig) -> dict:
-    """Train and test one configuration; return (and write) its results."""
-    output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.seed, workers=True)
+def _checkpoint_callbacks(ckpt_dir: Path):
+    """``best-*.ckpt`` (highest val/acc) and ``last.ckpt`` (end of every epoch, always)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
+    class BestCheckpoint(ModelCheckpoint):
+        """Keeps the best score across a resume into another directory too (Lightning keeps only
+        the path there); files outside its own directory are never deleted by Lightning."""
+
+        def load_state_dict(self, state_dict):
+            super().load_state_dict(state_dict)
+            for key in ("best_model_score", "kth_best_model_path", "kth_value", "best_k_models"):
+                if key in state_dict:
+                    setattr(self, key, state_dict[key])
+
+    best = BestCheckpoint(dirpath=ckpt_dir, monitor="val/acc", mode="max",
+                          filename="best-epoch{epoch:03d}-acc{val/acc:.4f}",
+                          auto_insert_metric_name=False, save_last=False, save_top_k=1)
+    # Lightning's save_last=True writes `last` only when a new best is saved; this one writes at
+    # every epoch's end (after validation), whatever the score.
+    last = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
+                           every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
+    return best, last
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train and test one configuration; return (and write) its results. A failure is recorded in
+    the run directory (``failed.txt``, ``results.json`` with ``status: failed``) and re-raised."""
+    try:
+        return _run(cfg)
+    except Exception as err:
+        record_failure(cfg, err)
+        raise
+
+
+def _run(cfg: DictConfig) -> dict:
+    from sskt_lightning.validate import check_output_dir, validate_config
+    validate_config(cfg)                       # before any data is read
+    output_dir = check_output_dir(cfg.paths.output_dir)
+    for name in (FAILED, RESULTS):             # from an earlier run in this directory: no longer true
+        (output_dir / name).unlink(missing_ok=True)
+
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from sskt_lightning.atomic import atomic_write_text, remove_stale_temps
+    from sskt_lightning.callbacks import RunState, ThroughputMeter
+    from sskt_lightning.checkpoints import (
+        SafeCheckpointIO,
+        check_resume_fits,
+        prepare_resume,
+    )
+    module_cls = globals().get("TransferModule") or __getattr__("TransferModule")
+
+    ckpt_dir = output_dir / "checkpoints"
+    for d in (output_dir, ckpt_dir):
+        remove_stale_temps(d)                  # left by a writer killed mid-write
+    resume_path = resume_obj = None
+    if cfg.get("resume"):                      # checked (weights_only=True) before anything trains
+        resume_path, resume_obj = prepare_resume(str(cfg.resume), output_dir)
+
+    L.seed_everything(cfg.seed, workers=True)
     dm = instantiate(cfg.data)
     dm.setup("fit")  # reads the data now: missing files fail here, before any weights are fetched
     data_info = data_info_of(dm)
     config = OmegaConf.to_container(cfg, resolve=True)
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(config))
-    module = TransferModule(config, data_info)
+    atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(config))
+    module = module_cls(config, data_info)
+    keep_through_epoch = None
+    if resume_obj is not None:
+        check_resume_fits(resume_obj, module, cfg.resume)
+        keep_through_epoch = int(resume_obj["epoch"])
+        resume_obj = None                      # Lightning reads the (verified) file itself
     sources = list(module.sources.sources) if module.method.needs_sources else []
     group = group_name(cfg, sources)
 
-    best = ModelCheckpoint(dirpath=output_dir / "checkpoints", monitor="val/acc", mode="max",
-                           filename="best-epoch{epoch:03d}-acc{val/acc:.4f}",
-                           auto_insert_metric_name=False, save_last=True, save_top_k=1)
+    best, last = _checkpoint_callbacks(ckpt_dir)
     meter = ThroughputMeter()
-    loggers = build_loggers(cfg, output_dir, group, config)
+    loggers = build_loggers(cfg, output_dir, group, config, keep_through_epoch)
     extra = {}
     if cfg.trainer.get("strategy") == "ddp":
         # several optimizers stepped in one step (DML, MAXL): each backward touches only some
         # parameters, which DDP must be told about
         from lightning.pytorch.strategies import DDPStrategy
         extra["strategy"] = DDPStrategy(find_unused_parameters=not module.automatic_optimization)
-    callbacks = [best, meter, *(instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c)]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers,
+    callbacks = [RunState(), best, last, meter,
+                 *(instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c)]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[SafeCheckpointIO()],
                           default_root_dir=str(output_dir), **extra)
     dm.split_batch_across(trainer.world_size)   # data.batch_size is global
+    import time
     start = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("resume"))
+    # Lightning reads the verified file through SafeCheckpointIO (weights_only=True, local only)
+    trainer.fit(module, datamodule=dm, ckpt_path=str(resume_path) if resume_path else None)
     wall = time.perf_counter() - start
+    last_path = ckpt_dir / "last.ckpt"
+    if last._last_global_step_saved != trainer.global_step or not last_path.is_file():
+        trainer.save_checkpoint(last_path)    # e.g. a step budget ending mid-epoch: test's weights on disk
     val_hist = trainer.callback_metrics.get("val/acc")  # the last validation (before test resets it)
-    tested = trainer.test(module, datamodule=dm, verbose=False)[0]  # last epoch's weights
+    tested = trainer.test(module, datamodule=dm, verbose=False)[0]  # last epoch's weights = last.ckpt
 
     results = {
+        "status": "ok",
         "method": module.method.name, "model": module.model_name, "data": data_info["name"],
         "sources": sources, "seed": int(cfg.seed), "epochs": int(trainer.current_epoch),
         "group": group, "test_metric": data_info["metric"],
@@ -119,17 +194,18 @@ def run(cfg: DictConfig) -> dict:
         "wall_time_s": round(wall, 2), "train_images_per_s": meter.images_per_second,
         "num_train": dm.num_train, "num_val": dm.num_val, "num_test": dm.num_test,
         "metrics_csv": "csv/metrics.csv",
-        "checkpoints": {"last": _rel(best.last_model_path, output_dir),
+        "checkpoints": {"last": _rel(str(last_path), output_dir),
                         "best": _rel(best.best_model_path, output_dir)},
+        "resumed_from": str(cfg.resume) if cfg.get("resume") else None,
         "method_settings": module.method.describe(),
         "overrides": _task_overrides(),
         "extra": {k.replace("/", "_"): float(v) for k, v in tested.items() if k != "test/acc"},
     }
     if trainer.is_global_zero:
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2))
+        atomic_write_text(output_dir / RESULTS, json.dumps(results, indent=2))
         for lg in loggers[1:]:  # W&B: the results as the run's summary, then close the run
             lg.experiment.summary.update({k: v for k, v in results.items() if not isinstance(v, (dict, list))})
-            lg.experiment.save(str(output_dir / "results.json"), base_path=str(output_dir), policy="now")
+            lg.experiment.save(str(output_dir / RESULTS), base_path=str(output_dir), policy="now")
             lg.experiment.finish()
         log.info("results: test %s %.4f (last epoch), best val %.4f -> %s", results["test_metric"],
                  results["test_acc"], results["best_val_acc"] or float("nan"), output_dir)
@@ -142,11 +218,50 @@ def _epoch_of(path: str) -> int | None:
 
 
 def _rel(path: str, root: Path) -> str | None:
-    return str(Path(path).relative_to(root)) if path else None
+    """``path`` relative to the run directory; absolute when it lies elsewhere (a resume into a
+    fresh directory keeps the earlier best checkpoint where it is)."""
+    if not path:
+        return None
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(Path(path).resolve())
+
+
+def optimized_value(cfg: DictConfig, results: dict) -> float:
+    """What a sweeper optimises: ``cfg.optimized_metric`` (a validation number), never test."""
+    value = results.get(cfg.get("optimized_metric") or "best_val_acc")
+    return float(value) if value is not None else float("nan")
+
+
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
+
+
+def record_failure(cfg: DictConfig, err: BaseException) -> None:
+    """``failed.txt`` (line 1: the error on one line; then the traceback for unexpected errors) and
+    ``results.json`` with ``status: failed`` in the run directory, both atomic; never raises."""
+    from sskt_lightning.atomic import atomic_write_text
+    out = Path(OmegaConf.select(cfg, "paths.output_dir", default=".") or ".")
+    detail = "" if isinstance(err, SSKTError) else "\n\n" + "".join(traceback.format_exception(err))
+    failure = {"status": "failed", "error": _one_line(err), "error_type": type(err).__name__,
+               "method": OmegaConf.select(cfg, "method.name", default=None),
+               "model": OmegaConf.select(cfg, "model.name", default=None),
+               "data": OmegaConf.select(cfg, "data.name", default=None),
+               "seed": OmegaConf.select(cfg, "seed", default=None),
+               "overrides": _task_overrides(), "failed_txt": FAILED}
+    try:
+        atomic_write_text(out / FAILED, _one_line(err) + "\n" + detail)
+        atomic_write_text(out / RESULTS, json.dumps(failure, indent=2, default=str))
+    except Exception as write_err:   # e.g. the run directory itself is the problem
+        log.error("could not record the failure in %s: %s", out, write_err)
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=1)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def _hydra_main(cfg: DictConfig) -> float:
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     if multirun and cfg.trainer.get("strategy") == "ddp" and cfg.trainer.get("devices") not in (1, "1"):
         # Lightning's DDP launcher re-runs the command line in each child process: under -m that
@@ -156,26 +271,31 @@ def main(cfg: DictConfig) -> float | None:
               "single run instead (see README, 'Sweeps with DDP').\n", file=sys.stderr)
         sys.exit(2)
     try:
-        return run(cfg)["test_acc"]
+        return optimized_value(cfg, run(cfg))   # run() records a failure in the run directory
     except SSKTError as err:
-        if multirun:  # one failed job must not end the sweep
-            _record_failure(cfg, err)
-            return None
+        if multirun:  # one failed job must not end the sweep; the summary at the end lists it
+            log.error("job failed: %s; the sweep goes on.", _one_line(err))
+            return math.nan
         print(f"\nerror: {err}\n", file=sys.stderr)
         sys.exit(2)
     except Exception as err:
         if multirun:
-            _record_failure(cfg, err)
-            return None
+            log.error("job failed (%s); the sweep goes on. Details: %s", _one_line(err),
+                      Path(cfg.paths.output_dir) / FAILED)
+            return math.nan
         raise
 
 
-def _record_failure(cfg: DictConfig, err: BaseException) -> None:
-    out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "failed.txt").write_text("".join(traceback.format_exception(err)))
-    log.error("job failed (%s: %s); the sweep goes on. Details: %s", type(err).__name__, err,
-              out / "failed.txt")
+def main() -> float | None:
+    """The command line: checks Hydra cannot phrase well first (unknown source configs, an
+    unwritable run directory), then Hydra composes and runs :func:`_hydra_main`."""
+    from sskt_lightning.validate import preflight
+    try:
+        preflight(sys.argv[1:])
+    except SSKTError as err:
+        print(f"\nerror: {err}\n", file=sys.stderr)
+        sys.exit(2)
+    return _hydra_main()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 and checkpoints written by this project. Every failure is a :class:`WeightsError` naming the fix."""
 from __future__ import annotations
 
+import pickle
 import socket
 from pathlib import Path
 from urllib.error import URLError
@@ -15,22 +16,51 @@ _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "net", "weights")
 TARGET_PREFIX = "target.net."   # this project's TransferModule keeps the target under this name
 
 
-def read_file(path: str | Path) -> dict:
-    """The raw object stored in a weights file (a dict)."""
+def read_file(path: str | Path, option: str = "source.<name>.weights") -> dict:
+    """The raw object stored in a weights file (a dict): the one loader of every checkpoint and
+    weights file the harness reads (resume, sources, teachers, peers).
+
+    Torch files are read with ``torch.load(weights_only=True)``: tensors and plain containers only,
+    so a file carrying pickled code is refused instead of run. ``option`` names the setting that
+    gave the path, for the error messages.
+    """
+    text = str(path)
+    if "://" in text:
+        raise WeightsError(f"{option}={text}: a URL is not a file. Download it first, or use the option "
+                           "that takes a URL (source.<name>.url; resume= accepts http(s) URLs).")
     path = Path(path).expanduser()
+    if not path.exists():
+        raise WeightsError(f"{option}={text}: the file does not exist. Check the path (absolute, or "
+                           f"relative to where you run).")
     if not path.is_file():
-        raise WeightsError(f"Weights file {str(path)!r} does not exist. Check the path given as "
-                           "source.<name>.weights (absolute, or relative to where you run).")
+        raise WeightsError(f"{option}={text} is not a file (a directory?); give the file itself, e.g. "
+                           "<run dir>/checkpoints/last.ckpt.")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"{option}={text}: the file is empty (0 bytes; an interrupted copy?).")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             return load_file(str(path), device="cpu")
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors, corrupt archives, foreign formats
+    except pickle.UnpicklingError as err:
+        found = [line.strip() for line in str(err).splitlines() if "GLOBAL" in line]
+        if found:   # weights_only refused a reference to a Python object: the file could run code
+            raise WeightsError(
+                f"{option}={text}: refused to load: the file holds Python objects other than tensors "
+                f"and plain containers, and loading them could run code ({found[0][:200]}). Only files "
+                "that torch.load(weights_only=True) accepts are read; re-save the weights as a plain "
+                "state dict (torch.save(model.state_dict(), ...)) or as .safetensors.") from None
+        err_text = next((ln.strip() for ln in reversed(str(err).splitlines()) if ln.strip() and "documentation" not in ln), "")
         raise WeightsError(
-            f"Could not read weights from {str(path)!r}: {type(err).__name__}: {str(err)[:300]}. "
-            "Supported: .safetensors, or torch files that torch.load(weights_only=True) accepts "
-            "(tensors and plain containers only).") from None
+            f"Could not read weights from {option}={text}: truncated, corrupt or not a weights file "
+            f"(UnpicklingError: {err_text[:200]}). Supported: .safetensors, or torch files (.pth, .pt, "
+            ".ckpt) that torch.load(weights_only=True) accepts.") from None
+    except Exception as err:  # truncated archives, corrupt or foreign formats
+        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise WeightsError(
+            f"Could not read weights from {option}={text}: truncated, corrupt or not a weights file "
+            f"({type(err).__name__}: {reason}). Supported: .safetensors, or torch files (.pth, .pt, .ckpt) that "
+            "torch.load(weights_only=True) accepts.") from None
 
 
 def is_project_checkpoint(obj: dict) -> bool:

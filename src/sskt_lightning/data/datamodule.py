@@ -142,6 +142,7 @@ class ImageDataModule(L.LightningDataModule):
         self.unlabeled, self.unlabeled_ratio, self.unlabeled_source = bool(unlabeled), unlabeled_ratio, unlabeled_source
         self.drop_last_train, self.skip_bad_images = bool(drop_last_train), bool(skip_bad_images)
         self._split: TaskSplit | None = None
+        self._pending_generator_states: list[torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ loading
 
@@ -179,6 +180,8 @@ class ImageDataModule(L.LightningDataModule):
         self._unlabeled_images, self._unlabeled_idx = self._unlabeled_pool(train, split)
         self._mean, self._std = self._stats(train.images.shape[1])
         self._generators = [torch.Generator().manual_seed(self.seed + k) for k in (0, 1)]
+        if self._pending_generator_states is not None:   # load_state_dict came before setup
+            self.load_state_dict({"generators": self._pending_generator_states})
         self._split = split
 
     def _check_fixed_format(self, train: ImageArrays) -> None:
@@ -331,6 +334,29 @@ class ImageDataModule(L.LightningDataModule):
     def unlabeled_batch_size(self) -> int:
         return max(1, round(self.batch_size * self.unlabeled_ratio))
 
+    # ------------------------------------------------------------------ resume state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampling state (every generator in ``_generators``): saved in each checkpoint by
+        Lightning, so a resumed run draws the same batches as an uninterrupted one."""
+        gens = getattr(self, "_generators", None)
+        return {"generators": [g.get_state() for g in gens]} if gens else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        states = state_dict.get("generators")
+        if not states:
+            return
+        gens = getattr(self, "_generators", None)
+        if gens is None:
+            self._pending_generator_states = list(states)
+            return
+        if len(states) != len(gens):
+            raise ConfigError(f"The checkpoint holds {len(states)} data sampler states, this data module "
+                              f"has {len(gens)}: it was written by another version of the harness.")
+        for gen, state in zip(gens, states):
+            gen.set_state(state)
+        self._pending_generator_states = None
+
     # ------------------------------------------------------------------ loaders
 
     def _loader(self, dataset: Dataset, batch_size: int, generator: torch.Generator | None = None) -> DataLoader:
@@ -363,6 +389,7 @@ class ImageDataModule(L.LightningDataModule):
         sampler = RandomSampler(pool, num_samples=len(labeled) * self.unlabeled_batch_size,
                                 generator=self._generators[1])
         unlabeled = DataLoader(pool, batch_size=self.unlabeled_batch_size, sampler=sampler, drop_last=True,
+                               generator=self._generators[1],  # no draw from the global RNG
                                num_workers=self.num_workers, pin_memory=self.pin_memory,
                                persistent_workers=self.persistent_workers, collate_fn=collate_batch)
         return {"labeled": labeled, "unlabeled": unlabeled}

@@ -111,7 +111,7 @@ class DML(Method):
 
     @staticmethod
     def _build_peer(k: int, spec: dict, info: Mapping, size: int) -> tuple[nn.Module, str]:
-        obj = W.read_file(spec["weights"]) if spec["weights"] else None
+        obj = W.read_file(spec["weights"], f"method.peers[{k - 1}].weights") if spec["weights"] else None
         name = spec["name"]
         if name is None and obj is not None and W.is_project_checkpoint(obj):
             name = obj["hyper_parameters"]["model_name"]

@@ -1,0 +1,29 @@
+"""Callbacks the reliability tests put into runs (by `+callbacks.<name>._target_=reliability_helpers.X`;
+tests/ is on the path of the test process and of the subprocesses they start)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+class Stall(L.Callback):
+    """At batch `batch` of epoch `epoch`, write `ready` and sleep: the test then kills the process."""
+
+    def __init__(self, ready: str, epoch: int = 1, batch: int = 3, seconds: float = 300.0):
+        self.ready, self.epoch, self.batch, self.seconds = Path(ready), epoch, batch, seconds
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            self.ready.write_text(f"epoch {trainer.current_epoch} batch {batch_idx}")
+            time.sleep(self.seconds)
+
+
+class DecreasingValAcc(L.Callback):
+    """Replace the logged val/acc by 1 - 0.1 * epoch, so the best validation epoch is epoch 0 and
+    every later epoch is worse (the checkpoint callbacks read it after this callback)."""
+
+    def on_validation_end(self, trainer, module):
+        trainer.callback_metrics["val/acc"] = torch.tensor(1.0 - 0.1 * trainer.current_epoch)

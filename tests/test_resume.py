@@ -1,0 +1,186 @@
+"""Resume continues the same run: a run killed with SIGKILL mid-epoch and resumed from its
+last.ckpt ends with the same results and bit-identical weights as an uninterrupted run (scratch and
+SSKT, SSKT with an unlabeled stream; deterministic, CPU); the CSV log continues; last.ckpt is the last epoch even when the best
+validation epoch is earlier; a resume into a fresh directory works; bad resume files are refused."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sskt_lightning.compose import compose_config
+from sskt_lightning.errors import ResumeError
+from sskt_lightning.train import run
+
+TESTS = Path(__file__).parent
+# 80 train images: 16 for validation, 8 batches of 8 per epoch, 3 epochs; validation every epoch
+COMMON = ["data=cifar10", "model=resnet20", "trainer=cpu", "trainer.max_epochs=3", "trainer.deterministic=true",
+          "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=2", "data.batch_size=8",
+          "data.val_size=16", "data.num_workers=0"]
+METHODS = {
+    "scratch": ["method=scratch"],
+    "sskt": ["method=sskt", "method.aux_head=linear", "source=[timm]", "source.timm.name=cifar_resnet20",
+             "source.timm.pretrained=false", "source.timm.num_classes=10"],
+}
+METHODS["sskt_unlabeled"] = [*METHODS["sskt"], "method.unlabeled=true", "data.unlabeled=true",
+                             "data.labels_per_class=4"]   # a second, unlabeled stream
+COMPARED = ("test_acc", "best_val_acc", "best_val_epoch", "last_val_acc", "epochs", "extra", "status")
+
+
+@pytest.fixture(autouse=True)
+def _restore_deterministic_flag():
+    """trainer.deterministic=true switches torch's global flag on; leave it as found."""
+    before = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def _run(out, data_dir, *overrides):
+    return run(compose_config([*COMMON, f"paths.data_dir={data_dir}", *overrides], out))
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def _killed_run(out: Path, data_dir, method: list[str]) -> None:
+    """The command line run, stopped by SIGKILL in the middle of epoch 1 (epoch 0's checkpoint on disk)."""
+    ready, log = out.parent / f"{out.name}.ready", out.parent / f"{out.name}.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sskt_lightning.train", *COMMON, *method, f"paths.data_dir={data_dir}",
+             f"hydra.run.dir={out}", "+callbacks.stall._target_=reliability_helpers.Stall",
+             f"+callbacks.stall.ready={ready}"], env=env, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.time() + 120
+            while not ready.exists():
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.time() < deadline, "the run never reached epoch 1"
+                time.sleep(0.1)
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "results.json").exists()
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
+
+
+def _csv_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path, cifar_dir, method):
+    ref = _run(tmp_path / "ref", cifar_dir, *METHODS[method])
+    assert ref["epochs"] == 3 and ref["status"] == "ok"
+
+    out = tmp_path / "killed"
+    _killed_run(out, cifar_dir, METHODS[method])
+    resumed = _run(out, cifar_dir, *METHODS[method], f"resume={out / 'checkpoints' / 'last.ckpt'}")
+
+    assert {k: resumed[k] for k in COMPARED} == {k: ref[k] for k in COMPARED}
+    a, b = _weights(tmp_path / "ref" / "checkpoints" / "last.ckpt"), _weights(out / "checkpoints" / "last.ckpt")
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
+    # the log continues: the rows of epoch 0 written before the kill, then epochs 1-2, as uninterrupted
+    assert _csv_rows(out / "csv" / "metrics.csv") == _csv_rows(tmp_path / "ref" / "csv" / "metrics.csv")
+
+
+def test_last_ckpt_is_the_last_epoch_when_the_best_is_earlier(tmp_path, cifar_dir):
+    """Lightning's save_last writes `last` only with a new best; here the best is epoch 0."""
+    import lightning as L
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from sskt_lightning.module import TransferModule
+    from sskt_lightning.train import data_info_of
+    res = _run(tmp_path, cifar_dir, "method=scratch",
+               "+callbacks.fake_val._target_=reliability_helpers.DecreasingValAcc")
+    assert res["best_val_epoch"] == 0 and res["epochs"] == 3
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["epoch"] == 2                                # the end of the last epoch (0-based)
+    assert res["checkpoints"] == {"last": "checkpoints/last.ckpt", "best": res["checkpoints"]["best"]}
+    assert "epoch000" in res["checkpoints"]["best"]
+    # the weights test_acc was measured on are on disk: loading last.ckpt gives the same test number
+    cfg = compose_config([*COMMON, f"paths.data_dir={cifar_dir}", "method=scratch"], tmp_path / "eval")
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    module = TransferModule(OmegaConf.to_container(cfg, resolve=True), data_info_of(dm))
+    module.load_state_dict(ckpt["state_dict"])
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    tested = trainer.test(module, datamodule=dm, verbose=False)[0]
+    assert tested["test/acc"] == res["test_acc"]
+
+
+def test_resume_into_a_fresh_directory_writes_complete_results(tmp_path, cifar_dir):
+    first = _run(tmp_path / "a", cifar_dir, "method=scratch", "trainer.max_epochs=2")
+    second = _run(tmp_path / "b", cifar_dir, "method=scratch", "trainer.max_epochs=3",
+                  f"resume={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}")
+    assert second["status"] == "ok" and second["epochs"] == 3
+    assert second["best_val_acc"] >= first["best_val_acc"]     # the best score survived the move
+    assert json.loads((tmp_path / "b" / "results.json").read_text()) == second
+    assert torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2
+    rows = _csv_rows(tmp_path / "b" / "csv" / "metrics.csv")
+    assert {float(r["epoch"]) for r in rows if r.get("epoch") and not r.get("test/acc")} == {2.0}  # trained here
+
+
+# ---------------------------------------------------------------------------- refused resume files
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 1-epoch scratch run on its own data (module scope: shared by the refusal tests)."""
+    from data_fixtures import write_cifar10
+    root = tmp_path_factory.mktemp("resume_src")
+    write_cifar10(root / "data", n_train=80, n_test=24)
+    res = run(compose_config([*COMMON, f"paths.data_dir={root / 'data'}", "method=scratch", "trainer.max_epochs=1",
+                              "trainer.deterministic=false"], root / "run"))
+    return root, root / "run" / res["checkpoints"]["last"]
+
+
+def _refused(tmp_path, data_dir, resume, *overrides) -> str:
+    with pytest.raises(ResumeError) as info:
+        method = [] if any(o.startswith("method=") for o in overrides) else ["method=scratch"]
+        _run(tmp_path, data_dir, *method, f"resume={resume}", *overrides)
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()   # stopped before training
+    return str(info.value)
+
+
+def test_missing_truncated_empty_and_foreign_resume_files_are_refused(tmp_path, trained):
+    root, ckpt = trained
+    data = root / "data"
+    msg = _refused(tmp_path / "1", data, tmp_path / "nonexistent.ckpt")
+    assert "no such file" in msg and "nonexistent.ckpt" in msg
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    msg = _refused(tmp_path / "2", data, truncated)
+    assert "truncated" in msg and str(truncated) in msg
+    empty = tmp_path / "empty.ckpt"
+    empty.write_bytes(b"")
+    assert "empty" in _refused(tmp_path / "3", data, empty)
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"weight": torch.zeros(3)}, foreign)
+    msg = _refused(tmp_path / "4", data, foreign)
+    assert "not a training checkpoint of this project" in msg and str(foreign) in msg
+
+
+def test_mismatched_resume_names_what_differs(tmp_path, trained):
+    root, ckpt = trained
+    data = root / "data"
+    msg = _refused(tmp_path / "arch", data, ckpt, "model=resnet32")
+    assert "architecture: checkpoint 'cifar_resnet20' vs this run 'cifar_resnet32'" in msg and str(ckpt) in msg
+    msg = _refused(tmp_path / "method", data, ckpt, "method=dml")
+    assert "method: checkpoint 'scratch' vs this run 'dml'" in msg
+    msg = _refused(tmp_path / "classes", data, ckpt, "data.classes=[0,1,2]")
+    assert "number of classes: checkpoint 10 vs this run 3" in msg
