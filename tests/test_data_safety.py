@@ -5,6 +5,7 @@ options (class names, paths.data_dir for ImageFolder, eval_batch_size) work from
 from __future__ import annotations
 
 import gzip
+import json
 import logging
 import pickle
 import subprocess
@@ -84,7 +85,8 @@ def test_hostile_cifar_batch_through_the_cli(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert str(batch) in proc.stderr and "Traceback" not in proc.stderr
     assert not marker.exists()
-    assert not (tmp_path / "run" / "results.json").exists()
+    results = tmp_path / "run" / "results.json"   # a failed run records its failure, never a score
+    assert not results.exists() or json.loads(results.read_text())["status"] == "failed"
 
 
 @pytest.mark.parametrize("protocol", [2, 4])

@@ -109,5 +109,6 @@ def check_weights_finite(named: Iterable[tuple[str, torch.Tensor]], where: str) 
     ok = torch.stack([torch.isfinite(t.detach()).all().to(device) for _, t in named])
     if not bool(ok.all()):
         bad = [n for (n, _), good in zip(named, ok.tolist()) if not good]
-        raise NonFiniteError(f"Refusing to save a checkpoint {where}: {len(bad)} tensors hold NaN or inf "
-                             f"({bad[:4]}), although every logged loss term was finite. {CAUSES}")
+        raise NonFiniteError(f"Training stopped: the weights went non-finite (NaN or inf) in the last training "
+                             f"step(s) before the checkpoint {where}, although every logged loss term was "
+                             f"finite: {len(bad)} tensors ({bad[:4]}); refusing to save it. {CAUSES}")
