@@ -75,6 +75,13 @@ class TransferModule(L.LightningModule):
             any_rank = lambda bad: trainer.strategy.reduce_boolean_decision(bad, all=False)
         self.guard.check(where, self.current_epoch if trainer is not None else None, any_rank)
 
+    def on_train_epoch_start(self):
+        self._lr_sums: dict[tuple[int, int], float] = {}
+        self._lr_steps = 0
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self._add_learning_rates()   # the lr this step uses (Lightning steps schedulers before batch end)
+
     def on_train_batch_end(self, outputs, batch, batch_idx):
         interval = max(1, int(getattr(self.trainer, "log_every_n_steps", 50) or 50))
         if self.guard.step % interval == 0:
@@ -82,16 +89,54 @@ class TransferModule(L.LightningModule):
 
     def on_train_epoch_end(self):
         self.check_finite("at the end of the epoch")
+        self._log_learning_rates()
         self.method.on_train_epoch_end(self)
 
     def log_train(self, parts: Mapping[str, torch.Tensor], logits=None, labels=None) -> None:
-        """Log the step's loss terms under ``train/``; tensors only, no host sync per step. Every
-        term also feeds the non-finite guard (:mod:`sskt_lightning.guard`)."""
+        """Log the step's loss terms under ``train/`` (every ``trainer.log_every_n_steps``) and their
+        means over the epoch as ``train/<term>_epoch`` (weighted by batch size; so a run shorter
+        than one logging interval still records its losses). Tensors only, no host sync per step.
+        Every term also feeds the non-finite guard (:mod:`sskt_lightning.guard`)."""
         self.guard.update(parts)
         bs = labels.shape[0] if labels is not None else None
         for key, value in parts.items():
-            self.log(f"train/{key}", value.detach(), on_step=True, on_epoch=False,
+            value = value.detach()
+            self.log(f"train/{key}", value, on_step=True, on_epoch=False,
                      batch_size=bs)  # no prog_bar: its per-step refresh would sync the device
+            # accumulated on the device; reduced (and, under DDP, synced) once, at the epoch's end
+            self.log(f"train/{key}_epoch", value, on_step=False, on_epoch=True, batch_size=bs,
+                     sync_dist=True)
+
+    # Learning rates: the mean over the epoch's steps of each optimizer's lr, logged once per epoch
+    # as lr/<name> (lr/<name>/pg<k> when its parameter groups differ). Optimizer lrs are Python
+    # numbers, so reading them each step costs no device sync.
+    def _add_learning_rates(self) -> None:
+        trainer = self._trainer
+        if trainer is None or not hasattr(self, "_lr_sums"):
+            return
+        for i, opt in enumerate(trainer.optimizers):
+            for g, group in enumerate(opt.param_groups):
+                self._lr_sums[(i, g)] = self._lr_sums.get((i, g), 0.0) + float(group["lr"])
+        self._lr_steps += 1
+
+    def learning_rate_names(self) -> list[str]:
+        """``lr/`` key of each optimizer, in ``configure_optimizers`` order (the method names them:
+        ``target``, DML's ``peer<k>``, MAXL's ``generator``)."""
+        n = len(self.trainer.optimizers)
+        names = list(self.method.optimizer_names())
+        return names if len(names) == n else [f"optimizer{i}" for i in range(n)]
+
+    def _log_learning_rates(self) -> None:
+        if not getattr(self, "_lr_steps", 0):
+            return
+        for i, name in enumerate(self.learning_rate_names()):
+            means = [total / self._lr_steps for (o, _), total in sorted(self._lr_sums.items()) if o == i]
+            if len(set(means)) == 1:
+                self.log(f"lr/{name}", means[0], on_step=False, on_epoch=True, sync_dist=True)
+            else:
+                for g, lr in enumerate(means):
+                    self.log(f"lr/{name}/pg{g}", lr, on_step=False, on_epoch=True, sync_dist=True)
+        self._lr_steps = 0
 
     def configure_optimizers(self):
         return self.method.configure_optimizers(self)
