@@ -21,11 +21,42 @@ SOURCES_PREFIX = "sources."
 
 
 class TransferModule(L.LightningModule):
-    """Args:
+    """The target, its sources and the method, as one ``LightningModule``.
+
+    From Python, build it with :meth:`from_options` (typed options, checked). The constructor
+    takes what the command line gives it:
+
+    Args:
         config: the run's resolved config as a plain dict (``model``, ``method``, ``source``, ``optim``).
         data_info: what the data module says about the data: ``num_classes``, ``in_chans``,
             ``image_size``, ``mean``, ``std``, ``multi_label``, ``class_names``.
     """
+
+    @classmethod
+    def from_options(cls, *, data, method, model="resnet20", sources=(), optim="sgd",
+                     channels_last: bool = False) -> TransferModule:
+        """A module from typed options, with the config the command line would compose.
+
+        Args:
+            data: the data module it trains on (an ``ImageDataModule``, e.g. from
+                :func:`sskt_lightning.options.data_module`; set up here if it was not) or its
+                ``data_info`` dict. Classes, channels, image size and statistics come from it.
+            method: ``SSKTOptions(...)``, ``KDOptions``, ``DMLOptions``, ``MAXLOptions``,
+                ``ScratchOptions()``, or a method config name (``"sskt"``, ``"paper/sskt"``).
+            model: a model config or network name (``"resnet20"``, ``"resnet50.tv_in1k"``), or
+                ``ModelOptions(name, pretrained, kwargs)``.
+            sources: for SSKT and KD: source config names or ``SourceOptions(config, ...)``.
+            optim: ``"sgd"`` / ``"maxl"`` or ``OptimOptions(...)``; the schedule's ``max_epochs``
+                is the Trainer's unless ``OptimOptions(max_epochs=...)`` says otherwise.
+            channels_last: keep the target's weights and activations channels-last (GPU speed).
+
+        Unknown options, names or values the command line would refuse raise :class:`ConfigError`.
+        """
+        from sskt_lightning.options import build_config, data_info_from
+        data_info, data_config = data_info_from(data)
+        config = build_config(method=method, model=model, sources=sources, optim=optim,
+                              channels_last=channels_last, data_config=data_config)
+        return cls(config, data_info)
 
     def __init__(self, config: dict, data_info: dict):
         super().__init__()
@@ -144,10 +175,22 @@ class TransferModule(L.LightningModule):
     def default_optimizers(self, params: Iterable[torch.nn.Parameter]):
         """``cfg.optim``'s optimizer and (per-epoch) scheduler over ``params``."""
         optimizer = instantiate(self.cfg.optim.optimizer)(params=list(params))
-        if self.cfg.optim.get("scheduler") is None:
+        sched_cfg = self.cfg.optim.get("scheduler")
+        if sched_cfg is None:
             return optimizer
-        scheduler = instantiate(self.cfg.optim.scheduler)(optimizer=optimizer)
+        extra = {}
+        if "max_epochs" in sched_cfg and sched_cfg.max_epochs is None:   # from_options: the Trainer's
+            extra["max_epochs"] = self._schedule_epochs()
+        scheduler = instantiate(sched_cfg)(optimizer=optimizer, **extra)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def _schedule_epochs(self) -> int:
+        from sskt_lightning.errors import ConfigError
+        epochs = getattr(self._trainer, "max_epochs", None) if self._trainer is not None else None
+        if epochs is None or epochs < 1:
+            raise ConfigError(f"The learning-rate schedule spans max_epochs, but the Trainer has max_epochs={epochs} "
+                              "(a step budget?). Give it with OptimOptions(max_epochs=N).")
+        return int(epochs)
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch, stage: str):
