@@ -232,3 +232,16 @@ def test_package_import_is_light_and_nets_register_on_their_import():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(len(EXPECTED))]
+
+
+@pytest.mark.parametrize("feature_cls", ["dict", "hook"])
+def test_features_only_other_timm_feature_classes(feature_cls):
+    torch.manual_seed(0)
+    net = timm.create_model("cifar_resnet20", features_only=True, feature_cls=feature_cls).eval()
+    torch.manual_seed(0)
+    ref = timm.create_model("cifar_resnet20", features_only=True).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        got, want = net(x), ref(x)
+    got = list(got.values()) if isinstance(got, dict) else got
+    assert len(got) == len(want) == 3 and all(torch.allclose(a, b) for a, b in zip(got, want))

@@ -18,7 +18,10 @@ _LAZY = {
         "ModelOptions", "ScratchOptions", "SSKTOptions", "KDOptions", "DMLOptions", "MAXLOptions",
         "SourceOptions", "OptimOptions", "data_module")},
 }
-__all__ = ["nets", *_LAZY]
+
+
+def __dir__():
+    return sorted([*globals(), "nets", *_LAZY])
 
 
 def __getattr__(name: str):

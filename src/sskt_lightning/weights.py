@@ -87,7 +87,8 @@ def extract_state_dict(obj: dict, strip_prefixes: tuple[str, ...] = ()) -> dict[
     DDP's ``module.`` / ``torch.compile``'s ``_orig_mod.`` (timm's ``clean_state_dict``) and any
     ``strip_prefixes`` given in the source config (removed only when every key has it).
     """
-    from timm.models import clean_state_dict   # here, not at the top: read_file stays timm-free
+    # imported here, not at the top: read_file (every checkpoint read) stays timm-free
+    from timm.models import clean_state_dict
 
     if is_project_checkpoint(obj):
         sd = obj["state_dict"]
