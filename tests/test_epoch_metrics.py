@@ -57,3 +57,29 @@ def test_a_run_shorter_than_the_logging_interval_still_logs_its_losses(tmp_path,
     assert not any(r.get("train/loss") for r in table)
     assert [r["epoch"] for r in table if r.get("train/loss_epoch")] == ["0"]
     assert [float(r["lr/target"]) for r in table if r.get("lr/target")] == [pytest.approx(0.1)]
+
+
+def test_parameter_groups_with_different_rates_are_logged_apart(monkeypatch):
+    """lr/<name> when an optimizer's groups share a rate, lr/<name>/pg<k> when they differ; the
+    value is the mean over the epoch's steps (a per-step schedule changes it within an epoch)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from sskt_lightning.module import TransferModule
+    from sskt_lightning.options import build_config
+    info = {"num_classes": 3, "in_chans": 1, "image_size": [8, 8], "mean": [0.5], "std": [0.5]}
+    module = TransferModule(build_config(method="dml"), info)
+    w = [torch.nn.Parameter(torch.zeros(1)) for _ in range(3)]
+    target = torch.optim.SGD([{"params": [w[0]], "lr": 0.1}, {"params": [w[1]], "lr": 0.01}])
+    peer = torch.optim.SGD([{"params": [w[2]], "lr": 0.2}])
+    module._trainer = SimpleNamespace(optimizers=[target, peer])
+    logged = {}
+    monkeypatch.setattr(module, "log", lambda key, value, **kw: logged.__setitem__(key, value))
+    module.on_train_epoch_start()
+    for lr in (0.1, 0.3):          # two steps; the first group's rate changes between them
+        target.param_groups[0]["lr"] = lr
+        module.on_train_batch_start(None, 0)
+    module._log_learning_rates()
+    assert logged == {"lr/target/pg0": pytest.approx(0.2), "lr/target/pg1": pytest.approx(0.01),
+                      "lr/peer1": pytest.approx(0.2)}
