@@ -236,10 +236,9 @@ def test_readme_library_example_runs(tmp_path, monkeypatch):
     from data_fixtures import write_cifar10
     code = _readme_example()
     for old, new in [
-        ('"source=[imagenet_resnet18]"',   # random source weights: no hub here
-         '"source=[imagenet_resnet18]", "source.imagenet_resnet18.pretrained=false", '
-         '"source.imagenet_resnet18.input_size=32"'),
-        ("batch_size=128, val_size=5000", "batch_size=8, val_size=16"),
+        ('SourceOptions("imagenet_resnet18")',   # random source weights: no hub here
+         'SourceOptions("imagenet_resnet18", pretrained=False, input_size=32)'),
+        ("batch_size=128, val_size=5000", "batch_size=8, val_size=16, num_workers=0"),
         ('max_epochs=10, accelerator="auto"', 'max_epochs=1, accelerator="cpu", limit_train_batches=2, '
          'limit_val_batches=2, limit_test_batches=2, enable_progress_bar=False'),
     ]:
@@ -253,4 +252,7 @@ def test_readme_library_example_runs(tmp_path, monkeypatch):
     tested = namespace["trainer"].callback_metrics
     assert 0.0 <= float(tested["test/acc"]) <= 1.0
     assert list((tmp_path / "lightning_logs").rglob("last.ckpt"))
-    assert namespace["module"].method.name == "sskt" and len(namespace["module"].sources) == 1
+    module = namespace["module"]
+    assert module.method.name == "sskt" and len(module.sources) == 1
+    assert (module.method.alpha, module.method.temperature) == (0.5, 2.0)
+    assert module.hparams["config"]["data"]["batch_size"] == 8   # sskt-eval finds the data

@@ -185,3 +185,63 @@ def test_wrn_drop_rate_is_in_block_dropout():
     drops = [m for m in model.modules() if isinstance(m, nn.Dropout)]
     assert len(drops) == 6 and all(d.p == 0.3 for d in drops)  # 2 blocks x 3 stages
     assert not any(isinstance(m, nn.Dropout) for m in timm.create_model("cifar_wrn16_2").modules())
+
+
+# ---------------------------------------------------------------------------- features_only (timm's)
+@pytest.mark.parametrize("name", NAMES)
+def test_features_only_returns_the_stage_maps_of_feature_info(name):
+    """timm.create_model(name, features_only=True): timm's FeatureListNet over the same stages,
+    same weights (same seed) and the same maps as the full net's feature_info modules."""
+    from timm.models import FeatureListNet
+    torch.manual_seed(0)
+    feats_net = timm.create_model(name, features_only=True).eval()
+    assert isinstance(feats_net, FeatureListNet)
+    full = cached(name)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        maps = feats_net(x)
+        outs, _, _ = capture_stages(full, x)
+    info = feats_net.feature_info
+    assert len(maps) == len(info.channels()) == len(full.feature_info)
+    for m, chs, red, ref in zip(maps, info.channels(), info.reduction(), full.feature_info, strict=True):
+        assert m.shape == (2, chs, 32 // red, 32 // red)
+        assert (chs, red) == (ref["num_chs"], ref["reduction"])
+        assert torch.allclose(m, outs[ref["module"]], atol=1e-5), ref["module"]
+    assert not any(isinstance(mod, nn.Linear) for mod in feats_net.modules())   # the head is dropped
+    assert "num_classes" not in feats_net.pretrained_cfg
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet20", "cifar_vgg16_bn", "cifar_wrn16_2"])
+def test_features_only_with_out_indices_and_one_channel(name):
+    net = timm.create_model(name, features_only=True, out_indices=(-2, -1), in_chans=1).eval()
+    with torch.no_grad():
+        maps = net(torch.randn(1, 1, 32, 32))
+    assert [m.shape[1] for m in maps] == net.feature_info.channels() == [
+        e["num_chs"] for e in cached(name).feature_info[-2:]]
+    assert net.pretrained_cfg["input_size"] == (1, 32, 32)
+
+
+def test_package_import_is_light_and_nets_register_on_their_import():
+    """`import sskt_lightning` loads neither torch nor timm (the command line starts fast), so it
+    registers nothing; `import sskt_lightning.nets` (or anything that builds a net) registers them."""
+    import subprocess
+    import sys
+    code = ("import sys, sskt_lightning; assert 'torch' not in sys.modules and 'timm' not in sys.modules\n"
+            "import timm\nassert not timm.list_models('cifar_*')\n"
+            "import sskt_lightning.nets\nprint(len(timm.list_models('cifar_*')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(len(EXPECTED))]
+
+
+@pytest.mark.parametrize("feature_cls", ["dict", "hook"])
+def test_features_only_other_timm_feature_classes(feature_cls):
+    torch.manual_seed(0)
+    net = timm.create_model("cifar_resnet20", features_only=True, feature_cls=feature_cls).eval()
+    torch.manual_seed(0)
+    ref = timm.create_model("cifar_resnet20", features_only=True).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        got, want = net(x), ref(x)
+    got = list(got.values()) if isinstance(got, dict) else got
+    assert len(got) == len(want) == 3 and all(torch.allclose(a, b) for a, b in zip(got, want))

@@ -125,3 +125,30 @@ def test_random_weights_warn():
     with pytest.warns(UserWarning, match="RANDOM weights"):
         bank = build_sources({"a": {"name": "cifar_resnet20", "pretrained": False, "num_classes": 5}}, DATA)
     assert bank.num_classes == [5]
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
+def test_compile_and_ddp_wrapper_prefixes_are_removed(tmp_path, prefix):
+    """timm's clean_state_dict: torch.compile's `_orig_mod.` and DDP's `module.`, in either order."""
+    net, path = small_source_file(tmp_path, "pth", num_classes=7, prefix=prefix)
+    src = build_source(SourceSpec.from_config("s", {"name": "cifar_resnet20", "weights": str(path)}), DATA)
+    for k, v in net.state_dict().items():
+        assert torch.equal(src.net.state_dict()[k], v), k
+
+
+def test_user_prefix_over_a_wrapper_prefix(tmp_path):
+    net, path = small_source_file(tmp_path, "safetensors", num_classes=7, prefix="module.backbone.")
+    spec = SourceSpec.from_config("s", {"name": "cifar_resnet20", "weights": str(path), "strip_prefix": ["backbone."]})
+    src = build_source(spec, DATA)
+    assert torch.equal(src.net.state_dict()["fc.weight"], net.state_dict()["fc.weight"])
+
+
+def test_a_file_with_pickled_objects_is_refused_not_run(tmp_path):
+    """Weights files are read with torch.load(weights_only=True) only, never through timm's
+    readers (which allow-list argparse.Namespace and suggest weights_only=False)."""
+    import argparse
+    net = create_network("cifar_resnet20", num_classes=7)
+    path = tmp_path / "timm_train.pth.tar"
+    torch.save({"state_dict": net.state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
+    with pytest.raises(WeightsError, match="refused to load.*argparse"):
+        build_source(SourceSpec.from_config("s", {"name": "cifar_resnet20", "weights": str(path)}), DATA)

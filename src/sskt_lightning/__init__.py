@@ -1,15 +1,33 @@
 """sskt_lightning: knowledge transfer between image classifiers as one Lightning harness.
 
+The package itself imports nothing heavy, so ``python -m sskt_lightning.train --help`` starts
+fast. The names below are imported on first use (``from sskt_lightning import TransferModule``).
+
 The CIFAR-style networks (``cifar_*``) are registered with timm's registry when
-``sskt_lightning.nets`` is imported (every part of the harness that builds a network does so);
-the package itself imports nothing heavy, so ``python -m sskt_lightning.train --help`` starts fast.
+``sskt_lightning.nets`` is imported: ``import sskt_lightning.nets`` (or any import that builds a
+network: ``TransferModule``, ``sskt_lightning.nets.factory``, ...). ``import sskt_lightning``
+alone does not register them, as that would load torch and timm.
 """
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "TransferModule": "sskt_lightning.module",
+    "ImageDataModule": "sskt_lightning.data",
+    **{name: "sskt_lightning.options" for name in (
+        "ModelOptions", "ScratchOptions", "SSKTOptions", "KDOptions", "DMLOptions", "MAXLOptions",
+        "SourceOptions", "OptimOptions", "data_module")},
+}
+
+
+def __dir__():
+    return sorted([*globals(), "nets", *_LAZY])
+
 
 def __getattr__(name: str):
+    import importlib
     if name == "nets":   # `sskt_lightning.nets` as an attribute: import (and register) on first use
-        import importlib
         return importlib.import_module("sskt_lightning.nets")
-    raise AttributeError(name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sskt_lightning' has no attribute {name!r}")

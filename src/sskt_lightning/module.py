@@ -21,11 +21,42 @@ SOURCES_PREFIX = "sources."
 
 
 class TransferModule(L.LightningModule):
-    """Args:
+    """The target, its sources and the method, as one ``LightningModule``.
+
+    From Python, build it with :meth:`from_options` (typed options, checked). The constructor
+    takes what the command line gives it:
+
+    Args:
         config: the run's resolved config as a plain dict (``model``, ``method``, ``source``, ``optim``).
         data_info: what the data module says about the data: ``num_classes``, ``in_chans``,
             ``image_size``, ``mean``, ``std``, ``multi_label``, ``class_names``.
     """
+
+    @classmethod
+    def from_options(cls, *, data, method, model="resnet20", sources=(), optim="sgd",
+                     channels_last: bool = False) -> TransferModule:
+        """A module from typed options, with the config the command line would compose.
+
+        Args:
+            data: the data module it trains on (an ``ImageDataModule``, e.g. from
+                :func:`sskt_lightning.options.data_module`; set up here if it was not) or its
+                ``data_info`` dict. Classes, channels, image size and statistics come from it.
+            method: ``SSKTOptions(...)``, ``KDOptions``, ``DMLOptions``, ``MAXLOptions``,
+                ``ScratchOptions()``, or a method config name (``"sskt"``, ``"paper/sskt"``).
+            model: a model config or network name (``"resnet20"``, ``"resnet50.tv_in1k"``), or
+                ``ModelOptions(name, pretrained, kwargs)``.
+            sources: for SSKT and KD: source config names or ``SourceOptions(config, ...)``.
+            optim: ``"sgd"`` / ``"maxl"`` or ``OptimOptions(...)``; the schedule's ``max_epochs``
+                is the Trainer's unless ``OptimOptions(max_epochs=...)`` says otherwise.
+            channels_last: keep the target's weights and activations channels-last (GPU speed).
+
+        Unknown options, names or values the command line would refuse raise :class:`ConfigError`.
+        """
+        from sskt_lightning.options import build_config, data_info_from
+        data_info, data_config = data_info_from(data)
+        config = build_config(method=method, model=model, sources=sources, optim=optim,
+                              channels_last=channels_last, data_config=data_config)
+        return cls(config, data_info)
 
     def __init__(self, config: dict, data_info: dict):
         super().__init__()
@@ -75,6 +106,13 @@ class TransferModule(L.LightningModule):
             any_rank = lambda bad: trainer.strategy.reduce_boolean_decision(bad, all=False)
         self.guard.check(where, self.current_epoch if trainer is not None else None, any_rank)
 
+    def on_train_epoch_start(self):
+        self._lr_sums: dict[tuple[int, int], float] = {}
+        self._lr_steps = 0
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self._add_learning_rates()   # the lr this step uses (Lightning steps schedulers before batch end)
+
     def on_train_batch_end(self, outputs, batch, batch_idx):
         interval = max(1, int(getattr(self.trainer, "log_every_n_steps", 50) or 50))
         if self.guard.step % interval == 0:
@@ -82,16 +120,54 @@ class TransferModule(L.LightningModule):
 
     def on_train_epoch_end(self):
         self.check_finite("at the end of the epoch")
+        self._log_learning_rates()
         self.method.on_train_epoch_end(self)
 
     def log_train(self, parts: Mapping[str, torch.Tensor], logits=None, labels=None) -> None:
-        """Log the step's loss terms under ``train/``; tensors only, no host sync per step. Every
-        term also feeds the non-finite guard (:mod:`sskt_lightning.guard`)."""
+        """Log the step's loss terms under ``train/`` (every ``trainer.log_every_n_steps``) and their
+        means over the epoch as ``train/<term>_epoch`` (weighted by batch size; so a run shorter
+        than one logging interval still records its losses). Tensors only, no host sync per step.
+        Every term also feeds the non-finite guard (:mod:`sskt_lightning.guard`)."""
         self.guard.update(parts)
         bs = labels.shape[0] if labels is not None else None
         for key, value in parts.items():
-            self.log(f"train/{key}", value.detach(), on_step=True, on_epoch=False,
+            value = value.detach()
+            self.log(f"train/{key}", value, on_step=True, on_epoch=False,
                      batch_size=bs)  # no prog_bar: its per-step refresh would sync the device
+            # accumulated on the device; reduced (and, under DDP, synced) once, at the epoch's end
+            self.log(f"train/{key}_epoch", value, on_step=False, on_epoch=True, batch_size=bs,
+                     sync_dist=True)
+
+    # Learning rates: the mean over the epoch's steps of each optimizer's lr, logged once per epoch
+    # as lr/<name> (lr/<name>/pg<k> when its parameter groups differ). Optimizer lrs are Python
+    # numbers, so reading them each step costs no device sync.
+    def _add_learning_rates(self) -> None:
+        trainer = self._trainer
+        if trainer is None or not hasattr(self, "_lr_sums"):
+            return
+        for i, opt in enumerate(trainer.optimizers):
+            for g, group in enumerate(opt.param_groups):
+                self._lr_sums[(i, g)] = self._lr_sums.get((i, g), 0.0) + float(group["lr"])
+        self._lr_steps += 1
+
+    def learning_rate_names(self) -> list[str]:
+        """``lr/`` key of each optimizer, in ``configure_optimizers`` order (the method names them:
+        ``target``, DML's ``peer<k>``, MAXL's ``generator``)."""
+        n = len(self.trainer.optimizers)
+        names = list(self.method.optimizer_names())
+        return names if len(names) == n else [f"optimizer{i}" for i in range(n)]
+
+    def _log_learning_rates(self) -> None:
+        if not getattr(self, "_lr_steps", 0):
+            return
+        for i, name in enumerate(self.learning_rate_names()):
+            means = [total / self._lr_steps for (o, _), total in sorted(self._lr_sums.items()) if o == i]
+            if len(set(means)) == 1:
+                self.log(f"lr/{name}", means[0], on_step=False, on_epoch=True, sync_dist=True)
+            else:
+                for g, lr in enumerate(means):
+                    self.log(f"lr/{name}/pg{g}", lr, on_step=False, on_epoch=True, sync_dist=True)
+        self._lr_steps = 0
 
     def configure_optimizers(self):
         return self.method.configure_optimizers(self)
@@ -99,10 +175,22 @@ class TransferModule(L.LightningModule):
     def default_optimizers(self, params: Iterable[torch.nn.Parameter]):
         """``cfg.optim``'s optimizer and (per-epoch) scheduler over ``params``."""
         optimizer = instantiate(self.cfg.optim.optimizer)(params=list(params))
-        if self.cfg.optim.get("scheduler") is None:
+        sched_cfg = self.cfg.optim.get("scheduler")
+        if sched_cfg is None:
             return optimizer
-        scheduler = instantiate(self.cfg.optim.scheduler)(optimizer=optimizer)
+        extra = {}
+        if "max_epochs" in sched_cfg and sched_cfg.max_epochs is None:   # from_options: the Trainer's
+            extra["max_epochs"] = self._schedule_epochs()
+        scheduler = instantiate(sched_cfg)(optimizer=optimizer, **extra)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def _schedule_epochs(self) -> int:
+        from sskt_lightning.errors import ConfigError
+        epochs = getattr(self._trainer, "max_epochs", None) if self._trainer is not None else None
+        if epochs is None or epochs < 1:
+            raise ConfigError(f"The learning-rate schedule spans max_epochs, but the Trainer has max_epochs={epochs} "
+                              "(a step budget?). Give it with OptimOptions(max_epochs=N).")
+        return int(epochs)
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch, stage: str):

@@ -1,5 +1,17 @@
 """Read weight files: safetensors, torch ``.pth``/``.pth.tar``/``.ckpt`` (``weights_only=True``),
-and checkpoints written by this project. Every failure is a :class:`WeightsError` naming the fix."""
+and checkpoints written by this project. Every failure is a :class:`WeightsError` naming the fix.
+
+What timm already does is timm's: wrapper prefixes (DDP's ``module.``, ``torch.compile``'s
+``_orig_mod.``) are removed by ``timm.models.clean_state_dict``. timm's file readers
+(``timm.models.load_state_dict`` / ``load_checkpoint``, ``create_model(checkpoint_path=...)``) are
+deliberately not used: they call ``torch.load`` themselves with an allow-list widened to
+``argparse.Namespace``, raise ``RuntimeError``/bare ``FileNotFoundError`` and advise
+``weights_only=False`` on a refusal. Every file here goes through :func:`read_file` instead
+(``weights_only=True``, nothing allow-listed, a :class:`WeightsError` that names the option). What
+remains below is what timm has no helper for: this project's checkpoints (the target under
+``target.net.``), nested keys beyond timm's ``state_dict``/``model``, user-given prefixes, and the
+readable key/shape mismatch report of :func:`load_into`.
+"""
 from __future__ import annotations
 
 import pickle
@@ -72,8 +84,12 @@ def extract_state_dict(obj: dict, strip_prefixes: tuple[str, ...] = ()) -> dict[
     """The tensor dict inside ``obj`` with known wrapper prefixes removed.
 
     Handles nesting (``state_dict``/``model``/...), this project's checkpoints (``target.net.``),
-    DataParallel's ``module.`` and any ``strip_prefixes`` given in the source config.
+    DDP's ``module.`` / ``torch.compile``'s ``_orig_mod.`` (timm's ``clean_state_dict``) and any
+    ``strip_prefixes`` given in the source config (removed only when every key has it).
     """
+    # imported here, not at the top: read_file (every checkpoint read) stays timm-free
+    from timm.models import clean_state_dict
+
     if is_project_checkpoint(obj):
         sd = obj["state_dict"]
         return {k[len(TARGET_PREFIX):]: v for k, v in sd.items() if k.startswith(TARGET_PREFIX)}
@@ -84,10 +100,11 @@ def extract_state_dict(obj: dict, strip_prefixes: tuple[str, ...] = ()) -> dict[
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not sd:
         raise WeightsError("The weights file holds no tensors (expected a state dict).")
-    for prefix in (*strip_prefixes, "module."):
+    sd = clean_state_dict(sd)
+    for prefix in strip_prefixes:
         if prefix and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
+    return clean_state_dict(sd)   # a wrapper prefix under a user prefix ("model.module.")
 
 
 def fetch_url(url: str, what: str, fix: str) -> dict:

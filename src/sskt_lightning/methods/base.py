@@ -58,3 +58,8 @@ class Method(nn.Module):
     def describe(self) -> dict:
         """Settings recorded in results.json."""
         return {}
+
+    def optimizer_names(self) -> list[str]:
+        """One name per optimizer of :meth:`configure_optimizers`, in order: the key of its logged
+        learning rate (``lr/<name>``)."""
+        return ["target"]

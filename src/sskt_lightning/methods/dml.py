@@ -196,3 +196,6 @@ class DML(Method):
         return {"update": self.update, "temperature": self.temperature,
                 "peers": [{"model": n, "pretrained": s["pretrained"], "weights": s["weights"]}
                           for n, s in zip(self.peer_names, self.peer_specs)]}
+
+    def optimizer_names(self) -> list[str]:
+        return ["target", *self.extra_eval_names()]

@@ -471,3 +471,6 @@ class MAXL(Method):
                 "aux_head": self.aux_head_kind,
                 "entropy_weight": self.entropy_weight, "focal_gamma": self.gamma,
                 "generator": self.generator_name, "generator_optim": dict(self.generator_optim_cfg)}
+
+    def optimizer_names(self) -> list[str]:
+        return ["target", "generator"]   # the multi-task optimizer (target + aux head), then g's

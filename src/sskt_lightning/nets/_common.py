@@ -16,11 +16,6 @@ from sskt_lightning.errors import WeightsError
 CIFAR10_MEAN: Tuple[float, ...] = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD: Tuple[float, ...] = (0.2470, 0.2435, 0.2616)
 
-# Keyword arguments timm's ``create_model`` forwards to every entrypoint; they concern hub
-# weights, which cifar_* nets do not have, so the factory consumes them here.
-_TIMM_CFG_KWARGS = ("pretrained_cfg", "cache_dir", "pretrained_model_args")
-
-
 def make_pretrained_cfg(
     in_chans: int, num_classes: int, first_conv: str = "conv1", classifier: str = "fc"
 ) -> Dict[str, Any]:
@@ -68,17 +63,17 @@ class CifarClassifier(nn.Module):
     Subclasses call ``super().__init__(...)`` first, build their trunk, set ``self.feature_info``,
     implement ``forward_features`` and end ``__init__`` with ``self._build_head(drop_rate)``, which
     adds the head after the trunk (so ``fc`` comes last in ``state_dict``) and initialises weights.
-    ``first_conv`` names the stem conv for ``pretrained_cfg``.
+    The class attribute ``first_conv`` names the stem conv for ``pretrained_cfg``.
     """
 
     feature_info: List[Dict[str, Any]]
+    first_conv: str = "conv1"   # the stem conv, for pretrained_cfg
 
     def __init__(
         self,
         num_classes: int,
         num_features: int,
         in_chans: int,
-        first_conv: str = "conv1",
     ):
         super().__init__()
         if num_classes < 0 or in_chans < 1:
@@ -86,7 +81,7 @@ class CifarClassifier(nn.Module):
         self.num_classes = num_classes
         self.num_features = num_features
         self.in_chans = in_chans
-        self.pretrained_cfg = make_pretrained_cfg(in_chans, num_classes, first_conv)
+        self.pretrained_cfg = make_pretrained_cfg(in_chans, num_classes, self.first_conv)
 
     def _build_head(self, head_drop_rate: float = 0.0) -> None:
         """Add dropout (``head_drop_rate``) + ``fc`` after the trunk, then initialise all weights."""
@@ -124,29 +119,37 @@ class CifarClassifier(nn.Module):
         self.pretrained_cfg = dict(self.pretrained_cfg, num_classes=num_classes)
 
 
-def create_model(name: str, cls: type, pretrained: bool, model_args: Dict[str, Any], **kwargs: Any) -> nn.Module:
-    """Build ``cls(**model_args, **kwargs)`` for a registered timm entrypoint ``name``.
+def create_model(name: str, cls: type, pretrained: bool, model_args: Dict[str, Any],
+                 feature_cfg: Optional[Dict[str, Any]] = None, **kwargs: Any) -> nn.Module:
+    """Build ``cls(**model_args, **kwargs)`` for the registered timm entrypoint ``name`` through
+    timm's own ``build_model_with_cfg``, so the timm conventions hold as for timm's nets:
+    ``features_only=True`` (with ``out_indices``, ``feature_cls``) wraps the net in timm's
+    ``FeatureListNet``, which returns the stage maps listed in ``feature_info``;
+    ``pretrained_cfg_overlay`` and ``cache_dir`` are consumed by timm.
 
-    Consumes the keyword arguments timm's ``create_model`` passes to every entrypoint
-    (``pretrained_cfg``, ``pretrained_cfg_overlay``, ``cache_dir``, ...), applies
-    ``pretrained_cfg_overlay`` to the model's ``pretrained_cfg`` and honours ``device``/``dtype``.
-    Any other unknown keyword reaches the constructor and raises ``TypeError`` there.
+    ``feature_cfg``: the entrypoint's defaults for that wrapper (``out_indices``: every stage,
+    ``flatten_sequential`` where the stages sit inside one ``nn.Sequential``). The net's
+    ``pretrained_cfg`` describes the instance (its ``in_chans``, classes and 32 px statistics, see
+    :func:`make_pretrained_cfg`); a ``pretrained_cfg`` passed in (a hub tag) is ignored, as there
+    are no hub weights. ``device``/``dtype`` move the built net. Any other unknown keyword reaches
+    the constructor and raises ``TypeError`` there.
     """
+    from timm.models import build_model_with_cfg
+
     if pretrained:
         raise WeightsError(
             f"There are no hub weights for {name!r}: the cifar_* nets are defined locally by "
             "sskt_lightning and have no pretrained download. Create it with pretrained=False and "
             "load a local weights file (a state_dict / checkpoint path) instead."
         )
-    for key in _TIMM_CFG_KWARGS:
-        kwargs.pop(key, None)
-    overlay = kwargs.pop("pretrained_cfg_overlay", None)
+    kwargs.pop("pretrained_cfg", None)
     device = kwargs.pop("device", None)
     dtype = kwargs.pop("dtype", None)
-    model = cls(**model_args, **kwargs)
-    if overlay:
-        model.pretrained_cfg = dict(model.pretrained_cfg, **overlay)
-    model.pretrained_cfg["architecture"] = name
+    # The defaults of every CifarClassifier subclass: 10 classes, 3 channels.
+    num_classes, in_chans = kwargs.setdefault("num_classes", 10), kwargs.setdefault("in_chans", 3)
+    cfg = make_pretrained_cfg(in_chans, num_classes, getattr(cls, "first_conv", "conv1"))
+    model = build_model_with_cfg(cls, name, False, pretrained_cfg=cfg, feature_cfg=dict(feature_cfg or {}),
+                                 **model_args, **kwargs)
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     return model

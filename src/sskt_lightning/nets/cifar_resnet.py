@@ -194,6 +194,11 @@ _CIFAR_WIDTHS = (16, 32, 64)
 _IMAGENET_WIDTHS = (64, 128, 256, 512)
 
 
+def _features(args: dict) -> dict:
+    """``features_only`` defaults: every stage (``layer1..N``, children of the net itself)."""
+    return dict(out_indices=tuple(range(len(args["layers"]))))
+
+
 def _cifar_depth(name: str, depth: int, pretrained: bool, **kwargs: Any) -> CifarResNet:
     """He et al. CIFAR ResNet of ``depth = 6n + 2``: option-A shortcuts and fan-in init unless
     ``shortcut`` / ``init`` say otherwise."""
@@ -201,7 +206,7 @@ def _cifar_depth(name: str, depth: int, pretrained: bool, **kwargs: Any) -> Cifa
     kwargs.setdefault("shortcut", "A")
     kwargs.setdefault("init", "fan_in")
     args = dict(block=BasicBlock, layers=(n, n, n), widths=_CIFAR_WIDTHS)
-    return create_model(name, CifarResNet, pretrained, args, **kwargs)
+    return create_model(name, CifarResNet, pretrained, args, _features(args), **kwargs)
 
 
 @register_model
@@ -239,18 +244,18 @@ def cifar_resnet110(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
 def cifar_resnet18(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
     """ResNet-18 (BasicBlock, 2-2-2-2) with a CIFAR stem, ~11.2M params."""
     args = dict(block=BasicBlock, layers=(2, 2, 2, 2), widths=_IMAGENET_WIDTHS)
-    return create_model("cifar_resnet18", CifarResNet, pretrained, args, **kwargs)
+    return create_model("cifar_resnet18", CifarResNet, pretrained, args, _features(args), **kwargs)
 
 
 @register_model
 def cifar_resnet34(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
     """ResNet-34 (BasicBlock, 3-4-6-3) with a CIFAR stem, ~21.3M params."""
     args = dict(block=BasicBlock, layers=(3, 4, 6, 3), widths=_IMAGENET_WIDTHS)
-    return create_model("cifar_resnet34", CifarResNet, pretrained, args, **kwargs)
+    return create_model("cifar_resnet34", CifarResNet, pretrained, args, _features(args), **kwargs)
 
 
 @register_model
 def cifar_resnet50(pretrained: bool = False, **kwargs: Any) -> CifarResNet:
     """ResNet-50 (Bottleneck x4, 3-4-6-3) with a CIFAR stem, ~23.5M params."""
     args = dict(block=Bottleneck, layers=(3, 4, 6, 3), widths=_IMAGENET_WIDTHS)
-    return create_model("cifar_resnet50", CifarResNet, pretrained, args, **kwargs)
+    return create_model("cifar_resnet50", CifarResNet, pretrained, args, _features(args), **kwargs)

@@ -47,6 +47,8 @@ class CifarVGG(CifarClassifier):
         drop_rate: dropout on the pooled feature before ``fc``.
     """
 
+    first_conv = "features.0.0"
+
     def __init__(
         self,
         cfg: Sequence[Union[int, str]] = tuple(VGG16_CFG),
@@ -55,7 +57,7 @@ class CifarVGG(CifarClassifier):
         drop_rate: float = 0.0,
     ):
         block_widths = _split_blocks(cfg)
-        super().__init__(num_classes, block_widths[-1][-1], in_chans, first_conv="features.0.0")
+        super().__init__(num_classes, block_widths[-1][-1], in_chans)
         blocks, in_chs = [], in_chans
         for widths in block_widths:
             layers: List[nn.Module] = []
@@ -79,4 +81,6 @@ class CifarVGG(CifarClassifier):
 @register_model
 def cifar_vgg16_bn(pretrained: bool = False, **kwargs: Any) -> CifarVGG:
     """VGG-16-BN with a single linear classifier, ~14.7M params."""
-    return create_model("cifar_vgg16_bn", CifarVGG, pretrained, dict(cfg=tuple(VGG16_CFG)), **kwargs)
+    # the stages are features.0..4, inside one nn.Sequential: timm's FeatureListNet flattens it
+    feature_cfg = dict(out_indices=tuple(range(len(_split_blocks(VGG16_CFG)))), flatten_sequential=True)
+    return create_model("cifar_vgg16_bn", CifarVGG, pretrained, dict(cfg=tuple(VGG16_CFG)), feature_cfg, **kwargs)

@@ -92,13 +92,18 @@ class CifarWideResNet(CifarClassifier):
         return self.final_act(x)
 
 
+_FEATURES = dict(out_indices=(0, 1, 2))   # features_only: layer1, layer2, final_act
+
+
 @register_model
 def cifar_wrn16_2(pretrained: bool = False, **kwargs: Any) -> CifarWideResNet:
     """WRN-16-2, ~0.69M params."""
-    return create_model("cifar_wrn16_2", CifarWideResNet, pretrained, dict(depth=16, widen_factor=2), **kwargs)
+    return create_model("cifar_wrn16_2", CifarWideResNet, pretrained, dict(depth=16, widen_factor=2),
+                        _FEATURES, **kwargs)
 
 
 @register_model
 def cifar_wrn40_2(pretrained: bool = False, **kwargs: Any) -> CifarWideResNet:
     """WRN-40-2, ~2.2M params."""
-    return create_model("cifar_wrn40_2", CifarWideResNet, pretrained, dict(depth=40, widen_factor=2), **kwargs)
+    return create_model("cifar_wrn40_2", CifarWideResNet, pretrained, dict(depth=40, widen_factor=2),
+                        _FEATURES, **kwargs)
