@@ -121,16 +121,27 @@ def wandb_credentials(env: Mapping[str, str] = os.environ) -> str | None:
     return None
 
 
+# the logger classes the group names, by their `_target_` (checked without importing Lightning)
+_KNOWN = {"lightning.pytorch.loggers.WandbLogger": "wandb", "lightning.pytorch.loggers.wandb.WandbLogger": "wandb",
+          "lightning.pytorch.loggers.TensorBoardLogger": "tensorboard",
+          "lightning.pytorch.loggers.tensorboard.TensorBoardLogger": "tensorboard",
+          "lightning.pytorch.loggers.CSVLogger": "other", CSV_TARGET: "other"}
+
+
 def check_loggers(cfg: DictConfig, env: Mapping[str, str] = os.environ) -> None:
     """Before anything is built: every configured logger importable with its package installed,
     and online W&B logging with credentials. Raises :class:`ConfigError` naming the fix."""
     for name, node in logger_configs(cfg).items():
-        cls = _target_class(name, node)
-        if _is(cls, "lightning", "TensorBoardLogger") and not (
+        kind = _KNOWN.get(str(node.get("_target_")))   # known names: no import of Lightning here
+        if kind is None:
+            cls = _target_class(name, node)
+            kind = ("tensorboard" if _is(cls, "lightning", "TensorBoardLogger") else
+                    "wandb" if _is(cls, "lightning", "WandbLogger") else "other")
+        if kind == "tensorboard" and not (
                 importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")):
             raise ConfigError(f"logger.{name} (TensorBoard) needs the tensorboard package: "
                               "pip install 'sskt_lightning[tensorboard]' (or leave out logger=tensorboard).")
-        if not _is(cls, "lightning", "WandbLogger"):
+        if kind != "wandb":
             continue
         if importlib.util.find_spec("wandb") is None:
             raise ConfigError(f"logger.{name} (W&B) needs the wandb package: pip install "
