@@ -339,3 +339,16 @@ def test_processes_started_by_a_cluster_launcher_must_share_one_run_dir():
     slurm = {"SLURM_NTASKS": "8", "SLURM_JOB_NAME": "sskt"}
     assert "hydra.run.dir=outputs/$SLURM_JOB_ID" in launch_problem(ddp, False, False, env=slurm)
     assert cluster_launch({"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "sskt"}) is None   # one task: nothing to share
+
+
+def test_submitit_slurm_launcher_composes_for_a_ddp_sweep():
+    """What README's SLURM sweep command composes to (no cluster here: the launcher config only)."""
+    proc = subprocess.run([sys.executable, "-m", "sskt_lightning.train", "--cfg", "hydra",
+                           "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",
+                           "hydra.launcher.tasks_per_node=4", "hydra.launcher.gpus_per_node=4", "trainer=ddp",
+                           "trainer.devices=4"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    launcher = OmegaConf.create(proc.stdout).hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.tasks_per_node, launcher.gpus_per_node) == ("gpu", 4, 4)

@@ -4,7 +4,7 @@
 * :func:`print_config_tree`: the resolved config as a rich tree (``extras.print_config=true``);
 * :func:`quiet_known_noise`: Lightning's known-harmless messages hidden by their text, never by
   category, so every other warning still shows (``extras.quiet_known_noise=false`` shows all);
-* :class:`ConsoleFormatter`: the terminal format of ``hydra/job_logging=sskt``.
+* :class:`ConsoleHandler`, :class:`ConsoleFormatter`: the terminal of ``hydra/job_logging=sskt``.
 
 Only the standard library at import time: Hydra's logging set-up imports this module.
 """
@@ -78,6 +78,25 @@ def ignore_eval_mode_warning(n_modules: int) -> None:
     """Hide Lightning's "Found N module(s) in eval mode" for exactly ``n_modules`` (the frozen
     sources): a different count, i.e. other modules in eval mode, still warns."""
     warnings.filterwarnings("ignore", message=eval_mode_message(n_modules))
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """A StreamHandler that writes to whatever ``sys.stdout`` is at the time of each record, not
+    the one it was created with: while the rich progress bar is live it redirects ``sys.stdout``,
+    and a log line (a warning, Lightning's "fit stopped") is then printed above the bar instead of
+    through it."""
+
+    def __init__(self):
+        super().__init__(stream=None)
+
+    @property
+    def stream(self):
+        import sys
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):   # StreamHandler.__init__ / setStream assign it: always sys.stdout
+        pass
 
 
 class ConsoleFormatter(logging.Formatter):

@@ -215,7 +215,8 @@ def _run(cfg: DictConfig) -> dict:
             lg.experiment.save(str(output_dir / RESULTS), base_path=str(output_dir), policy="now")
             lg.experiment.finish()
         log.info("results: test %s %.4f (last epoch), best val %.4f -> %s", results["test_metric"],
-                 results["test_acc"], results["best_val_acc"] or float("nan"), output_dir)
+                 results["test_acc"],
+                 float("nan") if results["best_val_acc"] is None else results["best_val_acc"], output_dir)
     return results
 
 
