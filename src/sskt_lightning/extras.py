@@ -20,8 +20,8 @@ from collections.abc import Mapping, Sequence
 KNOWN_NOISE_WARNINGS = (
     # torch's pytree API change, raised inside Lightning's own code, once per run
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-    # a short epoch with log_every_n_steps larger than it: the step rows are fewer, epoch means
-    # are logged anyway
+    # an epoch shorter than log_every_n_steps (trainer=default: 50): it only means fewer per-step
+    # rows; every epoch-level row (validation, learning rate) is logged all the same
     r"The number of training batches \(\d+\) is smaller than the logging interval",
 )
 # Lightning's info lines (logging records) that say nothing about this run:
