@@ -185,7 +185,8 @@ def _run(cfg: DictConfig) -> dict:
     wall = time.perf_counter() - start
     last_path = ckpt_dir / "last.ckpt"
     if last._last_global_step_saved != trainer.global_step or not last_path.is_file():
-        trainer.save_checkpoint(last_path)    # e.g. a step budget ending mid-epoch: test's weights on disk
+        trainer.save_checkpoint(last_path, weights_only=False)   # a full checkpoint (resumable), e.g. when a step
+        # budget ends mid-epoch or under fast_dev_run: the weights test measures are on disk
     val_hist = trainer.callback_metrics.get("val/acc")  # the last validation (before test resets it)
     tested = trainer.test(module, datamodule=dm, verbose=False)[0]  # last epoch's weights = last.ckpt
 
@@ -210,7 +211,9 @@ def _run(cfg: DictConfig) -> dict:
     }
     if trainer.is_global_zero:
         atomic_write_text(output_dir / RESULTS, json.dumps(results, indent=2))
-        for lg in filter(is_wandb, loggers):  # W&B: the results as the run's summary, then close the run
+        # W&B: the results as the run's summary, then close the run (not under fast_dev_run, where
+        # Lightning replaced the loggers and no W&B run was started)
+        for lg in (lg for lg in trainer.loggers if is_wandb(lg)):
             lg.experiment.summary.update({k: v for k, v in results.items() if not isinstance(v, (dict, list))})
             lg.experiment.save(str(output_dir / RESULTS), base_path=str(output_dir), policy="now")
             lg.experiment.finish()
