@@ -4,7 +4,6 @@ and credentials check, one short header, a progress bar with images/s and the ru
 known-noise filters (by message), and the DDP/cluster launch checks."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

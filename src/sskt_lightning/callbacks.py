@@ -293,7 +293,9 @@ class RunProgressBar(RichProgressBar):
 
     def configure_columns(self, trainer) -> list:
         # Lightning's batches/s column gives way to images/s (in the metrics)
-        from lightning.pytorch.callbacks.progress.rich_progress import ProcessingSpeedColumn
+        from lightning.pytorch.callbacks.progress.rich_progress import (
+            ProcessingSpeedColumn,
+        )
         return [c for c in super().configure_columns(trainer) if not isinstance(c, ProcessingSpeedColumn)]
 
     def get_metrics(self, trainer, module):

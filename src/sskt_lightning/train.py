@@ -112,7 +112,12 @@ def _run(cfg: DictConfig) -> dict:
     for name in (FAILED, RESULTS):             # from an earlier run in this directory: no longer true
         (output_dir / name).unlink(missing_ok=True)
     extras = cfg.get("extras") or {}
-    from sskt_lightning.extras import header, print_config_tree, quiet_known_noise, rank_from_env
+    from sskt_lightning.extras import (
+        header,
+        print_config_tree,
+        quiet_known_noise,
+        rank_from_env,
+    )
     if rank_from_env() == 0:
         if extras.get("header", True):
             uses = _uses_sources(cfg)
