@@ -38,3 +38,14 @@ def test_a_failing_job_does_not_end_the_sweep_but_fails_it(tmp_path, cifar_dir):
     assert "1 of 2 jobs failed" in proc.stderr
     assert [line for line in proc.stderr.splitlines() if line.startswith("  job 1: ConfigError: ")]
     assert "job 0:" not in proc.stderr
+
+
+def test_submitit_local_launcher_runs_each_job_in_its_own_process(tmp_path, cifar_dir):
+    """hydra/launcher=submitit_local: the submitit launcher (the SLURM one's local variant) runs
+    a 2-job sweep here, each job a process of its own with its own log under .submitit/."""
+    sweep, _ = multirun(tmp_path, cifar_dir, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+                        "data.val_size=16", "method=scratch", "seed=0,1")
+    results = [json.loads((sweep / str(n) / "results.json").read_text()) for n in range(2)]
+    assert [(r["status"], r["seed"]) for r in results] == [("ok", 0), ("ok", 1)]
+    logs = sorted((sweep / ".submitit").glob("*/*_log.out"))
+    assert len(logs) == 2 and len({p.parent.name for p in logs}) == 2   # two submitit jobs

@@ -1,10 +1,24 @@
-"""Callbacks of our own (Lightning's cover checkpoints and progress)."""
+"""Callbacks of our own.
+
+Always on (train.py adds them whatever ``callbacks=`` says; the run's guarantees rest on them):
+:class:`RunState` (random states in every checkpoint, CSV flushed before it), :class:`BestValidation`
+(results.json's best validation score), :class:`ThroughputMeter` (images/s) and
+:class:`QuietFrozenSources`; ``last.ckpt`` at every epoch's end is a Lightning ``ModelCheckpoint``
+built in train.py. The non-finite guard lives in the module itself.
+
+In the ``callbacks/`` config group (``conf/callbacks/``): :class:`BestCheckpoint`,
+:class:`LearningRateMonitor`, :class:`RunProgressBar`, besides Lightning's own (EarlyStopping).
+"""
 from __future__ import annotations
 
+import math
 import time
+from datetime import timedelta
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor as _LearningRateMonitor
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
 
 class ThroughputMeter(L.Callback):
@@ -137,3 +151,176 @@ class RunState(L.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, CSVLogger):
                 logger.save()
+
+
+# ---------------------------------------------------------------------------- best validation
+class BestValidation(L.Callback):
+    """The best validation score of the run and its epoch (``results.json``'s ``best_val_acc`` /
+    ``best_val_epoch``, what a sweeper optimises), whatever checkpoint callbacks are configured.
+
+    Reads ``monitor`` at each validation's end (not during the sanity check); a tie keeps the
+    earlier epoch, like ``ModelCheckpoint``. Kept in checkpoints, so a resumed run, also into
+    another directory, goes on from the same best."""
+
+    def __init__(self, monitor: str = "val/acc", mode: str = "max"):
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode={mode!r}: max or min")
+        self.monitor, self.mode = monitor, mode
+        self.best: float | None = None
+        self.epoch: int | None = None
+
+    def on_validation_end(self, trainer, module):
+        if trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            return
+        value = float(value)
+        if math.isnan(value):
+            return
+        if self.best is None or (value > self.best if self.mode == "max" else value < self.best):
+            self.best, self.epoch = value, int(trainer.current_epoch)
+
+    def on_train_start(self, trainer, module):
+        if self.best is not None:
+            return
+        # a checkpoint written before this callback existed: its best checkpoint knows the score
+        for cb in trainer.checkpoint_callbacks:
+            if getattr(cb, "monitor", None) == self.monitor and cb.best_model_score is not None:
+                self.best = float(cb.best_model_score)
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "epoch": self.epoch}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best, self.epoch = state_dict.get("best"), state_dict.get("epoch")
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """``checkpoints/best-*.ckpt`` (``callbacks.model_checkpoint``): Lightning's ModelCheckpoint
+    that also keeps the best score across a resume into another directory (Lightning keeps only
+    the path there); files outside its own directory are never deleted by Lightning."""
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        for key in ("best_model_score", "kth_best_model_path", "kth_value", "best_k_models"):
+            if key in state_dict:
+                setattr(self, key, state_dict[key])
+
+
+def last_checkpoint(ckpt_dir) -> ModelCheckpoint:
+    """``last.ckpt`` at the end of EVERY epoch, after its validation, whatever the score
+    (Lightning's ``save_last=True`` writes it only with a new best). Always on."""
+    return ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
+                           save_on_train_epoch_end=True, enable_version_counter=False)
+
+
+# ---------------------------------------------------------------------------- learning rates
+class LearningRateMonitor(_LearningRateMonitor):
+    """Lightning's LearningRateMonitor whose rows also carry the epoch, as every other row of the
+    CSV log does (a resumed run keeps the rows of the epochs its checkpoint covers, by epoch)."""
+
+    def _log(self, trainer, stats: dict) -> None:
+        if stats:
+            row = {**stats, "epoch": trainer.current_epoch}
+            for logger in trainer.loggers:
+                logger.log_metrics(row, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+    def on_train_batch_start(self, trainer, *args, **kwargs) -> None:
+        if not trainer._logger_connector.should_update_logs or self.logging_interval == "epoch":
+            return
+        self._log(trainer, self._extract_stats(trainer, "step" if self.logging_interval is None else "any"))
+
+    def on_train_epoch_start(self, trainer, *args, **kwargs) -> None:
+        if self.logging_interval == "step":
+            return
+        self._log(trainer, self._extract_stats(trainer, "epoch" if self.logging_interval is None else "any"))
+
+
+# ---------------------------------------------------------------------------- the terminal
+def run_fraction(current_epoch: int, batches_done: int, batches_per_epoch: float, max_epochs: int | None,
+                 global_step: int, max_steps: int | None) -> float | None:
+    """How much of the whole run is done, 0..1: the larger of the epoch and the step budget's
+    fractions (the run ends when either is reached); None when neither is known."""
+    fractions = []
+    if max_epochs is not None and max_epochs > 0 and batches_per_epoch and math.isfinite(batches_per_epoch):
+        fractions.append((current_epoch + batches_done / batches_per_epoch) / max_epochs)
+    if max_steps is not None and max_steps > 0:
+        fractions.append(global_step / max_steps)
+    return min(1.0, max(fractions)) if fractions else None
+
+
+def eta_seconds(elapsed: float, fraction: float | None, start_fraction: float) -> float | None:
+    """Seconds left at the rate since this process started training (validation included)."""
+    if fraction is None or fraction <= start_fraction or elapsed <= 0:
+        return None
+    return elapsed * (1.0 - fraction) / (fraction - start_fraction)
+
+
+def format_eta(seconds: float | None) -> str:
+    return "-" if seconds is None else str(timedelta(seconds=int(round(seconds))))
+
+
+class RunProgressBar(RichProgressBar):
+    """Lightning's rich progress bar plus ``img/s`` (training images per second over the current
+    epoch, all processes) and ``run ETA`` (the time left for the WHOLE run, from the progress of
+    the epoch and step budgets since training started; validation time included). Host timers and
+    batch shapes only: no device synchronisation."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._run_t0 = self._epoch_t0 = None
+        self._start_fraction = 0.0
+        self._images = 0
+        self._batches_done = 0
+
+    def _fraction(self, trainer) -> float | None:
+        return run_fraction(trainer.current_epoch, self._batches_done, trainer.num_training_batches,
+                            trainer.max_epochs, trainer.global_step, trainer.max_steps)
+
+    def on_train_epoch_start(self, trainer, module):
+        super().on_train_epoch_start(trainer, module)
+        self._epoch_t0, self._images, self._batches_done = time.perf_counter(), 0, 0
+        if self._run_t0 is None:
+            self._run_t0 = self._epoch_t0
+            self._start_fraction = self._fraction(trainer) or 0.0
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        x = batch["labeled"][0] if isinstance(batch, dict) else batch[0]
+        self._images += int(x.shape[0]) * trainer.world_size
+        self._batches_done = batch_idx + 1
+        super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
+
+    def configure_columns(self, trainer) -> list:
+        # Lightning's batches/s column gives way to images/s (in the metrics)
+        from lightning.pytorch.callbacks.progress.rich_progress import (
+            ProcessingSpeedColumn,
+        )
+        return [c for c in super().configure_columns(trainer) if not isinstance(c, ProcessingSpeedColumn)]
+
+    def get_metrics(self, trainer, module):
+        items = super().get_metrics(trainer, module)
+        items.pop("v_num", None)
+        now = time.perf_counter()
+        if self._epoch_t0 is not None and self._images and now > self._epoch_t0:
+            items["img/s"] = f"{self._images / (now - self._epoch_t0):.0f}"
+        if self._run_t0 is not None:
+            items["run ETA"] = format_eta(eta_seconds(now - self._run_t0, self._fraction(trainer),
+                                                      self._start_fraction))
+        return items
+
+
+class QuietFrozenSources(L.Callback):
+    """Hides Lightning's "Found N module(s) in eval mode" when those N modules are exactly the
+    frozen sources (eval mode on purpose, README "Sources"); any other module in eval mode still
+    warns (the count differs)."""
+
+    def on_fit_start(self, trainer, module):
+        sources = getattr(module, "sources", None)
+        if sources is None:
+            return
+        in_eval = {id(m) for _, m in module.named_modules() if not m.training}
+        frozen = {id(m) for _, m in sources.named_modules() if not m.training}
+        if in_eval and in_eval == frozen:
+            from sskt_lightning.extras import ignore_eval_mode_warning
+            ignore_eval_mode_warning(len(in_eval))

@@ -27,9 +27,14 @@ from sskt_lightning.errors import SSKTError
 
 log = logging.getLogger("sskt_lightning")
 from sskt_lightning.compose import CONFIG_DIR  # noqa: E402  (conf/, shipped as sskt_lightning.conf)
-# Overrides that do not change the experiment: left out of the W&B / report group.
-_NOT_IN_GROUP = ("seed=", "paths.", "logger", "hydra.", "trainer.devices", "trainer.accelerator",
-                 "data.num_workers", "resume=")
+from sskt_lightning.loggers import (  # noqa: E402  (light: stdlib + omegaconf)
+    build_loggers,
+    check_loggers,
+    is_wandb,
+    logger_names,
+)
+from sskt_lightning.loggers import group_name as _group_name  # noqa: E402
+
 RESULTS, FAILED = "results.json", "failed.txt"
 
 
@@ -57,53 +62,36 @@ def _task_overrides() -> list[str]:
         return []
 
 
-def group_name(cfg: DictConfig, sources: list[str]) -> str:
-    """The experiment's identity without the seed: seeds of one group aggregate (W&B, report)."""
-    parts = [f"data={cfg.data.name}", f"model={cfg.model.name}", f"method={cfg.method.name}",
-             f"sources={'+'.join(sources) or '-'}"]
-    named = ("data=", "model=", "method=", "source=")
-    parts += sorted(o.lstrip("+~") for o in _task_overrides()
-                    if not o.lstrip("+~").startswith(_NOT_IN_GROUP + named))
-    return " ".join(parts)
+def _choices() -> dict:
+    try:
+        return {k: v for k, v in HydraConfig.get().runtime.choices.items() if v is not None}
+    except ValueError:
+        return {}
 
 
-def build_loggers(cfg: DictConfig, output_dir: Path, group: str, config: dict,
-                  keep_through_epoch: int | None = None) -> list:
-    from sskt_lightning.runlog import RunCSVLogger
-    loggers = [RunCSVLogger(save_dir=str(output_dir), keep_through_epoch=keep_through_epoch)]
-    wandb_cfg = cfg.logger.get("wandb") if cfg.get("logger") else None
-    if wandb_cfg:
-        from lightning.pytorch.loggers import WandbLogger
-        os.environ.setdefault("WANDB_MODE", str(wandb_cfg.get("mode", "online")))
-        loggers.append(WandbLogger(
-            project=wandb_cfg.project, entity=wandb_cfg.get("entity"), group=group,
-            tags=list(wandb_cfg.get("tags") or []), name=wandb_cfg.get("name"),
-            save_dir=str(output_dir), mode=os.environ["WANDB_MODE"], config=config))
-    return loggers
+def group_name(cfg: DictConfig, sources: list[str], uses_sources: bool | None = None) -> str:
+    """The experiment's identity without the seed (see :func:`sskt_lightning.loggers.group_name`)."""
+    return _group_name(cfg, sources, _task_overrides(), uses_sources)
 
 
-def _checkpoint_callbacks(ckpt_dir: Path):
-    """``best-*.ckpt`` (highest val/acc) and ``last.ckpt`` (end of every epoch, always)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    class BestCheckpoint(ModelCheckpoint):
-        """Keeps the best score across a resume into another directory too (Lightning keeps only
-        the path there); files outside its own directory are never deleted by Lightning."""
-
-        def load_state_dict(self, state_dict):
-            super().load_state_dict(state_dict)
-            for key in ("best_model_score", "kth_best_model_path", "kth_value", "best_k_models"):
-                if key in state_dict:
-                    setattr(self, key, state_dict[key])
-
-    best = BestCheckpoint(dirpath=ckpt_dir, monitor="val/acc", mode="max",
-                          filename="best-epoch{epoch:03d}-acc{val/acc:.4f}",
-                          auto_insert_metric_name=False, save_last=False, save_top_k=1)
-    # Lightning's save_last=True writes `last` only when a new best is saved; this one writes at
-    # every epoch's end (after validation), whatever the score.
-    last = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
-                           every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
-    return best, last
+def instantiate_callbacks(cfg: DictConfig) -> list:
+    """The ``callbacks`` group's callbacks (``callbacks.<name>._target_``), in config order. A
+    progress bar is left out when ``trainer.enable_progress_bar`` is false."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks.progress import ProgressBar
+    out = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if not node:
+            continue
+        if not node.get("_target_"):
+            from sskt_lightning.errors import ConfigError
+            raise ConfigError(f"callbacks.{name} has no _target_: give the callback's class "
+                              f"(+callbacks.{name}._target_=<module.Class>), or remove it with ~callbacks.{name}.")
+        cb = instantiate(node)
+        if isinstance(cb, ProgressBar) and cfg.trainer.get("enable_progress_bar") is False:
+            continue
+        out.append(cb)
+    return out
 
 
 def run(cfg: DictConfig) -> dict:
@@ -119,15 +107,36 @@ def run(cfg: DictConfig) -> dict:
 def _run(cfg: DictConfig) -> dict:
     from sskt_lightning.validate import check_output_dir, validate_config
     validate_config(cfg)                       # before any data is read
+    check_loggers(cfg)                         # W&B credentials, logger packages: before anything is built
     output_dir = check_output_dir(cfg.paths.output_dir)
     for name in (FAILED, RESULTS):             # from an earlier run in this directory: no longer true
         (output_dir / name).unlink(missing_ok=True)
+    extras = cfg.get("extras") or {}
+    from sskt_lightning.extras import (
+        header,
+        print_config_tree,
+        quiet_known_noise,
+        rank_from_env,
+    )
+    if rank_from_env() == 0:
+        if extras.get("header", True):
+            uses = _uses_sources(cfg)
+            srcs = list(cfg.get("source") or []) if uses else []
+            log.info(header(cfg, output_dir, _choices(), srcs, logger_names(cfg)))
+        if extras.get("print_config"):
+            print_config_tree(cfg)
 
     import lightning as L
     from hydra.utils import instantiate
 
     from sskt_lightning.atomic import atomic_write_text, remove_stale_temps
-    from sskt_lightning.callbacks import RunState, ThroughputMeter
+    from sskt_lightning.callbacks import (
+        BestValidation,
+        QuietFrozenSources,
+        RunState,
+        ThroughputMeter,
+        last_checkpoint,
+    )
     from sskt_lightning.checkpoints import (
         SafeCheckpointIO,
         check_resume_fits,
@@ -142,6 +151,8 @@ def _run(cfg: DictConfig) -> dict:
     if cfg.get("resume"):                      # checked (weights_only=True) before anything trains
         resume_path, resume_obj = prepare_resume(str(cfg.resume), output_dir)
 
+    if extras.get("quiet_known_noise", True):
+        quiet_known_noise()
     L.seed_everything(cfg.seed, workers=True)
     dm = instantiate(cfg.data)
     dm.setup("fit")  # reads the data now: missing files fail here, before any weights are fetched
@@ -155,10 +166,9 @@ def _run(cfg: DictConfig) -> dict:
         keep_through_epoch = int(resume_obj["epoch"])
         resume_obj = None                      # Lightning reads the (verified) file itself
     sources = list(module.sources.sources) if module.method.needs_sources else []
-    group = group_name(cfg, sources)
+    group = group_name(cfg, sources, uses_sources=module.method.needs_sources)
 
-    best, last = _checkpoint_callbacks(ckpt_dir)
-    meter = ThroughputMeter()
+    last, meter, best = last_checkpoint(ckpt_dir), ThroughputMeter(), BestValidation("val/acc", "max")
     loggers = build_loggers(cfg, output_dir, group, config, keep_through_epoch)
     extra = {}
     if cfg.trainer.get("strategy") == "ddp":
@@ -166,8 +176,10 @@ def _run(cfg: DictConfig) -> dict:
         # parameters, which DDP must be told about
         from lightning.pytorch.strategies import DDPStrategy
         extra["strategy"] = DDPStrategy(find_unused_parameters=not module.automatic_optimization)
-    callbacks = [RunState(), best, last, meter,
-                 *(instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c)]
+    # the always-on callbacks around the group's (README, "Reliability"); Lightning runs the
+    # checkpoint callbacks last in any case
+    quiet = [QuietFrozenSources()] if extras.get("quiet_known_noise", True) else []
+    callbacks = [RunState(), *quiet, *instantiate_callbacks(cfg), best, last, meter]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[SafeCheckpointIO()],
                           default_root_dir=str(output_dir), **extra)
     dm.split_batch_across(trainer.world_size)   # data.batch_size is global
@@ -178,7 +190,8 @@ def _run(cfg: DictConfig) -> dict:
     wall = time.perf_counter() - start
     last_path = ckpt_dir / "last.ckpt"
     if last._last_global_step_saved != trainer.global_step or not last_path.is_file():
-        trainer.save_checkpoint(last_path)    # e.g. a step budget ending mid-epoch: test's weights on disk
+        trainer.save_checkpoint(last_path, weights_only=False)   # a full checkpoint (resumable), e.g. when a step
+        # budget ends mid-epoch or under fast_dev_run: the weights test measures are on disk
     val_hist = trainer.callback_metrics.get("val/acc")  # the last validation (before test resets it)
     tested = trainer.test(module, datamodule=dm, verbose=False)[0]  # last epoch's weights = last.ckpt
 
@@ -186,16 +199,16 @@ def _run(cfg: DictConfig) -> dict:
         "status": "ok",
         "method": module.method.name, "model": module.model_name, "data": data_info["name"],
         "sources": sources, "seed": int(cfg.seed), "epochs": int(trainer.current_epoch),
-        "group": group, "test_metric": data_info["metric"],
+        "group": group, "tags": [str(x) for x in (cfg.get("tags") or [])], "test_metric": data_info["metric"],
         "test_acc": float(tested["test/acc"]),
-        "best_val_acc": float(best.best_model_score) if best.best_model_score is not None else None,
-        "best_val_epoch": _epoch_of(best.best_model_path),
+        "best_val_acc": best.best,
+        "best_val_epoch": best.epoch,
         "last_val_acc": float(val_hist) if val_hist is not None else None,
         "wall_time_s": round(wall, 2), "train_images_per_s": meter.images_per_second,
         "num_train": dm.num_train, "num_val": dm.num_val, "num_test": dm.num_test,
         "metrics_csv": "csv/metrics.csv",
         "checkpoints": {"last": _rel(str(last_path), output_dir),
-                        "best": _rel(best.best_model_path, output_dir)},
+                        "best": _rel(_best_checkpoint_path(trainer), output_dir)},
         "resumed_from": str(cfg.resume) if cfg.get("resume") else None,
         "method_settings": module.method.describe(),
         "overrides": _task_overrides(),
@@ -203,18 +216,30 @@ def _run(cfg: DictConfig) -> dict:
     }
     if trainer.is_global_zero:
         atomic_write_text(output_dir / RESULTS, json.dumps(results, indent=2))
-        for lg in loggers[1:]:  # W&B: the results as the run's summary, then close the run
+        # W&B: the results as the run's summary, then close the run (not under fast_dev_run, where
+        # Lightning replaced the loggers and no W&B run was started)
+        for lg in (lg for lg in trainer.loggers if is_wandb(lg)):
             lg.experiment.summary.update({k: v for k, v in results.items() if not isinstance(v, (dict, list))})
             lg.experiment.save(str(output_dir / RESULTS), base_path=str(output_dir), policy="now")
             lg.experiment.finish()
         log.info("results: test %s %.4f (last epoch), best val %.4f -> %s", results["test_metric"],
-                 results["test_acc"], results["best_val_acc"] or float("nan"), output_dir)
+                 results["test_acc"],
+                 float("nan") if results["best_val_acc"] is None else results["best_val_acc"], output_dir)
     return results
 
 
-def _epoch_of(path: str) -> int | None:
-    name = Path(path).name if path else ""
-    return int(name.split("epoch")[1][:3]) if "epoch" in name else None
+def _uses_sources(cfg: DictConfig) -> bool:
+    from sskt_lightning.validate import _method_class
+    return bool(getattr(_method_class(cfg), "needs_sources", True))
+
+
+def _best_checkpoint_path(trainer) -> str | None:
+    """The file of the first checkpoint callback that keeps the best validation accuracy, if any
+    (``callbacks=none`` has none)."""
+    for cb in trainer.checkpoint_callbacks:
+        if getattr(cb, "monitor", None) == "val/acc" and getattr(cb, "best_model_path", None):
+            return cb.best_model_path
+    return None
 
 
 def _rel(path: str, root: Path) -> str | None:
@@ -260,16 +285,55 @@ def record_failure(cfg: DictConfig, err: BaseException) -> None:
         wandb.finish(exit_code=1)
 
 
+def cluster_launch(env=os.environ) -> tuple[str, int] | None:
+    """``(launcher, processes)`` when a cluster launcher started this process as one of several
+    (Lightning's detection rules: torchrun sets RANK, GROUP_RANK, LOCAL_RANK and LOCAL_WORLD_SIZE;
+    SLURM sets SLURM_NTASKS outside an interactive ``bash``/``interactive`` job), else None. Then
+    Lightning joins the processes it finds and starts none itself."""
+    if {"RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"} <= set(env):
+        n = int(env.get("WORLD_SIZE") or 1)
+        return ("torchrun", n) if n > 1 else None
+    if env.get("SLURM_NTASKS") and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        n = int(env["SLURM_NTASKS"])
+        return ("SLURM", n) if n > 1 else None
+    return None
+
+
+def launch_problem(cfg: DictConfig, multirun: bool, run_dir_given: bool, env=os.environ) -> str | None:
+    """Why this DDP set-up cannot start, or None.
+
+    * ``trainer=ddp`` with several devices inside a multirun that no cluster launcher started:
+      Lightning's DDP launcher would re-run the command line, i.e. the whole sweep, in every
+      child (with ``hydra/launcher=submitit_slurm`` SLURM starts the processes: allowed);
+    * several processes started by torchrun or SLURM for a single run without ``hydra.run.dir``:
+      each resolves the default ``${now:...}`` directory on its own and could write elsewhere."""
+    launched = cluster_launch(env)
+    ddp = cfg.trainer.get("strategy") == "ddp"
+    if multirun and ddp and cfg.trainer.get("devices") not in (1, "1") and launched is None:
+        return ("trainer=ddp cannot run inside a Hydra multirun (-m) on one machine: Lightning's DDP "
+                "launcher re-runs the command line, i.e. the whole sweep, in every process. Run each job "
+                "as a single run instead, or sweep on a SLURM cluster with hydra/launcher=submitit_slurm "
+                "and hydra.launcher.tasks_per_node=<devices> (see README, 'Multi-GPU').")
+    if launched is not None and not multirun and not run_dir_given:
+        launcher, n = launched
+        example = "outputs/$SLURM_JOB_ID" if launcher == "SLURM" else "outputs/<run name>"
+        return (f"this process is one of {n} started by {launcher}; each resolves the default run "
+                "directory (outputs/<date>/<time>) from its own clock, so they could write to different "
+                f"directories. Give them one: hydra.run.dir={example}.")
+    return None
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float:
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
-    if multirun and cfg.trainer.get("strategy") == "ddp" and cfg.trainer.get("devices") not in (1, "1"):
-        # Lightning's DDP launcher re-runs the command line in each child process: under -m that
-        # would start the whole sweep again in every child
-        print("\nerror: trainer=ddp cannot run inside a Hydra multirun (-m): Lightning's DDP launcher "
-              "re-runs the command line, i.e. the whole sweep, in every process. Run each job as a "
-              "single run instead (see README, 'Sweeps with DDP').\n", file=sys.stderr)
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    run_dir_given = any(o.split("=")[0].lstrip("+") == "hydra.run.dir" for o in hydra_cfg.overrides.hydra)
+    problem = launch_problem(cfg, multirun, run_dir_given)
+    if problem:
+        print(f"\nerror: {problem}\n", file=sys.stderr)
         sys.exit(2)
+    if any(isinstance(h, logging.FileHandler) for h in logging.getLogger().handlers):
+        logging.captureWarnings(True)   # warnings into the run's log file too (hydra/job_logging=sskt)
     try:
         return optimized_value(cfg, run(cfg))   # run() records a failure in the run directory
     except SSKTError as err:
