@@ -99,9 +99,9 @@ class Spy:
         self.calls, self.inner = [], method.peer_loss
         method.peer_loss = self
 
-    def __call__(self, module, logits, others, labels):
+    def __call__(self, module, logits, others, labels, *rest):
         self.calls.append((logits.detach().clone(), [o.detach().clone() for o in others]))
-        return self.inner(module, logits, others, labels)
+        return self.inner(module, logits, others, labels, *rest)
 
 
 def count_forwards(module):

@@ -14,6 +14,7 @@ from sskt_lightning.losses import task_loss
 from sskt_lightning.metrics import primary_metric
 from sskt_lightning.methods.base import Method
 from sskt_lightning.nets.factory import TappedNet, create_network, resolve_model_name
+from sskt_lightning.optim import build_optimizer
 from sskt_lightning.sources import SourceBank, build_sources
 
 SOURCES_PREFIX = "sources."
@@ -68,6 +69,9 @@ class TransferModule(L.LightningModule):
     def on_train_epoch_end(self):
         self.method.on_train_epoch_end(self)
 
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.method.on_train_batch_end(self)
+
     def log_train(self, parts: Mapping[str, torch.Tensor], logits=None, labels=None) -> None:
         """Log the step's loss terms under ``train/``; tensors only, no host sync per step."""
         bs = labels.shape[0] if labels is not None else None
@@ -79,12 +83,8 @@ class TransferModule(L.LightningModule):
         return self.method.configure_optimizers(self)
 
     def default_optimizers(self, params: Iterable[torch.nn.Parameter]):
-        """``cfg.optim``'s optimizer and (per-epoch) scheduler over ``params``."""
-        optimizer = instantiate(self.cfg.optim.optimizer)(params=list(params))
-        if self.cfg.optim.get("scheduler") is None:
-            return optimizer
-        scheduler = instantiate(self.cfg.optim.scheduler)(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        """``cfg.optim``'s optimizer and scheduler over ``params`` (see :func:`optim.build_optimizer`)."""
+        return build_optimizer(self.cfg.optim, params, self._trainer)
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch, stage: str):

@@ -8,6 +8,14 @@ Batches from the loaders (before `on_after_batch_transfer`):
 train, val and the labels_per_class pool; test split for test; STL-10's unlabeled split for
 its unlabeled stream), stable across epochs and runs. After the transfer to the device the
 images are normalised float32, augmented during training only.
+
+Training length. An epoch is one pass over the labelled images (`data.steps_per_epoch=null`), or
+exactly `data.steps_per_epoch` batches whatever the number of labels: the labelled images are
+drawn from successive shuffled passes (:class:`CyclingSampler`), so 20 labelled images and
+`steps_per_epoch=50` give 50 full batches per epoch. The unlabeled stream draws
+`round(batch_size * unlabeled_ratio)` images per step from the whole pool, reshuffled whenever the
+pool is exhausted, for as many steps as the labelled loader has. Every random draw of the loaders
+comes from the torch.Generators in `self._generators` (0: labelled, 1: unlabeled).
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from sskt_lightning.data.augment import BatchAugment, normalize
 from sskt_lightning.data.formats import (
@@ -68,6 +76,25 @@ class IndexedImages(Dataset):
         return self._fetch(self.indices[torch.as_tensor(ids, dtype=torch.int64)])
 
 
+class CyclingSampler(Sampler[int]):
+    """`num_samples` indices into a dataset of `size` items: successive random permutations
+    (drawn from `generator` when iterated), cut to length - every item once per pass, reshuffled
+    when a pass is exhausted. Holds no state of its own besides the generator."""
+
+    def __init__(self, size: int, num_samples: int, generator: torch.Generator) -> None:
+        if size < 1:
+            raise ValueError("CyclingSampler needs at least one item")
+        self.size, self.num_samples, self.generator = int(size), int(num_samples), generator
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        passes = -(-self.num_samples // self.size)
+        order = torch.cat([torch.randperm(self.size, generator=self.generator) for _ in range(passes)])
+        return iter(order[: self.num_samples].tolist())
+
+
 def collate_batch(data: Any) -> tuple[torch.Tensor, ...]:
     """A batch from `IndexedImages.__getitems__` (a tuple) as is; a list of items is stacked."""
     return data if isinstance(data, tuple) else tuple(default_collate(data))
@@ -96,7 +123,8 @@ class ImageDataModule(L.LightningDataModule):
                  in_chans: int | None = None, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, unlabeled: bool = False, unlabeled_ratio: float = 1.0,
                  unlabeled_source: str = "auto", pin_memory: bool = False, persistent_workers: bool | None = None,
-                 drop_last_train: bool = True, metric: str | None = None) -> None:
+                 drop_last_train: bool = True, metric: str | None = None, steps_per_epoch: int | None = None,
+                 val_per_class: int | None = None) -> None:
         super().__init__()  # no save_hyperparameters: checkpoints stay loadable with weights_only=True
         if name not in READERS:
             raise ConfigError(f"data.name={name!r} is not a known dataset; choose one of {sorted(READERS)}.")
@@ -105,6 +133,11 @@ class ImageDataModule(L.LightningDataModule):
         if batch_size < 1 or unlabeled_ratio <= 0:
             raise ConfigError(f"data.batch_size must be >= 1 and data.unlabeled_ratio > 0, "
                               f"got {batch_size} and {unlabeled_ratio}.")
+        if steps_per_epoch is not None and (isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int)
+                                            or steps_per_epoch < 1):
+            raise ConfigError(f"data.steps_per_epoch must be an integer >= 1 (batches per epoch, whatever the "
+                              f"number of labels) or null (one pass over the labelled images), got "
+                              f"{steps_per_epoch!r}.")
         multi = name in MULTI_LABEL_DATASETS
         if metric is not None and (metric not in METRICS or (metric == "acc") == multi):
             fits = [m for m in METRICS if (m == "acc") != multi]
@@ -112,7 +145,7 @@ class ImageDataModule(L.LightningDataModule):
                               f"data); choose one of {fits} (or null for {fits[0]}).")
         if multi:
             check_multi_label_views(name, classes=classes, label_map=label_map, class_names=class_names,
-                                    labels_per_class=labels_per_class)
+                                    labels_per_class=labels_per_class, val_per_class=val_per_class)
         self.metric_arg = metric
         self.name, self.data_dir, self.download = name, str(data_dir), bool(download)
         self.batch_size = int(batch_size)
@@ -122,6 +155,7 @@ class ImageDataModule(L.LightningDataModule):
         self.val_size, self.split_seed, self.seed = val_size, int(split_seed), int(seed)
         self.classes, self.label_map, self.class_names_override = _plain(classes), _plain(label_map), _plain(class_names)
         self.train_part, self.labels_per_class = _plain(train_part), labels_per_class
+        self.val_per_class, self.steps_per_epoch = val_per_class, steps_per_epoch
         self.augment = BatchAugment(augment_pad, augment_flip)
         self.image_size_arg, self.in_chans_arg = _plain(image_size), in_chans
         self.mean_arg, self.std_arg = _plain(mean), _plain(std)
@@ -159,7 +193,8 @@ class ImageDataModule(L.LightningDataModule):
         split = make_task_split(
             train.labels, test.labels, train.classes, classes=self.classes, label_map=self.label_map,
             class_names=self.class_names_override, train_part=self.train_part, val_size=self.val_size,
-            split_seed=self.split_seed, labels_per_class=self.labels_per_class, seed=self.seed)
+            split_seed=self.split_seed, labels_per_class=self.labels_per_class, seed=self.seed,
+            val_per_class=self.val_per_class)
         self._train_arrays, self._test_arrays = train, test
         self._unlabeled_images, self._unlabeled_idx = self._unlabeled_pool(train, split)
         self._mean, self._std = self._stats(train.images.shape[1])
@@ -332,21 +367,29 @@ class ImageDataModule(L.LightningDataModule):
             num_workers=self.num_workers, pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers, collate_fn=collate_batch)
 
+    def _labeled_loader(self) -> DataLoader:
+        task = self.task
+        data = IndexedImages(self._train_arrays.images, task.train_labels, task.train)
+        if self.steps_per_epoch is None:   # one pass over the labelled images
+            return self._loader(data, self.batch_size, self._generators[0])
+        sampler = CyclingSampler(len(data), self.steps_per_epoch * self.batch_size, self._generators[0])
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.persistent_workers, collate_fn=collate_batch)
+
     def train_dataloader(self) -> DataLoader | dict[str, DataLoader]:
         """Labelled loader, or `{"labeled": ..., "unlabeled": ...}` when unlabeled=True.
 
-        An epoch is one pass over the labelled images, as for every other method: the unlabeled
-        stream draws exactly one batch per labelled batch (random, without replacement within each
-        pass over the pool, continuing across passes), so both loaders have the same length.
+        An epoch has `steps_per_epoch` batches, or (null) one pass over the labelled images. The
+        unlabeled stream draws exactly one batch of `unlabeled_batch_size` images per labelled batch,
+        from shuffled passes over the whole pool (reshuffled when a pass is exhausted), so both
+        loaders have the same length whatever the pool's size.
         """
-        task = self.task
-        labeled = self._loader(IndexedImages(self._train_arrays.images, task.train_labels, task.train),
-                               self.batch_size, self._generators[0])
+        labeled = self._labeled_loader()
         if not self.unlabeled:
             return labeled
         pool = IndexedImages(self._unlabeled_images, None, self._unlabeled_idx)
-        sampler = RandomSampler(pool, num_samples=len(labeled) * self.unlabeled_batch_size,
-                                generator=self._generators[1])
+        sampler = CyclingSampler(len(pool), len(labeled) * self.unlabeled_batch_size, self._generators[1])
         unlabeled = DataLoader(pool, batch_size=self.unlabeled_batch_size, sampler=sampler, drop_last=True,
                                num_workers=self.num_workers, pin_memory=self.pin_memory,
                                persistent_workers=self.persistent_workers, collate_fn=collate_batch)
