@@ -14,8 +14,11 @@ exactly `data.steps_per_epoch` batches whatever the number of labels: the labell
 drawn from successive shuffled passes (:class:`CyclingSampler`), so 20 labelled images and
 `steps_per_epoch=50` give 50 full batches per epoch. The unlabeled stream draws
 `round(batch_size * unlabeled_ratio)` images per step from the whole pool, reshuffled whenever the
-pool is exhausted, for as many steps as the labelled loader has. Every random draw of the loaders
-comes from the torch.Generators in `self._generators` (0: labelled, 1: unlabeled).
+pool is exhausted (continuing across epochs), for as many steps as the labelled loader has. Every
+random draw of the loaders comes from the torch.Generators in `self._generators` (0: labelled, 1:
+unlabeled): the one-pass labelled loader draws from generator 0's state; the cycling streams are
+a function of the generators' seeds and the epoch number (see `CyclingSampler`), so a resumed
+epoch replays exactly.
 """
 
 from __future__ import annotations
@@ -77,22 +80,41 @@ class IndexedImages(Dataset):
 
 
 class CyclingSampler(Sampler[int]):
-    """`num_samples` indices into a dataset of `size` items: successive random permutations
-    (drawn from `generator` when iterated), cut to length - every item once per pass, reshuffled
-    when a pass is exhausted. Holds no state of its own besides the generator."""
+    """An endless stream of random passes over `size` items, served `num_samples` per epoch.
 
-    def __init__(self, size: int, num_samples: int, generator: torch.Generator) -> None:
+    Pass j is a permutation drawn from a generator seeded by (`seed`, j); epoch e serves positions
+    [e * num_samples, (e + 1) * num_samples) of the stream. So every item comes once per pass, a
+    pass that runs out is followed by a new shuffled one, and an epoch continues where the last one
+    stopped (across epochs, not restarting a pass). The order is a function of the seed and the
+    epoch alone: Lightning calls `set_epoch(e)` at every epoch start (also after a resume, which
+    therefore replays the same order); without it, each iteration counts as the next epoch.
+    """
+
+    def __init__(self, size: int, num_samples: int, seed: int) -> None:
         if size < 1:
             raise ValueError("CyclingSampler needs at least one item")
-        self.size, self.num_samples, self.generator = int(size), int(num_samples), generator
+        self.size, self.num_samples, self.seed = int(size), int(num_samples), int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return self.num_samples
 
+    def _pass(self, j: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + j * 7_919) % 2**62)
+        return torch.randperm(self.size, generator=gen)
+
     def __iter__(self):
-        passes = -(-self.num_samples // self.size)
-        order = torch.cat([torch.randperm(self.size, generator=self.generator) for _ in range(passes)])
-        return iter(order[: self.num_samples].tolist())
+        start, epoch = self.epoch * self.num_samples, self.epoch
+        self.epoch = epoch + 1          # the next epoch, unless set_epoch says otherwise
+        if self.num_samples == 0:
+            return iter([])
+        first, last = start // self.size, (start + self.num_samples - 1) // self.size
+        stream = torch.cat([self._pass(j) for j in range(first, last + 1)])
+        offset = start - first * self.size
+        return iter(stream[offset: offset + self.num_samples].tolist())
 
 
 def collate_batch(data: Any) -> tuple[torch.Tensor, ...]:
@@ -372,7 +394,7 @@ class ImageDataModule(L.LightningDataModule):
         data = IndexedImages(self._train_arrays.images, task.train_labels, task.train)
         if self.steps_per_epoch is None:   # one pass over the labelled images
             return self._loader(data, self.batch_size, self._generators[0])
-        sampler = CyclingSampler(len(data), self.steps_per_epoch * self.batch_size, self._generators[0])
+        sampler = CyclingSampler(len(data), self.steps_per_epoch * self.batch_size, self._generators[0].initial_seed())
         return DataLoader(data, batch_size=self.batch_size, sampler=sampler, drop_last=True,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
                           persistent_workers=self.persistent_workers, collate_fn=collate_batch)
@@ -389,7 +411,8 @@ class ImageDataModule(L.LightningDataModule):
         if not self.unlabeled:
             return labeled
         pool = IndexedImages(self._unlabeled_images, None, self._unlabeled_idx)
-        sampler = CyclingSampler(len(pool), len(labeled) * self.unlabeled_batch_size, self._generators[1])
+        sampler = CyclingSampler(len(pool), len(labeled) * self.unlabeled_batch_size,
+                                 self._generators[1].initial_seed())
         unlabeled = DataLoader(pool, batch_size=self.unlabeled_batch_size, sampler=sampler, drop_last=True,
                                num_workers=self.num_workers, pin_memory=self.pin_memory,
                                persistent_workers=self.persistent_workers, collate_fn=collate_batch)
