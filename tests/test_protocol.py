@@ -146,8 +146,11 @@ def test_tiny_protocol_end_to_end_and_resume(tmp_path, cifar_dir):
                 assert f"{key}={P._override_value(value)}" in res["overrides"]
     md = (out / "report" / "report.md").read_text()
     assert "## Search (validation only)" in md and "gain over scratch (points)" in md
-    table = [ln for ln in md.splitlines() if ln.startswith("| sskt ")][0]
-    assert "/2 |" in table           # wins out of the 2 paired seeds
+    lines = [ln for ln in md.splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].split("|")[1:-1]]
+    sskt = dict(zip(header, [c.strip() for c in next(ln for ln in lines if ln.startswith("| sskt ")).split("|")[1:-1]]))
+    assert sskt["wins"].endswith("/2")            # out of the 2 paired seeds
+    assert sskt["selected on validation"].startswith("optim.optimizer.lr=")
     assert (out / "report" / "report.csv").is_file() and (out / "report" / "gains.png").is_file()
 
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("results.json")}
@@ -155,3 +158,24 @@ def test_tiny_protocol_end_to_end_and_resume(tmp_path, cifar_dir):
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in out.rglob("results.json")} == stamps   # nothing re-ran
     assert "trial" not in again.stdout.split("# Protocol")[0]
+
+
+def test_hydra_optuna_sweeper_runs_a_search_config(tmp_path, cifar_dir):
+    """`hparams_search=<method>` with hydra-optuna-sweeper 1.3 / optuna 2.10 (in-memory study):
+    the trials run and the best parameters are written; the value optimised is train.main's return
+    value, the validation metric named by cfg.optimized_metric."""
+    from sskt_lightning.compose import compose_config
+    import yaml
+
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "sskt_lightning.train", "hparams_search=scratch", "method=scratch",
+           "hydra.sweeper.n_trials=2", "data=cifar10", f"paths.data_dir={cifar_dir}", "model=resnet20", "trainer=smoke",
+           "data.batch_size=8", "data.num_workers=0", "data.val_size=16", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(best["best_params"]) == {"optim.optimizer.lr", "optim.optimizer.weight_decay"}
+    runs = [json.loads((sweep / str(k) / "results.json").read_text()) for k in range(2)]
+    cfg = compose_config(["method=scratch"], tmp_path / "c")
+    if "optimized_metric" in cfg:         # train.main returns the validation metric (never a test number)
+        assert best["best_value"] in [r["best_val_acc"] for r in runs] + [r.get("last_val_acc") for r in runs]
