@@ -150,14 +150,14 @@ def test_tiny_protocol_end_to_end_and_resume(tmp_path, cifar_dir):
     header = [c.strip() for c in lines[0].split("|")[1:-1]]
     sskt = dict(zip(header, [c.strip() for c in next(ln for ln in lines if ln.startswith("| sskt ")).split("|")[1:-1]]))
     assert sskt["wins"].endswith("/2")            # out of the 2 paired seeds
-    assert sskt["selected on validation"].startswith("optim.optimizer.lr=")
+    assert sskt["selected on validation"].startswith("lr=")
     assert (out / "report" / "report.csv").is_file() and (out / "report" / "gains.png").is_file()
 
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("results.json")}
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in out.rglob("results.json")} == stamps   # nothing re-ran
-    assert "trial" not in again.stdout.split("# Protocol")[0]
+    assert " min] " not in again.stdout          # no run was launched (the runner logs each finished run)
 
 
 def test_hydra_optuna_sweeper_runs_a_search_config(tmp_path, cifar_dir):

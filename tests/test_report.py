@@ -345,7 +345,7 @@ def test_protocol_sidecar_names_and_search_trials(tmp_path):
     assert len(report.load_results([tmp_path], include_search=True)) == 2
     summary = report.summarise(results)
     assert summary["name"].tolist() == ["sskt_unlabeled"] and summary["params"][0] == "method.alpha=0.5"
-    assert "method.alpha=0.5" in report.to_markdown(summary)
+    assert "| alpha=0.5 " in report.to_markdown(summary)
 
 
 def test_failed_jobs_are_listed_beside_the_table(tree, tmp_path, capsys):

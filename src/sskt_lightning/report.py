@@ -510,12 +510,18 @@ def _table(part: pd.DataFrame, title: str) -> pd.DataFrame:
                             for lo, hi in zip(part["gain_ci_low"], part["gain_ci_high"])]
         table["wins"] = [DASH if n == 0 else f"{int(w)}/{n}" for w, n in zip(part["wins"], part["n_paired"])]
     if part["params"].astype(bool).any():
-        table["selected on validation"] = part["params"].replace("", DASH)
+        table["selected on validation"] = [_short_params(p) or DASH for p in part["params"]]
     table["train / val / unlabeled"] = [" / ".join(_count(x) for x in t)
                                         for t in zip(part["num_train"], part["num_val"], part["num_unlabeled"])]
     table["wall time (s)"] = part["wall_time_s_mean"].map(lambda x: _fmt(x, 0))
     table["train img/s"] = part["train_images_per_s_mean"].map(lambda x: _fmt(x, 0))
     return table
+
+
+def _short_params(params: str) -> str:
+    """``optim.optimizer.lr=0.1 method.alpha=1`` -> ``lr=0.1 alpha=1`` (the table's short form)."""
+    return " ".join(t.removeprefix("optim.optimizer.").removeprefix("method.").removeprefix("data.")
+                    for t in params.split())
 
 
 def _failures_md(failures: Sequence[dict]) -> list[str]:
@@ -556,7 +562,7 @@ def to_markdown(summary: pd.DataFrame, title: str | None = "Results", failures: 
     if extra:
         frame = pd.DataFrame({
             "setting": [_setting_title(d, m, s) for _, d, m, s, _, _ in extra],
-            "method": [n for n, *_ in extra], "name": [k for *_, k, _ in extra],
+            "method": [n for n, *_ in extra], "number": [k for *_, k, _ in extra],
             "n": [e["n"] for *_, e in extra],
             "mean ± std": [_pm(e["mean"], e["std"], 2 if e["unit"] else 4) + (f" {e['unit']}" if e["unit"] else "")
                            for *_, e in extra]})
@@ -668,6 +674,19 @@ def _method_colors(methods: Iterable[str]) -> dict[str, Any]:
     return colors
 
 
+_MARKERS = ("D", "s", "^", "v", "P", "X")
+
+
+def _markers(part: pd.DataFrame) -> list[str]:
+    """One marker per variant of a method within a panel (colour = method, marker = variant)."""
+    seen: dict[str, int] = {}
+    out = []
+    for method in part["method"]:
+        out.append(_MARKERS[seen.get(method, 0) % len(_MARKERS)])
+        seen[method] = seen.get(method, 0) + 1
+    return out
+
+
 def _wrap(text: str, width: int = 38) -> str:
     return "\n".join(textwrap.wrap(text, width)) or text
 
@@ -702,19 +721,19 @@ def plot_test_acc(summary: pd.DataFrame, path: str | Path) -> Path:
     for ax, ((data, model, setting), part) in zip(axes, panels):
         y = np.arange(len(part))[::-1]
         stds = part["test_std"].fillna(0.0)
-        for yi, (_, r), s in zip(y, part.iterrows(), stds):
+        for yi, (_, r), s, mk in zip(y, part.iterrows(), stds, _markers(part)):
             c = colors[r["method"]]
             ax.plot(r["test_values"], [yi] * len(r["test_values"]), "o", ms=3.5, color=c, alpha=0.5, mec="none")
             if not math.isnan(r["test_mean"]):
-                ax.errorbar(r["test_mean"], yi, xerr=s if r["n"] > 1 else None, fmt="D", ms=6, color=c,
+                ax.errorbar(r["test_mean"], yi, xerr=s if r["n"] > 1 else None, fmt=mk, ms=6, color=c,
                             mec="black", mew=0.5, capsize=4, elinewidth=1.4, zorder=3)
         lo, hi = _zoom([v for vs in part["test_values"] for v in vs]
                        + list(part["test_mean"] - stds) + list(part["test_mean"] + stds), unit)
         ax.set_xlim(lo, hi)
         ax.set_ylim(-0.6, len(part) - 0.4)
         ax.set_yticks(y, [_wrap(n) for n in part["name"]], fontsize=8)
-        ax.set_title(_wrap(_setting_title(data, model, setting), 90), fontsize=9)
-        ax.set_xlabel(f"{_metric_title(summary)} — ◆ mean ± std, dots = seeds", fontsize=8.5)
+        ax.set_title(_wrap(_setting_title(data, model, setting), 70), fontsize=9)
+        ax.set_xlabel(f"{_metric_title(summary)}: mean ± std; dots = seeds", fontsize=8.5)
         ax.grid(axis="x", alpha=0.3)
     fig.savefig(path)
     return path
@@ -735,12 +754,12 @@ def plot_gains(summary: pd.DataFrame, path: str | Path) -> Path:
     for ax, ((data, model, setting), part) in zip(axes, panels):
         y = np.arange(len(part))[::-1]
         ends = [0.0]
-        for yi, (_, r) in zip(y, part.iterrows()):
+        for yi, (_, r), mk in zip(y, part.iterrows(), _markers(part)):
             c = colors[r["method"]]
             ax.plot(r["gains"], [yi] * len(r["gains"]), "o", ms=3.5, color=c, alpha=0.5, mec="none")
             lo, hi = r["gain_ci_low"], r["gain_ci_high"]
             xerr = None if math.isnan(lo) else [[r["gain_mean"] - lo], [hi - r["gain_mean"]]]
-            ax.errorbar(r["gain_mean"], yi, xerr=xerr, fmt="D", ms=6, color=c, mec="black", mew=0.5, capsize=4,
+            ax.errorbar(r["gain_mean"], yi, xerr=xerr, fmt=mk, ms=6, color=c, mec="black", mew=0.5, capsize=4,
                         elinewidth=1.4, zorder=3)
             ends += [*r["gains"], *(v for v in (lo, hi) if not math.isnan(v))]
         lo, hi = _zoom(ends, "")
@@ -749,10 +768,10 @@ def plot_gains(summary: pd.DataFrame, path: str | Path) -> Path:
         ax.axvline(0, color="black", lw=0.8)
         ax.set_ylim(-0.6, len(part) - 0.4)
         ax.set_yticks(y, [_wrap(n) for n in part["name"]], fontsize=8)
-        ax.set_title(_wrap(_setting_title(data, model, setting), 90), fontsize=9)
+        ax.set_title(_wrap(_setting_title(data, model, setting), 70), fontsize=9)
         base = next(b for b in part["baseline"] if b)
-        ax.set_xlabel(f"gain over {base} ({'points' if summary['unit'].iloc[0] else 'units'}) — ◆ mean with "
-                      "95 % t interval, dots = seeds", fontsize=8.5)
+        ax.set_xlabel(f"gain over {base} ({'points' if summary['unit'].iloc[0] else 'units'}): mean, 95 % t "
+                      f"interval; dots = seeds", fontsize=8.5)
         ax.grid(axis="x", alpha=0.3)
     fig.savefig(path)
     return path
