@@ -14,8 +14,7 @@ import sskt_lightning.train as train_mod
 from sskt_lightning.compose import compose_config
 from sskt_lightning.data.formats import CIFAR10_CLASSES
 from sskt_lightning.errors import ConfigError
-from sskt_lightning.losses import kl_divergence, task_loss
-from sskt_lightning.losses import dml_loss
+from sskt_lightning.losses import dml_loss, kl_divergence, task_loss
 from sskt_lightning.methods.dml import DML
 from sskt_lightning.module import TransferModule
 from sskt_lightning.train import run

@@ -2,7 +2,6 @@
 budget per method, the selected configuration re-run per seed, a report with paired gains, resume
 without repeating finished runs - on tiny written CIFAR files."""
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -164,8 +163,9 @@ def test_hydra_optuna_sweeper_runs_a_search_config(tmp_path, cifar_dir):
     """`hparams_search=<method>` with hydra-optuna-sweeper 1.3 / optuna 2.10 (in-memory study):
     the trials run and the best parameters are written; the value optimised is train.main's return
     value, the validation metric named by cfg.optimized_metric."""
-    from sskt_lightning.compose import compose_config
     import yaml
+
+    from sskt_lightning.compose import compose_config
 
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "sskt_lightning.train", "hparams_search=scratch", "method=scratch",

@@ -75,6 +75,7 @@ def test_unlabeled_method_without_unlabeled_data_is_refused(tmp_path, cifar_dir)
 
 def test_aux_kl_is_the_soft_cross_entropy_minus_the_targets_entropy():
     import torch
+
     from sskt_lightning.losses import aux_kl, soft_cross_entropy
     a, t, T = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]]), torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 0.0]]), 3.0
     q = torch.softmax(t / T, 1)
