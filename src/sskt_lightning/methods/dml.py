@@ -7,9 +7,10 @@ each from the labels and from the others' predictions. For peer k:
 loss only ever reaches its own peer's parameters. Peer 0 is the target (``module.target``), the
 run's result; the other peers are model configs listed in ``method.peers`` and live in
 ``self.peers`` (an ``nn.ModuleList``: checkpointed, moved to the device, in eval mode whenever the
-module is). ``kl_warmup`` (epochs, fractional allowed; 0 = off) ramps the KL term's weight linearly
+module is). They are evaluated beside the target (``val/peer1_acc``, ``test/peer1_acc``, ...).
+``kl_warmup`` (epochs, fractional allowed; 0 = off, the paper) ramps the KL term's weight linearly
 from 0 at the first step to 1, step by step: the common fix for peers that drag each other down
-while both are still guessing. They are evaluated beside the target (``val/peer1_acc``, ``test/peer1_acc``, ...).
+while both are still guessing.
 
 Each peer has its own optimizer and scheduler, built from the same ``cfg.optim``; the method uses
 manual optimization (``automatic_optimization = False``, steps through ``module.manual_backward``
