@@ -345,6 +345,13 @@ def test_protocol_sidecar_names_and_search_trials(tmp_path):
     assert len(report.load_results([tmp_path], include_search=True)) == 2
     summary = report.summarise(results)
     assert summary["name"].tolist() == ["sskt_unlabeled"] and summary["params"][0] == "method.alpha=0.5"
+    # protocol runs group by (setting, name), even when an override differs per seed (a KD teacher path)
+    run_c = write_run(tmp_path, 2, None, method="sskt", seed=1, test_acc=0.8, best_val_acc=0.8,
+                      group="data=x method=sskt source.checkpoint.weights=/teachers/seed_1/last.ckpt")
+    (run_c / "protocol.json").write_text(json.dumps({"name": "sskt_unlabeled", "setting": "5 labels",
+                                                     "phase": "final", "params": {"method.alpha": 0.5}}))
+    both = report.summarise(report.load_results([tmp_path]))
+    assert both["name"].tolist() == ["sskt_unlabeled"] and both["n"].tolist() == [2]
     assert "| alpha=0.5 " in report.to_markdown(summary)
 
 

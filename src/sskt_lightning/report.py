@@ -193,7 +193,10 @@ def _sources_str(r: dict) -> str:
 
 
 def group_key(r: dict) -> str:
-    """The aggregation key of one run: its ``group`` string, or one built from its identity."""
+    """The aggregation key of one run: a protocol run's (setting, name); else its ``group`` string
+    (the experiment without the seed), or one built from its identity."""
+    if r.get("phase") and r.get("name"):   # protocol.json: per-seed overrides (a KD teacher) stay one group
+        return f"protocol {r.get('phase')}: {r.get('setting', '')} :: {r['name']}"
     if r.get("group"):
         return str(r["group"])
     return " ".join(f"{k}={_sources_str(r) if k == 'sources' else r.get(k, '')}"
