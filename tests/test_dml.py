@@ -14,8 +14,7 @@ import sskt_lightning.train as train_mod
 from sskt_lightning.compose import compose_config
 from sskt_lightning.data.formats import CIFAR10_CLASSES
 from sskt_lightning.errors import ConfigError
-from sskt_lightning.losses import kl_divergence, task_loss
-from sskt_lightning.losses import dml_loss
+from sskt_lightning.losses import dml_loss, kl_divergence, task_loss
 from sskt_lightning.methods.dml import DML
 from sskt_lightning.module import TransferModule
 from sskt_lightning.train import run
@@ -99,9 +98,9 @@ class Spy:
         self.calls, self.inner = [], method.peer_loss
         method.peer_loss = self
 
-    def __call__(self, module, logits, others, labels):
+    def __call__(self, module, logits, others, labels, *rest):
         self.calls.append((logits.detach().clone(), [o.detach().clone() for o in others]))
-        return self.inner(module, logits, others, labels)
+        return self.inner(module, logits, others, labels, *rest)
 
 
 def count_forwards(module):
@@ -165,6 +164,32 @@ def test_one_optimizer_and_scheduler_per_peer(tmp_path):
     assert params[0] == {id(p) for p in module.target.parameters()}
     assert params[1] == {id(p) for p in module.method.peers[0].parameters()}
     assert all(c.scheduler.last_epoch == 1 for c in trainer.lr_scheduler_configs)   # stepped per epoch
+
+
+def test_kl_warmup_ramps_the_kl_weight_step_by_step(tmp_path):
+    """kl_warmup=1 epoch over 4 batches per epoch: weights 0, 1/4, 2/4, 3/4, then 1 from epoch 2 on."""
+    module = dml_module(tmp_path, "method.kl_warmup=1")
+    weights = []
+    inner = module.method.peer_loss
+
+    def spy(mod, logits, others, labels, kl_weight=1.0):
+        weights.append(kl_weight)
+        return inner(mod, logits, others, labels, kl_weight)
+
+    module.method.peer_loss = spy
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=batches(4))
+    per_batch = weights[::2]                           # two peers, one weight per batch
+    assert weights[1::2] == per_batch
+    assert per_batch == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0])
+    # the weight multiplies the KL term only
+    z, a, y = torch.randn(3, 4), torch.randn(3, 4), torch.tensor([0, 1, 2])
+    half, kl = dml_loss(z, [a], y, kl_weight=0.5)
+    assert half.item() == pytest.approx((task_loss(z, y) + 0.5 * kl).item(), rel=1e-6)
+    assert module.method.describe()["kl_warmup"] == 1.0
+    with pytest.raises(ConfigError, match="method.kl_warmup"):
+        DML(kl_warmup=-1)
 
 
 # ---------------------------------------------------------------------------- config

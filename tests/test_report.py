@@ -22,8 +22,8 @@ from sskt_lightning.report import ReportError
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SSKT_SOURCES = ["imagenet_resnet50", "places365_resnet50"]
 SSKT_GROUP = ("data=cifar10 method=sskt model=cifar_resnet20 "
-              "sources=imagenet_resnet50+places365_resnet50 epochs=3")
-SCRATCH_GROUP = "data=cifar10 method=scratch model=cifar_resnet20 epochs=3"
+              "sources=imagenet_resnet50+places365_resnet50")
+SCRATCH_GROUP = "data=cifar10 method=scratch model=cifar_resnet20"
 
 
 def write_metrics_csv(path: Path, val_accs: list[float], duplicate_last: float | None = None):
@@ -90,9 +90,9 @@ def tree(tmp_path: Path) -> Path:
     return tmp_path / "multirun" / "2024-05-01" / "12-00-00"
 
 
-def row_of(rows, method):
-    (row,) = [r for r in rows if r["method"] == method]
-    return row
+def row_of(summary, method):
+    (i,) = [i for i, m in enumerate(summary["method"]) if m == method]
+    return summary.iloc[i]
 
 
 # ----------------------------------------------------------------------------- loading / stats
@@ -108,32 +108,30 @@ def test_load_results_finds_every_run(tree):
 
 
 def test_summarise_means_and_sample_stds(tree):
-    rows = report.summarise(report.load_results([tree]))
-    sskt = row_of(rows, "sskt")
+    summary = report.summarise(report.load_results([tree]))
+    sskt = row_of(summary, "sskt")
     assert sskt["n"] == 3 and sskt["seeds"] == [0, 1, 2]
     assert sskt["sources"] == "imagenet_resnet50+places365_resnet50"
     # test 0.90, 0.92, 0.94 -> 92.00 ± 2.00 (sample std, ddof=1)
     assert sskt["test_mean"] == pytest.approx(92.0)
     assert sskt["test_std"] == pytest.approx(2.0)
-    assert sskt["best_val_mean"] == pytest.approx(93.0)
-    assert sskt["best_val_std"] == pytest.approx(2.0)
+    assert sskt["val_mean"] == pytest.approx(93.0)
+    assert sskt["val_std"] == pytest.approx(2.0)
     assert sskt["wall_time_s_mean"] == pytest.approx(200.0)
     assert sskt["train_images_per_s_mean"] == pytest.approx(1100.0)
 
-    scratch = row_of(rows, "scratch")
+    scratch = row_of(summary, "scratch")
     # 80, 81, 85 -> mean 82, deviations -2, -1, 3 -> sum of squares 14, / (n-1) = 7
     assert scratch["test_mean"] == pytest.approx(82.0)
     assert scratch["test_std"] == pytest.approx(math.sqrt(7.0))
-    assert scratch["test_std"] != pytest.approx(math.sqrt(14.0 / 3))  # not the population std
     mv = (82 + 83 + 86) / 3
-    assert scratch["best_val_mean"] == pytest.approx(mv)
-    assert scratch["best_val_std"] == pytest.approx(
+    assert scratch["val_mean"] == pytest.approx(mv)
+    assert scratch["val_std"] == pytest.approx(
         math.sqrt(((82 - mv) ** 2 + (83 - mv) ** 2 + (86 - mv) ** 2) / 2))
 
 
 def test_single_seed_group_has_undefined_std(tree):
-    rows = report.summarise(report.load_results([tree]))
-    kd = row_of(rows, "kd")
+    kd = row_of(report.summarise(report.load_results([tree])), "kd")
     assert kd["n"] == 1
     assert kd["test_mean"] == pytest.approx(88.0)
     assert math.isnan(kd["test_std"])
@@ -142,16 +140,16 @@ def test_single_seed_group_has_undefined_std(tree):
 
 
 def test_rows_sorted_by_data_model_then_method_order(tree):
-    rows = report.summarise(report.load_results([tree]))
-    assert [(r["data"], r["method"]) for r in rows] == [
+    summary = report.summarise(report.load_results([tree]))
+    assert list(zip(summary["data"], summary["method"])) == [
         ("cifar10", "scratch"), ("cifar10", "kd"), ("cifar10", "sskt"), ("cifar100", "dml")]
 
 
 def test_method_order_puts_unknown_methods_last_alphabetically():
     base = {"data": "d", "model": "m", "test_acc": 0.5}
     methods = ["zeta", "sskt", "alpha", "maxl", "dml", "kd", "scratch"]
-    rows = report.summarise([dict(base, method=m, seed=0) for m in methods])
-    assert [r["method"] for r in rows] == ["scratch", "kd", "dml", "maxl", "sskt", "alpha", "zeta"]
+    summary = report.summarise([dict(base, method=m, seed=0) for m in methods])
+    assert list(summary["method"]) == ["scratch", "kd", "dml", "maxl", "sskt", "alpha", "zeta"]
 
 
 def test_runs_without_group_key_aggregate_by_identity():
@@ -159,9 +157,9 @@ def test_runs_without_group_key_aggregate_by_identity():
              "test_acc": a} for s, a in [(0, 0.5), (1, 0.7)]]
     runs.append({"data": "d", "model": "m", "method": "kd", "sources": ["a"], "seed": 0,
                  "test_acc": 0.1})
-    rows = report.summarise(runs)
-    assert [(r["sources"], r["n"]) for r in rows] == [("a", 1), ("a+b", 2)]
-    assert rows[1]["test_mean"] == pytest.approx(60.0)
+    summary = report.summarise(runs)
+    assert sorted(zip(summary["sources"], summary["n"])) == [("a", 1), ("a+b", 2)]
+    assert summary.set_index("sources").loc["a+b", "test_mean"] == pytest.approx(60.0)
 
 
 def test_mixed_test_metric_in_a_group_is_an_error(tmp_path, capsys):
@@ -179,34 +177,48 @@ def test_different_test_metrics_across_groups_are_fine(tmp_path):
     write_run(tmp_path, 0, None, method="sskt", seed=0, group="a", test_metric="acc", test_acc=0.9)
     write_run(tmp_path, 1, None, data="voc", method="sskt", seed=0, group="b", test_metric="map",
               test_map=0.6)
-    rows = report.summarise(report.load_results([tmp_path]))
-    assert [(r["test_metric"], round(r["test_mean"], 6)) for r in rows] == [("acc", 90.0),
-                                                                            ("map", 60.0)]
-    md = report.to_markdown(rows)
-    assert "| mAP |" in md  # a per-row metric column appears when groups differ
+    summary = report.summarise(report.load_results([tmp_path]))
+    assert [(m, round(v, 6)) for m, v in zip(summary["test_metric"], summary["test_mean"])] == [
+        ("acc", 90.0), ("map", 60.0)]
+    assert "test acc/mAP (%)" in report.to_markdown(summary)
 
 
 # ----------------------------------------------------------------------------- markdown / CSV
 
 
+def cells(line: str) -> list[str]:
+    return [c.strip() for c in line.split("|")[1:-1]]
+
+
+def table_lines(md: str, heading_part: str) -> list[str]:
+    """The table rows below the first '## ' heading containing ``heading_part``."""
+    section = md.split("## ")
+    (body,) = [s for s in section if s.splitlines()[0].find(heading_part) >= 0][:1]
+    return [ln for ln in body.splitlines() if ln.startswith("|") and not set(ln) <= set("|:- ")]
+
+
 def test_markdown_table(tree):
     md = report.to_markdown(report.summarise(report.load_results([tree])))
-    lines = md.splitlines()
-    header = next(line for line in lines if line.startswith("| data"))
-    assert header.split("|")[1:7] == [" data ", " model ", " method ", " sources ", " n ", " seeds "]
-    assert "best val (selected on validation)" in header
-    assert "test acc (%), last epoch" in header
-    assert "the last epoch's" in md.lower()
-    assert "ddof=1" in md
-    main_table = md.split("## Extra")[0].splitlines()
-    table = [line for line in main_table if line.startswith("| cifar")]
-    assert [line.split("|")[3].strip() for line in table] == ["scratch", "kd", "sskt", "dml"]
-    sskt = table[2]
-    assert "| 92.00 ± 2.00 |" in sskt and "| 93.00 ± 2.00 |" in sskt
-    assert "| 0,1,2 |" in sskt and "| 200 |" in sskt and "| 1100 |" in sskt
-    assert "imagenet_resnet50+places365_resnet50" in sskt
-    assert "| 88.00 ± – |" in table[1]  # single seed: std shown as a dash
+    assert "the last epoch's" in md.lower() and "ddof=1" in md
+    lines = table_lines(md, "cifar10 · cifar_resnet20")
+    header = [c.strip() for c in lines[0].split("|")[1:-1]]
+    assert header[:4] == ["method", "sources", "n", "seeds"]
+    assert "best val (selected on validation)" in header and "test acc (%), last epoch" in header
+    assert "gain over scratch (points)" in header and "95 % CI" in header and "wins" in header
+    rows = {cells(ln)[0]: dict(zip(header, cells(ln))) for ln in lines[1:]}
+    assert list(rows) == ["scratch", "kd", "sskt"]
+    sskt = rows["sskt"]
+    assert sskt["test acc (%), last epoch"] == "92.00 ± 2.00"
+    assert sskt["best val (selected on validation)"] == "93.00 ± 2.00"
+    assert sskt["seeds"] == "0,1,2" and sskt["wall time (s)"] == "200" and sskt["train img/s"] == "1100"
+    assert sskt["sources"] == "imagenet_resnet50+places365_resnet50"
+    # paired with scratch over seeds 0, 1, 2: gains 10, 11, 9 -> 10.00 ± 1.00, 3 wins of 3
+    assert sskt["gain over scratch (points)"] == "10.00 ± 1.00" and sskt["wins"] == "3/3"
+    assert rows["kd"]["test acc (%), last epoch"] == "88.00 ± –"  # single seed: std shown as a dash
+    assert rows["kd"]["wins"] == "1/1" and rows["kd"]["95 % CI"] == "–"
+    assert rows["scratch"]["gain over scratch (points)"] == "baseline"
     assert "peer1_test_acc" in md and "69.00" in md  # extras are reported
+    assert "no baseline" in md   # cifar100 has no scratch group
 
 
 def test_csv_parses_back(tree):
@@ -221,10 +233,164 @@ def test_csv_parses_back(tree):
     assert float(sskt["train_images_per_s_mean"]) == pytest.approx(1100.0)
     assert sskt["n"] == "3" and sskt["seeds"] == "0,1,2" and sskt["unit"] == "%"
     assert sskt["sources"] == "imagenet_resnet50+places365_resnet50"
+    assert float(sskt["gain_mean"]) == pytest.approx(10.0) and sskt["wins"] == "3"
+    assert sskt["baseline"] == "scratch"
     assert float(rows[0]["test_std"]) == pytest.approx(math.sqrt(7.0))
     kd = rows[1]
     assert float(kd["test_mean"]) == pytest.approx(88.0) and kd["test_std"] == ""
     assert float(rows[3]["extra:peer1_test_acc_mean"]) == pytest.approx(69.0)
+
+
+# ----------------------------------------------------------------------------- paired gains, names, failures
+
+FIVE = [0, 1, 2, 3, 4]
+
+
+def variant_runs(root: Path) -> Path:
+    """One setting, 5 seeds: scratch and three SSKT groups that differ only in overrides."""
+    base = {"data": "fashion_mnist", "model": "cifar_resnet20", "test_metric": "acc"}
+    setting = ["data.labels_per_class=5", "data.steps_per_epoch=20"]
+    variants = {
+        "scratch": (["method=scratch"], [0.70, 0.72, 0.69, 0.75, 0.71]),
+        "a0.1": (["method=sskt", "method.alpha=0.1"], [0.71, 0.70, 0.73, 0.74, 0.72]),
+        "a1": (["method=sskt", "method.alpha=1.0"], [0.80, 0.83, 0.79, 0.84, 0.80]),
+        "unl": (["method=sskt", "method.alpha=0.1", "data.unlabeled=true", "method.unlabeled=true"],
+                [0.90, 0.91, 0.88, 0.92, 0.90]),
+    }
+    job = 0
+    for overrides, accs in variants.values():
+        method = overrides[0].split("=")[1]
+        for seed, acc in zip(FIVE, accs):
+            ov = [*setting, *overrides, f"seed={seed}"]
+            group = " ".join(["data=fashion_mnist", "model=resnet20", f"method={method}", "sources=-",
+                              *sorted(o for o in ov if not o.startswith(("seed=", "method=")))])
+            write_run(root, job, None, **base, method=method, seed=seed, test_acc=acc, best_val_acc=acc,
+                      group=group, overrides=ov, num_train=20, num_val=200, num_unlabeled=27000)
+            job += 1
+    return root / "multirun" / "2024-05-01" / "12-00-00"
+
+
+def test_groups_that_differ_only_in_overrides_get_distinct_names(tmp_path):
+    summary = report.summarise(report.load_results([variant_runs(tmp_path)]))
+    assert list(summary["name"]) == ["scratch",
+                                     "sskt data.unlabeled=true method.alpha=0.1 method.unlabeled=true",
+                                     "sskt method.alpha=0.1", "sskt method.alpha=1.0"]
+    assert set(summary["setting"]) == {"data.labels_per_class=5 data.steps_per_epoch=20"}
+    md = report.to_markdown(summary)
+    assert sum(cells(ln)[:1] == ["sskt method.alpha=1.0"] for ln in md.splitlines()) == 1
+    assert list(summary["num_val"]) == [200] * 4
+
+
+def test_paired_gain_matches_a_hand_computation(tmp_path):
+    summary = report.summarise(report.load_results([variant_runs(tmp_path)]))
+    a1 = summary.set_index("name").loc["sskt method.alpha=1.0"]
+    # gains in points, seed by seed: 80-70, 83-72, 79-69, 84-75, 80-71 = 10, 11, 10, 9, 9
+    gains = [10.0, 11.0, 10.0, 9.0, 9.0]
+    mean = sum(gains) / 5                                              # 9.8
+    std = math.sqrt(sum((g - mean) ** 2 for g in gains) / 4)           # sqrt(2.8 / 4) = 0.83666
+    half = 2.7764 * std / math.sqrt(5)                                 # t(0.975, 4) = 2.7764
+    assert a1["n_paired"] == 5 and a1["wins"] == 5 and a1["baseline"] == "scratch"
+    assert a1["gain_mean"] == pytest.approx(mean)
+    assert a1["gain_std"] == pytest.approx(std)
+    assert a1["gain_ci_low"] == pytest.approx(mean - half, abs=1e-9)
+    assert a1["gain_ci_high"] == pytest.approx(mean + half, abs=1e-9)
+    assert (mean - half, mean + half) == pytest.approx((8.7612, 10.8388), abs=1e-3)
+    # alpha 0.1: gains 1, -2, 4, -1, 1 -> wins where strictly better: 3 of 5
+    a01 = summary.set_index("name").loc["sskt method.alpha=0.1"]
+    assert a01["wins"] == 3 and a01["gain_mean"] == pytest.approx(0.6)
+    md = report.to_markdown(summary)
+    (line,) = [ln for ln in md.splitlines() if cells(ln)[:1] == ["sskt method.alpha=1.0"]]
+    assert cells(line)[6:9] == ["9.80 ± 0.84", "[+8.76, +10.84]", "5/5"]
+    assert "20 / 200 / 27000" in line
+
+
+def test_t_quantiles():
+    assert report.t_quantile_975(1) == pytest.approx(12.7062)
+    assert report.t_quantile_975(4) == pytest.approx(2.7764)
+    assert report.t_quantile_975(30) == pytest.approx(2.0423)
+    assert 1.9799 < report.t_quantile_975(100) < 2.0003
+    assert report.t_quantile_975(10 ** 9) == pytest.approx(1.96, abs=1e-3)
+    assert math.isnan(report.t_quantile_975(0))
+
+
+def test_only_seeds_both_groups_have_are_paired():
+    runs = [{"data": "d", "model": "m", "method": "scratch", "seed": s, "test_acc": a}
+            for s, a in [(0, 0.5), (1, 0.6), (2, 0.7)]]
+    runs += [{"data": "d", "model": "m", "method": "kd", "seed": s, "test_acc": a}
+             for s, a in [(1, 0.65), (2, 0.65), (3, 0.99)]]
+    kd = report.summarise(runs).set_index("method").loc["kd"]
+    assert kd["n_paired"] == 2 and kd["paired_seeds"] == [1, 2]
+    assert kd["gain_mean"] == pytest.approx(0.0) and kd["wins"] == 1
+
+
+def test_baseline_option_chooses_the_group(tmp_path):
+    results = report.load_results([variant_runs(tmp_path)])
+    summary = report.summarise(results, baseline="method.alpha=1.0")
+    scratch = summary.set_index("name").loc["scratch"]
+    assert scratch["baseline"] == "sskt method.alpha=1.0"
+    assert scratch["gain_mean"] == pytest.approx(-9.8)
+    # a spec that matches two groups says so instead of guessing
+    summary = report.summarise(results, baseline="method=sskt")
+    assert "3 groups match" in summary.set_index("name").loc["scratch", "baseline_note"]
+
+
+def test_protocol_sidecar_names_and_search_trials(tmp_path):
+    run_a = write_run(tmp_path, 0, None, method="sskt", seed=0, test_acc=0.9, best_val_acc=0.9)
+    (run_a / "protocol.json").write_text(json.dumps({"name": "sskt_unlabeled", "setting": "5 labels",
+                                                     "phase": "final", "params": {"method.alpha": 0.5}}))
+    run_b = write_run(tmp_path, 1, None, method="sskt", seed=0, test_acc=0.1, best_val_acc=0.1)
+    (run_b / "protocol.json").write_text(json.dumps({"name": "sskt", "setting": "5 labels", "phase": "search"}))
+    results = report.load_results([tmp_path])
+    assert [r["name"] for r in results] == ["sskt_unlabeled"]     # the search trial is left out
+    assert len(report.load_results([tmp_path], include_search=True)) == 2
+    summary = report.summarise(results)
+    assert summary["name"].tolist() == ["sskt_unlabeled"] and summary["params"][0] == "method.alpha=0.5"
+    # protocol runs group by (setting, name), even when an override differs per seed (a KD teacher path)
+    run_c = write_run(tmp_path, 2, None, method="sskt", seed=1, test_acc=0.8, best_val_acc=0.8,
+                      group="data=x method=sskt source.checkpoint.weights=/teachers/seed_1/last.ckpt")
+    (run_c / "protocol.json").write_text(json.dumps({"name": "sskt_unlabeled", "setting": "5 labels",
+                                                     "phase": "final", "params": {"method.alpha": 0.5}}))
+    both = report.summarise(report.load_results([tmp_path]))
+    assert both["name"].tolist() == ["sskt_unlabeled"] and both["n"].tolist() == [2]
+    assert "| alpha=0.5 " in report.to_markdown(summary)
+
+
+def test_failed_jobs_are_listed_beside_the_table(tree, tmp_path, capsys):
+    bad = tree / "99"
+    bad.mkdir()
+    (bad / "failed.txt").write_text("Traceback (most recent call last):\n  ...\n"
+                                    "sskt_lightning.errors.ConfigError: data.val_size=100000 is too large\n")
+    bad2 = tree / "100"
+    bad2.mkdir()
+    (bad2 / "results.json").write_text(json.dumps({"status": "failed", "method": "sskt", "seed": 5,
+                                                   "error": "non-finite loss at step 3 (aux_checkpoint)"}))
+    failures = report.load_failures([tree])
+    assert [Path(f["dir"]).name for f in failures] == ["99", "100"]
+    assert failures[0]["reason"].endswith("data.val_size=100000 is too large")
+    assert len(report.load_results([tree])) == 8                     # the failed results.json is not a result
+    out = tmp_path / "out"
+    assert report.main([str(tree), "--out", str(out), "--no-plots"]) == 0
+    md = (out / "report.md").read_text()
+    assert "## Failed jobs (2)" in md and "too large" in md and "non-finite loss at step 3" in md
+    assert "2 failed job(s)" in capsys.readouterr().err
+
+
+def test_all_failed_says_so(tmp_path, capsys):
+    for k in range(3):
+        d = tmp_path / str(k)
+        d.mkdir()
+        (d / "failed.txt").write_text(f"RuntimeError: boom {k}\n")
+    assert report.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "all 3 jobs failed" in err and "boom 2" in err
+    assert "wait for the runs" not in err
+
+
+def test_zoom_never_runs_past_100_percent():
+    lo, hi = report._zoom([99.2, 99.8, 100.0], "%")
+    assert hi <= 100.0 and lo < 99.2
+    lo, hi = report._zoom([50.0, 51.0], "%")      # a small difference gets a readable window
+    assert 47.0 < lo < 50.0 and 51.0 < hi < 54.0
 
 
 # ----------------------------------------------------------------------------- curves
@@ -281,10 +447,11 @@ def png_size(path: Path) -> tuple[int, int]:
 
 def test_plots_are_valid_pngs(tree, tmp_path):
     results = report.load_results([tree])
-    rows = report.summarise(results)
-    a = report.plot_test_acc(rows, tmp_path / "t.png")
+    summary = report.summarise(results)
+    a = report.plot_test_acc(summary, tmp_path / "t.png")
     b = report.plot_val_curves(results, tmp_path / "v.png")
-    for p in (a, b):
+    c = report.plot_gains(summary, tmp_path / "g.png")
+    for p in (a, b, c):
         w, h = png_size(p)
         assert w > 300 and h > 200
         assert p.stat().st_size > 5000
@@ -301,8 +468,8 @@ def test_main_writes_everything(tree, tmp_path, capsys):
     out = tmp_path / "out"
     assert report.main([str(tree), "--out", str(out)]) == 0
     stdout = capsys.readouterr().out
-    assert "| 92.00 ± 2.00 |" in stdout and "best val (selected on validation)" in stdout
-    for name in ("report.md", "report.csv", "test_acc.png", "val_curves.png"):
+    assert "92.00 ± 2.00" in stdout and "best val (selected on validation)" in stdout
+    for name in ("report.md", "report.csv", "runs.csv", "test_acc.png", "gains.png", "val_curves.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert (out / "report.md").read_text() == stdout
     png_size(out / "test_acc.png")

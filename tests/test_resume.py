@@ -30,6 +30,8 @@ METHODS = {
 }
 METHODS["sskt_unlabeled"] = [*METHODS["sskt"], "method.unlabeled=true", "data.unlabeled=true",
                              "data.labels_per_class=4"]   # a second, unlabeled stream
+# the protocol's regime: a step budget (both streams cycle across epochs)
+METHODS["sskt_unlabeled_steps"] = [*METHODS["sskt_unlabeled"], "data.steps_per_epoch=5"]
 COMPARED = ("test_acc", "best_val_acc", "best_val_epoch", "last_val_acc", "epochs", "extra", "status")
 
 

@@ -71,3 +71,27 @@ def test_unlabeled_method_without_unlabeled_data_is_refused(tmp_path, cifar_dir)
     batch = next(iter(dm.train_dataloader()))
     with pytest.raises(ConfigError, match="data.unlabeled=true"):
         module.method.training_step(module, dm.prepare_batch(batch, False))
+
+
+def test_aux_kl_is_the_soft_cross_entropy_minus_the_targets_entropy():
+    import torch
+
+    from sskt_lightning.losses import aux_kl, soft_cross_entropy
+    a, t, T = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]]), torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 0.0]]), 3.0
+    q = torch.softmax(t / T, 1)
+    entropy = -(q * q.log()).sum(1).mean()
+    assert aux_kl(a, t, T).item() == pytest.approx((soft_cross_entropy(a, t, T) - T * T * entropy).item(), rel=1e-5)
+    assert aux_kl(t, t, T).item() == pytest.approx(0.0, abs=1e-6)     # reaches zero when the head copies the source
+
+
+@pytest.mark.filterwarnings("ignore:.*RANDOM weights")
+def test_sskt_logs_the_aux_kl_per_source(tmp_path, cifar_dir):
+    import csv
+    cfg = compose_config([*UNLABELED, f"paths.data_dir={cifar_dir}", "trainer=smoke"], tmp_path)
+    run(cfg)
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    aux = [float(r["train/aux_timm"]) for r in rows if r.get("train/aux_timm")]
+    kl = [float(r["train/aux_kl_timm"]) for r in rows if r.get("train/aux_kl_timm")]
+    assert aux and len(kl) == len(aux)
+    assert all(0 <= k < a for k, a in zip(kl, aux))    # CE = KL + the (positive) entropy of the soft target

@@ -1,109 +1,127 @@
-"""The offline comparison on real Fashion-MNIST: scratch, KD, DML, MAXL, SSKT and SSKT with
-unlabeled images, at 5 and 100 labels per class, 3 seeds each, one recipe.
+"""The offline comparison on real Fashion-MNIST, with the protocol (python -m sskt_lightning.protocol):
+scratch, KD, DML, MAXL, SSKT and SSKT with unlabeled images at 1, 5 and 100 labels per class.
 
-Setting (as `make train`): a source trained from scratch on the 10 fine classes from the first half
-of the training images; targets on the 4 coarse classes from the second half.
-  * scratch: the target alone;
-  * kd:      teacher = that seed's scratch target (a net trained on the target's own labeled images);
-  * dml:     the target plus one ResNet-20 peer, sequential updates;
-  * maxl:    psi = 5 auxiliary classes per coarse class, second-order meta step, per-step alternation;
-  * sskt:    the stage-1 source, transfer-module head, CE aux loss, T = 3, alpha = 0.1;
-  * sskt+unlabeled: as sskt, the aux loss also on the second half's unlabeled images (ratio 1).
-Every method: the same net (ResNet-20), optimizer (SGD 0.1, wd 5e-4, decay x0.2 at 30/60/80 %),
-batch 64, augmentation and epochs (60 at 5 labels/class, 20 at 100: one and seven steps per epoch). Reported: last-epoch test accuracy on the 10k test images.
+Setting (as `make train`): a ResNet-20 source trained from scratch on the 10 fine classes with the
+first half of the training images; ResNet-20 targets on the 4 coarse classes (unions of fine ones)
+from the disjoint second half. For every label budget, the same for every method:
+  * training length: a step budget, data.steps_per_epoch=20 x 15 epochs = 300 steps of 64 labelled
+    images (the labelled images cycle), optim=sgd_cosine (5 % warm-up, cosine), validation each epoch;
+  * validation: data.val_per_class images per class from the second half (20 at 1 and 5 labels/class,
+    100 at 100), disjoint from the labelled and unlabeled images, fixed by the seed;
+  * search: --trials TPE trials per method on validation (last epoch's accuracy, seed 100), over
+    conf/hparams_search/<method>.yaml (lr, weight decay; + alpha, T for KD; kl_warmup for DML; psi,
+    generator lr for MAXL; alpha, T, aux loss (+ unlabeled ratio) for SSKT); trial 0 = the default recipe;
+  * final: the selected configuration with seeds 0..4, tested once at the end (last epoch);
+  * report: mean ± std, seed-paired gain over scratch with its 95 % t interval and wins.
+Methods: scratch; kd (teacher: that seed's born-again scratch target, default recipe, trained first);
+dml (target + a ResNet-20 peer, sequential); maxl; sskt (transfer module, the stage-1 source);
+sskt_unlabeled (sskt, the aux loss also on the second half's unlabeled images).
 
-    python experiments/fashion_transfer/benchmark.py            # full: writes results/ beside this file
-    python experiments/fashion_transfer/benchmark.py --epochs 5:2 --seeds 0 --labels 5 --out /tmp/b  # smoke
+    python experiments/fashion_transfer/benchmark.py                  # everything, resumable (hours on 2 cores)
+    python experiments/fashion_transfer/benchmark.py --labels 5 --trials 2 --seeds 0 1 --epochs 2 \\
+        --out /tmp/bench --results /tmp/bench/results                 # a small check
 
-Runs whose results.json exists are skipped, so an interrupted benchmark resumes.
+Every run whose results.json exists is skipped (source, teachers, trials, finals), so an interrupted
+benchmark resumes across sessions; the compute time is summed from the runs on disk.
+Two single-threaded jobs at a time (--jobs 2, OMP_NUM_THREADS=1 each): on 2 CPU cores this is far
+faster than one job with two threads.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import shutil
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from two_stage import sskt_overrides, target_overrides, train_source  # noqa: E402
+from two_stage import target_overrides, train_source  # noqa: E402
 
-from sskt_lightning.compose import compose_config  # noqa: E402
-from sskt_lightning.report import load_results, summarise, to_markdown, write_report  # noqa: E402
-from sskt_lightning.train import run  # noqa: E402
+from sskt_lightning import protocol as P  # noqa: E402
 
 HERE = Path(__file__).parent
-
-
-def method_overrides(method: str, out: Path, seed_dir: Path, source_ckpt: Path) -> list[str]:
-    if method == "scratch":
-        return ["method=scratch"]
-    if method == "kd":
-        teacher = seed_dir / "scratch" / "checkpoints" / "last.ckpt"
-        return ["method=kd", "source=[checkpoint]", f"source.checkpoint.weights={teacher}"]
-    if method == "dml":
-        return ["method=dml"]
-    if method == "maxl":
-        return ["method=maxl"]
-    if method == "sskt":
-        return sskt_overrides(source_ckpt)
-    if method == "sskt_unlabeled":
-        return [*sskt_overrides(source_ckpt), "method.unlabeled=true", "data.unlabeled=true",
-                "data.unlabeled_ratio=1.0"]
-    raise ValueError(method)
-
-
 METHODS = ["scratch", "kd", "dml", "maxl", "sskt", "sskt_unlabeled"]
+VAL_PER_CLASS = {1: 20, 5: 20, 100: 100}
 
 
-def main(argv=None):
+def method_overrides(name: str, source_ckpt: Path, teachers: Path) -> list[str]:
+    sskt = ["method=sskt", "source=[checkpoint]", f"source.checkpoint.weights={source_ckpt}"]
+    return {
+        "scratch": ["method=scratch"],
+        "kd": ["method=kd", "source=[checkpoint]",
+               f"source.checkpoint.weights={teachers}/seed_{{seed}}/checkpoints/last.ckpt"],
+        "dml": ["method=dml"],
+        "maxl": ["method=maxl"],
+        "sskt": sskt,
+        "sskt_unlabeled": [*sskt, "method.unlabeled=true", "data.unlabeled=true"],
+    }[name]
+
+
+def train_teachers(setting: list[str], teachers: Path, seeds: list[int], jobs: int) -> None:
+    """KD's born-again teachers: scratch with the default recipe, one per seed (skipped when done)."""
+    todo = [s for s in seeds if P.run_state(teachers / f"seed_{s}") != "done"]
+
+    def one(seed: int) -> None:
+        out = teachers / f"seed_{seed}"
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        cmd = [sys.executable, "-m", "sskt_lightning.train", *setting, "method=scratch", f"seed={seed}",
+               f"hydra.run.dir={out.resolve()}"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        with open(out / "train.log", "w") as log:
+            subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
+        print(f"  teacher seed {seed}: {P.run_state(out)}", flush=True)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(one, todo))
+
+
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("outputs/fashion_benchmark"))
-    p.add_argument("--results", type=Path, default=HERE / "results", help="where the table and plots go")
-    p.add_argument("--epochs", nargs="+", default=["5:60", "100:20"],
-                   help="target epochs per labels-per-class setting, LABELS:EPOCHS (the same for every "
-                        "method; fewer labels -> fewer steps per epoch -> more epochs)")
-    p.add_argument("--source-epochs", type=int, default=3)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--labels", type=int, nargs="+", default=[5, 100])
+    p.add_argument("--results", type=Path, default=HERE / "results", help="where the reports go")
+    p.add_argument("--labels", type=int, nargs="+", default=[5, 100, 1])
     p.add_argument("--methods", nargs="+", default=METHODS)
+    p.add_argument("--trials", type=int, default=8, help="search trials per method (the same for all)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--search-seed", type=int, default=100)
+    p.add_argument("--steps-per-epoch", type=int, default=20)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--source-epochs", type=int, default=3)
+    p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--model", default="resnet20")
     args = p.parse_args(argv)
 
-    epochs = dict(tuple(int(v) for v in e.split(":")) for e in args.epochs)
     start = time.perf_counter()
-    source_ckpt = train_source(args.out / "source", args.source_epochs, args.model, seed=0)
+    source_ckpt = train_source(args.out / "source", args.source_epochs, args.model, seed=0).resolve()
+    reports = []
     for labels in args.labels:
-        for seed in args.seeds:
-            seed_dir = args.out / f"labels{labels}" / f"seed{seed}"
-            for method in args.methods:
-                out = seed_dir / method
-                if (out / "results.json").is_file():
-                    continue
-                t0 = time.perf_counter()
-                base = target_overrides(epochs[labels], args.model, seed, labels)
-                results = run(compose_config([*base, *method_overrides(method, out, seed_dir, source_ckpt)], out))
-                if method == "sskt_unlabeled":  # its own row in the table
-                    results["method"] = "sskt+unlabeled"
-                    results["group"] = results["group"].replace("method=sskt", "method=sskt+unlabeled")
-                results["labels_per_class"] = labels
-                results["group"] = f"labels/class={labels:>3} " + results["group"]
-                (out / "results.json").write_text(json.dumps(results, indent=2))
-                print(f"[{(time.perf_counter() - start) / 60:5.1f} min] labels {labels} seed {seed} {method}: "
-                      f"test {100 * results['test_acc']:.2f}% ({time.perf_counter() - t0:.0f} s)", flush=True)
+        setting = [*target_overrides(args.epochs, args.model, None, labels, args.steps_per_epoch,
+                                     VAL_PER_CLASS.get(labels, 20))]
+        teachers = (args.out / f"labels{labels}" / "teachers").resolve()
+        if "kd" in args.methods:
+            print(f"labels/class {labels}: KD teachers", flush=True)
+            train_teachers(setting, teachers, [args.search_seed, *args.seeds], args.jobs)
+        proto = P.Protocol(
+            out=args.out / f"labels{labels}" / "protocol", setting=setting,
+            methods=[P.method_spec(m, method_overrides(m, source_ckpt, teachers)) for m in args.methods],
+            trials=args.trials, seeds=args.seeds, search_seed=args.search_seed, jobs=args.jobs, threads=1,
+            batch=1, setting_name=f"{labels} labels/class, {args.steps_per_epoch * args.epochs} steps",
+            baseline="scratch" if "scratch" in args.methods else "")
+        print(f"labels/class {labels}: protocol in {proto.out}", flush=True)
+        P.run_protocol(proto, log=lambda line: print(line, flush=True))
+        dest = args.results / f"labels{labels}"
+        shutil.copytree(proto.out / "report", dest, dirs_exist_ok=True)
+        compute = P.compute_seconds(proto.out)
+        reports.append((labels, dest, compute))
     minutes = (time.perf_counter() - start) / 60
-
-    args.results.mkdir(parents=True, exist_ok=True)
-    results = [r for r in load_results([args.out]) if "labels_per_class" in r]
-    for r in results:  # the label budget as part of the data column of the table
-        r["data"] = f"{r['data']} ({r['labels_per_class']} labels/class)"
-    paths = write_report(results, args.results)
-    rows = summarise(results)
-    note = (f"\nFashion-MNIST 4 coarse classes, {args.model}, target epochs per labels/class {epochs}, source "
-            f"{args.source_epochs} epochs, seeds {args.seeds}; {minutes:.1f} min on this machine.\n")
-    (args.results / "README.md").write_text(note + "\n" + to_markdown(rows, title="Fashion-MNIST transfer benchmark"))
-    print(to_markdown(rows, title="Fashion-MNIST transfer benchmark") + note)
-    return paths
+    print(f"\nthis session: {minutes:.1f} min wall on this machine")
+    for labels, dest, compute in reports:
+        print(f"labels/class {labels}: search {compute['search'] / 60:.1f} min, final {compute['final'] / 60:.1f} "
+              f"min of compute (summed over runs, all sessions); report {dest / 'report.md'}")
 
 
 if __name__ == "__main__":

@@ -73,8 +73,17 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, 
 
 
 def dml_loss(logits: torch.Tensor, others: list[torch.Tensor], labels: torch.Tensor,
-             T: float = 1.0, multi_label: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """DML, peer k: ``L_task(z_k, y) + mean_{l != k} T^2 KL(softmax_T(z_l) || softmax_T(z_k))``, the
-    partners' logits ``others`` detached; returns the total and the mimicry (KL) term."""
+             T: float = 1.0, multi_label: bool = False, kl_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """DML, peer k: ``L_task(z_k, y) + w * mean_{l != k} T^2 KL(softmax_T(z_l) || softmax_T(z_k))``,
+    the partners' logits ``others`` detached, ``w = kl_weight`` (1 in the paper; DML's ``kl_warmup``
+    ramps it from 0); returns the total and the (unweighted) mimicry (KL) term."""
     kl = torch.stack([kl_divergence(logits, z.detach(), T) for z in others]).mean()
-    return task_loss(logits, labels, multi_label) + kl, kl
+    return task_loss(logits, labels, multi_label) + kl_weight * kl, kl
+
+
+def aux_kl(aux_logits: torch.Tensor, source_logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """The part of SSKT's soft cross-entropy that can reach zero, for logging:
+    ``T^2 * KL(softmax_T(t) || softmax_T(a)) = soft_cross_entropy(a, t, T) - T^2 * H(softmax_T(t))``
+    (no gradient). Zero when the auxiliary head reproduces the source's distribution."""
+    with torch.no_grad():
+        return kl_divergence(aux_logits.detach().float(), source_logits.detach().float(), T)

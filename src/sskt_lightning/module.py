@@ -15,6 +15,7 @@ from sskt_lightning.losses import task_loss
 from sskt_lightning.methods.base import Method
 from sskt_lightning.metrics import primary_metric
 from sskt_lightning.nets.factory import TappedNet, create_network, resolve_model_name
+from sskt_lightning.optim import build_optimizer
 from sskt_lightning.sources import SourceBank, build_sources
 
 SOURCES_PREFIX = "sources."
@@ -123,6 +124,9 @@ class TransferModule(L.LightningModule):
         self._log_learning_rates()
         self.method.on_train_epoch_end(self)
 
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.method.on_train_batch_end(self)
+
     def log_train(self, parts: Mapping[str, torch.Tensor], logits=None, labels=None) -> None:
         """Log the step's loss terms under ``train/`` (every ``trainer.log_every_n_steps``) and their
         means over the epoch as ``train/<term>_epoch`` (weighted by batch size; so a run shorter
@@ -173,16 +177,12 @@ class TransferModule(L.LightningModule):
         return self.method.configure_optimizers(self)
 
     def default_optimizers(self, params: Iterable[torch.nn.Parameter]):
-        """``cfg.optim``'s optimizer and (per-epoch) scheduler over ``params``."""
-        optimizer = instantiate(self.cfg.optim.optimizer)(params=list(params))
+        """``cfg.optim``'s optimizer and scheduler over ``params`` (see :func:`optim.build_optimizer`)."""
         sched_cfg = self.cfg.optim.get("scheduler")
-        if sched_cfg is None:
-            return optimizer
         extra = {}
-        if "max_epochs" in sched_cfg and sched_cfg.max_epochs is None:   # from_options: the Trainer's
-            extra["max_epochs"] = self._schedule_epochs()
-        scheduler = instantiate(sched_cfg)(optimizer=optimizer, **extra)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        if sched_cfg is not None and "max_epochs" in sched_cfg and sched_cfg.max_epochs is None:
+            extra["max_epochs"] = self._schedule_epochs()   # from_options: the Trainer's max_epochs
+        return build_optimizer(self.cfg.optim, params, self._trainer, **extra)
 
     def _schedule_epochs(self) -> int:
         from sskt_lightning.errors import ConfigError

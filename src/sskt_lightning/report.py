@@ -1,71 +1,75 @@
-"""Summarise finished runs: mean ± std over seeds, a markdown/CSV table and two plots.
+"""Summarise finished runs: mean ± std over seeds, paired gains over a baseline, failures, plots.
 
-    python -m sskt_lightning.report multirun/2024-05-01/12-00-00 [more dirs] [--out DIR] [--metric test_acc]
+    python -m sskt_lightning.report DIR [DIR ...] [--out OUT] [--metric test_acc]
+                                    [--baseline method=scratch] [--no-plots] [--include-search]
 
-Reads every ``results.json`` found recursively under the given directories (Hydra multirun layout
-``multirun/<date>/<time>/<job_num>/results.json``) and writes into ``--out`` (default: the first
-directory) ``report.md``, ``report.csv``, ``<metric>.png`` (``test_acc.png`` by default) and
-``val_curves.png``; the markdown table is also printed to stdout.
+Reads every ``results.json`` below the directories (Hydra's ``multirun/<date>/<time>/<job>/``
+layout, or a protocol directory) and writes into ``--out`` (default: the first directory)
+``report.md`` (also printed), ``report.csv`` (one row per group, raw numbers), ``runs.csv`` (one row
+per run), ``<metric>.png`` (per group: seeds and mean ± std), ``gains.png`` (paired gains with their
+95 % intervals) and ``val_curves.png``. pandas does the grouping, statistics, CSV and markdown
+(``to_markdown``, through tabulate); matplotlib the figures. What is this project's own:
 
-Conventions (also stated in the markdown itself):
+* **Which number.** The test number is the one a run reports at the end of training, the LAST
+  epoch's model; nothing is selected on the test set. "best val" is the best validation score over
+  epochs: a validation number. Accuracies/mAP are fractions in results.json, percent here.
+* **Groups and names.** Runs aggregate by their ``group`` (the experiment without the seed). A
+  group's *setting* is what it shares with the methods it is compared with (data, model and every
+  override that is not about the method: label budget, steps, epochs ...); its *name* is the method
+  plus the overrides that tell it apart from other groups of the same method in the same setting
+  (``sskt method.alpha=1.0``), so no two rows look alike. A protocol run's ``protocol.json`` beside
+  its results.json gives both explicitly.
+* **Paired gains.** Every group is compared with the baseline group of its setting (``--baseline``:
+  ``method=scratch`` by default; ``name=<name>`` or ``key=value`` of an override also work) seed by
+  seed: a seed fixes the labelled subset, the validation subset and the target's initialisation for
+  every method, so ``gain_s = metric(group, s) - metric(baseline, s)`` over the seeds both have.
+  Reported: mean gain, its sample std (ddof=1), the 95 % confidence interval
+  ``mean ± t(0.975, n-1) · std / sqrt(n)`` (t quantiles from a table, no scipy) and the number of
+  seeds where the group beats the baseline.
+* **Failures are shown, not dropped.** A job directory with ``failed.txt`` and no results, or a
+  results.json whose ``status`` is ``failed``, is listed beside the table with its reason.
 
-* The test number is the one the run reports at the end of training, i.e. the LAST epoch's model.
-  Nothing is selected on the test set.
-* "best val (selected on validation)" is the best validation score over epochs; it is a
-  validation number, not a test number.
-* ± is the sample standard deviation over seeds (``ddof=1``). With a single seed it is undefined:
-  the markdown shows "–" and the CSV leaves the std cell empty.
-* Accuracy-like numbers (names containing ``acc`` or ``map``) are stored as fractions in
-  ``results.json`` and shown as percentages everywhere in the report (markdown, CSV, plots).
-
-Runs aggregate by their ``group`` string; without one, by (data, model, method, sources).
-A group whose runs disagree on ``test_metric`` (e.g. ``acc`` vs ``map``) is an error.
-
-The functions below are pure (no global state, no display) so tests and scripts can call them:
-:func:`load_results`, :func:`summarise`, :func:`to_markdown`, :func:`to_csv`,
-:func:`plot_test_acc`, :func:`plot_val_curves`, :func:`read_val_curve`, :func:`mean_curve`,
-:func:`write_report`, :func:`main`.
+Search trials of the protocol (``protocol.json`` phase ``search``) are left out unless
+``--include-search``: they are selection runs, not results.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import math
 import sys
 import textwrap
-from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from sskt_lightning.errors import SSKTError
 
-__all__ = [
-    "ReportError",
-    "METHOD_ORDER",
-    "load_results",
-    "group_key",
-    "summarise",
-    "to_markdown",
-    "to_csv",
-    "read_val_curve",
-    "val_curve_from_csv",
-    "mean_curve",
-    "plot_test_acc",
-    "plot_val_curves",
-    "write_report",
-    "main",
-]
+__all__ = ["ReportError", "METHOD_ORDER", "load_results", "load_failures", "runs_frame", "summarise",
+           "paired_gain", "t_quantile_975", "to_markdown", "to_csv", "read_val_curve", "val_curve_from_csv",
+           "mean_curve", "plot_test_acc", "plot_gains", "plot_val_curves", "write_report", "main"]
 
 METHOD_ORDER = ("scratch", "kd", "dml", "maxl", "sskt")
-RESULTS_NAME = "results.json"
-DASH = "–"  # shown for an undefined std (one seed) and for missing numbers
+RESULTS_NAME, FAILED_NAME, PROTOCOL_NAME = "results.json", "failed.txt", "protocol.json"
+DASH = "–"  # an undefined std (one seed) or a missing number
+DEFAULT_BASELINE = "method=scratch"
 
-# Keys the grouping/identity uses; everything else in a results.json is a measurement or extra.
-_ID_KEYS = ("data", "model", "method", "sources")
+# overrides that do not change the experiment (as train.py's group leaves them out)
+_NOT_IN_GROUP = ("seed=", "paths.", "logger", "hydra.", "trainer.devices", "trainer.accelerator",
+                 "data.num_workers", "trainer.enable_progress_bar", "resume=")
+# overrides that say which method (variant) runs, not in which setting: not part of the setting
+_VARIANT_PREFIXES = ("method=", "method.", "source=", "source.", "sources=", "optim", "data.unlabeled",
+                     "hparams_search")
+_IDENTITY = ("data=", "model=", "method=", "sources=")
+
+# two-sided 95 %: t(0.975, df) for df = 1..30, then 40, 60, 120, infinity (interpolated in 1/df)
+_T975 = [12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788,
+         2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639,
+         2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423]
+_T975_TAIL = [(30, 2.0423), (40, 2.0211), (60, 2.0003), (120, 1.9799), (math.inf, 1.9600)]
 
 
 class ReportError(SSKTError, ValueError):
@@ -76,56 +80,107 @@ class ReportError(SSKTError, ValueError):
 # loading
 
 
-def load_results(dirs: Sequence[str | Path] | str | Path) -> list[dict]:
-    """Read every ``results.json`` under ``dirs`` (recursively), in a stable order.
+def _natural_key(p: Path) -> list:
+    """Sort ``.../10/results.json`` after ``.../9/results.json``."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in p.parts]
 
-    Each returned dict is the file's content plus ``_path`` (the results.json) and ``_dir`` (its
-    directory, against which ``metrics_csv`` is resolved). A file found through two overlapping
-    directories is read once. Unreadable files are skipped with a warning on stderr.
 
-    Raises :class:`ReportError` if a directory does not exist. An empty list is returned when the
-    directories hold no results; :func:`main` turns that into a message and exit code 2.
-    """
-    if isinstance(dirs, (str, Path)):
-        dirs = [dirs]
-    seen: set[Path] = set()
-    out: list[dict] = []
-    for d in dirs:
-        root = Path(d)
+def _roots(dirs: Sequence[str | Path] | str | Path) -> list[Path]:
+    dirs = [dirs] if isinstance(dirs, (str, Path)) else list(dirs)
+    roots = [Path(d) for d in dirs]
+    for root in roots:
         if not root.exists():
             raise ReportError(f"report: directory not found: {root}")
-        files = [root] if root.is_file() and root.name == RESULTS_NAME else sorted(
-            root.rglob(RESULTS_NAME), key=_natural_key
-        )
-        for f in files:
-            rf = f.resolve()
-            if rf in seen:
-                continue
-            seen.add(rf)
-            try:
-                data = json.loads(f.read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                print(f"report: warning: skipping unreadable {f}: {e}", file=sys.stderr)
-                continue
-            if not isinstance(data, dict):
-                print(f"report: warning: skipping {f}: not a JSON object", file=sys.stderr)
-                continue
-            data["_path"] = str(f)
-            data["_dir"] = str(f.parent)
-            out.append(data)
+    return roots
+
+
+def _files(roots: list[Path], name: str) -> list[Path]:
+    seen, out = set(), []
+    for root in roots:
+        found = [root] if root.is_file() and root.name == name else sorted(root.rglob(name), key=_natural_key)
+        for f in found:
+            if f.resolve() not in seen:
+                seen.add(f.resolve())
+                out.append(f)
     return out
 
 
-def _natural_key(p: Path) -> list:
-    """Sort ``.../10/results.json`` after ``.../9/results.json``."""
-    parts: list = []
-    for part in p.parts:
-        parts.append((0, int(part), "") if part.isdigit() else (1, 0, part))
-    return parts
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"report: warning: skipping unreadable {path}: {e}", file=sys.stderr)
+        return None
+    if not isinstance(data, dict):
+        print(f"report: warning: skipping {path}: not a JSON object", file=sys.stderr)
+        return None
+    return data
+
+
+def _failed(r: dict) -> bool:
+    return str(r.get("status", "")).lower() in ("failed", "failure", "error")
+
+
+def load_results(dirs: Sequence[str | Path] | str | Path, include_search: bool = False) -> list[dict]:
+    """Every successful run's results.json under ``dirs`` (recursively), in a stable order.
+
+    Each dict is the file's content plus ``_path`` and ``_dir``, merged with the run's
+    ``protocol.json`` when there is one (keys ``name``, ``setting``, ``phase``, ``params``). Failed
+    runs (``status: failed``) and, unless ``include_search``, protocol search trials are left out.
+    """
+    out = []
+    for f in _files(_roots(dirs), RESULTS_NAME):
+        data = _read_json(f)
+        if data is None or _failed(data):
+            continue
+        side = f.parent / PROTOCOL_NAME
+        if side.is_file():
+            data.update(_read_json(side) or {})
+        if data.get("phase") == "search" and not include_search:
+            continue
+        data["_path"], data["_dir"] = str(f), str(f.parent)
+        out.append(data)
+    return out
+
+
+def _reason(text: str) -> str:
+    """The last meaningful line of a traceback or message (the exception and its message)."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "(no reason recorded)"
+
+
+def load_failures(dirs: Sequence[str | Path] | str | Path, include_search: bool = False) -> list[dict]:
+    """Failed jobs under ``dirs``: ``{"dir", "reason"}`` for each directory holding ``failed.txt``
+    without a successful results.json, or a results.json with ``status: failed``."""
+    roots = _roots(dirs)
+    out = []
+    for f in _files(roots, FAILED_NAME):
+        res = f.parent / RESULTS_NAME
+        data = _read_json(res) if res.is_file() else None
+        if data is not None and not _failed(data):
+            continue   # failed once, succeeded later (e.g. a resumed job)
+        side = _read_json(f.parent / PROTOCOL_NAME) if (f.parent / PROTOCOL_NAME).is_file() else {}
+        if (side or {}).get("phase") == "search" and not include_search:
+            continue
+        try:
+            reason = _reason(f.read_text(errors="replace"))
+        except OSError as e:
+            reason = f"(failed.txt unreadable: {e})"
+        out.append({"dir": str(f.parent), "reason": reason, **{k: v for k, v in (side or {}).items()
+                                                             if k in ("name", "setting")}})
+    for f in _files(roots, RESULTS_NAME):
+        data = _read_json(f)
+        if data is None or not _failed(data) or (f.parent / FAILED_NAME).is_file():
+            continue
+        if data.get("phase") == "search" and not include_search:
+            continue
+        reason = data.get("error") or data.get("reason") or data.get("message") or "status: failed"
+        out.append({"dir": str(f.parent), "reason": _reason(str(reason))})
+    return sorted(out, key=lambda d: _natural_key(Path(d["dir"])))
 
 
 # --------------------------------------------------------------------------------------------
-# grouping and statistics
+# one row per run
 
 
 def _sources_str(r: dict) -> str:
@@ -134,17 +189,185 @@ def _sources_str(r: dict) -> str:
         return ""
     if isinstance(s, str):
         return s
-    if isinstance(s, dict):  # a Hydra source group saved as a mapping name -> config
-        return "+".join(str(k) for k in s)
-    return "+".join(str(x) for x in s)
+    return "+".join(str(k) for k in s)   # a list, or a mapping name -> config
 
 
 def group_key(r: dict) -> str:
-    """The aggregation key of one run: its ``group`` string, or one built from its identity."""
-    g = r.get("group")
-    if g:
-        return str(g)
-    return " ".join(f"{k}={r.get(k, '') if k != 'sources' else _sources_str(r)}" for k in _ID_KEYS)
+    """The aggregation key of one run: a protocol run's (setting, name); else its ``group`` string
+    (the experiment without the seed), or one built from its identity."""
+    if r.get("phase") and r.get("name"):   # protocol.json: per-seed overrides (a KD teacher) stay one group
+        return f"protocol {r.get('phase')}: {r.get('setting', '')} :: {r['name']}"
+    if r.get("group"):
+        return str(r["group"])
+    return " ".join(f"{k}={_sources_str(r) if k == 'sources' else r.get(k, '')}"
+                    for k in ("data", "model", "method", "sources"))
+
+
+def _tokens(r: dict) -> list[str]:
+    """The run's overrides that define its experiment (not seed, paths, devices ...)."""
+    if isinstance(r.get("overrides"), list):
+        toks = [str(o).lstrip("+~") for o in r["overrides"]]
+    else:
+        toks = group_key(r).split()
+    return [t for t in toks if not t.startswith(_NOT_IN_GROUP)]
+
+
+def _setting_of(r: dict) -> str:
+    if r.get("setting") is not None:
+        return str(r["setting"])
+    return " ".join(sorted(t for t in _tokens(r) if not t.startswith(_VARIANT_PREFIXES + _IDENTITY)))
+
+
+def _variant_tokens(r: dict) -> frozenset:
+    return frozenset(t for t in _tokens(r) if t.startswith(_VARIANT_PREFIXES) and not t.startswith("method="))
+
+
+def _is_fraction_metric(name: str) -> bool:
+    return "acc" in name.lower() or "map" in name.lower()
+
+
+def _num(x: Any) -> float:
+    if isinstance(x, bool) or x is None:
+        return math.nan
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _lookup(r: dict, key: str) -> Any:
+    """``key`` at the top level, then in ``extra``; ``extra.x`` addresses extra explicitly."""
+    if key.startswith("extra."):
+        return (r.get("extra") or {}).get(key[len("extra."):])
+    return r[key] if key in r else (r.get("extra") or {}).get(key)
+
+
+def _test_value(r: dict, metric: str) -> float:
+    v = _num(_lookup(r, metric))
+    if math.isnan(v) and metric == "test_acc":   # multi-label runs may name it after their metric
+        v = _num(r.get(f"test_{r.get('test_metric', 'acc')}"))
+    return v
+
+
+def _val_value(r: dict, metric: str) -> float:
+    """The validation counterpart of ``metric`` (best over epochs); NaN when there is none."""
+    if not metric.startswith("test_"):
+        return math.nan
+    for k in (f"best_val_{metric[len('test_'):]}", f"best_val_{r.get('test_metric', 'acc')}", "best_val_acc"):
+        if not math.isnan(_num(r.get(k))):
+            return _num(r.get(k))
+    return math.nan
+
+
+def runs_frame(results: Sequence[dict], metric: str = "test_acc") -> pd.DataFrame:
+    """One row per run: identity, group, setting, name, seed and the numbers (percent where
+    accuracy-like). Names are made unique within each (data, model, setting) as described above."""
+    scale = 100.0 if _is_fraction_metric(metric) else 1.0
+    rows = []
+    for r in results:
+        rows.append({
+            "data": str(r.get("data", "")), "model": str(r.get("model", "")),
+            "method": str(r.get("method", "")), "sources": _sources_str(r), "group": group_key(r),
+            "setting": _setting_of(r), "given_name": r.get("name"), "variant": _variant_tokens(r),
+            "seed": r.get("seed"), "test_metric": str(r.get("test_metric", "acc")),
+            "test": _test_value(r, metric) * scale, "val": _val_value(r, metric) * scale,
+            "wall_time_s": _num(r.get("wall_time_s")), "train_images_per_s": _num(r.get("train_images_per_s")),
+            "num_train": _num(r.get("num_train")), "num_val": _num(r.get("num_val")),
+            "num_unlabeled": _num(r.get("num_unlabeled")),
+            "params": _params_str(r.get("params")), "extra": r.get("extra") or {},
+            "path": r.get("_path", ""), "dir": r.get("_dir", ""),
+        })
+    df = pd.DataFrame(rows, columns=["data", "model", "method", "sources", "group", "setting", "given_name",
+                                     "variant", "seed", "test_metric", "test", "val", "wall_time_s",
+                                     "train_images_per_s", "num_train", "num_val", "num_unlabeled", "params",
+                                     "extra", "path", "dir"])
+    df["name"] = _names(df)
+    if scale != 1.0 and ((df["test"] > 100).any() or (df["val"] > 100).any()):
+        print(f"report: warning: '{metric}' values above 1; expected fractions in [0, 1]", file=sys.stderr)
+    return df.drop(columns=["given_name", "variant"])
+
+
+def _params_str(params: Any) -> str:
+    if not params:
+        return ""
+    if isinstance(params, dict):
+        return " ".join(f"{k}={_short(v)}" for k, v in params.items())
+    return str(params)
+
+
+def _short(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _names(df: pd.DataFrame) -> list[str]:
+    """A protocol's name, else the method plus the overrides that tell it apart from the other
+    groups of the same method in the same (data, model, setting)."""
+    names = {}
+    for _, part in df.groupby(["data", "model", "setting", "method"], sort=False, dropna=False):
+        groups = part.drop_duplicates("group")
+        sets = list(groups["variant"])
+        common = frozenset.intersection(*sets) if sets else frozenset()
+        for _, g in groups.iterrows():
+            if isinstance(g["given_name"], str) and g["given_name"]:
+                names[g["group"]] = g["given_name"]
+            else:
+                differ = sorted(g["variant"] - common)
+                names[g["group"]] = " ".join([g["method"], *differ]) if len(groups) > 1 else g["method"]
+    out = [names[g] for g in df["group"]]
+    # still equal (e.g. groups that differ only in something outside the overrides): number them
+    seen: dict[tuple, list[str]] = {}
+    for (key, name, group) in zip(zip(df["data"], df["model"], df["setting"]), out, df["group"]):
+        lst = seen.setdefault((key, name), [])
+        if group not in lst:
+            lst.append(group)
+    return [name if len(seen[(k, name)]) == 1 else f"{name} #{seen[(k, name)].index(g) + 1}"
+            for k, name, g in zip(zip(df["data"], df["model"], df["setting"]), out, df["group"])]
+
+
+# --------------------------------------------------------------------------------------------
+# statistics
+
+
+def t_quantile_975(df: int) -> float:
+    """t(0.975, df): the two-sided 95 % quantile of Student's t with ``df`` degrees of freedom."""
+    if df < 1:
+        return math.nan
+    if df <= 30:
+        return _T975[df - 1]
+    for (d0, t0), (d1, t1) in zip(_T975_TAIL, _T975_TAIL[1:]):
+        if d0 <= df <= d1:
+            x0, x1, x = 1 / d0, (0.0 if math.isinf(d1) else 1 / d1), 1 / df
+            return t0 + (t1 - t0) * (x0 - x) / (x0 - x1)
+    return _T975_TAIL[-1][1]
+
+
+def paired_gain(values: pd.Series, baseline: pd.Series) -> dict:
+    """Seed-paired difference ``values - baseline`` (both indexed by seed): n, mean, std (ddof=1),
+    the 95 % t interval and the number of seeds with a positive gain."""
+    both = pd.concat({"v": values, "b": baseline}, axis=1).dropna()
+    d = (both["v"] - both["b"]).to_numpy(dtype=float)
+    n = len(d)
+    mean = float(d.mean()) if n else math.nan
+    std = float(d.std(ddof=1)) if n > 1 else math.nan
+    half = t_quantile_975(n - 1) * std / math.sqrt(n) if n > 1 else math.nan
+    return {"n_paired": n, "gain_mean": mean, "gain_std": std, "gain_ci_low": mean - half,
+            "gain_ci_high": mean + half, "wins": int((d > 0).sum()), "gains": d.tolist(),
+            "paired_seeds": [_seed_label(s) for s in both.index]}
+
+
+def _seed_label(s: Any) -> Any:
+    return int(s) if isinstance(s, (int, np.integer)) or (isinstance(s, float) and s.is_integer()) else s
+
+
+def _matches(spec: str, row: pd.Series) -> bool:
+    """Does a group (a row of the summary) match a ``--baseline`` spec: ``name``, ``key=value`` of a
+    column (method, name, sources ...) or an override token of the group?"""
+    if "=" not in spec:
+        return row["name"] == spec
+    key, value = spec.split("=", 1)
+    if key in ("method", "name", "data", "model", "sources", "group"):
+        return str(row[key]) == value
+    return spec in row["group"].split()
 
 
 def _method_rank(method: str) -> tuple:
@@ -152,152 +375,86 @@ def _method_rank(method: str) -> tuple:
     return (METHOD_ORDER.index(m), "") if m in METHOD_ORDER else (len(METHOD_ORDER), m)
 
 
-def _sort_key(data: str, model: str, method: str, sources: str, group: str) -> tuple:
-    return (str(data), str(model), _method_rank(str(method)), str(sources), str(group))
-
-
-def _group_results(results: Iterable[dict]) -> list[tuple[str, list[dict]]]:
-    """Runs grouped by :func:`group_key`, groups sorted like the report rows."""
-    groups: "OrderedDict[str, list[dict]]" = OrderedDict()
-    for r in results:
-        groups.setdefault(group_key(r), []).append(r)
-
-    def key(item):
-        g, runs = item
-        r0 = runs[0]
-        return _sort_key(r0.get("data", ""), r0.get("model", ""), r0.get("method", ""),
-                         _sources_str(r0), g)
-
-    return sorted(groups.items(), key=key)
-
-
-def _is_fraction_metric(name: str) -> bool:
-    n = name.lower()
-    return "acc" in n or "map" in n
-
-
-def _num(x: Any) -> float | None:
-    if isinstance(x, bool) or x is None:
-        return None
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(v) else v
-
-
-def _stats(values: Sequence[float]) -> tuple[float, float]:
-    """(mean, sample std); std is NaN for fewer than two values, mean NaN for none."""
-    if not values:
-        return math.nan, math.nan
-    a = np.asarray(values, dtype=float)
-    mean = float(a.mean())
-    std = float(a.std(ddof=1)) if a.size > 1 else math.nan
-    return mean, std
-
-
-def _test_metric(runs: list[dict], group: str) -> str:
-    kinds = sorted({str(r.get("test_metric", "acc")) for r in runs})
-    if len(kinds) > 1:
-        detail = ", ".join(f"{Path(r.get('_path', '?'))}: {r.get('test_metric', 'acc')}" for r in runs)
-        raise ReportError(
-            f"report: runs of group '{group}' mix test_metric values {kinds}; they cannot be "
-            f"averaged together. Runs: {detail}"
-        )
-    return kinds[0]
-
-
-def _lookup(r: dict, key: str) -> Any:
-    """``key`` at the top level, then in ``extra``; ``extra.x`` addresses extra explicitly."""
-    if key.startswith("extra."):
-        return (r.get("extra") or {}).get(key[len("extra."):])
-    if key in r:
-        return r[key]
-    return (r.get("extra") or {}).get(key)
-
-
-def _test_value(r: dict, metric: str, test_metric: str) -> float | None:
-    v = _num(_lookup(r, metric))
-    if v is None and metric == "test_acc":  # multi-label runs may name it after their metric
-        v = _num(r.get(f"test_{test_metric}"))
-    return v
-
-
-def _best_val_value(r: dict, metric: str, test_metric: str) -> float | None:
-    """The validation counterpart of ``metric``; None when there is none (e.g. a peer's extra)."""
-    if not metric.startswith("test_"):
-        return None
-    for k in dict.fromkeys([f"best_val_{metric[len('test_'):]}", f"best_val_{test_metric}",
-                            "best_val_acc"]):
-        v = _num(r.get(k))
-        if v is not None:
-            return v
-    return None
-
-
-def summarise(results: Sequence[dict], metric: str = "test_acc") -> list[dict]:
-    """One row per group: identity, n, seeds, mean/std of ``metric`` and best val, costs.
-
-    Row keys: ``data, model, method, sources, group, test_metric, metric, unit, n, seeds,
-    test_values, test_mean, test_std, best_val_mean, best_val_std, wall_time_s_mean,
-    train_images_per_s_mean, extra`` (``extra``: name -> {"mean", "std", "n"}), plus ``paths``.
-    Accuracy-like numbers are in percent (``unit == "%"``); a std over one seed is NaN; a number no
-    run reported is NaN. Rows are sorted by data, model, then method in the order
-    scratch, kd, dml, maxl, sskt, then other methods alphabetically.
+def summarise(results: Sequence[dict], metric: str = "test_acc", baseline: str = DEFAULT_BASELINE) -> pd.DataFrame:
+    """One row per group: identity, setting, name, n, seeds, mean ± std of ``metric`` and of best
+    val, the paired gain over the setting's baseline group, sizes and costs (see the module doc).
 
     Raises :class:`ReportError` when a group mixes ``test_metric`` values.
     """
-    rows: list[dict] = []
-    for g, runs in _group_results(results):
-        r0 = runs[0]
-        tm = _test_metric(runs, g)
-        scale = 100.0 if _is_fraction_metric(metric) else 1.0
-        tests = [v for r in runs if (v := _test_value(r, metric, tm)) is not None]
-        vals = [v for r in runs if (v := _best_val_value(r, metric, tm)) is not None]
-        walls = [v for r in runs if (v := _num(r.get("wall_time_s"))) is not None]
-        ips = [v for r in runs if (v := _num(r.get("train_images_per_s"))) is not None]
-        seeds = [r.get("seed") for r in runs]
-        if len({repr(s) for s in seeds}) < len(seeds):
-            print(f"report: warning: group '{g}' holds the same seed more than once: {seeds}",
-                  file=sys.stderr)
-        if len(tests) < len(runs):
-            print(f"report: warning: {len(runs) - len(tests)} run(s) of group '{g}' lack "
-                  f"'{metric}'", file=sys.stderr)
-        if scale != 1.0 and any(v > 1.0 for v in tests + vals):
-            print(f"report: warning: group '{g}' has '{metric}' values above 1; expected "
-                  "fractions in [0, 1]", file=sys.stderr)
-        tmean, tstd = _stats(tests)
-        vmean, vstd = _stats(vals)
-        extra: dict[str, dict] = {}
-        for k in sorted({k for r in runs for k in (r.get("extra") or {})}):
-            xs = [v for r in runs if (v := _num((r.get("extra") or {}).get(k))) is not None]
-            if not xs:
-                continue
-            xscale = 100.0 if _is_fraction_metric(k) and all(0 <= x <= 1 for x in xs) else 1.0
-            m, s = _stats([x * xscale for x in xs])
-            extra[k] = {"mean": m, "std": s, "n": len(xs), "unit": "%" if xscale != 1 else ""}
+    runs = runs_frame(results, metric)
+    rows = []
+    for group, g in runs.groupby("group", sort=False):
+        kinds = sorted(set(g["test_metric"]))
+        if len(kinds) > 1:
+            detail = ", ".join(f"{p}: {k}" for p, k in zip(g["path"], g["test_metric"]))
+            raise ReportError(f"report: runs of group '{group}' mix test_metric values {kinds}; they cannot be "
+                              f"averaged together. Runs: {detail}")
+        if g["seed"].duplicated().any():
+            print(f"report: warning: group '{group}' holds the same seed more than once: {list(g['seed'])}; "
+                  f"pairing uses their mean", file=sys.stderr)
+        missing = int(g["test"].isna().sum())
+        if missing:
+            print(f"report: warning: {missing} run(s) of group '{group}' lack '{metric}'", file=sys.stderr)
+        first = g.iloc[0]
+        extra = pd.DataFrame(list(g["extra"])).apply(pd.to_numeric, errors="coerce")
         rows.append({
-            "data": str(r0.get("data", "")),
-            "model": str(r0.get("model", "")),
-            "method": str(r0.get("method", "")),
-            "sources": _sources_str(r0),
-            "group": g,
-            "test_metric": tm,
-            "metric": metric,
-            "unit": "%" if scale != 1.0 else "",
-            "n": len(runs),
-            "seeds": seeds,
-            "test_values": [v * scale for v in tests],
-            "test_mean": tmean * scale,
-            "test_std": tstd * scale,
-            "best_val_mean": vmean * scale,
-            "best_val_std": vstd * scale,
-            "wall_time_s_mean": _stats(walls)[0],
-            "train_images_per_s_mean": _stats(ips)[0],
-            "extra": extra,
-            "paths": [r.get("_path", "") for r in runs],
+            "data": first["data"], "model": first["model"], "setting": first["setting"], "name": first["name"],
+            "method": first["method"], "sources": first["sources"], "group": group,
+            "test_metric": kinds[0], "metric": metric, "unit": "%" if _is_fraction_metric(metric) else "",
+            "n": len(g), "seeds": [_seed_label(s) for s in g["seed"]],
+            "test_mean": g["test"].mean(), "test_std": g["test"].std(ddof=1),
+            "val_mean": g["val"].mean(), "val_std": g["val"].std(ddof=1),
+            "num_train": g["num_train"].median(), "num_val": g["num_val"].median(),
+            "num_unlabeled": g["num_unlabeled"].median(), "params": first["params"],
+            "wall_time_s_mean": g["wall_time_s"].mean(), "train_images_per_s_mean": g["train_images_per_s"].mean(),
+            "test_values": g["test"].tolist(), "by_seed": g.groupby("seed")["test"].mean(),
+            "extra": {k: _extra_stats(k, col) for k, col in extra.items() if col.notna().any()},
         })
-    return rows
+    summary = pd.DataFrame(rows)
+    if summary.empty:
+        return summary
+    summary = summary.iloc[sorted(range(len(summary)), key=lambda i: (
+        summary["data"][i], summary["model"][i], summary["setting"][i], _method_rank(summary["method"][i]),
+        summary["name"][i]))].reset_index(drop=True)
+    return _add_gains(summary, baseline)
+
+
+def _extra_stats(key: str, col: pd.Series) -> dict:
+    """mean ± std of one extra number; accuracy-like fractions in percent."""
+    col = col.dropna()
+    pct = _is_fraction_metric(key) and col.between(0, 1).all()
+    col = col * 100 if pct else col
+    return {"mean": col.mean(), "std": col.std(ddof=1), "n": len(col), "unit": "%" if pct else ""}
+
+
+def _add_gains(summary: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    cols = {k: [] for k in ("baseline", "n_paired", "gain_mean", "gain_std", "gain_ci_low", "gain_ci_high",
+                            "wins", "gains", "paired_seeds", "baseline_note")}
+    for _, row in summary.iterrows():
+        same = summary[(summary["data"] == row["data"]) & (summary["model"] == row["model"])
+                       & (summary["setting"] == row["setting"])]
+        base = same[[_matches(baseline, b) for _, b in same.iterrows()]]
+        gain = {"n_paired": 0, "gain_mean": math.nan, "gain_std": math.nan, "gain_ci_low": math.nan,
+                "gain_ci_high": math.nan, "wins": math.nan, "gains": [], "paired_seeds": []}
+        note, name = "", ""
+        if len(base) == 1 and base.index[0] != row.name:
+            name = base.iloc[0]["name"]
+            gain = paired_gain(row["by_seed"], base.iloc[0]["by_seed"])
+            if gain["n_paired"] == 0:
+                note = f"no seed in common with {name}"
+        elif len(base) == 1:
+            note = "baseline"
+        elif len(base) == 0:
+            note = f"no baseline ({baseline}) in this setting"
+        else:
+            note = f"{len(base)} groups match --baseline {baseline}: {', '.join(base['name'])}"
+        cols["baseline"].append(name)
+        cols["baseline_note"].append(note)
+        for k, v in gain.items():
+            cols[k].append(v)
+    for k, v in cols.items():
+        summary[k] = v
+    return summary
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,164 +463,161 @@ def summarise(results: Sequence[dict], metric: str = "test_acc") -> list[dict]:
 _METRIC_LABEL = {"acc": "acc", "map": "mAP"}
 
 
-def _fmt(x: float, digits: int = 2) -> str:
+def _fmt(x: Any, digits: int = 2) -> str:
     return DASH if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
 def _pm(mean: float, std: float, digits: int = 2) -> str:
-    if math.isnan(mean):
-        return DASH
-    return f"{mean:.{digits}f} ± {_fmt(std, digits)}"
+    return DASH if math.isnan(mean) else f"{mean:.{digits}f} ± {_fmt(std, digits)}"
 
 
-def _md_cell(x: Any) -> str:
-    return str(x).replace("|", r"\|")
+def _signed(x: float, digits: int = 2) -> str:
+    return DASH if math.isnan(x) else f"{x:+.{digits}f}"
+
+
+def _count(x: float) -> str:
+    return DASH if x is None or (isinstance(x, float) and math.isnan(x)) else str(int(x))
 
 
 def _seeds_str(seeds: Sequence) -> str:
     return ",".join("?" if s is None else str(s) for s in seeds)
 
 
-def _metric_title(rows: Sequence[dict]) -> tuple[str, bool]:
-    """Column title for the test number; second item: whether a per-row metric column is needed."""
-    kinds = sorted({r["test_metric"] for r in rows})
-    metric = rows[0]["metric"] if rows else "test_acc"
-    unit = rows[0]["unit"] if rows else "%"
-    u = f" ({unit})" if unit else ""
+def _metric_title(summary: pd.DataFrame) -> str:
+    kinds = sorted(set(summary["test_metric"])) if len(summary) else ["acc"]
+    metric = summary["metric"].iloc[0] if len(summary) else "test_acc"
+    unit = f" ({summary['unit'].iloc[0]})" if len(summary) and summary["unit"].iloc[0] else ""
     if metric != "test_acc":
-        return f"{metric}{u}, last epoch", len(kinds) > 1
-    if len(kinds) == 1:
-        return f"test {_METRIC_LABEL.get(kinds[0], kinds[0])}{u}, last epoch", False
-    return f"test{u}, last epoch", True
+        return f"{metric}{unit}, last epoch"
+    return f"test {'/'.join(_METRIC_LABEL.get(k, k) for k in kinds)}{unit}, last epoch"
 
 
-def to_markdown(rows: Sequence[dict], title: str | None = "Results") -> str:
-    """The report as markdown: notes, one table row per group, and extras when any."""
-    head, per_row_metric = _metric_title(rows)
-    kinds = sorted({r["test_metric"] for r in rows}) or ["acc"]
-    val_label = "/".join(_METRIC_LABEL.get(k, k) for k in kinds)
-    lines: list[str] = []
-    if title:
-        lines += [f"# {title}", ""]
+def _setting_title(data: str, model: str, setting: str) -> str:
+    return f"{data} · {model}" + (f" · {setting}" if setting else "")
+
+
+def _table(part: pd.DataFrame, title: str) -> pd.DataFrame:
+    has_gain = part["n_paired"].gt(0).any()
+    table = pd.DataFrame({
+        "method": part["name"],
+        "sources": part["sources"].replace("", DASH),
+        "n": part["n"], "seeds": part["seeds"].map(_seeds_str),
+        title: [_pm(m, s) for m, s in zip(part["test_mean"], part["test_std"])],
+        "best val (selected on validation)": [_pm(m, s) for m, s in zip(part["val_mean"], part["val_std"])],
+    })
+    if has_gain:
+        base = next(b for b in part["baseline"] if b)
+        table[f"gain over {base} (points)"] = [
+            note if note else _pm(m, s) for m, s, note in zip(part["gain_mean"], part["gain_std"], part["baseline_note"])]
+        table["95 % CI"] = [DASH if math.isnan(lo) else f"[{lo:+.2f}, {hi:+.2f}]"
+                            for lo, hi in zip(part["gain_ci_low"], part["gain_ci_high"])]
+        table["wins"] = [DASH if n == 0 else f"{int(w)}/{n}" for w, n in zip(part["wins"], part["n_paired"])]
+    if part["params"].astype(bool).any():
+        table["selected on validation"] = [_short_params(p) or DASH for p in part["params"]]
+    table["train / val / unlabeled"] = [" / ".join(_count(x) for x in t)
+                                        for t in zip(part["num_train"], part["num_val"], part["num_unlabeled"])]
+    table["wall time (s)"] = part["wall_time_s_mean"].map(lambda x: _fmt(x, 0))
+    table["train img/s"] = part["train_images_per_s_mean"].map(lambda x: _fmt(x, 0))
+    return table
+
+
+def _short_params(params: str) -> str:
+    """``optim.optimizer.lr=0.1 method.alpha=1`` -> ``lr=0.1 alpha=1`` (the table's short form)."""
+    return " ".join(t.removeprefix("optim.optimizer.").removeprefix("method.").removeprefix("data.")
+                    for t in params.split())
+
+
+def _failures_md(failures: Sequence[dict]) -> list[str]:
+    if not failures:
+        return []
+    lines = ["", f"## Failed jobs ({len(failures)})", "",
+             "Not in the table above; each job's directory holds failed.txt (or results.json) with the details.", ""]
+    frame = pd.DataFrame({"job": [f["dir"] for f in failures], "reason": [f["reason"] for f in failures]})
+    return lines + [frame.to_markdown(index=False)]
+
+
+def to_markdown(summary: pd.DataFrame, title: str | None = "Results", failures: Sequence[dict] = (),
+                baseline: str = DEFAULT_BASELINE) -> str:
+    """The report as markdown: the conventions, one table per setting, extras, failed jobs."""
+    head = _metric_title(summary)
+    lines = [f"# {title}", ""] if title else []
     lines += [
-        f"- **Test {val_label} is the LAST epoch's** (the model at the end of training); "
+        "- **The test number is the LAST epoch's** (the model at the end of training, tested once); "
         "nothing is selected on the test set.",
-        f"- \"best val (selected on validation)\" is the best validation {val_label} over epochs, "
-        "a validation number, not a test number.",
-        "- mean ± std over seeds; std is the sample standard deviation (ddof=1). "
-        f"With a single seed (n = 1) std is undefined and shown as \"{DASH}\" "
-        "(an empty cell in report.csv).",
-        "- Accuracies and mAP in percent; wall time is the mean per run in seconds; "
-        "images/s is the mean training throughput.",
-        "",
+        "- \"best val (selected on validation)\" is the best validation score over epochs: a validation "
+        "number, not a test number. \"selected on validation\" lists hyper-parameters a search chose on "
+        "validation.",
+        "- mean ± std over seeds; std is the sample standard deviation (ddof=1), "
+        f"\"{DASH}\" with a single seed (an empty cell in report.csv).",
+        f"- gain: seed-paired difference to the baseline group of the same setting ({baseline}); "
+        "mean ± std over the seeds both have, 95 % CI = mean ± t(0.975, n-1)·std/√n, wins = seeds "
+        "where the method beats the baseline.",
+        "- Accuracies and mAP in percent; train / val / unlabeled are the split sizes; wall time is the "
+        "mean per run.",
     ]
-    cols = ["data", "model", "method", "sources", "n", "seeds"]
-    if per_row_metric:
-        cols.append("metric")
-    cols += [head, "best val (selected on validation)", "wall time (s)", "train images/s"]
-    lines.append("| " + " | ".join(cols) + " |")
-    lines.append("|" + "|".join(":---" if i < 4 else "---:" for i in range(len(cols))) + "|")
-    for r in rows:
-        cells = [r["data"], r["model"], r["method"], r["sources"] or DASH, r["n"],
-                 _seeds_str(r["seeds"])]
-        if per_row_metric:
-            cells.append(_METRIC_LABEL.get(r["test_metric"], r["test_metric"]))
-        cells += [_pm(r["test_mean"], r["test_std"]), _pm(r["best_val_mean"], r["best_val_std"]),
-                  _fmt(r["wall_time_s_mean"], 0), _fmt(r["train_images_per_s_mean"], 0)]
-        lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
-    extra_rows = [(r, k, e) for r in rows for k, e in r["extra"].items()]
-    if extra_rows:
-        lines += ["", "## Extra numbers", "",
-                  "Free-form numbers the runs reported (e.g. a DML peer's last-epoch test "
-                  "accuracy); mean ± std over the seeds that reported them.", "",
-                  "| data | model | method | sources | name | n | mean ± std |",
-                  "|:---|:---|:---|:---|:---|---:|---:|"]
-        for r, k, e in extra_rows:
-            unit = f" {e['unit']}" if e["unit"] else ""
-            cells = [r["data"], r["model"], r["method"], r["sources"] or DASH, k, e["n"],
-                     _pm(e["mean"], e["std"], 2 if e["unit"] else 4) + unit]
-            lines.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+    for (data, model, setting), part in summary.groupby(["data", "model", "setting"], sort=False):
+        lines += ["", f"## {_setting_title(data, model, setting)}", ""]
+        if not part["n_paired"].gt(0).any() and not (part["baseline_note"] == "baseline").any():
+            lines += [f"No paired gains: no baseline group ({baseline}) in this setting.", ""]
+        lines += [_table(part, head).to_markdown(index=False)]
+    extra = [(r["name"], r["data"], r["model"], r["setting"], k, e) for _, r in summary.iterrows()
+             for k, e in r["extra"].items()]
+    if extra:
+        frame = pd.DataFrame({
+            "setting": [_setting_title(d, m, s) for _, d, m, s, _, _ in extra],
+            "method": [n for n, *_ in extra], "number": [k for *_, k, _ in extra],
+            "n": [e["n"] for *_, e in extra],
+            "mean ± std": [_pm(e["mean"], e["std"], 2 if e["unit"] else 4) + (f" {e['unit']}" if e["unit"] else "")
+                           for *_, e in extra]})
+        lines += ["", "## Extra numbers", "", "Other numbers the runs reported (e.g. a DML peer's test accuracy, "
+                  "the test loss); mean ± std over the seeds that reported them.", "",
+                  frame.to_markdown(index=False)]
+    lines += _failures_md(failures)
     return "\n".join(lines) + "\n"
 
 
-CSV_COLUMNS = [
-    "data", "model", "method", "sources", "n", "seeds", "test_metric", "metric", "unit",
-    "test_mean", "test_std", "best_val_mean", "best_val_std",
-    "wall_time_s_mean", "train_images_per_s_mean", "group",
-]
+CSV_COLUMNS = ["data", "model", "setting", "name", "method", "sources", "n", "seeds", "test_metric", "metric", "unit",
+               "test_mean", "test_std", "best_val_mean", "best_val_std", "baseline", "n_paired", "gain_mean",
+               "gain_std", "gain_ci_low", "gain_ci_high", "wins", "params", "num_train", "num_val", "num_unlabeled",
+               "wall_time_s_mean", "train_images_per_s_mean", "group"]
 
 
-def _csv_num(x: Any) -> str:
-    v = _num(x)
-    return "" if v is None else repr(v)
-
-
-def to_csv(rows: Sequence[dict]) -> str:
-    """The rows as CSV: raw (unrounded) numbers, mean and std in separate columns.
-
-    ``unit`` says "%" when test/best-val numbers are percentages. An undefined std (one seed) or a
-    number no run reported is an empty cell. Extras add ``extra:<name>_mean`` / ``_std`` columns.
-    """
-    extra_keys = sorted({k for r in rows for k in r["extra"]})
-    cols = CSV_COLUMNS + [f"extra:{k}_{s}" for k in extra_keys for s in ("mean", "std")]
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(cols)
-    for r in rows:
-        line = []
-        for c in CSV_COLUMNS:
-            v = r[c]
-            if c == "seeds":
-                line.append(_seeds_str(v))
-            elif c in ("n",):
-                line.append(str(v))
-            elif c.endswith(("_mean", "_std")):
-                line.append(_csv_num(v))
-            else:
-                line.append(str(v))
-        for k in extra_keys:
-            e = r["extra"].get(k)
-            line += ["", ""] if e is None else [_csv_num(e["mean"]), _csv_num(e["std"])]
-        w.writerow(line)
-    return buf.getvalue()
+def to_csv(summary: pd.DataFrame) -> str:
+    """The summary as CSV: raw (unrounded) numbers, mean and std in separate columns, empty cells
+    for undefined numbers; extras add ``extra:<name>_mean`` / ``_std`` columns."""
+    out = summary.rename(columns={"val_mean": "best_val_mean", "val_std": "best_val_std"}).reindex(columns=CSV_COLUMNS)
+    out["seeds"] = out["seeds"].map(_seeds_str)
+    out["wins"] = pd.to_numeric(out["wins"], errors="coerce").astype("Int64")
+    for k in sorted({k for e in summary.get("extra", []) for k in e}):
+        for stat in ("mean", "std"):
+            out[f"extra:{k}_{stat}"] = [e.get(k, {}).get(stat, math.nan) for e in summary["extra"]]
+    return out.to_csv(index=False, lineterminator="\n")
 
 
 # --------------------------------------------------------------------------------------------
 # validation curves
 
 
-def val_curve_from_csv(path: str | Path, column: str | Sequence[str] = "val/acc"
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """(epochs, values) from a Lightning CSVLogger ``metrics.csv``.
-
-    Rows are sparse: a row per logging event with the other columns empty. Rows whose value is
-    empty/NaN are dropped; with several rows for one epoch the last one wins. ``column`` may be a
-    list of candidates; the first present in the header is used. Returns empty arrays when none of
-    them is present.
-    """
+def val_curve_from_csv(path: str | Path, column: str | Sequence[str] = "val/acc") -> tuple[np.ndarray, np.ndarray]:
+    """(epochs, values) from a Lightning CSVLogger ``metrics.csv`` (sparse rows; NaN/empty cells
+    dropped; the last row of an epoch wins). ``column`` may list candidates: the first present."""
     candidates = [column] if isinstance(column, str) else list(column)
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        header = reader.fieldnames or []
-        col = next((c for c in candidates if c in header), None)
-        if col is None or "epoch" not in header:
-            return np.array([], dtype=int), np.array([], dtype=float)
-        by_epoch: dict[int, float] = {}
-        for row in reader:
-            v = _num((row.get(col) or "").strip() or None)
-            e = _num((row.get("epoch") or "").strip() or None)
-            if v is None or e is None:
-                continue
-            by_epoch[int(e)] = v
-    epochs = np.array(sorted(by_epoch), dtype=int)
-    return epochs, np.array([by_epoch[e] for e in epochs], dtype=float)
+    try:
+        frame = pd.read_csv(path)
+    except (OSError, pd.errors.EmptyDataError):
+        return np.array([], dtype=int), np.array([], dtype=float)
+    col = next((c for c in candidates if c in frame.columns), None)
+    if col is None or "epoch" not in frame.columns:
+        return np.array([], dtype=int), np.array([], dtype=float)
+    frame = frame[["epoch", col]].apply(pd.to_numeric, errors="coerce").dropna()
+    last = frame.groupby(frame["epoch"].astype(int))[col].last()
+    return last.index.to_numpy(dtype=int), last.to_numpy(dtype=float)
 
 
 def _find_metrics_csv(r: dict) -> Path | None:
     base = Path(r.get("_dir", "."))
-    rel = r.get("metrics_csv")
-    if rel:
-        p = Path(rel)
+    if r.get("metrics_csv"):
+        p = Path(r["metrics_csv"])
         p = p if p.is_absolute() else base / p
         if p.is_file():
             return p
@@ -482,43 +636,40 @@ def read_val_curve(r: dict) -> tuple[np.ndarray, np.ndarray]:
 
 def mean_curve(curves: Sequence[tuple[Sequence[int], Sequence[float]]]
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Average curves of possibly different lengths epoch by epoch.
-
-    Returns (epochs, mean, std, count): every epoch any curve has; the mean over the curves that
-    have that epoch; the sample std (ddof=1; NaN where fewer than two curves have it); the count.
-    """
-    by_epoch: dict[int, list[float]] = {}
-    for ep, vals in curves:
-        for e, v in zip(ep, vals):
-            if v is not None and not math.isnan(float(v)):
-                by_epoch.setdefault(int(e), []).append(float(v))
-    epochs = np.array(sorted(by_epoch), dtype=int)
-    mean = np.array([np.mean(by_epoch[e]) for e in epochs], dtype=float)
-    std = np.array([np.std(by_epoch[e], ddof=1) if len(by_epoch[e]) > 1 else np.nan
-                    for e in epochs], dtype=float)
-    count = np.array([len(by_epoch[e]) for e in epochs], dtype=int)
-    return epochs, mean, std, count
+    """Average curves of possibly different lengths epoch by epoch: (epochs, mean, sample std (NaN
+    where fewer than two curves), count)."""
+    frame = pd.concat([pd.Series(np.asarray(v, dtype=float), index=np.asarray(e, dtype=int))
+                       for e, v in curves] or [pd.Series(dtype=float)], axis=1)
+    stats = frame.agg(["mean", "std", "count"], axis=1).dropna(subset=["mean"]).sort_index()
+    return (stats.index.to_numpy(dtype=int), stats["mean"].to_numpy(), stats["std"].to_numpy(),
+            stats["count"].to_numpy(dtype=int))
 
 
 # --------------------------------------------------------------------------------------------
-# plots (matplotlib's object API on an Agg canvas: no pyplot, no display, no global backend)
+# figures (matplotlib's object API on an Agg canvas: no pyplot, no display)
 
 
 def _new_figure(w: float, h: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(w, h), dpi=110, layout="constrained")
+    fig = Figure(figsize=(w, h), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
+def _empty_figure(path: Path, text: str) -> Path:
+    fig = _new_figure(6, 2)
+    fig.text(0.5, 0.5, text, ha="center", va="center")
+    fig.savefig(path)
+    return path
+
+
 def _method_colors(methods: Iterable[str]) -> dict[str, Any]:
+    """The known methods keep one colour in every figure; others follow alphabetically."""
     from matplotlib import colormaps
 
-    # the known methods keep one colour in every figure; others follow in alphabetical order
-    methods = set(methods)
-    cmap = colormaps["tab10"]
+    cmap, methods = colormaps["tab10"], set(methods)
     known = {m: i for i, m in enumerate(METHOD_ORDER)}
     others = sorted(m for m in methods if m.lower() not in known)
     colors = {m: cmap(known[m.lower()]) for m in methods if m.lower() in known}
@@ -526,162 +677,164 @@ def _method_colors(methods: Iterable[str]) -> dict[str, Any]:
     return colors
 
 
-def _labels(items: Sequence[tuple[str, str, str]]) -> list[str]:
-    """Readable labels "method / sources" from (method, sources, group); when two coincide, the
-    group tokens that tell them apart are appended."""
-    base = [f"{m}\n← {textwrap.shorten(s, 60)}" if s else m for m, s, _ in items]
-    if len(set(base)) == len(base):
-        return base
-    skip = ("data=", "model=", "method=", "sources=", "source=")
-    toks = [[t for t in g.split() if not t.startswith(skip)] for _, _, g in items]
-    common = set.intersection(*(set(t) for t in toks)) if toks else set()
+_MARKERS = ("D", "s", "^", "v", "P", "X")
+
+
+def _markers(part: pd.DataFrame) -> list[str]:
+    """One marker per variant of a method within a panel (colour = method, marker = variant)."""
+    seen: dict[str, int] = {}
     out = []
-    for b, t in zip(base, toks):
-        dupe = base.count(b) > 1
-        diff = " ".join(x for x in t if x not in common)
-        out.append(f"{b}\n{textwrap.shorten(diff, 60)}" if dupe and diff else b)
+    for method in part["method"]:
+        out.append(_MARKERS[seen.get(method, 0) % len(_MARKERS)])
+        seen[method] = seen.get(method, 0) + 1
     return out
 
 
-def _panels(keys: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-    return list(dict.fromkeys(keys))
+def _wrap(text: str, width: int = 38) -> str:
+    return "\n".join(textwrap.wrap(text, width)) or text
 
 
-def plot_test_acc(rows: Sequence[dict], path: str | Path) -> Path:
-    """Mean test score per group as a point with an error bar (± std), seeds as small dots.
+def _zoom(values: Sequence[float], unit: str, floor: float = 2.0) -> tuple[float, float]:
+    """An axis range that shows the differences: the values' span plus a margin, never past 100 %."""
+    vals = [v for v in values if not math.isnan(v)]
+    lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
+    span = max(hi - lo, floor if unit == "%" else 1e-3)
+    lo, hi = lo - 0.12 * span, hi + 0.12 * span
+    if unit == "%":
+        lo, hi = max(lo, 0.0), min(hi, 100.0)
+    return lo, hi
 
-    One subplot per (data, model); one line per group, labelled with method and sources. Points
-    rather than bars, because the axis is zoomed to the range of the scores and a bar's length
-    would then mean nothing. Returns the written path.
-    """
+
+def _panels(summary: pd.DataFrame) -> list[tuple[tuple[str, str, str], pd.DataFrame]]:
+    return [(key, part) for key, part in summary.groupby(["data", "model", "setting"], sort=False)]
+
+
+def plot_test_acc(summary: pd.DataFrame, path: str | Path) -> Path:
+    """Per group: every seed as a dot, the mean ± std as a diamond with an error bar; one panel per
+    (data, model, setting), rows labelled by name; the axis zoomed to the values, never past 100 %."""
     path = Path(path)
-    panels = _panels([(r["data"], r["model"]) for r in rows])
-    if not rows:
-        fig = _new_figure(6, 2)
-        fig.text(0.5, 0.5, "no results", ha="center", va="center")
-        fig.savefig(path)
-        return path
-    colors = _method_colors(r["method"] for r in rows)
-    heights = [max(1.6, 0.55 * sum(1 for r in rows if (r["data"], r["model"]) == p) + 1.1)
-               for p in panels]
-    fig = _new_figure(8.5, sum(heights))
+    if summary.empty:
+        return _empty_figure(path, "no results")
+    panels = _panels(summary)
+    colors = _method_colors(summary["method"])
+    heights = [max(1.5, 0.45 * len(part) + 1.0) for _, part in panels]
+    fig = _new_figure(7.0, sum(heights))
     axes = fig.subplots(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0]
-    title, _ = _metric_title(rows)
-    for ax, (data, model) in zip(axes, panels):
-        pr = [r for r in rows if (r["data"], r["model"]) == (data, model)]
-        y = np.arange(len(pr))[::-1]  # first row on top
-        stds = [0.0 if math.isnan(r["test_std"]) else r["test_std"] for r in pr]
-        for yi, r, s in zip(y, pr, stds):
+    unit = summary["unit"].iloc[0]
+    for ax, ((data, model, setting), part) in zip(axes, panels):
+        y = np.arange(len(part))[::-1]
+        stds = part["test_std"].fillna(0.0)
+        for yi, (_, r), s, mk in zip(y, part.iterrows(), stds, _markers(part)):
             c = colors[r["method"]]
-            if r["test_values"]:
-                ax.plot(r["test_values"], [yi] * len(r["test_values"]), "o", ms=4, color=c,
-                        alpha=0.45, mec="none", zorder=2)
+            ax.plot(r["test_values"], [yi] * len(r["test_values"]), "o", ms=3.5, color=c, alpha=0.5, mec="none")
             if not math.isnan(r["test_mean"]):
-                ax.errorbar(r["test_mean"], yi, xerr=s if r["n"] > 1 else None, fmt="D", ms=7,
-                            color=c, mec="black", mew=0.6, capsize=5, elinewidth=1.6, zorder=3)
-        vals = [v for r in pr for v in r["test_values"]]
-        ends = [(r["test_mean"] - s, r["test_mean"] + s) for r, s in zip(pr, stds)
-                if not math.isnan(r["test_mean"])]
-        lo = min([a for a, _ in ends] + vals, default=0.0)
-        hi = max([b for _, b in ends] + vals, default=1.0)
-        span = max(hi - lo, 2.0 if rows[0]["unit"] == "%" else 1e-3)
-        ax.set_xlim(lo - 0.15 * span, hi + 0.55 * span)
-        for yi, r, s in zip(y, pr, stds):
-            if math.isnan(r["test_mean"]):
-                continue
-            right = max([r["test_mean"] + s] + r["test_values"])
-            txt = f"{r['test_mean']:.2f}" + (f" ± {s:.2f}" if r["n"] > 1 else "") + \
-                f"  (n={r['n']})"
-            ax.text(right + 0.04 * span, yi, txt, va="center", fontsize=8.5)
-        ax.set_ylim(-0.6, len(pr) - 0.4)
-        ax.set_yticks(y, _labels([(r["method"], r["sources"], r["group"]) for r in pr]),
-                      fontsize=8.5)
-        ax.set_title(f"{data} · {model}", fontsize=10)
-        ax.set_xlabel(title + " — ◆ mean ± std over seeds, dots = single seeds", fontsize=9)
+                ax.errorbar(r["test_mean"], yi, xerr=s if r["n"] > 1 else None, fmt=mk, ms=6, color=c,
+                            mec="black", mew=0.5, capsize=4, elinewidth=1.4, zorder=3)
+        lo, hi = _zoom([v for vs in part["test_values"] for v in vs]
+                       + list(part["test_mean"] - stds) + list(part["test_mean"] + stds), unit)
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(-0.6, len(part) - 0.4)
+        ax.set_yticks(y, [_wrap(n) for n in part["name"]], fontsize=8)
+        ax.set_title(_wrap(_setting_title(data, model, setting), 70), fontsize=9)
+        ax.set_xlabel(f"{_metric_title(summary)}: mean ± std; dots = seeds", fontsize=8.5)
         ax.grid(axis="x", alpha=0.3)
-        ax.grid(axis="y", alpha=0.12)
     fig.savefig(path)
     return path
 
 
-def plot_val_curves(results: Sequence[dict], path: str | Path) -> Path:
-    """Validation score vs epoch: per group the mean over seeds with a shaded ±std band.
+def plot_gains(summary: pd.DataFrame, path: str | Path) -> Path:
+    """Per group and setting: the seed-paired gains over the baseline (dots) and their mean with
+    the 95 % t interval; a line at zero. Groups without a baseline are left out."""
+    path = Path(path)
+    part_all = summary[summary["n_paired"] > 0] if "n_paired" in summary else summary.iloc[:0]
+    if part_all.empty:
+        return _empty_figure(path, "no paired gains (no baseline group with common seeds)")
+    panels = _panels(part_all)
+    colors = _method_colors(summary["method"])
+    heights = [max(1.4, 0.45 * len(part) + 1.0) for _, part in panels]
+    fig = _new_figure(7.0, sum(heights))
+    axes = fig.subplots(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0]
+    for ax, ((data, model, setting), part) in zip(axes, panels):
+        y = np.arange(len(part))[::-1]
+        ends = [0.0]
+        for yi, (_, r), mk in zip(y, part.iterrows(), _markers(part)):
+            c = colors[r["method"]]
+            ax.plot(r["gains"], [yi] * len(r["gains"]), "o", ms=3.5, color=c, alpha=0.5, mec="none")
+            lo, hi = r["gain_ci_low"], r["gain_ci_high"]
+            xerr = None if math.isnan(lo) else [[r["gain_mean"] - lo], [hi - r["gain_mean"]]]
+            ax.errorbar(r["gain_mean"], yi, xerr=xerr, fmt=mk, ms=6, color=c, mec="black", mew=0.5, capsize=4,
+                        elinewidth=1.4, zorder=3)
+            ends += [*r["gains"], *(v for v in (lo, hi) if not math.isnan(v))]
+        lo, hi = _zoom(ends, "")
+        pad = 0.05 * (hi - lo)
+        ax.set_xlim(lo - pad, hi + pad)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_ylim(-0.6, len(part) - 0.4)
+        ax.set_yticks(y, [_wrap(n) for n in part["name"]], fontsize=8)
+        ax.set_title(_wrap(_setting_title(data, model, setting), 70), fontsize=9)
+        base = next(b for b in part["baseline"] if b)
+        ax.set_xlabel(f"gain over {base} ({'points' if summary['unit'].iloc[0] else 'units'}): mean, 95 % t "
+                      f"interval; dots = seeds", fontsize=8.5)
+        ax.grid(axis="x", alpha=0.3)
+    fig.savefig(path)
+    return path
 
-    One subplot per (data, model). Curves of different lengths are averaged epoch by epoch over
-    the seeds that reached that epoch. Runs without a metrics.csv are left out; if no run has one,
-    the figure says so. Returns the written path.
-    """
+
+def plot_val_curves(results: Sequence[dict], path: str | Path, summary: pd.DataFrame | None = None) -> Path:
+    """Validation score vs epoch: per group the mean over seeds with a ±std band; one column of
+    two axes per (data, model, setting): the whole run, and its second half zoomed in."""
     from matplotlib.ticker import MaxNLocator
 
     path = Path(path)
-    groups = []
-    for g, runs in _group_results(results):
-        curves = [c for c in (read_val_curve(r) for r in runs) if len(c[0])]
-        if curves:
-            groups.append((g, runs[0], curves))
-    if not groups:
-        fig = _new_figure(6, 2)
-        fig.text(0.5, 0.5, "no validation curves found (no metrics.csv with val/acc)",
-                 ha="center", va="center")
-        fig.savefig(path)
-        return path
-    panels = _panels([(str(r0.get("data", "")), str(r0.get("model", ""))) for _, r0, _ in groups])
-    colors = _method_colors(str(r0.get("method", "")) for _, r0, _ in groups)
-    ncol = min(2, len(panels))
-    nrow = math.ceil(len(panels) / ncol)
-    # per panel two axes: the whole run, and below it the second half zoomed in, where the
-    # methods differ by a point or two and the full-range plot makes them overlap
-    fig = _new_figure(6.5 * ncol, 6.6 * nrow)
-    grid = fig.subplots(2 * nrow, ncol, squeeze=False, height_ratios=[1.0, 0.8] * nrow)
-    linestyles = ["-", "--", ":", "-."]
-    for i, (data, model) in enumerate(panels):
-        ax_full, ax_zoom = grid[2 * (i // ncol), i % ncol], grid[2 * (i // ncol) + 1, i % ncol]
-        pg = [x for x in groups if (str(x[1].get("data", "")), str(x[1].get("model", ""))) ==
-              (data, model)]
-        labels = _labels([(str(r0.get("method", "")), _sources_str(r0), g) for g, r0, _ in pg])
-        seen_method: dict[str, int] = {}
-        kinds = set()
+    runs = runs_frame(results)
+    if runs.empty:
+        return _empty_figure(path, "no validation curves found (no metrics.csv with val/acc)")
+    by_path = {r.get("_path", ""): r for r in results}
+    curves = {}
+    for (data, model, setting, name, method), g in runs.groupby(["data", "model", "setting", "name", "method"],
+                                                                sort=False):
+        cs = [c for c in (read_val_curve(by_path[p]) for p in g["path"]) if len(c[0])]
+        if cs:
+            curves.setdefault((data, model, setting), []).append((name, method, cs))
+    if not curves:
+        return _empty_figure(path, "no validation curves found (no metrics.csv with val/acc)")
+    colors = _method_colors(runs["method"])
+    styles = ["-", "--", ":", "-."]
+    ncol = len(curves)
+    fig = _new_figure(5.2 * ncol, 6.4)
+    grid = fig.subplots(2, ncol, squeeze=False, height_ratios=[1.0, 0.8])
+    for i, ((data, model, setting), groups) in enumerate(curves.items()):
+        seen: dict[str, int] = {}
         stats = []
-        for (g, r0, curves), label in zip(pg, labels):
-            method = str(r0.get("method", ""))
-            kinds.add(str(r0.get("test_metric", "acc")))
-            ls = linestyles[seen_method.get(method, 0) % len(linestyles)]
-            seen_method[method] = seen_method.get(method, 0) + 1
-            ep, mean, std, _ = mean_curve(curves)
-            stats.append((ep, mean * 100, std * 100, ls, colors[method],
-                          label.replace("\n", " ") + f" (n={len(curves)})"))
+        for name, method, cs in groups:
+            ep, mean, std, _ = mean_curve(cs)
+            style = styles[seen.get(method, 0) % len(styles)]
+            seen[method] = seen.get(method, 0) + 1
+            stats.append((ep, mean * 100, std * 100, style, colors[method], f"{name} (n={len(cs)})"))
         last = max(int(ep.max()) for ep, *_ in stats)
         start = last // 2
-        name = "/".join(_METRIC_LABEL.get(k, k) for k in sorted(kinds))
-        for ax, zoom in ((ax_full, False), (ax_zoom, True)):
-            lo, hi = math.inf, -math.inf
-            for ep, mean, std, ls, c, label in stats:
+        for ax, zoom in ((grid[0, i], False), (grid[1, i], True)):
+            values = []
+            for ep, mean, std, style, c, label in stats:
                 keep = ep >= start if zoom else np.ones_like(ep, dtype=bool)
                 if not keep.any():
                     continue
-                e, m, sd = ep[keep], mean[keep], std[keep]
-                ax.plot(e, m, ls, color=c, lw=1.6, label=label,
-                        marker="o" if len(e) <= 15 else None, ms=3)
-                band = ~np.isnan(sd)
-                sd0 = np.where(band, sd, 0.0)
-                if band.any():
-                    ax.fill_between(e, m - sd0, m + sd0, where=band, color=c, alpha=0.18, lw=0)
-                lo, hi = min(lo, float(np.min(m - sd0))), max(hi, float(np.max(m + sd0)))
-            if zoom and math.isfinite(lo):
-                pad = max(hi - lo, 0.5) * 0.08
-                ax.set_ylim(lo - pad, hi + pad)
+                e, m, sd = ep[keep], mean[keep], np.nan_to_num(std[keep])
+                ax.plot(e, m, style, color=c, lw=1.5, label=label, marker="o" if len(e) <= 15 else None, ms=3)
+                ax.fill_between(e, np.maximum(m - sd, 0), np.minimum(m + sd, 100), color=c, alpha=0.15, lw=0)
+                values += [*(m - sd), *(m + sd)]
+            if zoom:
+                ax.set_ylim(*_zoom(values, "%", floor=0.5))
+            else:
+                ax.set_ylim(top=min(100.0, max(values, default=100.0) + 2))
             ax.set_xlabel("epoch")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set_ylabel(f"validation {name} (%)")
+            ax.set_ylabel("validation (%)")
             ax.grid(alpha=0.3)
-        ax_full.set_title(f"{data} · {model}", fontsize=10)
-        ax_zoom.set_title(f"{data} · {model} — epochs {start}–{last}, zoomed", fontsize=9)
-        ax_full.legend(fontsize=7.5, loc="lower right")
-    for j in range(len(panels), nrow * ncol):
-        grid[2 * (j // ncol), j % ncol].set_visible(False)
-        grid[2 * (j // ncol) + 1, j % ncol].set_visible(False)
-    fig.suptitle("Validation curves: mean over seeds, band = ±1 std (sample, where ≥ 2 seeds)",
-                 fontsize=11)
+        grid[0, i].set_title(_wrap(_setting_title(data, model, setting), 60), fontsize=9)
+        grid[1, i].set_title(f"epochs {start}–{last}, zoomed", fontsize=8.5)
+        grid[0, i].legend(fontsize=7, loc="lower right")
+    fig.suptitle("Validation curves: mean over seeds, band = ±1 std", fontsize=10)
     fig.savefig(path)
     return path
 
@@ -690,25 +843,39 @@ def plot_val_curves(results: Sequence[dict], path: str | Path) -> Path:
 # CLI
 
 
-def write_report(results: Sequence[dict], out_dir: str | Path, metric: str = "test_acc",
-                 plots: bool = True) -> dict[str, Path]:
-    """Write report.md, report.csv and (unless ``plots`` is false) the two PNGs into ``out_dir``.
+def write_report(results: Sequence[dict], out_dir: str | Path, metric: str = "test_acc", plots: bool = True,
+                 baseline: str = DEFAULT_BASELINE, failures: Sequence[dict] = (),
+                 title: str | None = "Results") -> dict[str, Path]:
+    """Write report.md, report.csv, runs.csv and (unless ``plots`` is false) the PNGs into ``out_dir``.
 
-    Returns {"md", "csv", "test_png", "val_png"} -> paths (PNG keys only when plotted).
-    Raises :class:`ReportError` on empty ``results`` or a group that mixes ``test_metric``.
+    Returns name -> path. Raises :class:`ReportError` on empty ``results`` (naming the failures when
+    every job failed) or a group that mixes ``test_metric``.
     """
     if not results:
-        raise ReportError("report: no results to summarise")
+        raise ReportError(_nothing_message(failures, []))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = summarise(results, metric=metric)
-    paths = {"md": out / "report.md", "csv": out / "report.csv"}
-    paths["md"].write_text(to_markdown(rows))
-    paths["csv"].write_text(to_csv(rows))
+    summary = summarise(results, metric=metric, baseline=baseline)
+    paths = {"md": out / "report.md", "csv": out / "report.csv", "runs_csv": out / "runs.csv"}
+    paths["md"].write_text(to_markdown(summary, title=title, failures=failures, baseline=baseline))
+    paths["csv"].write_text(to_csv(summary))
+    runs_frame(results, metric).drop(columns=["extra"]).to_csv(paths["runs_csv"], index=False)
     if plots:
-        paths["test_png"] = plot_test_acc(rows, out / f"{_safe_name(metric)}.png")
+        paths["test_png"] = plot_test_acc(summary, out / f"{_safe_name(metric)}.png")
+        paths["gains_png"] = plot_gains(summary, out / "gains.png")
         paths["val_png"] = plot_val_curves(results, out / "val_curves.png")
     return paths
+
+
+def _nothing_message(failures: Sequence[dict], dirs: Sequence[str]) -> str:
+    if failures:
+        lines = [f"report: all {len(failures)} jobs failed; no results to summarise:"]
+        lines += [f"  {f['dir']}: {f['reason']}" for f in failures]
+        return "\n".join(lines)
+    searched = ", ".join(str(Path(d)) for d in dirs) or "(no directories)"
+    return (f"report: no {RESULTS_NAME} found under: {searched}\n"
+            "  Each finished training run writes results.json into its output directory "
+            "(e.g. multirun/<date>/<time>/<job_num>/results.json). Check the path, or wait for the runs to finish.")
 
 
 def _safe_name(s: str) -> str:
@@ -716,18 +883,18 @@ def _safe_name(s: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m sskt_lightning.report",
-        description="Mean ± std over seeds of every results.json under the given directories, "
-                    "as report.md, report.csv, <metric>.png and val_curves.png.",
-    )
-    p.add_argument("dirs", nargs="+", help="directories searched recursively for results.json "
-                                           "(e.g. multirun/<date>/<time>)")
+    p = argparse.ArgumentParser(prog="python -m sskt_lightning.report",
+                                description="Mean ± std over seeds and seed-paired gains over a baseline of every "
+                                            "results.json under the given directories.")
+    p.add_argument("dirs", nargs="+", help="directories searched recursively for results.json")
     p.add_argument("--out", default=None, help="output directory (default: the first dir)")
     p.add_argument("--metric", default="test_acc",
-                   help="results.json key to summarise as the test number (default test_acc); "
-                        "keys under 'extra' work too")
-    p.add_argument("--no-plots", action="store_true", help="write only report.md and report.csv")
+                   help="results.json key summarised as the test number (default test_acc; keys under 'extra' too)")
+    p.add_argument("--baseline", default=DEFAULT_BASELINE,
+                   help="the group each group is paired with, per setting: method=<m>, name=<name> or an "
+                        "override key=value (default method=scratch)")
+    p.add_argument("--include-search", action="store_true", help="also count protocol search trials")
+    p.add_argument("--no-plots", action="store_true", help="write only report.md, report.csv and runs.csv")
     return p
 
 
@@ -735,23 +902,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point. Returns 0 on success, 2 on a user error (message on stderr)."""
     args = _parser().parse_args(argv)
     try:
-        results = load_results(args.dirs)
+        results = load_results(args.dirs, include_search=args.include_search)
+        failures = load_failures(args.dirs, include_search=args.include_search)
         if not results:
-            searched = ", ".join(str(Path(d)) for d in args.dirs)
-            raise ReportError(
-                f"report: no {RESULTS_NAME} found under: {searched}\n"
-                "  Each finished training run writes results.json into its output directory "
-                "(e.g. multirun/<date>/<time>/<job_num>/results.json). Check the path, or wait "
-                "for the runs to finish."
-            )
+            raise ReportError(_nothing_message(failures, args.dirs))
         out = Path(args.out) if args.out else Path(args.dirs[0])
-        if out.is_file():
-            out = out.parent
-        paths = write_report(results, out, metric=args.metric, plots=not args.no_plots)
+        out = out.parent if out.is_file() else out
+        paths = write_report(results, out, metric=args.metric, plots=not args.no_plots, baseline=args.baseline,
+                             failures=failures)
     except ReportError as e:
         print(str(e), file=sys.stderr)
         return 2
     print(paths["md"].read_text(), end="")
+    if failures:
+        print(f"report: {len(failures)} failed job(s) listed in {paths['md']}", file=sys.stderr)
     print(f"\nwrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
     return 0
 

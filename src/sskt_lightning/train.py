@@ -205,7 +205,7 @@ def _run(cfg: DictConfig) -> dict:
         "best_val_epoch": best.epoch,
         "last_val_acc": float(val_hist) if val_hist is not None else None,
         "wall_time_s": round(wall, 2), "train_images_per_s": meter.images_per_second,
-        "num_train": dm.num_train, "num_val": dm.num_val, "num_test": dm.num_test,
+        "num_train": dm.num_train, "num_val": dm.num_val, "num_test": dm.num_test, "num_unlabeled": dm.num_unlabeled,
         "metrics_csv": "csv/metrics.csv",
         "checkpoints": {"last": _rel(str(last_path), output_dir),
                         "best": _rel(_best_checkpoint_path(trainer), output_dir)},

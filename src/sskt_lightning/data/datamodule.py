@@ -8,6 +8,17 @@ Batches from the loaders (before `on_after_batch_transfer`):
 train, val and the labels_per_class pool; test split for test; STL-10's unlabeled split for
 its unlabeled stream), stable across epochs and runs. After the transfer to the device the
 images are normalised float32, augmented during training only.
+
+Training length. An epoch is one pass over the labelled images (`data.steps_per_epoch=null`), or
+exactly `data.steps_per_epoch` batches whatever the number of labels: the labelled images are
+drawn from successive shuffled passes (:class:`CyclingSampler`), so 20 labelled images and
+`steps_per_epoch=50` give 50 full batches per epoch. The unlabeled stream draws
+`round(batch_size * unlabeled_ratio)` images per step from the whole pool, reshuffled whenever the
+pool is exhausted (continuing across epochs), for as many steps as the labelled loader has. Every
+random draw of the loaders comes from the torch.Generators in `self._generators` (0: labelled, 1:
+unlabeled): the one-pass labelled loader draws from generator 0's state; the cycling streams are
+a function of the generators' seeds and the epoch number (see `CyclingSampler`), so a resumed
+epoch replays exactly.
 """
 
 from __future__ import annotations
@@ -17,7 +28,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from sskt_lightning.data.augment import BatchAugment, normalize
 from sskt_lightning.data.formats import (
@@ -68,6 +79,44 @@ class IndexedImages(Dataset):
         return self._fetch(self.indices[torch.as_tensor(ids, dtype=torch.int64)])
 
 
+class CyclingSampler(Sampler[int]):
+    """An endless stream of random passes over `size` items, served `num_samples` per epoch.
+
+    Pass j is a permutation drawn from a generator seeded by (`seed`, j); epoch e serves positions
+    [e * num_samples, (e + 1) * num_samples) of the stream. So every item comes once per pass, a
+    pass that runs out is followed by a new shuffled one, and an epoch continues where the last one
+    stopped (across epochs, not restarting a pass). The order is a function of the seed and the
+    epoch alone: Lightning calls `set_epoch(e)` at every epoch start (also after a resume, which
+    therefore replays the same order); without it, each iteration counts as the next epoch.
+    """
+
+    def __init__(self, size: int, num_samples: int, seed: int) -> None:
+        if size < 1:
+            raise ValueError("CyclingSampler needs at least one item")
+        self.size, self.num_samples, self.seed = int(size), int(num_samples), int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _pass(self, j: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + j * 7_919) % 2**62)
+        return torch.randperm(self.size, generator=gen)
+
+    def __iter__(self):
+        start, epoch = self.epoch * self.num_samples, self.epoch
+        self.epoch = epoch + 1          # the next epoch, unless set_epoch says otherwise
+        if self.num_samples == 0:
+            return iter([])
+        first, last = start // self.size, (start + self.num_samples - 1) // self.size
+        stream = torch.cat([self._pass(j) for j in range(first, last + 1)])
+        offset = start - first * self.size
+        return iter(stream[offset: offset + self.num_samples].tolist())
+
+
 def collate_batch(data: Any) -> tuple[torch.Tensor, ...]:
     """A batch from `IndexedImages.__getitems__` (a tuple) as is; a list of items is stacked."""
     return data if isinstance(data, tuple) else tuple(default_collate(data))
@@ -108,7 +157,8 @@ class ImageDataModule(L.LightningDataModule):
                  in_chans: int | None = None, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, unlabeled: bool = False, unlabeled_ratio: float = 1.0,
                  unlabeled_source: str = "auto", pin_memory: bool = False, persistent_workers: bool | None = None,
-                 drop_last_train: bool = True, metric: str | None = None, skip_bad_images: bool = False) -> None:
+                 drop_last_train: bool = True, metric: str | None = None, skip_bad_images: bool = False,
+                 steps_per_epoch: int | None = None, val_per_class: int | None = None) -> None:
         super().__init__()  # no save_hyperparameters: checkpoints stay loadable with weights_only=True
         if name not in READERS:
             raise ConfigError(f"data.name={name!r} is not a known dataset; choose one of {sorted(READERS)}.")
@@ -117,6 +167,11 @@ class ImageDataModule(L.LightningDataModule):
         if batch_size < 1 or unlabeled_ratio <= 0:
             raise ConfigError(f"data.batch_size must be >= 1 and data.unlabeled_ratio > 0, "
                               f"got {batch_size} and {unlabeled_ratio}.")
+        if steps_per_epoch is not None and (isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int)
+                                            or steps_per_epoch < 1):
+            raise ConfigError(f"data.steps_per_epoch must be an integer >= 1 (batches per epoch, whatever the "
+                              f"number of labels) or null (one pass over the labelled images), got "
+                              f"{steps_per_epoch!r}.")
         multi = name in MULTI_LABEL_DATASETS
         if metric is not None and (metric not in METRICS or (metric == "acc") == multi):
             fits = [m for m in METRICS if (m == "acc") != multi]
@@ -126,7 +181,7 @@ class ImageDataModule(L.LightningDataModule):
             raise ConfigError(f"data.skip_bad_images=true applies to imagefolder data only, not {name}.")
         if multi:
             check_multi_label_views(name, classes=classes, label_map=label_map, class_names=class_names,
-                                    labels_per_class=labels_per_class)
+                                    labels_per_class=labels_per_class, val_per_class=val_per_class)
         self.metric_arg = metric
         self.name, self.data_dir, self.download = name, str(data_dir), bool(download)
         self.batch_size = int(batch_size)
@@ -136,6 +191,7 @@ class ImageDataModule(L.LightningDataModule):
         self.val_size, self.split_seed, self.seed = val_size, int(split_seed), int(seed)
         self.classes, self.label_map, self.class_names_override = _plain(classes), _plain(label_map), _plain(class_names)
         self.train_part, self.labels_per_class = _plain(train_part), labels_per_class
+        self.val_per_class, self.steps_per_epoch = val_per_class, steps_per_epoch
         self.augment = BatchAugment(augment_pad, augment_flip)
         self.image_size_arg, self.in_chans_arg = _plain(image_size), in_chans
         self.mean_arg, self.std_arg = _plain(mean), _plain(std)
@@ -175,7 +231,8 @@ class ImageDataModule(L.LightningDataModule):
         split = make_task_split(
             train.labels, test.labels, train.classes, classes=classes, label_map=self.label_map,
             class_names=self.class_names_override, train_part=self.train_part, val_size=self.val_size,
-            split_seed=self.split_seed, labels_per_class=self.labels_per_class, seed=self.seed)
+            split_seed=self.split_seed, labels_per_class=self.labels_per_class, seed=self.seed,
+            val_per_class=self.val_per_class)
         self._train_arrays, self._test_arrays = train, test
         self._unlabeled_images, self._unlabeled_idx = self._unlabeled_pool(train, split)
         self._mean, self._std = self._stats(train.images.shape[1])
@@ -373,21 +430,31 @@ class ImageDataModule(L.LightningDataModule):
             num_workers=self.num_workers, pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers, collate_fn=collate_batch)
 
+    def _labeled_loader(self) -> DataLoader:
+        task = self.task
+        data = IndexedImages(self._train_arrays.images, task.train_labels, task.train)
+        if self.steps_per_epoch is None:   # one pass over the labelled images
+            return self._loader(data, self.batch_size, self._generators[0])
+        sampler = CyclingSampler(len(data), self.steps_per_epoch * self.batch_size, self._generators[0].initial_seed())
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                          generator=self._generators[0],  # the loader's base seed: no draw from the global RNG
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.persistent_workers, collate_fn=collate_batch)
+
     def train_dataloader(self) -> DataLoader | dict[str, DataLoader]:
         """Labelled loader, or `{"labeled": ..., "unlabeled": ...}` when unlabeled=True.
 
-        An epoch is one pass over the labelled images, as for every other method: the unlabeled
-        stream draws exactly one batch per labelled batch (random, without replacement within each
-        pass over the pool, continuing across passes), so both loaders have the same length.
+        An epoch has `steps_per_epoch` batches, or (null) one pass over the labelled images. The
+        unlabeled stream draws exactly one batch of `unlabeled_batch_size` images per labelled batch,
+        from shuffled passes over the whole pool (reshuffled when a pass is exhausted), so both
+        loaders have the same length whatever the pool's size.
         """
-        task = self.task
-        labeled = self._loader(IndexedImages(self._train_arrays.images, task.train_labels, task.train),
-                               self.batch_size, self._generators[0])
+        labeled = self._labeled_loader()
         if not self.unlabeled:
             return labeled
         pool = IndexedImages(self._unlabeled_images, None, self._unlabeled_idx)
-        sampler = RandomSampler(pool, num_samples=len(labeled) * self.unlabeled_batch_size,
-                                generator=self._generators[1])
+        sampler = CyclingSampler(len(pool), len(labeled) * self.unlabeled_batch_size,
+                                 self._generators[1].initial_seed())
         unlabeled = DataLoader(pool, batch_size=self.unlabeled_batch_size, sampler=sampler, drop_last=True,
                                generator=self._generators[1],  # no draw from the global RNG
                                num_workers=self.num_workers, pin_memory=self.pin_memory,

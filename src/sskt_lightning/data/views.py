@@ -5,11 +5,15 @@ Applied in this order, all deterministic:
   b. `label_map` original class id -> new class id (train and test);
   c. `train_part` [k, n]: keep part k of n disjoint parts of the training images (fixed seed,
      so parts are disjoint across runs whatever the run seed);
-  d. `val_size`  hold out a validation set (count or fraction), drawn with `split_seed`;
+  d. `val_size`  hold out a validation set (count or fraction), drawn with `split_seed`; or
+     `val_per_class` N validation images of every class, drawn with the run `seed` (it replaces
+     `val_size`: a few-label task is selected on a validation set of its own scale);
   e. `labels_per_class` keep N labelled images per class, drawn with the run `seed`; the rest
      of the training images form the unlabeled pool.
-Multi-label data (N×K multi-hot labels, e.g. VOC 2007) takes only c and d: a, b and e (and
-`class_names`) are single-label notions and raise ConfigError.
+Validation, labelled and unlabeled images are disjoint. A seed fixes the validation subset (with
+`val_per_class`) and the labelled subset, whatever the method.
+Multi-label data (N×K multi-hot labels, e.g. VOC 2007) takes only c and d (`val_size`): a, b, e,
+`val_per_class` (and `class_names`) are single-label notions and raise ConfigError.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from sskt_lightning.errors import ConfigError
 
 PART_SEED = 0  # fixed on purpose: train_part parts must not depend on the run seed
+VAL_SEED_OFFSET = 1_000_003  # val_per_class draws with seed + this: a stream apart from the labels'
 
 
 @dataclass
@@ -129,19 +134,23 @@ def split_val(indices: torch.Tensor, val_size: int | float, seed: int = 0) -> tu
 
 
 def pick_per_class(indices: torch.Tensor, labels: torch.Tensor, n: int | None, num_classes: int,
-                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(labelled, rest): `n` random images of each class from `indices`, the others as rest."""
+                   seed: int = 0, option: str = "labels_per_class") -> tuple[torch.Tensor, torch.Tensor]:
+    """(picked, rest): `n` random images of each class from `indices`, the others as rest."""
     if n is None:
         return indices, indices[:0]
-    if int(n) < 1:
-        raise ConfigError(f"data.labels_per_class must be >= 1, got {n}.")
+    if isinstance(n, bool) or int(n) != n or int(n) < 1:
+        raise ConfigError(f"data.{option} must be an integer >= 1 (or null), got {n!r}.")
+    n = int(n)
     gen = torch.Generator().manual_seed(seed)
     chosen = []
     for c in range(num_classes):
         of_class = indices[labels[indices] == c]
         if len(of_class) < n:
-            raise ConfigError(f"data.labels_per_class={n}, but class {c} has only {len(of_class)} training "
-                              f"images left after the validation split; lower it or data.val_size.")
+            where = ("in the training pool" if option == "val_per_class"
+                     else "left after the validation split")
+            raise ConfigError(f"data.{option}={n}, but class {c} has only {len(of_class)} training "
+                              f"images {where}; lower data.{option} (or data.val_size / "
+                              f"data.val_per_class).")
         chosen.append(of_class[torch.randperm(len(of_class), generator=gen)[:n]])
     labelled = torch.cat(chosen).sort().values
     rest = indices[~torch.isin(indices, labelled)]
@@ -170,16 +179,22 @@ def make_task_split(train_labels: torch.Tensor, test_labels: torch.Tensor, names
                     classes: Sequence[int] | None = None, label_map: Sequence[int | None] | None = None,
                     class_names: Sequence[str] | None = None, train_part: Sequence[int] | None = None,
                     val_size: int | float = 5000, split_seed: int = 0, labels_per_class: int | None = None,
-                    seed: int = 0) -> TaskSplit:
+                    seed: int = 0, val_per_class: int | None = None) -> TaskSplit:
     """Apply steps a-e to the original labels of the train and test splits (multi-hot: c, d)."""
     if train_labels.ndim == 2:
         check_multi_label_views("multi-label data", classes=classes, label_map=label_map, class_names=class_names,
-                                labels_per_class=labels_per_class)
+                                labels_per_class=labels_per_class, val_per_class=val_per_class)
         return _multi_label_split(train_labels, test_labels, names, train_part, val_size, split_seed)
     lookup, new_names = class_lookup(names, classes, label_map, class_names)
     train_new, test_new = relabel(train_labels, lookup), relabel(test_labels, lookup)
     pool = take_part((train_new >= 0).nonzero().flatten(), train_part)
-    train, val = split_val(pool, val_size, split_seed)
+    if val_per_class is None:
+        train, val = split_val(pool, val_size, split_seed)
+    else:
+        val, train = pick_per_class(pool, train_new, val_per_class, len(new_names), seed + VAL_SEED_OFFSET,
+                                    option="val_per_class")
+        if len(train) == 0:
+            raise ConfigError(f"data.val_per_class={val_per_class} takes every training image; lower it.")
     train, unlabeled = pick_per_class(train, train_new, labels_per_class, len(new_names), seed)
     return TaskSplit(train_labels=train_new, test_labels=test_new, class_names=new_names, train=train, val=val,
                      unlabeled=unlabeled, test=(test_new >= 0).nonzero().flatten())

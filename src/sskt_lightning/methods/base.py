@@ -40,12 +40,23 @@ class Method(nn.Module):
         return module.default_optimizers(p for p in module.parameters() if p.requires_grad)
 
     def on_train_epoch_end(self, module: TransferModule) -> None:
-        """Manual optimization: Lightning does not step schedulers, so step them per epoch here."""
-        if not self.automatic_optimization:
-            schedulers = module.lr_schedulers()
-            for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
-                if scheduler is not None:
-                    scheduler.step()
+        """Manual optimization: Lightning does not step schedulers; step the per-epoch ones here."""
+        self.step_schedulers(module, "epoch")
+
+    def on_train_batch_end(self, module: TransferModule) -> None:
+        """Manual optimization: step the per-step schedulers (``optim.interval: step``) after every
+        training step, as Lightning does for automatically optimized methods."""
+        self.step_schedulers(module, "step")
+
+    def step_schedulers(self, module: TransferModule, interval: str) -> None:
+        """Step every scheduler configured with ``interval`` (manual optimization only: Lightning
+        steps them itself otherwise). The interval is the one in the method's
+        ``configure_optimizers`` dicts (``{"scheduler": ..., "interval": "step"}``), default epoch."""
+        if self.automatic_optimization:
+            return
+        for config in module.trainer.lr_scheduler_configs:
+            if config.interval == interval:
+                config.scheduler.step()
 
     def extra_eval_names(self) -> list[str]:
         """Names of additional networks evaluated beside the target (e.g. DML peers)."""

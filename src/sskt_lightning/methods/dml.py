@@ -8,10 +8,14 @@ loss only ever reaches its own peer's parameters. Peer 0 is the target (``module
 run's result; the other peers are model configs listed in ``method.peers`` and live in
 ``self.peers`` (an ``nn.ModuleList``: checkpointed, moved to the device, in eval mode whenever the
 module is). They are evaluated beside the target (``val/peer1_acc``, ``test/peer1_acc``, ...).
+``kl_warmup`` (epochs, fractional allowed; 0 = off, the paper) ramps the KL term's weight linearly
+from 0 at the first step to 1, step by step: the common fix for peers that drag each other down
+while both are still guessing.
 
 Each peer has its own optimizer and scheduler, built from the same ``cfg.optim``; the method uses
 manual optimization (``automatic_optimization = False``, steps through ``module.manual_backward``
-and ``module.optimizers()``, schedulers stepped per epoch by :meth:`Method.on_train_epoch_end`).
+and ``module.optimizers()``, schedulers stepped by :class:`Method` per epoch or, with
+``optim.interval: step``, per training step).
 Note that Lightning's ``trainer.global_step`` counts optimizer steps, i.e. K per batch here.
 
 ``update``:
@@ -81,8 +85,12 @@ class DML(Method):
     automatic_optimization = False
 
     def __init__(self, peers: Sequence | Mapping | str = ({"name": "resnet20", "pretrained": False},),
-                 update: str = "sequential", temperature: float = 1.0):
+                 update: str = "sequential", temperature: float = 1.0, kl_warmup: float = 0.0):
         super().__init__()
+        if isinstance(kl_warmup, bool) or not isinstance(kl_warmup, (int, float)) or kl_warmup < 0:
+            raise ConfigError(f"method.kl_warmup={kl_warmup!r} must be a number of epochs >= 0 (0: the KL "
+                              f"term at full weight from the first step).")
+        self.kl_warmup = float(kl_warmup)
         if update not in UPDATES:
             raise ConfigError(f"method.update={update!r}; choose one of {list(UPDATES)}.")
         if float(temperature) <= 0:
@@ -133,18 +141,11 @@ class DML(Method):
         return net, name
 
     def configure_optimizers(self, module):
-        """One optimizer (and scheduler) per peer from ``cfg.optim``; the target's first."""
-        optimizers, schedulers = [], []
-        for net in (module.target, *self.peers):
-            out = module.default_optimizers(p for p in net.parameters() if p.requires_grad)
-            if isinstance(out, Mapping):
-                optimizers.append(out["optimizer"])
-                sched = out.get("lr_scheduler")
-                if sched is not None:   # stepped per epoch by Method.on_train_epoch_end
-                    schedulers.append(sched["scheduler"] if isinstance(sched, Mapping) else sched)
-            else:
-                optimizers.append(out)
-        return (optimizers, schedulers) if schedulers else optimizers
+        """One optimizer (and scheduler) per peer from ``cfg.optim``; the target's first. Schedulers
+        keep their interval and are stepped by :class:`Method` (per epoch or per training step)."""
+        out = [module.default_optimizers(p for p in net.parameters() if p.requires_grad)
+               for net in (module.target, *self.peers)]
+        return [o if isinstance(o, Mapping) else {"optimizer": o} for o in out]
 
     # ------------------------------------------------------------------ training
     def networks(self, module) -> list:
@@ -154,9 +155,19 @@ class DML(Method):
     def cohort(self, module) -> list[nn.Module]:
         return [module.target, *self.peers]
 
-    def peer_loss(self, module, logits: torch.Tensor, others: Sequence[torch.Tensor], labels: torch.Tensor):
+    def kl_weight(self, module) -> float:
+        """The KL term's weight at this training step: a linear ramp from 0 (first step) to 1 over
+        ``kl_warmup`` epochs (``kl_warmup * batches per epoch`` steps), then 1; 1 without a trainer."""
+        trainer = getattr(module, "_trainer", None)
+        if self.kl_warmup <= 0 or trainer is None:
+            return 1.0
+        step = max(0, trainer.fit_loop.epoch_loop.total_batch_idx)   # 0 on the first training batch
+        return min(1.0, step / (self.kl_warmup * max(1, trainer.num_training_batches)))
+
+    def peer_loss(self, module, logits: torch.Tensor, others: Sequence[torch.Tensor], labels: torch.Tensor,
+                  kl_weight: float = 1.0):
         """Peer's loss from its own logits (with graph) and its partners' (detached here)."""
-        return dml_loss(logits, others, labels, self.temperature, module.multi_label)
+        return dml_loss(logits, others, labels, self.temperature, module.multi_label, kl_weight)
 
     def _step(self, module, optimizer, loss: torch.Tensor) -> None:
         optimizer.zero_grad()
@@ -172,16 +183,19 @@ class DML(Method):
         logits = [f(x) for f in nets]                   # every peer, with its graph
         latest = [z.detach() for z in logits]           # each peer's newest prediction
         losses = []
+        weight = self.kl_weight(module)
         for k in range(K):
             if self.update == "sequential" and k > 0:
                 # peer k-1 just stepped: its partners must see its new prediction
                 with torch.no_grad(), _buffers_kept(modules[k - 1]):
                     latest[k - 1] = nets[k - 1](x)
             others = [latest[j] for j in range(K) if j != k]
-            loss, _ = self.peer_loss(module, logits[k], others, y)
+            loss, _ = self.peer_loss(module, logits[k], others, y, weight)
             self._step(module, optimizers[k], loss)
             losses.append(loss.detach())
         parts = {"loss": losses[0], **{f"peer{k}_loss": losses[k] for k in range(1, K)}}
+        if self.kl_warmup > 0:
+            parts["kl_weight"] = torch.tensor(weight)
         module.log_train(parts, logits[0].detach(), y)
         return losses[0]
 
@@ -193,7 +207,7 @@ class DML(Method):
         return {f"peer{k}": peer(x) for k, peer in enumerate(self.peers, start=1)}
 
     def describe(self):
-        return {"update": self.update, "temperature": self.temperature,
+        return {"update": self.update, "temperature": self.temperature, "kl_warmup": self.kl_warmup,
                 "peers": [{"model": n, "pretrained": s["pretrained"], "weights": s["weights"]}
                           for n, s in zip(self.peer_names, self.peer_specs)]}
 

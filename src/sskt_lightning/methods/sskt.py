@@ -14,7 +14,7 @@ from torch import nn
 
 from sskt_lightning.errors import ConfigError
 from sskt_lightning.heads import TM_WIDTHS, build_head
-from sskt_lightning.losses import AUX_LOSSES, sskt_loss
+from sskt_lightning.losses import AUX_LOSSES, aux_kl, sskt_loss
 from sskt_lightning.methods.base import Method
 
 
@@ -67,6 +67,9 @@ class SSKT(Method):
         loss, terms = sskt_loss(task, aux, targets, self.alpha, self.aux_loss, self.temperature)
         parts = {"loss": loss, "task_loss": task}
         parts.update({f"aux_{key}": t for key, t in zip(module.sources.sources, terms)})
+        # the part of each aux term that can reach zero: T^2 KL(source || head); 0 = head reproduces the source
+        parts.update({f"aux_kl_{key}": aux_kl(a, t, self.temperature)
+                      for key, a, t in zip(module.sources.sources, aux, targets)})
         module.log_train(parts, out.logits[:n], y)
         return loss
 

@@ -1,0 +1,575 @@
+"""The whole comparison protocol for one setting, in one resumable command.
+
+    python -m sskt_lightning.protocol --out DIR [--spec SPEC.yaml] [--methods scratch sskt ...]
+        [--trials 8] [--seeds 0 1 2 3 4] [--search-seed 100] [--jobs 2] [--threads 1]
+        [--metric last_val_acc] [--setting NAME] -- <overrides of the setting ...>
+
+Per method: a hyper-parameter search on the VALIDATION split with the same trial budget for every
+method (Optuna's TPE over the search space of ``conf/hparams_search/<method>.yaml``), the best
+trial's configuration re-run with every final seed (each run tests once, at its end, on its last
+epoch's weights), then a report (``DIR/report/report.md``) with, per method, the selected
+configuration, validation and test numbers and the seed-paired gain over the baseline method.
+
+Layout (everything the protocol knows is on disk, so an interrupted protocol resumes where it
+stopped; finished trials and runs are never repeated):
+
+    DIR/protocol.json                       the protocol's settings (written once, checked on resume)
+    DIR/<method>/search/trial_NNN/          one training run per trial (trial.json: its parameters)
+    DIR/<method>/selected.json              the best trial (by --metric) and its parameters
+    DIR/<method>/final/seed_S/              the selected configuration, seed S
+    DIR/report/                             report.md/.csv, figures (python -m sskt_lightning.report)
+
+Every run is ``python -m sskt_lightning.train <setting> <method overrides> <parameters> seed=S`` in
+a subprocess with ``OMP_NUM_THREADS=--threads`` (default: the cores divided by --jobs), --jobs of
+them at a time (default 2: on a CPU machine two single-threaded jobs beat one two-threaded job by
+far). Beside each run's results.json a ``protocol.json`` records its method name, setting, phase
+(search / final), parameters and compute time; the report reads it.
+
+Why not Hydra's Optuna sweeper (``hparams_search=<method>``, which works for a single search):
+optuna 2.10 (the version hydra-optuna-sweeper 1.3 allows) cannot open its SQL storage under
+SQLAlchemy 2 (``AssertionError`` in ``get_current_version``), so the sweeper's study lives in memory
+and an interrupted search starts again; and a sweep cannot chain search -> selection -> seeds ->
+report. Here the study is rebuilt from the trials on disk each round (``optuna.trial.create_trial``),
+with the sampler seeded by (method, round): the parameters of trial k depend only on the finished
+trials before its round, so a resumed protocol asks exactly what an uninterrupted one would.
+
+Method names in ``--methods`` / the spec: ``NAME`` runs ``method=NAME``; a spec maps a name to its
+overrides (``sskt_unlabeled: [method=sskt, method.unlabeled=true, data.unlabeled=true, ...]``;
+``{seed}`` in an override is replaced by the run's seed) and optionally its search space (default:
+``hparams_search/<name>.yaml``, else ``hparams_search/<method>.yaml``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from sskt_lightning.errors import ConfigError, SSKTError
+
+PROTOCOL_FILE = "protocol.json"          # DIR/protocol.json (the protocol) and <run>/protocol.json (a run)
+TRIAL_FILE, SELECTED_FILE = "trial.json", "selected.json"
+DEFAULT_METRIC = "last_val_acc"
+METRICS = ("last_val_acc", "best_val_acc")
+
+
+# ------------------------------------------------------------------------------------------ the spec
+
+
+@dataclass
+class MethodSpec:
+    name: str
+    overrides: list[str]
+    space: str            # the hparams_search config's name
+
+
+@dataclass
+class Protocol:
+    out: Path
+    setting: list[str]                    # overrides every run shares
+    methods: list[MethodSpec]
+    trials: int = 8
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    search_seed: int = 100
+    jobs: int = 2
+    threads: int = 1
+    metric: str = DEFAULT_METRIC
+    sampler_seed: int = 0
+    batch: int = 1                        # trials of one method asked (and run) together
+    setting_name: str = ""
+    baseline: str = "scratch"
+
+    def identity(self) -> dict:
+        """What must not change when a protocol resumes (the rest - jobs, threads - may)."""
+        return {"setting": self.setting, "methods": {m.name: {"overrides": m.overrides, "space": m.space}
+                                                     for m in self.methods},
+                "trials": self.trials, "search_seed": self.search_seed, "metric": self.metric,
+                "sampler_seed": self.sampler_seed, "batch": self.batch}
+
+
+def config_dir() -> Path:
+    from sskt_lightning.train import CONFIG_DIR
+    return Path(CONFIG_DIR)
+
+
+def _space_name(name: str, overrides: list[str]) -> str:
+    search = config_dir() / "hparams_search"
+    if (search / f"{name}.yaml").is_file():
+        return name
+    method = next((o.split("=", 1)[1] for o in overrides if o.startswith("method=")), name)
+    if (search / f"{method}.yaml").is_file():
+        return method
+    known = sorted(p.stem for p in search.glob("*.yaml"))
+    raise ConfigError(f"protocol: no search space for method {name!r}: add conf/hparams_search/{name}.yaml "
+                      f"(or name one with `space:` in the spec); available: {known}.")
+
+
+def method_spec(name: str, value: Any = None) -> MethodSpec:
+    """A method from the spec: ``name``, ``name: [overrides]`` or ``name: {overrides, space}``."""
+    if value is None:
+        overrides, space = [f"method={name}"], None
+    elif isinstance(value, (list, tuple)):
+        overrides, space = [str(v) for v in value], None
+    elif isinstance(value, dict):
+        unknown = set(value) - {"overrides", "space"}
+        if unknown:
+            raise ConfigError(f"protocol spec: method {name!r} has unknown keys {sorted(unknown)}; "
+                              f"known: overrides, space.")
+        overrides, space = [str(v) for v in value.get("overrides") or [f"method={name}"]], value.get("space")
+    else:
+        raise ConfigError(f"protocol spec: method {name!r} must map to a list of overrides or "
+                          f"{{overrides: [...], space: NAME}}, got {value!r}.")
+    if not any(o.startswith("method=") for o in overrides):
+        raise ConfigError(f"protocol spec: method {name!r} needs a method=... override among {overrides}.")
+    return MethodSpec(name, overrides, space or _space_name(name, overrides))
+
+
+def search_space(space: str) -> tuple[dict, dict, dict]:
+    """(distributions, fixed values, sampler settings) of ``conf/hparams_search/<space>.yaml``,
+    parsed by hydra-optuna-sweeper's own reader of ``hydra.sweeper.params``."""
+    path = config_dir() / "hparams_search" / f"{space}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"protocol: search space {path} not found.")
+    try:
+        from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+    except ImportError as err:
+        raise ConfigError("protocol: the search needs optuna and hydra-optuna-sweeper: "
+                          "pip install 'sskt_lightning[sweep]'.") from err
+    sweeper = OmegaConf.load(path).get("hydra", {}).get("sweeper", {})
+    params = OmegaConf.to_container(sweeper.get("params") or {})
+    if not params:
+        raise ConfigError(f"protocol: {path} defines no hydra.sweeper.params.")
+    dists, fixed = create_params_from_overrides([f"{k}={v}" for k, v in params.items()])
+    sampler = OmegaConf.to_container(sweeper.get("sampler") or {})
+    return dists, fixed, sampler
+
+
+# ------------------------------------------------------------------------------------------ runs on disk
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def run_state(run_dir: Path) -> str:
+    """``done`` (results.json, not failed), ``failed`` (failed.txt, or results.json status failed)
+    or ``todo``."""
+    res = _read(run_dir / "results.json")
+    if res is not None and str(res.get("status", "")).lower() != "failed":
+        return "done"
+    if res is not None or (run_dir / "failed.txt").is_file():
+        return "failed"
+    return "todo"
+
+
+def metric_value(run_dir: Path, metric: str) -> float | None:
+    res = _read(run_dir / "results.json") or {}
+    v = res.get(metric)
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) else v
+
+
+def _format(overrides: list[str], seed: int) -> list[str]:
+    return [o.replace("{seed}", str(seed)) for o in overrides]
+
+
+def _param_overrides(params: dict) -> list[str]:
+    return [f"{k}={_override_value(v)}" for k, v in params.items()]
+
+
+def _override_value(v: Any) -> str:
+    if isinstance(v, float):
+        return repr(v)
+    if v is None:
+        return "null"
+    return str(v)
+
+
+@dataclass
+class Job:
+    method: MethodSpec
+    phase: str             # search | final
+    run_dir: Path
+    seed: int
+    params: dict
+    trial: int | None = None
+
+    def command(self, proto: Protocol) -> list[str]:
+        return [sys.executable, "-m", "sskt_lightning.train", *_format(proto.setting, self.seed),
+                *_format(self.method.overrides, self.seed), *_param_overrides(self.params),
+                f"seed={self.seed}", f"hydra.run.dir={self.run_dir.resolve()}", "trainer.enable_progress_bar=false"]
+
+    def sidecar(self, proto: Protocol, elapsed: float | None) -> dict:
+        return {"name": self.method.name, "setting": proto.setting_name, "phase": self.phase, "trial": self.trial,
+                "seed": self.seed, "params": self.params, "elapsed_s": elapsed}
+
+
+# ------------------------------------------------------------------------------------------ the search
+
+
+class Search:
+    """One method's search: trials asked round by round from a study rebuilt from disk."""
+
+    def __init__(self, proto: Protocol, method: MethodSpec) -> None:
+        self.proto, self.method = proto, method
+        self.dir = proto.out / method.name
+        self.dists, self.fixed, sampler = search_space(method.space)
+        self.n_startup = int(sampler.get("n_startup_trials", max(1, proto.trials // 3)))
+        self.defaults = self._defaults()
+
+    def _defaults(self) -> dict:
+        """The method's configured values of the searched keys (trial 0 tries them where they lie in
+        the space, so the search never misses the recipe it starts from)."""
+        from sskt_lightning.compose import compose_config
+        cfg = compose_config([*self.proto.setting, *_format(self.method.overrides, self.proto.search_seed)],
+                             self.proto.out / ".compose")
+        out = {}
+        for key, dist in self.dists.items():
+            value = OmegaConf.select(cfg, key, default=None)
+            try:
+                if value is not None and dist._contains(dist.to_internal_repr(value)):
+                    out[key] = value
+            except (ValueError, TypeError):
+                pass
+        return out
+
+    def trial_dir(self, k: int) -> Path:
+        return self.dir / "search" / f"trial_{k:03d}"
+
+    def trials_on_disk(self) -> dict[int, dict]:
+        out = {}
+        for k in range(self.proto.trials):
+            t = _read(self.trial_dir(k) / TRIAL_FILE)
+            if t is not None:
+                out[k] = t["params"]
+        return out
+
+    def _study(self, finished: dict[int, tuple[dict, float | None]], seed: int):
+        import optuna
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.n_startup)
+        study = optuna.create_study(direction="maximize", sampler=sampler)
+        for k in sorted(finished):
+            params, value = finished[k]
+            state = optuna.trial.TrialState.COMPLETE if value is not None else optuna.trial.TrialState.FAIL
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=self.dists, value=value,
+                                                      state=state))
+        return study
+
+    def ask_round(self, r: int) -> None:
+        """Write trial.json for every trial of round ``r`` that has none (deterministic)."""
+        b = self.proto.batch
+        numbers = [k for k in range(r * b, min((r + 1) * b, self.proto.trials))]
+        if all((self.trial_dir(k) / TRIAL_FILE).is_file() for k in numbers):
+            return
+        finished = {k: (p, metric_value(self.trial_dir(k), self.proto.metric))
+                    for k, p in self.trials_on_disk().items() if k < r * b}
+        seed = (self.proto.sampler_seed * 1_000_003 + zlib.crc32(self.method.name.encode()) + r) % 2**31
+        study = self._study(finished, seed)
+        for k in numbers:
+            trial = study.ask(self.dists)
+            params = dict(trial.params)
+            if k == 0:
+                params.update(self.defaults)
+            params = {key: params[key] for key in self.dists}       # the space's order
+            path = self.trial_dir(k) / TRIAL_FILE
+            if not path.is_file():
+                _write(path, {"trial": k, "params": params, "fixed": self.fixed, "round": r})
+
+    def next_jobs(self) -> tuple[list[Job], bool]:
+        """(jobs to run now, finished?): the unfinished trials of the first incomplete round."""
+        b = self.proto.batch
+        for r in range(math.ceil(self.proto.trials / b)):
+            numbers = range(r * b, min((r + 1) * b, self.proto.trials))
+            self.ask_round(r)
+            todo = [k for k in numbers if run_state(self.trial_dir(k)) == "todo"]
+            if todo:
+                params = self.trials_on_disk()
+                return [Job(self.method, "search", self.trial_dir(k), self.proto.search_seed,
+                            {**self.fixed, **params[k]}, trial=k) for k in todo], False
+        return [], True
+
+    def select(self) -> dict | None:
+        """The best finished trial by the protocol's metric (ties: the earlier trial), or None."""
+        scored = []
+        for k, params in sorted(self.trials_on_disk().items()):
+            v = metric_value(self.trial_dir(k), self.proto.metric)
+            if v is not None:
+                scored.append((v, -k, k, params))
+        if not scored:
+            return None
+        value, _, k, params = max(scored)
+        selected = {"method": self.method.name, "metric": self.proto.metric, "value": value, "trial": k,
+                    "params": {**self.fixed, **params}, "trials": len(self.trials_on_disk()),
+                    "trials_ok": len(scored)}
+        _write(self.dir / SELECTED_FILE, selected)
+        return selected
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+class Runner:
+    """Keeps ``jobs`` training subprocesses busy, methods interleaved; everything resumable."""
+
+    def __init__(self, proto: Protocol, log=print) -> None:
+        self.proto, self.log = proto, log
+        self.running: list[tuple[Job, subprocess.Popen, float, Any]] = []
+        self.started = time.perf_counter()
+
+    def _env(self) -> dict:
+        env = dict(os.environ)
+        threads = str(self.proto.threads)
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads,
+                   PYTHONUNBUFFERED="1")
+        return env
+
+    def launch(self, job: Job) -> None:
+        if job.run_dir.exists():               # an interrupted run: start it again, cleanly
+            keep = _read(job.run_dir / TRIAL_FILE)
+            shutil.rmtree(job.run_dir)
+            if keep is not None:
+                _write(job.run_dir / TRIAL_FILE, keep)
+        job.run_dir.mkdir(parents=True, exist_ok=True)
+        _write(job.run_dir / PROTOCOL_FILE, job.sidecar(self.proto, None))
+        logf = open(job.run_dir / "train.log", "w")
+        proc = subprocess.Popen(job.command(self.proto), stdout=logf, stderr=subprocess.STDOUT, env=self._env())
+        self.running.append((job, proc, time.perf_counter(), logf))
+
+    def reap(self) -> list[Job]:
+        done, still = [], []
+        for job, proc, t0, logf in self.running:
+            if proc.poll() is None:
+                still.append((job, proc, t0, logf))
+                continue
+            logf.close()
+            elapsed = round(time.perf_counter() - t0, 1)
+            _write(job.run_dir / PROTOCOL_FILE, job.sidecar(self.proto, elapsed))
+            state = run_state(job.run_dir)
+            if state != "done" and not (job.run_dir / "failed.txt").is_file():
+                tail = (job.run_dir / "train.log").read_text(errors="replace").splitlines()[-40:]
+                (job.run_dir / "failed.txt").write_text(
+                    f"exit code {proc.returncode}, no results.json; the log's last lines:\n" + "\n".join(tail) + "\n")
+                state = "failed"
+            what = f"trial {job.trial}" if job.phase == "search" else f"seed {job.seed}"
+            value = metric_value(job.run_dir, self.proto.metric)
+            shown = f"{self.proto.metric} {100 * value:.2f}" if value is not None else state.upper()
+            self.log(f"[{(time.perf_counter() - self.started) / 60:6.1f} min] {job.method.name:16s} "
+                     f"{job.phase:6s} {what:9s} {shown} ({elapsed:.0f} s)")
+            done.append(job)
+        self.running = still
+        return done
+
+    def busy(self, job_dir: Path) -> bool:
+        return any(j.run_dir == job_dir for j, *_ in self.running)
+
+
+def run_protocol(proto: Protocol, log=print) -> dict:
+    """Run (or resume) the protocol; return {method: selected.json or None}, write the report."""
+    proto.out.mkdir(parents=True, exist_ok=True)
+    _check_identity(proto)
+    searches = {m.name: Search(proto, m) for m in proto.methods}
+    runner = Runner(proto, log)
+    selected: dict[str, dict | None] = {}
+    queue: list[Job] = []
+    try:
+        while True:
+            for name, search in searches.items():
+                if any(j.method.name == name for j in queue) or any(j.method.name == name and j.phase == "search"
+                                                                   for j, *_ in runner.running):
+                    continue     # one round at a time per method
+                if name in selected:
+                    continue
+                jobs, finished = search.next_jobs()
+                if not finished:
+                    queue += [j for j in jobs if not runner.busy(j.run_dir)]
+                    continue
+                selected[name] = search.select()
+                if selected[name] is None:
+                    log(f"{name}: every search trial failed; no final runs (see {search.dir / 'search'})")
+                    continue
+                log(f"{name}: selected trial {selected[name]['trial']} ({proto.metric} "
+                    f"{100 * selected[name]['value']:.2f}): {selected[name]['params']}")
+                queue += [Job(search.method, "final", search.dir / "final" / f"seed_{s}", s, selected[name]["params"])
+                          for s in proto.seeds if run_state(search.dir / "final" / f"seed_{s}") == "todo"]
+            queue = _interleave(queue)
+            while queue and len(runner.running) < proto.jobs:
+                runner.launch(queue.pop(0))
+            if not queue and not runner.running and len(selected) == len(searches):
+                break
+            time.sleep(0.5)
+            runner.reap()
+    except KeyboardInterrupt:
+        for _, proc, *_ in runner.running:
+            proc.terminate()
+        raise
+    write_protocol_report(proto, selected, log)
+    return selected
+
+
+def _interleave(queue: list[Job]) -> list[Job]:
+    """Final runs first (they finish methods), then round-robin over methods."""
+    by_method: dict[str, list[Job]] = {}
+    for job in sorted(queue, key=lambda j: j.phase != "final"):
+        by_method.setdefault(job.method.name, []).append(job)
+    out = []
+    while any(by_method.values()):
+        for jobs in by_method.values():
+            if jobs:
+                out.append(jobs.pop(0))
+    return out
+
+
+def _check_identity(proto: Protocol) -> None:
+    path = proto.out / PROTOCOL_FILE
+    saved = _read(path)
+    ident = json.loads(json.dumps(proto.identity()))
+    if saved is None:
+        _write(path, {**ident, "seeds": proto.seeds, "setting_name": proto.setting_name})
+        return
+    differ = sorted(k for k in ident if saved.get(k) != ident[k])
+    if differ:
+        raise ConfigError(f"protocol: {proto.out} holds a protocol with other {', '.join(differ)} "
+                          f"(see {path}); resume it with the same settings or use another --out.")
+    if saved.get("seeds") != proto.seeds:
+        _write(path, {**saved, "seeds": proto.seeds})
+
+
+def compute_seconds(out: Path) -> dict[str, float]:
+    """Compute time spent per phase, summed over every run's protocol.json (across sessions)."""
+    totals = {"search": 0.0, "final": 0.0}
+    for side in out.glob("*/*/*/" + PROTOCOL_FILE):
+        data = _read(side) or {}
+        if data.get("elapsed_s") is not None and data.get("phase") in totals:
+            totals[data["phase"]] += float(data["elapsed_s"])
+    return totals
+
+
+def write_protocol_report(proto: Protocol, selected: dict, log=print) -> Path | None:
+    """``DIR/report/``: the final runs' report (report.py), with the search summary appended."""
+    import pandas as pd
+
+    from sskt_lightning import report
+
+    out = proto.out / "report"
+    results = report.load_results([proto.out])
+    failures = report.load_failures([proto.out])
+    rows = []
+    for m in proto.methods:
+        sel = selected.get(m.name) or _read(proto.out / m.name / SELECTED_FILE)
+        n_fail = sum(run_state(Path(d)) == "failed" for d in (proto.out / m.name / "search").glob("trial_*"))
+        rows.append({"method": m.name, "search space": f"hparams_search/{m.space}.yaml",
+                     "trials (failed)": f"{proto.trials} ({n_fail})",
+                     f"selected: search {proto.metric} (%)": report._fmt(100 * sel["value"]) if sel else "–",
+                     "trial": sel["trial"] if sel else "–",
+                     "selected parameters": report._params_str(sel["params"]) if sel else "all trials failed"})
+    compute = compute_seconds(proto.out)
+    search_md = "\n".join([
+        "", "## Search (validation only)", "",
+        f"Every method: {proto.trials} trials of TPE on its search space, seed {proto.search_seed}, selected by "
+        f"`{proto.metric}` (validation); the selected configuration then ran with seeds {proto.seeds}. "
+        f"Compute: search {compute['search'] / 60:.1f} min, final runs {compute['final'] / 60:.1f} min "
+        f"(sum over runs; {proto.jobs} at a time, {proto.threads} thread(s) each).", "",
+        pd.DataFrame(rows).to_markdown(index=False), ""])
+    if not results:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(report._nothing_message(failures, [str(proto.out)]) + "\n" + search_md)
+        log((out / "report.md").read_text())
+        return None
+    baseline = f"name={proto.baseline}" if proto.baseline else report.DEFAULT_BASELINE
+    paths = report.write_report(results, out, baseline=baseline, failures=failures,
+                                title=f"Protocol: {proto.setting_name or proto.out.name}")
+    with open(paths["md"], "a") as fh:
+        fh.write(search_md)
+    log(paths["md"].read_text())
+    return paths["md"]
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def protocol_from_args(argv: list[str] | None = None) -> Protocol:
+    p = argparse.ArgumentParser(prog="python -m sskt_lightning.protocol", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="the protocol's directory (resumes if it exists)")
+    p.add_argument("--spec", type=Path, help="a YAML file: setting, methods, trials, seeds, ... (options override)")
+    p.add_argument("--methods", nargs="+", help="method names (method=NAME), or names defined in the spec")
+    p.add_argument("--trials", type=int, help="search trials per method, the same for every method (default 8)")
+    p.add_argument("--seeds", type=int, nargs="+", help="final seeds (default 0 1 2 3 4)")
+    p.add_argument("--search-seed", type=int, help="the seed of every search trial (default 100)")
+    p.add_argument("--jobs", type=int, help="training runs at a time (default 2)")
+    p.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
+    p.add_argument("--metric", choices=METRICS, help=f"validation key of results.json to select on "
+                                                     f"(default {DEFAULT_METRIC}: the last epoch's, as the test "
+                                                     f"number is; best_val_acc: best over epochs)")
+    p.add_argument("--batch", type=int, help="trials of one method asked and run together (default 1: methods run "
+                                             "side by side; with a single method, --jobs)")
+    p.add_argument("--setting", help="the setting's name in the report (default: the --out directory's name)")
+    p.add_argument("--baseline", help="the method the others are paired with (default scratch, when run)")
+    p.add_argument("overrides", nargs="*", help="the setting: overrides shared by every run")
+    args = p.parse_args(argv)
+    spec = OmegaConf.to_container(OmegaConf.load(args.spec)) if args.spec else {}
+    unknown = set(spec) - {"setting", "methods", "trials", "seeds", "search_seed", "jobs", "threads", "metric",
+                           "batch", "name", "baseline", "sampler_seed"}
+    if unknown:
+        raise ConfigError(f"protocol spec {args.spec}: unknown keys {sorted(unknown)}.")
+    defined = spec.get("methods") or {}
+    if isinstance(defined, list):
+        defined = {name: None for name in defined}
+    names = args.methods or list(defined) or ["scratch", "sskt"]
+    methods = [method_spec(n, defined.get(n)) for n in names]
+    jobs = args.jobs or int(spec.get("jobs", 2))
+    metric = args.metric or spec.get("metric", DEFAULT_METRIC)
+    if metric not in METRICS:
+        raise ConfigError(f"protocol: metric {metric!r}; choose one of {list(METRICS)} (validation only).")
+    trials = args.trials or int(spec.get("trials", 8))
+    if trials < 1 or jobs < 1:
+        raise ConfigError("protocol: --trials and --jobs must be >= 1.")
+    batch = args.batch or int(spec.get("batch", 0)) or (1 if len(methods) >= jobs else jobs)
+    baseline = args.baseline or spec.get("baseline") or ("scratch" if "scratch" in names else "")
+    return Protocol(out=args.out, setting=[*(spec.get("setting") or []), *args.overrides], methods=methods,
+                    trials=trials, seeds=args.seeds or list(spec.get("seeds", [0, 1, 2, 3, 4])),
+                    search_seed=args.search_seed if args.search_seed is not None else int(spec.get("search_seed", 100)),
+                    jobs=jobs, threads=args.threads or int(spec.get("threads", 0)) or max(1, (os.cpu_count() or 1) // jobs),
+                    metric=metric, sampler_seed=int(spec.get("sampler_seed", 0)), batch=batch,
+                    setting_name=args.setting or spec.get("name") or args.out.name, baseline=baseline)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        proto = protocol_from_args(argv)
+        start = time.perf_counter()
+        run_protocol(proto)
+        print(f"\nprotocol: {(time.perf_counter() - start) / 60:.1f} min in this session; report in "
+              f"{proto.out / 'report'}", file=sys.stderr)
+    except SSKTError as err:
+        print(f"\nerror: {err}\n", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""The protocol command (python -m sskt_lightning.protocol): search on validation with the same trial
+budget per method, the selected configuration re-run per seed, a report with paired gains, resume
+without repeating finished runs - on tiny written CIFAR files."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sskt_lightning import protocol as P
+from sskt_lightning.errors import ConfigError
+
+SMALL_SOURCE = ["source=[timm]", "source.timm.name=cifar_resnet20", "source.timm.num_classes=10",
+                "source.timm.pretrained=false"]
+
+
+def tiny_protocol(tmp_path, **kw) -> P.Protocol:
+    defaults = dict(out=tmp_path / "proto", setting=["data=cifar10"], trials=3, seeds=[0, 1], search_seed=7,
+                    jobs=1, threads=1, batch=1, setting_name="tiny",
+                    methods=[P.method_spec("scratch"), P.method_spec("sskt")])
+    defaults.update(kw)
+    return P.Protocol(**defaults)
+
+
+def fake_results(run_dir: Path, last_val: float, test: float, status: str | None = None) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = {"last_val_acc": last_val, "best_val_acc": last_val, "test_acc": test}
+    if status:
+        data["status"] = status
+    (run_dir / "results.json").write_text(json.dumps(data))
+
+
+# ----------------------------------------------------------------------------- search space and trials
+
+
+def test_search_spaces_come_from_the_hparams_search_configs():
+    dists, fixed, sampler = P.search_space("sskt_unlabeled")
+    assert set(dists) == {"optim.optimizer.lr", "optim.optimizer.weight_decay", "method.alpha",
+                          "method.temperature", "method.aux_loss", "data.unlabeled_ratio"}
+    assert dists["method.aux_loss"].choices == ("ce", "kd")
+    assert dists["method.alpha"].low == pytest.approx(0.05) and dists["method.alpha"].high == pytest.approx(2.0)
+    assert type(dists["method.alpha"]).__name__ == "LogUniformDistribution"
+    for space, key in [("kd", "method.temperature"), ("dml", "method.kl_warmup"), ("maxl", "method.psi"),
+                       ("maxl", "method.generator_optim.lr"), ("scratch", "optim.optimizer.lr")]:
+        assert key in P.search_space(space)[0], (space, key)
+    with pytest.raises(ConfigError, match="no search space for method 'nosuch'"):
+        P.method_spec("nosuch")
+    assert P.method_spec("sskt_unlabeled", ["method=sskt", "method.unlabeled=true"]).space == "sskt_unlabeled"
+    assert P.method_spec("sskt_a1", ["method=sskt", "method.alpha=1.0"]).space == "sskt"
+
+
+def test_trial_parameters_are_deterministic_and_start_from_the_recipe(tmp_path):
+    a = P.Search(tiny_protocol(tmp_path / "a"), P.method_spec("sskt"))
+    b = P.Search(tiny_protocol(tmp_path / "b"), P.method_spec("sskt"))
+    for s in (a, b):
+        s.ask_round(0)
+        fake_results(s.trial_dir(0), 0.5, 0.5)
+        s.ask_round(1)
+    pa, pb = a.trials_on_disk(), b.trials_on_disk()
+    assert pa == pb and len(pa) == 2
+    # trial 0 is the configured recipe (conf/method/sskt.yaml, conf/optim/sgd.yaml) where it lies in the space
+    assert pa[0]["method.alpha"] == pytest.approx(0.1) and pa[0]["method.aux_loss"] == "ce"
+    assert pa[0]["method.temperature"] == pytest.approx(3.0) and pa[0]["optim.optimizer.lr"] == pytest.approx(0.1)
+    assert pa[1] != pa[0]
+    # a resumed protocol asks exactly what an uninterrupted one did
+    (a.trial_dir(1) / P.TRIAL_FILE).unlink()
+    a.ask_round(1)
+    assert a.trials_on_disk() == pb
+
+
+def test_selection_uses_validation_never_test(tmp_path):
+    proto = tiny_protocol(tmp_path)
+    search = P.Search(proto, P.method_spec("scratch"))
+    for r in range(3):
+        search.ask_round(r)
+    # trial 1: best on validation, worst on test; trial 2: failed; trial 0: best on test
+    fake_results(search.trial_dir(0), last_val=0.60, test=0.99)
+    fake_results(search.trial_dir(1), last_val=0.80, test=0.10)
+    (search.trial_dir(2)).mkdir(parents=True, exist_ok=True)
+    (search.trial_dir(2) / "failed.txt").write_text("ConfigError: boom\n")
+    assert P.run_state(search.trial_dir(2)) == "failed"
+    selected = search.select()
+    assert selected["trial"] == 1 and selected["value"] == pytest.approx(0.80)
+    assert selected["params"] == search.trials_on_disk()[1] and selected["trials_ok"] == 2
+    assert json.loads((proto.out / "scratch" / "selected.json").read_text())["trial"] == 1
+    # the other selection key, still a validation number
+    proto.metric = "best_val_acc"
+    assert search.select()["trial"] == 1
+
+
+def test_a_changed_protocol_is_refused_on_resume(tmp_path):
+    P._check_identity(tiny_protocol(tmp_path))
+    P._check_identity(tiny_protocol(tmp_path, jobs=2, seeds=[0, 1, 2]))     # jobs / seeds may change
+    with pytest.raises(ConfigError, match="other trials"):
+        P._check_identity(tiny_protocol(tmp_path, trials=5))
+
+
+def test_spec_and_command_line(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: five labels\nsetting: [data=cifar10, data.labels_per_class=5]\ntrials: 4\n"
+                    "methods:\n  scratch: null\n  sskt_unlabeled: [method=sskt, method.unlabeled=true, "
+                    "data.unlabeled=true]\n")
+    proto = P.protocol_from_args(["--out", str(tmp_path / "o"), "--spec", str(spec), "--seeds", "3", "4",
+                                  "--jobs", "2", "trainer.max_epochs=3"])
+    assert proto.setting == ["data=cifar10", "data.labels_per_class=5", "trainer.max_epochs=3"]
+    assert [m.name for m in proto.methods] == ["scratch", "sskt_unlabeled"]
+    assert [m.space for m in proto.methods] == ["scratch", "sskt_unlabeled"]
+    assert proto.trials == 4 and proto.seeds == [3, 4] and proto.setting_name == "five labels"
+    assert proto.batch == 1 and proto.threads >= 1 and proto.baseline == "scratch"
+    with pytest.raises(ConfigError, match="unknown keys"):
+        spec.write_text("trails: 3\n")
+        P.protocol_from_args(["--out", str(tmp_path / "o"), "--spec", str(spec)])
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_tiny_protocol_end_to_end_and_resume(tmp_path, cifar_dir):
+    """Two methods, two trials, two seeds: search, selection, finals, a paired report; a second call
+    repeats nothing."""
+    out = tmp_path / "proto"
+    cmd = [sys.executable, "-m", "sskt_lightning.protocol", "--out", str(out), "--methods", "scratch", "sskt",
+           "--trials", "2", "--seeds", "0", "1", "--search-seed", "5", "--jobs", "2", "--threads", "1",
+           "--setting", "tiny", "data=cifar10", f"paths.data_dir={cifar_dir}", "model=resnet20", "trainer=smoke",
+           "data.batch_size=8", "data.num_workers=0", "data.val_size=16", "data.steps_per_epoch=2",
+           "optim=sgd_cosine", *SMALL_SOURCE]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for method in ("scratch", "sskt"):
+        trials = sorted((out / method / "search").glob("trial_*"))
+        assert [t.name for t in trials] == ["trial_000", "trial_001"]
+        assert all(P.run_state(t) == "done" for t in trials)
+        selected = json.loads((out / method / "selected.json").read_text())
+        vals = [json.loads((t / "results.json").read_text())["last_val_acc"] for t in trials]
+        assert selected["value"] == pytest.approx(max(vals))
+        for seed in (0, 1):
+            run = out / method / "final" / f"seed_{seed}"
+            res = json.loads((run / "results.json").read_text())
+            side = json.loads((run / "protocol.json").read_text())
+            assert res["seed"] == seed and side["phase"] == "final" and side["name"] == method
+            assert side["params"] == selected["params"]
+            for key, value in selected["params"].items():     # the run really used them
+                assert f"{key}={P._override_value(value)}" in res["overrides"]
+    md = (out / "report" / "report.md").read_text()
+    assert "## Search (validation only)" in md and "gain over scratch (points)" in md
+    lines = [ln for ln in md.splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].split("|")[1:-1]]
+    sskt = dict(zip(header, [c.strip() for c in next(ln for ln in lines if ln.startswith("| sskt ")).split("|")[1:-1]]))
+    assert sskt["wins"].endswith("/2")            # out of the 2 paired seeds
+    assert sskt["selected on validation"].startswith("lr=")
+    assert (out / "report" / "report.csv").is_file() and (out / "report" / "gains.png").is_file()
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("results.json")}
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("results.json")} == stamps   # nothing re-ran
+    assert " min] " not in again.stdout          # no run was launched (the runner logs each finished run)
+
+
+def test_hydra_optuna_sweeper_runs_a_search_config(tmp_path, cifar_dir):
+    """`hparams_search=<method>` with hydra-optuna-sweeper 1.3 / optuna 2.10 (in-memory study):
+    the trials run and the best parameters are written; the value optimised is train.main's return
+    value, the validation metric named by cfg.optimized_metric."""
+    import yaml
+
+    from sskt_lightning.compose import compose_config
+
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "sskt_lightning.train", "hparams_search=scratch", "method=scratch",
+           "hydra.sweeper.n_trials=2", "data=cifar10", f"paths.data_dir={cifar_dir}", "model=resnet20", "trainer=smoke",
+           "data.batch_size=8", "data.num_workers=0", "data.val_size=16", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(best["best_params"]) == {"optim.optimizer.lr", "optim.optimizer.weight_decay"}
+    runs = [json.loads((sweep / str(k) / "results.json").read_text()) for k in range(2)]
+    cfg = compose_config(["method=scratch"], tmp_path / "c")
+    if "optimized_metric" in cfg:         # train.main returns the validation metric (never a test number)
+        assert best["best_value"] in [r["best_val_acc"] for r in runs] + [r.get("last_val_acc") for r in runs]
