@@ -111,6 +111,7 @@ class DMLOptions:
         {"name": "resnet20", "pretrained": False, "kwargs": {}, "weights": None}])
     update: str = "sequential"            # sequential | simultaneous
     temperature: float = 1.0
+    kl_warmup: float = 0                  # epochs over which the KL weight ramps from 0 to 1; 0: off
 
 
 @_options
