@@ -15,3 +15,8 @@ class DataNotFoundError(SSKTError, FileNotFoundError):
 
 class WeightsError(SSKTError, RuntimeError):
     """Pretrained weights could not be fetched or do not fit the network."""
+
+
+class CacheError(SSKTError, RuntimeError):
+    """The soft-label cache cannot be used as asked (a damaged or foreign store, an unwritable
+    cache directory, a key that does not match)."""
