@@ -37,8 +37,8 @@ class SourceCacheOptions:
             self.cache_stats = module.sources.detach_cache()
 
     def describe_cache(self) -> dict:
-        out = {"cache": self.cache}
-        if self.cache != "off":
-            out.update(cache_budget_gb=self.cache_budget_gb, cache_topk=self.cache_topk,
-                       cache_stats=self.cache_stats)
-        return out
+        """For results.json: nothing when the cache is off (results read as before)."""
+        if self.cache == "off":
+            return {}
+        return {"cache": self.cache, "cache_budget_gb": self.cache_budget_gb, "cache_topk": self.cache_topk,
+                "cache_stats": self.cache_stats}
