@@ -146,7 +146,7 @@ class SourceBank(nn.Module):
         super().__init__()
         self.sources = nn.ModuleDict({s.key: s for s in sources})
         self._stores: dict[str, list] = {}       # stream -> one store per source (not module state)
-        self._write = False
+        self._write, self._temperature = False, 1.0
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -160,13 +160,15 @@ class SourceBank(nn.Module):
     def cached(self) -> bool:
         return bool(self._stores)
 
-    def attach_cache(self, stores: Mapping[str, Sequence], write: bool) -> None:
-        """``stores``: stream name (``labeled``, ``unlabeled``) -> one store per source, in order."""
+    def attach_cache(self, stores: Mapping[str, Sequence], write: bool, temperature: float = 1.0) -> None:
+        """``stores``: stream name (``labeled``, ``unlabeled``) -> one store per source, in order;
+        ``temperature``: the T at which the caller softens the logits (a top-k layout rebuilds
+        its tail for that T; full fp16 logits do not depend on it)."""
         for stream, per_source in stores.items():
             if len(per_source) != len(self.sources):
                 raise ConfigError(f"cache: stream {stream!r} has {len(per_source)} stores for "
                                   f"{len(self.sources)} sources")
-        self._stores, self._write = dict(stores), bool(write)
+        self._stores, self._write, self._temperature = dict(stores), bool(write), float(temperature)
 
     def detach_cache(self) -> dict:
         """Commit and close every store; returns each store's hit/miss counts by source."""
@@ -208,7 +210,8 @@ class SourceBank(nn.Module):
                 store = self._stores[name][k]
                 seg_hit, rows = store.lookup(idx[a:b], vw[a:b])
                 if rows.shape[0]:
-                    out[a:b][torch.from_numpy(seg_hit).to(x.device)] = store.layout.decode(rows, x.device)
+                    out[a:b][torch.from_numpy(seg_hit).to(x.device)] = store.layout.decode(
+                        rows, x.device, self._temperature)
                 hit[a:b] = seg_hit
             if not hit.all():
                 miss = np.flatnonzero(~hit)
@@ -218,7 +221,8 @@ class SourceBank(nn.Module):
                     sel = (miss >= a) & (miss < b)
                     if sel.any():
                         rows = store.layout.encode(logits[torch.from_numpy(sel).to(x.device)])
-                        out[torch.from_numpy(miss[sel]).to(x.device)] = store.layout.decode(rows, x.device)
+                        out[torch.from_numpy(miss[sel]).to(x.device)] = store.layout.decode(
+                            rows, x.device, self._temperature)
                         if self._write:
                             store.put(idx[miss[sel]], vw[miss[sel]], rows)
             outputs.append(out)

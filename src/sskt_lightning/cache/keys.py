@@ -175,8 +175,9 @@ def data_streams(datamodule) -> dict[str, StreamData]:
     return {stream: StreamData(datamodule.name, split, images) for stream, (split, images) in getter().items()}
 
 
-def attach(module, mode: str, budget_gb: float = 16.0, topk: int | None = None) -> None:
-    """Give ``module.sources`` its stores for this run (from ``on_fit_start``)."""
+def attach(module, mode: str, budget_gb: float = 16.0, topk: int | None = None, temperature: float = 1.0) -> None:
+    """Give ``module.sources`` its stores for this run (from ``on_fit_start``); ``temperature``:
+    the T at which the method softens the sources' logits."""
     mode = cache_mode(mode, getattr(module.method, "source_bn", "eval"))
     if mode == "off" or len(module.sources) == 0:
         return
@@ -190,4 +191,4 @@ def attach(module, mode: str, budget_gb: float = 16.0, topk: int | None = None) 
         raise ConfigError("method.cache is on but paths.cache_dir is not set (conf/paths/default.yaml).")
     stores = open_stores(module.sources, data_streams(dm), dm.augment, trainer.precision, cache_dir, mode,
                          budget_gb, topk)
-    module.sources.attach_cache(stores, write=mode == "read_write")
+    module.sources.attach_cache(stores, write=mode == "read_write", temperature=temperature)

@@ -20,9 +20,10 @@ Safety rules:
 
 Layouts (:class:`Layout`): ``fp16`` stores all K logits in float16 (exact up to fp16 rounding:
 relative error <= 2^-11); ``topk`` stores the k largest logits (float16), their class indices
-(uint16) and the log-sum-exp of the other K - k logits (float32), from which the full softmax is
-rebuilt at any temperature: the tail classes share one logit ``c = lse_tail - log(K - k)``, which
-keeps the tail's total probability exact at T = 1 (see ``Layout.decode``).
+(uint16) and two numbers about the other K - k ("tail") logits, their log-mean-exp at T = 1 and at
+T = 3 (float32), from which the softmax is rebuilt at any temperature: exact on the top k, the
+tail's total probability exact at T = 1 and T = 3 and interpolated in between and beyond, each tail
+class getting an equal share of it (see ``Layout.decode`` for the formula and the error bound).
 """
 from __future__ import annotations
 
@@ -104,7 +105,7 @@ class Layout:
     def dtype(self) -> np.dtype:
         if self.kind == "fp16":
             return np.dtype(("<f2", (self.num_classes,)))
-        return np.dtype([("val", "<f2", (self.k,)), ("idx", "<u2", (self.k,)), ("tail", "<f4")])
+        return np.dtype([("val", "<f2", (self.k,)), ("idx", "<u2", (self.k,)), ("tail", "<f4", (2,))])
 
     @property
     def bytes_per_entry(self) -> int:
@@ -120,29 +121,37 @@ class Layout:
         if self.kind == "fp16":
             return z.half().cpu().numpy()
         val, idx = z.topk(self.k, dim=1)
-        tail = z.scatter(1, idx, float("-inf")).logsumexp(1)
+        rest = z.scatter(1, idx, float("-inf")).double()
+        log_n = math.log(self.num_classes - self.k)
+        g1 = rest.logsumexp(1) - log_n                      # log-mean-exp of the tail at T = 1
+        g3 = (rest / 3).logsumexp(1) - log_n                # ... and at T = 3
         rows = np.empty(z.shape[0], self.dtype)
         rows["val"] = val.half().cpu().numpy()
         rows["idx"] = idx.to(torch.int32).cpu().numpy().astype(np.uint16)
-        rows["tail"] = tail.cpu().numpy()
+        rows["tail"] = torch.stack([g1, g3], 1).float().cpu().numpy()
         return rows
 
-    def decode(self, rows: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Stored rows -> B×K float32 logits on ``device``.
+    def decode(self, rows: np.ndarray, device: torch.device | str = "cpu", temperature: float = 1.0) -> torch.Tensor:
+        """Stored rows -> B×K float32 logits on ``device``, to be used at ``temperature`` T.
 
-        ``topk``: the k stored logits at their classes; every other class gets
-        ``c = lse_tail - log(K - k)``, so ``sum_tail exp(c) = exp(lse_tail)``: the softmax is exact on
-        the top k and on the tail's total at T = 1; at T > 1 the tail's total is overestimated by
-        at most the factor ``(K - k)^(1 - 1/T)`` (power-mean inequality), and each tail class gets
-        its share of the tail uniformly."""
+        ``fp16``: the logits (T plays no role). ``topk``: the k stored logits at their classes;
+        every tail class gets one logit ``c(T)`` such that ``(K - k) exp(c/T)`` estimates the tail's
+        ``sum exp(z_j / T)``. With ``g(s) = log mean_tail exp(s z_j)`` (convex, ``g(0) = 0``) stored
+        at ``s = 1`` and ``s = 1/3`` and modelled as ``g(s) = a s + b s^2`` (exact for Gaussian tail
+        logits), ``c(T) = T g(1/T) = a + b / T``: the tail's total probability is exact at T = 1
+        and T = 3. Then ``KL(p_T || q_T) <= P_tail(T) log(K - k)`` (P_tail(T): the tail's true
+        probability at T; each tail class gets an equal share), plus the interpolation error of
+        the tail's total at other temperatures."""
         import torch
         if self.kind == "fp16":
             return torch.from_numpy(np.ascontiguousarray(rows)).to(device).float()
-        n, rest = rows.shape[0], self.num_classes - self.k
+        n = rows.shape[0]
         val = torch.from_numpy(np.ascontiguousarray(rows["val"])).to(device).float()
         idx = torch.from_numpy(rows["idx"].astype(np.int64)).to(device)
-        tail = torch.from_numpy(np.ascontiguousarray(rows["tail"])).to(device) - math.log(rest)
-        out = tail[:, None].expand(n, self.num_classes).clone()
+        g = torch.from_numpy(np.ascontiguousarray(rows["tail"])).to(device)
+        b = 1.5 * (g[:, 0] - 3 * g[:, 1])            # from g(1) = a + b and g(1/3) = a/3 + b/9
+        a = g[:, 0] - b
+        out = (a + b / float(temperature))[:, None].expand(n, self.num_classes).clone()
         return out.scatter_(1, idx, val)
 
 
@@ -153,7 +162,7 @@ def choose_layout(num_entries: int, num_classes: int, budget_bytes: float, topk:
         return Layout("fp16", num_classes) if topk >= num_classes else Layout("topk", num_classes, int(topk))
     if num_entries * 2 * num_classes <= budget_bytes:
         return Layout("fp16", num_classes)
-    k = int((budget_bytes / max(num_entries, 1) - 4) // 4)    # 2 B value + 2 B index, 4 B tail
+    k = int((budget_bytes / max(num_entries, 1) - 8) // 4)    # 2 B value + 2 B index each, 8 B tail
     if k < 1:
         raise CacheError(
             f"method.cache_budget_gb={budget_bytes / GIB:g} is too small for {num_entries:,} (image, view) "

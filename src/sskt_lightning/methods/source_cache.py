@@ -29,8 +29,14 @@ class SourceCacheOptions:
         self.cache_topk = None if cache_topk is None else int(cache_topk)
         self.cache_stats: dict | None = None
 
+    @property
+    def cache_temperature(self) -> float:
+        """The T at which this method softens the sources' logits (a top-k store rebuilds its
+        tail for it)."""
+        return float(getattr(self, "temperature", 1.0))
+
     def on_fit_start(self, module) -> None:
-        attach(module, self.cache, self.cache_budget_gb, self.cache_topk)
+        attach(module, self.cache, self.cache_budget_gb, self.cache_topk, self.cache_temperature)
 
     def on_fit_end(self, module) -> None:
         if module.sources.cached:

@@ -71,6 +71,10 @@ class SSKT(SourceCacheOptions, Method):
         module.log_train(parts, out.logits[:n], y)
         return loss
 
+    @property
+    def cache_temperature(self) -> float:
+        return 1.0 if self.aux_loss == "focal" else self.temperature     # focal: softmax at T = 1
+
     def describe(self):
         return {"alpha": self.alpha, "temperature": self.temperature, "aux_loss": self.aux_loss,
                 "aux_head": self.aux_head, "source_bn": self.source_bn, "unlabeled": self.unlabeled,
