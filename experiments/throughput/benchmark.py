@@ -173,6 +173,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="repeats of the cheap cases (medians)")
     p.add_argument("--online-repeats", type=int, default=1, help="repeats of the SSKT online cases")
     p.add_argument("--build-images", type=int, default=4, help="images (x 162 views) for the build rate")
+    p.add_argument("--heads", nargs="+", default=["transfer_module", "linear"],
+                   help="SSKT aux heads to measure (the default transfer_module first)")
+    p.add_argument("--parts", nargs="+", default=["fit", "sskt", "build"], choices=["fit", "sskt", "build"])
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
     p.add_argument("--source-size", type=int, default=74, help="source input px (reference: 74 for CIFAR)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -190,6 +193,7 @@ def main(argv=None):
     if args.quick:
         args.train, args.val, args.epochs, args.sskt_steps, args.repeats, args.build_images = 512, 128, 2, 3, 1, 1
         args.batch = min(args.batch, 64)
+    load_start = load_average()
     work = args.keep or Path(tempfile.mkdtemp(prefix="sskt_throughput_"))
     data, cache = work / "data", work / "cache"
     shutil.rmtree(cache, ignore_errors=True)
@@ -200,16 +204,16 @@ def main(argv=None):
     accel = "gpu" if args.device.startswith("cuda") else "cpu"
     common = ["data=cifar10", f"paths.data_dir={data}", f"paths.cache_dir={cache}", f"data.val_size={args.val}",
               f"data.batch_size={args.batch}", "model=resnet20", f"trainer.accelerator={accel}", *args.extra]
-    fit_cases = {"scratch (CLI)": ["method=scratch", f"trainer.max_epochs={args.epochs}"]}
     sskt_common = [f"trainer.max_epochs={args.sskt_epochs}", f"trainer.limit_train_batches={args.sskt_steps}",
                    "trainer.limit_val_batches=1"]
-    sskt_cases = {}
-    for n in (1, 2):
-        src = source_overrides(n, args.source_size)
-        sskt_cases[f"sskt, {n} ResNet-50 source{'s' * (n > 1)}, online"] = [*src, *sskt_common, "method.cache=off"]
-        sskt_cases[f"sskt, {n} ResNet-50 source{'s' * (n > 1)}, warm cache"] = [*src, *sskt_common,
-                                                                              "method.cache=read_write"]
-    scratch_sskt = ["method=scratch", *sskt_common]
+    sskt_cases = {}       # name -> overrides
+    for head in args.heads:
+        for n in (1, 2):
+            src = [*source_overrides(n, args.source_size), f"method.aux_head={head}", *sskt_common]
+            label = f"sskt ({head} heads), {n} ResNet-50 source{'s' * (n > 1)}"
+            if head == args.heads[0]:
+                sskt_cases[f"{label}, online"] = [*src, "method.cache=off"]
+            sskt_cases[f"{label}, warm cache"] = [*src, "method.cache=read_write"]
     results: dict[str, list[dict]] = {}
     t_all = time.perf_counter()
 
@@ -217,98 +221,106 @@ def main(argv=None):
         results.setdefault(name, []).append(value)
         print(f"  {name}: {json.dumps(value)}", flush=True)
 
-    # cold runs: fill exactly the entries the warm runs will look up (same seed, same views)
-    for name, ov in sskt_cases.items():
-        if name.endswith("warm cache"):
-            r = run_cli(args, work / "runs" / f"cold-{len(results)}-{name[:6]}", [*common, *ov], env)
-            record(name.replace("warm", "cold (filling)"), {"train_images_per_s": r["train_images_per_s"],
-                                                            "cache_stats": r["method_settings"]["cache_stats"]})
-    for rep in range(args.repeats):
-        out = subprocess.run([sys.executable, __file__, "--bare", str(data), str(args.val), str(args.batch),
-                              str(args.epochs), str(args.threads), args.device], env=env, capture_output=True,
-                             text=True, check=True)
-        record("bare loop", json.loads(out.stdout.strip().splitlines()[-1]))
-        for name, ov in fit_cases.items():
-            r = run_cli(args, work / "runs" / f"fit-{rep}", [*common, *ov], env)
-            images = (r["num_train"] // args.batch * args.batch + r["num_val"]) * args.epochs
-            record(name, {"fit_seconds": r["wall_time_s"], "fit_images_per_s": images / r["wall_time_s"],
-                          "train_images_per_s": r["train_images_per_s"]})
-        r = run_cli(args, work / "runs" / f"scratch-{rep}", [*common, *scratch_sskt], env)
-        record("scratch", {"train_images_per_s": r["train_images_per_s"]})
+    if "sskt" in args.parts:   # cold runs fill exactly the entries the warm runs look up (same seed, same views)
         for name, ov in sskt_cases.items():
-            if name.endswith("online") and rep >= args.online_repeats:
-                continue
-            r = run_cli(args, work / "runs" / f"{rep}-{name[:6]}-{len(results[name]) if name in results else 0}"
-                        .replace(" ", ""), [*common, *ov], env)
-            record(name, {"train_images_per_s": r["train_images_per_s"],
-                          "cache_stats": r["method_settings"].get("cache_stats")})
-    # the build rate: every view of a few images, one source
-    build_data = work / "build_data"
-    write_cifar10(build_data, args.build_images + 2, 10, seed=1)
-    cmd = [sys.executable, "-m", "sskt_lightning.cache", "build", "--batch-size", "256", "data=cifar10",
-           f"paths.data_dir={build_data}", f"paths.cache_dir={work / 'build_cache'}", "data.val_size=2",
-           f"trainer.accelerator={accel}", *source_overrides(1, args.source_size)]
-    shutil.rmtree(work / "build_cache", ignore_errors=True)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    match = re.search(r"= ([0-9.]+) image-views/s", proc.stdout)
-    if proc.returncode or not match:
-        raise SystemExit(f"build failed: {proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    record("cache build (1 ResNet-50)", {"image_views_per_s": float(match.group(1)),
-                                         "image_views": (args.build_images + 2) * 162})
+            if name.endswith("warm cache"):
+                r = run_cli(args, work / "runs" / f"cold {name}", [*common, *ov], env)
+                record(name.replace("warm cache", "cold cache (filling)"),
+                       {"train_images_per_s": r["train_images_per_s"], "cache_stats": r["method_settings"]["cache_stats"]})
+    for rep in range(args.repeats):
+        if "fit" in args.parts:
+            out = subprocess.run([sys.executable, __file__, "--bare", str(data), str(args.val), str(args.batch),
+                                  str(args.epochs), str(args.threads), args.device], env=env, capture_output=True,
+                                 text=True, check=True)
+            record("bare loop", json.loads(out.stdout.strip().splitlines()[-1]))
+            r = run_cli(args, work / "runs" / f"fit {rep}", [*common, "method=scratch",
+                                                            f"trainer.max_epochs={args.epochs}"], env)
+            images = (r["num_train"] // args.batch * args.batch + r["num_val"]) * args.epochs
+            record("scratch (CLI)", {"fit_seconds": r["wall_time_s"], "fit_images_per_s": images / r["wall_time_s"],
+                                     "train_images_per_s": r["train_images_per_s"]})
+        if "sskt" in args.parts:
+            r = run_cli(args, work / "runs" / f"scratch {rep}", [*common, "method=scratch", *sskt_common], env)
+            record("scratch", {"train_images_per_s": r["train_images_per_s"]})
+            for name, ov in sskt_cases.items():
+                if name.endswith("online") and rep >= args.online_repeats:
+                    continue
+                r = run_cli(args, work / "runs" / f"{name} {rep}", [*common, *ov], env)
+                record(name, {"train_images_per_s": r["train_images_per_s"],
+                              "cache_stats": r["method_settings"].get("cache_stats")})
+    if "build" in args.parts:   # the build rate: every view of a few images, one source
+        build_data = work / "build_data"
+        write_cifar10(build_data, args.build_images + 2, 10, seed=1)
+        cmd = [sys.executable, "-m", "sskt_lightning.cache", "build", "--batch-size", "256", "data=cifar10",
+               f"paths.data_dir={build_data}", f"paths.cache_dir={work / 'build_cache'}", "data.val_size=2",
+               f"trainer.accelerator={accel}", *source_overrides(1, args.source_size)]
+        shutil.rmtree(work / "build_cache", ignore_errors=True)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        match = re.search(r"= ([0-9.]+) image-views/s", proc.stdout)
+        if proc.returncode or not match:
+            raise SystemExit(f"build failed: {proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        record("cache build (1 ResNet-50)", {"image_views_per_s": float(match.group(1)),
+                                             "image_views": (args.build_images + 2) * 162})
 
     def med(name, key):
         values = [v[key] for v in results.get(name, []) if v.get(key) is not None]
         return statistics.median(values) if values else None
 
+    rows = []
     bare, harness = med("bare loop", "fit_images_per_s"), med("scratch (CLI)", "fit_images_per_s")
+    if bare:
+        rows += [("bare loop (fit: train + val)", bare, 1.0, "bare loop"),
+                 ("scratch through the CLI (fit: train + val)", harness, harness / bare, "bare loop")]
     scratch = med("scratch", "train_images_per_s")
-    rows = [("bare loop (fit: train + val)", bare, 1.0, "bare loop"),
-            ("scratch through the CLI (fit: train + val)", harness, harness / bare, "bare loop"),
-            ("scratch (training steps)", scratch, 1.0, "scratch")]
-    for name in sskt_cases:
-        ips = med(name, "train_images_per_s")
-        rows.append((name, ips, ips / scratch, "scratch"))
+    if scratch:
+        rows.append(("scratch (training steps)", scratch, 1.0, "scratch"))
+        for name in sskt_cases:
+            for variant in (name, name.replace("warm cache", "cold cache (filling)")):
+                ips = med(variant, "train_images_per_s")
+                if ips and (variant == name or variant not in dict((r[0], 0) for r in rows)):
+                    rows.append((variant, ips, ips / scratch, "scratch"))
+    rows = list(dict((r[0], r) for r in rows).values())
     build_rate = med("cache build (1 ResNet-50)", "image_views_per_s")
     payoff = {}
+    label0 = f"sskt ({args.heads[0]} heads)"
     for n in (1, 2):
         s = "s" * (n > 1)
-        online = med(f"sskt, {n} ResNet-50 source{s}, online", "train_images_per_s")
-        warm = med(f"sskt, {n} ResNet-50 source{s}, warm cache", "train_images_per_s")
-        saved_per_image_step = 1 / online - 1 / warm
+        online = med(f"{label0}, {n} ResNet-50 source{s}, online", "train_images_per_s")
+        warm = med(f"{label0}, {n} ResNet-50 source{s}, warm cache", "train_images_per_s")
+        if not (online and warm and build_rate):
+            continue
         # CIFAR recipe: a 50k-image training array (162 views each) built once; a run = 200 epochs x 45k
         build_s = n * 50_000 * 162 / build_rate
         payoff[n] = {"build_hours": build_s / 3600, "run_hours_online": 200 * 45_000 / online / 3600,
                      "run_hours_warm": 200 * 45_000 / warm / 3600,
-                     "runs_to_pay_off": build_s / (200 * 45_000 * saved_per_image_step)}
+                     "runs_to_pay_off": build_s / (200 * 45_000 * (1 / online - 1 / warm))}
     import torch
     dev = device_name(args.device)
-    head = (f"{dev} | {args.threads} thread(s) per process | load average at start/end: {load_avg_start} / "
-            f"{load_average()} | resnet20 target, batch {args.batch} | sources at {args.source_size} px | "
+    head = (f"{dev} | {args.threads} thread(s) per process | load average (1/5/15 min) at start: {load_start}, at "
+            f"end: {load_average()} | resnet20 target, batch {args.batch} | sources at {args.source_size} px | "
             f"{args.repeats} repeat(s), medians | {time.perf_counter() - t_all:.0f} s in all")
     print("\n" + head)
     print("| case | images/s | ratio | vs |\n|---|---|---|---|")
     for name, ips, ratio, vs in rows:
         print(f"| {name} | {ips:.1f} | {ratio:.2f}x | {vs} |")
-    print(f"| cache build, 1 ResNet-50 source | {build_rate:.1f} image-views/s | | |")
+    if build_rate:
+        print(f"| cache build, 1 ResNet-50 source | {build_rate:.1f} image-views/s | | |")
     for n, v in payoff.items():
         print(f"full build for {n} source(s) of a 50k-image CIFAR training array: {v['build_hours']:.1f} h; one "
-              f"200-epoch run: {v['run_hours_online']:.1f} h online, {v['run_hours_warm']:.1f} h warm -> the build "
-              f"pays for itself after {v['runs_to_pay_off']:.2f} runs")
+              f"200-epoch run (45k images): {v['run_hours_online']:.1f} h online, {v['run_hours_warm']:.1f} h warm "
+              f"-> the build pays for itself after {v['runs_to_pay_off']:.2f} runs")
     record_out = {"device": dev, "torch": torch.__version__, "threads": args.threads,
-                  "load_average_start": load_avg_start, "load_average_end": load_average(),
+                  "load_average_start": load_start, "load_average_end": load_average(),
                   "date": time.strftime("%Y-%m-%d %H:%M"),
                   "settings": {k: str(v) for k, v in vars(args).items() if k not in ("bare",)},
                   "rows": [{"case": n, "images_per_s": round(i, 1), "ratio": round(r, 3), "vs": vs}
                            for n, i, r, vs in rows],
-                  "cache_build_image_views_per_s": round(build_rate, 1), "payoff": payoff, "raw": results}
+                  "cache_build_image_views_per_s": build_rate, "payoff": payoff, "raw": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     history = json.loads(args.out.read_text()) if args.out.is_file() else []
     args.out.write_text(json.dumps([*history, record_out], indent=2))
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)
 
-
-load_avg_start = load_average()
 
 if __name__ == "__main__":
     main()

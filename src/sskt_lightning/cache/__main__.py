@@ -34,7 +34,7 @@ def _compose(overrides: list[str]):
 
 
 def _cache_dir(cfg) -> Path:
-    return Path(os.path.normpath(os.path.expanduser(str(cfg.paths.cache_dir))))
+    return Path(os.path.abspath(os.path.expanduser(str(cfg.paths.cache_dir))))
 
 
 def _human(n: float) -> str:
