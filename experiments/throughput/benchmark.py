@@ -13,7 +13,8 @@ the same network, the same in-memory uint8 images, the same on-device augmentati
 normalisation, SGD with the same settings and schedule, the same batch size, epochs and
 validation.
 
-Measures (medians over --repeats, cases interleaved so that load changes hit all of them):
+Measures (medians over --repeats, cases interleaved so that load changes hit all of them; each
+ratio is the median of the ratios within one repeat):
   * harness vs bare loop: training+validation images/s over the whole fit (`wall_time_s` of
     results.json: `trainer.fit` only, start-up and the final test excluded) vs the bare loop's
     time for the same epochs;
@@ -22,6 +23,11 @@ Measures (medians over --repeats, cases interleaved so that load changes hit all
     cache (`method.cache=read_write`, after one cold run with the same seed has filled exactly
     the (image, view) entries the warm run looks up);
   * the cache build: `python -m sskt_lightning.cache build` on a few images, image-views/s.
+Each figure comes twice: per wall-clock second and per CPU-second of the training process
+(`cpu_meter.TimingMeter`; the bare loop times itself the same way). On a machine shared with other
+work the CPU-time figures are the steadier ones; on a quiet machine the two agree (single thread).
+The harness's data-loader worker processes (`data.num_workers`) are not in its CPU time; they
+only index the in-memory uint8 arrays.
 
 Threads: every process runs with --threads intra-op threads (OMP_NUM_THREADS / torch), 1 by default.
 Prints a markdown table and appends the record to --out.
@@ -94,7 +100,7 @@ def bare_loop(data_dir: str, val: int, batch: int, epochs: int, threads: int, de
     steps = len(x_train) // batch
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     for _ in range(epochs):
         net.train()
         order = torch.randperm(len(x_train), device=dev)
@@ -115,9 +121,10 @@ def bare_loop(data_dir: str, val: int, batch: int, epochs: int, threads: int, de
         float(correct)                                   # the epoch's accuracy, on the host
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    return {"fit_seconds": seconds, "fit_images_per_s": (steps * batch + len(x_val)) * epochs / seconds,
-            "train_images": steps * batch, "val_images": len(x_val)}
+    seconds, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    images = (steps * batch + len(x_val)) * epochs
+    return {"fit_seconds": seconds, "fit_cpu_seconds": cpu, "fit_images_per_s": images / seconds,
+            "fit_images_per_cpu_s": images / cpu, "train_images": steps * batch, "val_images": len(x_val)}
 
 
 # ---------------------------------------------------------------------------------------- harness
@@ -131,7 +138,9 @@ def run_cli(args, out: Path, overrides: list[str], env: dict) -> dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    results["timing"] = json.loads((out / "timing.json").read_text())    # cpu_meter.TimingMeter
+    return results
 
 
 def source_overrides(n: int, size: int) -> list[str]:
@@ -168,7 +177,7 @@ def main(argv=None):
     p.add_argument("--val", type=int, default=1280, help="validation images")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--epochs", type=int, default=3, help="epochs of the scratch vs bare-loop comparison")
-    p.add_argument("--sskt-steps", type=int, default=10, help="training steps per epoch of the SSKT cases")
+    p.add_argument("--sskt-steps", type=int, default=25, help="training steps per epoch of the SSKT cases")
     p.add_argument("--sskt-epochs", type=int, default=2, help="SSKT epochs (the first is warm-up, not counted)")
     p.add_argument("--repeats", type=int, default=3, help="repeats of the cheap cases (medians)")
     p.add_argument("--online-repeats", type=int, default=1, help="repeats of the SSKT online cases")
@@ -199,11 +208,13 @@ def main(argv=None):
     shutil.rmtree(cache, ignore_errors=True)
     write_cifar10(data, args.train + args.val, 256)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]),
+           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(Path(__file__).parent),
+                                          os.environ.get("PYTHONPATH", "")]),
            "PYTHONWARNINGS": "ignore"}
     accel = "gpu" if args.device.startswith("cuda") else "cpu"
     common = ["data=cifar10", f"paths.data_dir={data}", f"paths.cache_dir={cache}", f"data.val_size={args.val}",
-              f"data.batch_size={args.batch}", "model=resnet20", f"trainer.accelerator={accel}", *args.extra]
+              f"data.batch_size={args.batch}", "model=resnet20", f"trainer.accelerator={accel}",
+              "+callbacks.timing._target_=cpu_meter.TimingMeter", *args.extra]
     sskt_common = [f"trainer.max_epochs={args.sskt_epochs}", f"trainer.limit_train_batches={args.sskt_steps}",
                    "trainer.limit_val_batches=1"]
     sskt_cases = {}       # name -> overrides
@@ -225,8 +236,10 @@ def main(argv=None):
         for name, ov in sskt_cases.items():
             if name.endswith("warm cache"):
                 r = run_cli(args, work / "runs" / f"cold {name}", [*common, *ov], env)
-                record(name.replace("warm cache", "cold cache (filling)"),
-                       {"train_images_per_s": r["train_images_per_s"], "cache_stats": r["method_settings"]["cache_stats"]})
+                record(name.replace("warm cache", "cold cache (filling)"), {
+                    "train_images_per_s": r["train_images_per_s"],
+                    "train_images_per_cpu_s": r["timing"]["train_images_per_s_cpu"],
+                    "cache_stats": r["method_settings"]["cache_stats"]})
     for rep in range(args.repeats):
         if "fit" in args.parts:
             out = subprocess.run([sys.executable, __file__, "--bare", str(data), str(args.val), str(args.batch),
@@ -236,16 +249,20 @@ def main(argv=None):
             r = run_cli(args, work / "runs" / f"fit {rep}", [*common, "method=scratch",
                                                             f"trainer.max_epochs={args.epochs}"], env)
             images = (r["num_train"] // args.batch * args.batch + r["num_val"]) * args.epochs
+            fit = r["timing"]["fit"]
             record("scratch (CLI)", {"fit_seconds": r["wall_time_s"], "fit_images_per_s": images / r["wall_time_s"],
+                                     "fit_cpu_seconds": fit["cpu"], "fit_images_per_cpu_s": images / fit["cpu"],
                                      "train_images_per_s": r["train_images_per_s"]})
         if "sskt" in args.parts:
             r = run_cli(args, work / "runs" / f"scratch {rep}", [*common, "method=scratch", *sskt_common], env)
-            record("scratch", {"train_images_per_s": r["train_images_per_s"]})
+            record("scratch", {"train_images_per_s": r["train_images_per_s"],
+                               "train_images_per_cpu_s": r["timing"]["train_images_per_s_cpu"]})
             for name, ov in sskt_cases.items():
                 if name.endswith("online") and rep >= args.online_repeats:
                     continue
                 r = run_cli(args, work / "runs" / f"{name} {rep}", [*common, *ov], env)
                 record(name, {"train_images_per_s": r["train_images_per_s"],
+                              "train_images_per_cpu_s": r["timing"]["train_images_per_s_cpu"],
                               "cache_stats": r["method_settings"].get("cache_stats")})
     if "build" in args.parts:   # the build rate: every view of a few images, one source
         build_data = work / "build_data"
@@ -265,20 +282,30 @@ def main(argv=None):
         values = [v[key] for v in results.get(name, []) if v.get(key) is not None]
         return statistics.median(values) if values else None
 
-    rows = []
-    bare, harness = med("bare loop", "fit_images_per_s"), med("scratch (CLI)", "fit_images_per_s")
-    if bare:
-        rows += [("bare loop (fit: train + val)", bare, 1.0, "bare loop"),
-                 ("scratch through the CLI (fit: train + val)", harness, harness / bare, "bare loop")]
-    scratch = med("scratch", "train_images_per_s")
-    if scratch:
-        rows.append(("scratch (training steps)", scratch, 1.0, "scratch"))
+    def paired(name, base, key):
+        """Median over repeats of case / baseline, each pair from the same repeat (load drifts)."""
+        pairs = [(v[key], b[key]) for v, b in zip(results.get(name, []), results.get(base, []))
+                 if v.get(key) and b.get(key)]
+        return statistics.median(a / b for a, b in pairs) if pairs else None
+
+    rows = []      # (case, img/s wall, ratio wall, img/s cpu, ratio cpu, baseline)
+    if "bare loop" in results:
+        rows.append(("bare loop (fit: train + val)", med("bare loop", "fit_images_per_s"), 1.0,
+                     med("bare loop", "fit_images_per_cpu_s"), 1.0, "bare loop"))
+        rows.append(("scratch through the CLI (fit: train + val)", med("scratch (CLI)", "fit_images_per_s"),
+                     paired("scratch (CLI)", "bare loop", "fit_images_per_s"),
+                     med("scratch (CLI)", "fit_images_per_cpu_s"),
+                     paired("scratch (CLI)", "bare loop", "fit_images_per_cpu_s"), "bare loop"))
+    if "scratch" in results:
+        rows.append(("scratch (training steps)", med("scratch", "train_images_per_s"), 1.0,
+                     med("scratch", "train_images_per_cpu_s"), 1.0, "scratch"))
         for name in sskt_cases:
-            for variant in (name, name.replace("warm cache", "cold cache (filling)")):
-                ips = med(variant, "train_images_per_s")
-                if ips and (variant == name or variant not in dict((r[0], 0) for r in rows)):
-                    rows.append((variant, ips, ips / scratch, "scratch"))
-    rows = list(dict((r[0], r) for r in rows).values())
+            for variant in (name.replace("warm cache", "cold cache (filling)"), name):
+                if variant in results and variant not in [r[0] for r in rows]:
+                    rows.append((variant, med(variant, "train_images_per_s"),
+                                 paired(variant, "scratch", "train_images_per_s"),
+                                 med(variant, "train_images_per_cpu_s"),
+                                 paired(variant, "scratch", "train_images_per_cpu_s"), "scratch"))
     build_rate = med("cache build (1 ResNet-50)", "image_views_per_s")
     payoff = {}
     label0 = f"sskt ({args.heads[0]} heads)"
@@ -297,13 +324,14 @@ def main(argv=None):
     dev = device_name(args.device)
     head = (f"{dev} | {args.threads} thread(s) per process | load average (1/5/15 min) at start: {load_start}, at "
             f"end: {load_average()} | resnet20 target, batch {args.batch} | sources at {args.source_size} px | "
-            f"{args.repeats} repeat(s), medians | {time.perf_counter() - t_all:.0f} s in all")
+            f"{args.repeats} repeat(s); medians, ratios paired within a repeat | {time.perf_counter() - t_all:.0f} s in all")
     print("\n" + head)
-    print("| case | images/s | ratio | vs |\n|---|---|---|---|")
-    for name, ips, ratio, vs in rows:
-        print(f"| {name} | {ips:.1f} | {ratio:.2f}x | {vs} |")
+    fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
+    print("| case | images/s (wall) | ratio (wall) | images per CPU-second | ratio (CPU) | vs |\n|---|---|---|---|---|---|")
+    for name, ips, ratio, cps, cratio, vs in rows:
+        print(f"| {name} | {fmt(ips, '.1f')} | {fmt(ratio, '.2f')}x | {fmt(cps, '.1f')} | {fmt(cratio, '.2f')}x | {vs} |")
     if build_rate:
-        print(f"| cache build, 1 ResNet-50 source | {build_rate:.1f} image-views/s | | |")
+        print(f"| cache build, 1 ResNet-50 source | {build_rate:.1f} image-views/s | | | | |")
     for n, v in payoff.items():
         print(f"full build for {n} source(s) of a 50k-image CIFAR training array: {v['build_hours']:.1f} h; one "
               f"200-epoch run (45k images): {v['run_hours_online']:.1f} h online, {v['run_hours_warm']:.1f} h warm "
@@ -312,8 +340,8 @@ def main(argv=None):
                   "load_average_start": load_start, "load_average_end": load_average(),
                   "date": time.strftime("%Y-%m-%d %H:%M"),
                   "settings": {k: str(v) for k, v in vars(args).items() if k not in ("bare",)},
-                  "rows": [{"case": n, "images_per_s": round(i, 1), "ratio": round(r, 3), "vs": vs}
-                           for n, i, r, vs in rows],
+                  "rows": [{"case": n, "images_per_s": i, "ratio": r, "images_per_cpu_s": c, "ratio_cpu": cr, "vs": vs}
+                           for n, i, r, c, cr, vs in rows],
                   "cache_build_image_views_per_s": build_rate, "payoff": payoff, "raw": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     history = json.loads(args.out.read_text()) if args.out.is_file() else []
