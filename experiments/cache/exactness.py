@@ -9,7 +9,7 @@ crop + flip, as in training) go through the source online and through a real sto
 at T = 1 and T = 3, mean and max over the pairs, for the fp16 layout (all logits) and for top-k
 layouts. Sources: ResNet-50 (1000 classes, 74 px) with random weights in two regimes - timm's
 default initialisation (zero-initialised last BatchNorm of each block: nearly flat logits) and
-``zero_init_last=False`` (very peaked logits) - which bracket a pretrained net; a random
+``zero_init_last=False`` (logits with a spread of about 11) - which bracket a pretrained net; a random
 10-class CIFAR ResNet-20; and the 10-class Fashion-MNIST source trained in part 2, on real
 Fashion-MNIST images.
 
@@ -175,7 +175,7 @@ def main(argv=None):
                     "std": DATASET_STATS["fashion_mnist"][1]}
     trained = build_source(SourceSpec(key="fashion", weights=str(ckpt), pretrained=False), fashion_info)
     sources = {"resnet50 random (timm init: flat)": (resnet50(), "cifar"),
-               "resnet50 random (zero_init_last=False: peaked)": (resnet50(zero_init_last=False), "cifar"),
+               "resnet50 random (zero_init_last=False: large logits)": (resnet50(zero_init_last=False), "cifar"),
                "cifar_resnet20 random, 10 classes": (r20, "cifar"),
                f"fashion source trained {args.source_epochs} ep, 10 classes": (trained, "fashion")}
     kl = kl_part(sources, images, args.pairs, work / "kl_store")
