@@ -233,10 +233,10 @@ def test_cached_logits_equal_online_logits_for_random_image_views(tmp_path, cifa
     args = overrides(cifar_dir, tmp_path / "cache", "data.augment_pad=1")
     assert cache_cli(["build", "--batch-size", "512", *args]) == 0
     cfg = compose_config(args, tmp_path / "run")
+    import lightning as L
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    import lightning as L
     from sskt_lightning.module import TransferModule
     from sskt_lightning.train import data_info_of
     L.seed_everything(cfg.seed)

@@ -111,13 +111,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     import timm
+    from two_stage import COARSE_MAP, source_overrides, sskt_overrides, target_overrides
 
     from sskt_lightning.compose import compose_config
     from sskt_lightning.data.datamodule import DATASET_STATS, IMAGENET_MEAN, IMAGENET_STD
     from sskt_lightning.data.formats import read_fashion_mnist
     from sskt_lightning.sources import FrozenSource, InputAdapter, SourceSpec, build_source
     from sskt_lightning.train import run
-    from two_stage import COARSE_MAP, sskt_overrides, source_overrides, target_overrides
 
     work = args.work or Path(tempfile.mkdtemp(prefix="sskt_exactness_"))
     start = time.perf_counter()

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sskt_lightning.cache.store import GIB, META, TMP_PREFIX, disk_usage, list_stores
+from sskt_lightning.cache.store import META, TMP_PREFIX, disk_usage, list_stores
 
 USAGE = __doc__
 

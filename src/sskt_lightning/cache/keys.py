@@ -26,8 +26,17 @@ import numpy as np
 import torch
 
 from sskt_lightning.cache.store import (
-    FORMAT_VERSION, GIB, META, Layout, SoftLabelStore, array_digest, choose_layout, describe_difference,
-    list_stores, store_path)
+    FORMAT_VERSION,
+    GIB,
+    META,
+    Layout,
+    SoftLabelStore,
+    array_digest,
+    choose_layout,
+    describe_difference,
+    list_stores,
+    store_path,
+)
 from sskt_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
