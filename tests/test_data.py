@@ -407,8 +407,8 @@ def test_unlabeled_pool_loader(cifar_root):
     batch = {"labeled": next(iter(loaders["labeled"])), "unlabeled": unl}
     dm.trainer = SimpleNamespace(training=True)
     out = dm.on_after_batch_transfer(batch, 0)
-    assert out["labeled"][0].dtype == torch.float32 and len(out["labeled"]) == 3
-    assert out["unlabeled"][0].dtype == torch.float32 and len(out["unlabeled"]) == 2
+    assert out["labeled"][0].dtype == torch.float32 and len(out["labeled"]) == 4      # (x, y, index, view)
+    assert out["unlabeled"][0].dtype == torch.float32 and len(out["unlabeled"]) == 3  # (x, index, view)
 
 
 def test_unlabeled_without_pool_is_config_error(cifar_root):
@@ -466,8 +466,8 @@ def test_lightning_fit_with_combined_loader(cifar_root):
             self.lin = torch.nn.Linear(3, 10)
 
         def training_step(self, batch, batch_idx):
-            x, y, idx = batch["labeled"]
-            xu, idx_u = batch["unlabeled"]
+            x, y, idx, view = batch["labeled"]
+            xu, idx_u, view_u = batch["unlabeled"]
             seen.append((x.dtype, xu.dtype, len(batch["unlabeled"]), float(x.mean())))
             return torch.nn.functional.cross_entropy(self.lin(x.mean((2, 3))), y)
 
@@ -484,6 +484,6 @@ def test_lightning_fit_with_combined_loader(cifar_root):
     trainer.fit(Probe(), datamodule=dm)
     train_steps = [s for s in seen if s[0] != "val"]
     assert len(train_steps) == 3
-    assert all(s[:3] == (torch.float32, torch.float32, 2) for s in train_steps)
+    assert all(s[:3] == (torch.float32, torch.float32, 3) for s in train_steps)
     assert all(abs(s[3]) < 3 for s in train_steps)  # normalised, not 0..255
     assert ("val", torch.float32) in seen

@@ -63,11 +63,11 @@ def test_training_step_loss_matches_hand_computation():
     t = torch.tensor([[1.0, 0.5, 0.0], [0.0, 0.0, 3.0]], requires_grad=True)
     y = torch.tensor([0, 2])
     logged = {}
-    fake = SimpleNamespace(target=lambda x: NetOutput(z), sources=lambda x, idx: [t], multi_label=False,
+    fake = SimpleNamespace(target=lambda x: NetOutput(z), sources=lambda x, idx, view: [t], multi_label=False,
                            task_loss=lambda logits, labels: task_loss(logits, labels),
                            log_train=lambda parts, logits, labels: logged.update(parts))
     method = KD(alpha=0.9, temperature=4.0)
-    loss = method.training_step(fake, (torch.zeros(2, 3, 4, 4), y, torch.arange(2)))
+    loss = method.training_step(fake, (torch.zeros(2, 3, 4, 4), y, torch.arange(2), torch.zeros(2, dtype=torch.long)))
     assert loss.item() == pytest.approx(0.9685925525, rel=1e-6)
     assert logged["loss"].item() == pytest.approx(0.9685925525, rel=1e-6)
     assert logged["task_loss"].item() == pytest.approx(0.8606453667, rel=1e-6)

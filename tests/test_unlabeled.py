@@ -34,9 +34,9 @@ def test_unlabeled_images_reach_only_the_aux_loss(tmp_path, cifar_dir):
         seen["task"].append((logits.shape[0], y.max().item()))
         return task_loss(logits, y)
 
-    def spy_sources(x, index=None):
+    def spy_sources(x, index=None, *args):
         seen["source"].append(set(index.tolist()))
-        return sources_forward(x, index)
+        return sources_forward(x, index, *args)
 
     module.task_loss = spy_task
     module.sources.forward = spy_sources

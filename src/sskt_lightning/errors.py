@@ -31,3 +31,8 @@ class OutputError(SSKTError, OSError):
 
 class NonFiniteError(SSKTError, ArithmeticError):
     """Training produced a non-finite loss or non-finite weights; the run was stopped."""
+
+
+class CacheError(SSKTError, RuntimeError):
+    """The soft-label cache cannot be used as asked (a damaged or foreign store, an unwritable
+    cache directory, a key that does not match)."""

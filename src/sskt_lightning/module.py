@@ -7,9 +7,11 @@ from collections.abc import Iterable, Mapping
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from sskt_lightning.errors import SSKTError
 from sskt_lightning.guard import NonFiniteGuard, check_weights_finite
 from sskt_lightning.losses import task_loss
 from sskt_lightning.methods.base import Method
@@ -70,7 +72,13 @@ class TransferModule(L.LightningModule):
         self.multi_label = bool(data_info.get("multi_label", False))
 
         method_cfg = {k: v for k, v in OmegaConf.to_container(cfg.method).items() if k != "name"}
-        self.method: Method = instantiate(method_cfg, _convert_="all")
+        try:
+            self.method: Method = instantiate(method_cfg, _convert_="all")
+        except InstantiationException as err:   # a method's own ConfigError, not Hydra's wrapper
+            if isinstance(err.__cause__, SSKTError):
+                raise err.__cause__ from None
+            raise
+
         self.automatic_optimization = self.method.automatic_optimization
         net = create_network(self.model_name, data_info["num_classes"], data_info["in_chans"],
                              pretrained=bool(cfg.model.get("pretrained", False)),
@@ -126,6 +134,11 @@ class TransferModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         self.method.on_train_batch_end(self)
+    def on_fit_start(self):
+        self.method.on_fit_start(self)     # e.g. open the soft-label cache
+
+    def on_fit_end(self):
+        self.method.on_fit_end(self)
 
     def log_train(self, parts: Mapping[str, torch.Tensor], logits=None, labels=None) -> None:
         """Log the step's loss terms under ``train/`` (every ``trainer.log_every_n_steps``) and their
@@ -194,7 +207,7 @@ class TransferModule(L.LightningModule):
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, batch, stage: str):
-        x, y, _ = batch
+        x, y, *_ = batch
         logits = self.target(x).logits
         metric = self.val_metric if stage == "val" else self.test_metric
         metric.update(logits, y.int() if self.multi_label else y)

@@ -6,8 +6,10 @@ class count comes from the weights. It never trains: no gradients, no optimizer,
 ``bn_mode='train'`` (the reference code's behaviour: BatchNorm uses batch statistics and its
 running stats drift, weights stay fixed).
 
-All sources are called through one seam, :meth:`SourceBank.forward` (images and their sample
-indices in, one logits tensor per source out), so a soft-label cache can answer instead later.
+All sources are called through one seam, :meth:`SourceBank.forward` (images, their sample indices
+and view ids in, one logits tensor per source out). With a soft-label cache attached
+(``method.cache``, :mod:`sskt_lightning.cache`) the bank answers ``(stream, index, view)`` from the
+cache and runs a network only on the misses.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -74,6 +77,15 @@ class InputAdapter(nn.Module):
         self.register_buffer("data_std", as_buf(data_std), persistent=False)
         self.register_buffer("src_mean", as_buf(src_mean), persistent=False)
         self.register_buffer("src_std", as_buf(src_std), persistent=False)
+
+    def signature(self) -> dict:
+        """Everything the adapted image depends on besides the input (part of a cache key)."""
+        channels = ("same" if self.c_in == self.c_out else
+                    "expand 1->3" if (self.c_in, self.c_out) == (1, 3) else "mean 3->1")
+        return {"type": "InputAdapter", "size": self.size, "interpolation": "bilinear",
+                "align_corners": False, "antialias": "when downsampling", "channels": channels,
+                "data_mean": self.data_mean.flatten().tolist(), "data_std": self.data_std.flatten().tolist(),
+                "src_mean": self.src_mean.flatten().tolist(), "src_std": self.src_std.flatten().tolist()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x * self.data_std + self.data_mean                 # back to [0, 1] pixels
@@ -160,17 +172,34 @@ class FrozenSource(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.adapter(x))
 
+    def signature(self) -> dict:
+        """Everything this source's logits depend on besides the input image: the architecture,
+        a content hash of its weights (parameters and buffers), its BatchNorm mode and its input
+        adapter's signature (part of a cache key; hashing ResNet-50's weights takes ~0.3 s)."""
+        from sskt_lightning.cache.store import digest_of, tensors_digest
+        net = self.net
+        return {"architecture": f"{type(net).__module__}.{type(net).__qualname__}",
+                "module_tree_sha256": digest_of(repr(net)), "num_classes": self.num_classes,
+                "weights_sha256": tensors_digest(sorted(net.state_dict().items())),
+                "bn_mode": self.bn_mode, "adapter": self.adapter.signature()}
+
 
 class SourceBank(nn.Module):
-    """All frozen sources of a run. ``forward(images, index)`` -> one logits tensor per source.
+    """All frozen sources of a run: ``forward(images, index, view, stream)`` -> one logits tensor
+    per source. The one seam through which every frozen network labels images.
 
-    ``index`` (the batch's sample indices) is unused by the networks; it is the key a soft-label
-    cache would use in place of running them.
+    Without a cache the networks run on ``images`` (``index``/``view`` unused). With a cache
+    attached (:meth:`attach_cache`, done by :func:`sskt_lightning.cache.attach` when
+    ``method.cache`` is on) each source answers ``(stream, index[i], view[i])`` from its store
+    and runs only on the misses (stored when the cache is writable); every answer, hit or miss,
+    is the stored precision's value, so a cold and a warm cache give the same numbers.
     """
 
     def __init__(self, sources: Sequence[FrozenSource]):
         super().__init__()
         self.sources = nn.ModuleDict({s.key: s for s in sources})
+        self._stores: dict[str, list] = {}       # stream -> one store per source (not module state)
+        self._write, self._temperature = False, 1.0
 
     def __len__(self) -> int:
         return len(self.sources)
@@ -179,7 +208,88 @@ class SourceBank(nn.Module):
     def num_classes(self) -> list[int]:
         return [s.num_classes for s in self.sources.values()]
 
-    def forward(self, x: torch.Tensor, index: torch.Tensor | None = None) -> list[torch.Tensor]:
+    # ------------------------------------------------------------------ the cache
+    @property
+    def cached(self) -> bool:
+        return bool(self._stores)
+
+    def attach_cache(self, stores: Mapping[str, Sequence], write: bool, temperature: float = 1.0) -> None:
+        """``stores``: stream name (``labeled``, ``unlabeled``) -> one store per source, in order;
+        ``temperature``: the T at which the caller softens the logits (a top-k layout rebuilds
+        its tail for that T; full fp16 logits do not depend on it)."""
+        for stream, per_source in stores.items():
+            if len(per_source) != len(self.sources):
+                raise ConfigError(f"cache: stream {stream!r} has {len(per_source)} stores for "
+                                  f"{len(self.sources)} sources")
+        self._stores, self._write, self._temperature = dict(stores), bool(write), float(temperature)
+
+    def detach_cache(self) -> dict:
+        """Commit and close every store; returns each store's hit/miss counts by source."""
+        stats, closed = {}, set()
+        for per_source in self._stores.values():
+            for key, store in zip(self.sources, per_source):
+                if id(store) not in closed:
+                    closed.add(id(store))
+                    store.close()                     # commits what is pending
+                    stats.setdefault(key, []).append(store.stats())
+        self._stores = {}
+        return stats
+
+    def _segments(self, n: int, stream) -> list[tuple[str, int, int]]:
+        if isinstance(stream, str):
+            return [(stream, 0, n)]
+        out, start = [], 0
+        for name, count in stream:
+            out.append((name, start, start + int(count)))
+            start += int(count)
+        if start != n:
+            raise ValueError(f"stream segments cover {start} samples, the batch has {n}")
+        return out
+
+    def _cached_forward(self, x, index, view, stream) -> list[torch.Tensor]:
+        if index is None or view is None:
+            raise ConfigError("method.cache needs each batch's sample index and view id: batches "
+                              "(x, y, index, view) from sskt_lightning's ImageDataModule.")
+        idx, vw = index.cpu().numpy(), view.cpu().numpy()
+        segments = self._segments(len(x), stream)
+        for name, _, _ in segments:
+            if name not in self._stores:
+                raise ConfigError(f"cache: no store for the {name!r} stream (have {sorted(self._stores)})")
+        outputs = []
+        for k, source in enumerate(self.sources.values()):
+            out = torch.empty(len(x), source.num_classes, device=x.device)
+            hit = np.zeros(len(x), dtype=bool)
+            for name, a, b in segments:
+                store = self._stores[name][k]
+                seg_hit, rows = store.lookup(idx[a:b], vw[a:b])
+                if rows.shape[0]:
+                    out[a:b][torch.from_numpy(seg_hit).to(x.device)] = store.layout.decode(
+                        rows, x.device, self._temperature)
+                hit[a:b] = seg_hit
+            if not hit.all():
+                miss = np.flatnonzero(~hit)
+                logits = source(x[torch.from_numpy(miss).to(x.device)])
+                for name, a, b in segments:
+                    store = self._stores[name][k]
+                    sel = (miss >= a) & (miss < b)
+                    if sel.any():
+                        rows = store.layout.encode(logits[torch.from_numpy(sel).to(x.device)])
+                        out[torch.from_numpy(miss[sel]).to(x.device)] = store.layout.decode(
+                            rows, x.device, self._temperature)
+                        if self._write:
+                            store.put(idx[miss[sel]], vw[miss[sel]], rows)
+            outputs.append(out)
+        return outputs
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor | None = None, view: torch.Tensor | None = None,
+                stream: str | Sequence[tuple[str, int]] = "labeled") -> list[torch.Tensor]:
+        """One logits tensor per source for images ``x`` (normalised, augmented).
+
+        ``index``/``view``: each sample's index in its split's image array and its view id;
+        ``stream``: which stream the samples come from (``"labeled"``, ``"unlabeled"``), or
+        ``[(stream, count), ...]`` for a batch concatenated from several streams."""
+        if self._stores:
+            return self._cached_forward(x, index, view, stream)
         return [s(x) for s in self.sources.values()]
 
 

@@ -478,16 +478,31 @@ class ImageDataModule(L.LightningDataModule):
         return bool(trainer is not None and trainer.training)
 
     def prepare_batch(self, batch: Any, augment: bool = False) -> Any:
-        """uint8 images -> (augmented if `augment`) normalised float; dicts handled per stream."""
+        """uint8 images -> (augmented if `augment`) normalised float, plus each sample's view id
+        (`BatchAugment`: which crop offset and flip it got; the identity view when not augmenting)
+        appended to the batch: `(x, y, index)` -> `(x, y, index, view)`, `(x, index)` ->
+        `(x, index, view)`; dicts per stream. Index and view name the exact input a frozen source
+        sees: the soft-label cache (`sskt_lightning.cache`) is keyed by them."""
         if isinstance(batch, dict):
             return {k: self.prepare_batch(v, augment) for k, v in batch.items()}
         images, *rest = batch
         if augment:
-            images = self.augment(images)
+            images, view = self.augment(images, return_view=True)
+        else:
+            view = torch.full((images.shape[0],), self.augment.identity_view, dtype=torch.int64,
+                              device=images.device)
         if images.dtype == torch.uint8:
             images = normalize(images, self.mean, self.std)
-        return (images, *rest)
+        return (images, *rest, view)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Normalise on the device; augment only while the trainer is training."""
         return self.prepare_batch(batch, augment=self._training())
+
+    def source_streams(self) -> dict[str, tuple[str, torch.Tensor]]:
+        """For the soft-label cache: stream -> (split name, the image array its indices point into)."""
+        streams = {"labeled": ("train", self.train_arrays.images)}
+        if self.unlabeled:
+            split = "unlabeled" if self._unlabeled_kind() == "split" else "train"
+            streams["unlabeled"] = (split, self._unlabeled_images)
+        return streams

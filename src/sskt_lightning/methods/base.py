@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 
 def split_batch(batch):
-    """``(x, y, idx)`` from a plain batch, or from the ``labeled`` part of a dict batch."""
+    """``(x, y, index, view)`` from a plain batch, or from the ``labeled`` part of a dict batch
+    (``view``: each sample's augmentation view id, see ``ImageDataModule.prepare_batch``)."""
     return batch["labeled"] if isinstance(batch, dict) else batch
 
 
@@ -38,6 +39,12 @@ class Method(nn.Module):
     def configure_optimizers(self, module: TransferModule):
         """Default: one optimizer (``cfg.optim``) over every trainable parameter of the module."""
         return module.default_optimizers(p for p in module.parameters() if p.requires_grad)
+
+    def on_fit_start(self, module: TransferModule) -> None:
+        """Before the first training step, with the trainer and its data module at hand."""
+
+    def on_fit_end(self, module: TransferModule) -> None:
+        """After training (not after a failure)."""
 
     def on_train_epoch_end(self, module: TransferModule) -> None:
         """Manual optimization: Lightning does not step schedulers; step the per-epoch ones here."""

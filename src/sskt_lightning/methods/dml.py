@@ -175,7 +175,7 @@ class DML(Method):
         optimizer.step()
 
     def training_step(self, module, batch):
-        x, y, _ = split_batch(batch)
+        x, y, *_ = split_batch(batch)
         optimizers = module.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         nets, modules = self.networks(module), self.cohort(module)

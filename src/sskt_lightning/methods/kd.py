@@ -20,6 +20,7 @@ import torch
 from sskt_lightning.errors import ConfigError
 from sskt_lightning.losses import kd_loss, kl_divergence
 from sskt_lightning.methods.base import Method, split_batch
+from sskt_lightning.methods.source_cache import SourceCacheOptions
 
 _FIX_COUNT = ("Give one: source=[checkpoint] source.checkpoint.weights=/path/to/teacher.ckpt (a run of "
               "this project on the target's classes), or any single source whose classes are the "
@@ -32,12 +33,14 @@ def _names_preview(names, limit: int = 6) -> str:
     return f"[{shown}{', ...' if len(names) > limit else ''}]"
 
 
-class KD(Method):
+class KD(SourceCacheOptions, Method):
     name = "kd"
     needs_sources = True
 
-    def __init__(self, alpha: float = 0.9, temperature: float = 4.0):
+    def __init__(self, alpha: float = 0.9, temperature: float = 4.0, cache: str = "off",
+                 cache_budget_gb: float = 16.0, cache_topk: int | None = None):
         super().__init__()
+        self.init_cache(cache, cache_budget_gb, cache_topk)
         if not 0.0 <= float(alpha) <= 1.0:
             raise ConfigError(f"method.alpha={alpha}: the KD weight must lie in [0, 1] "
                               "(L = (1 - alpha) * CE + alpha * T^2 * KL).")
@@ -86,12 +89,12 @@ class KD(Method):
         return loss, {"loss": loss, "task_loss": task, "kd_loss": kd}
 
     def training_step(self, module, batch):
-        x, y, idx = split_batch(batch)
+        x, y, idx, view = split_batch(batch)
         logits = module.target(x).logits
-        teacher = module.sources(x, idx)[0]     # FrozenSource: no_grad, eval mode
+        teacher = module.sources(x, idx, view)[0]   # FrozenSource (no_grad, eval), or its cache
         loss, parts = self.loss(module, logits, teacher, y)
         module.log_train(parts, logits, y)
         return loss
 
     def describe(self):
-        return {"alpha": self.alpha, "temperature": self.temperature}
+        return {"alpha": self.alpha, "temperature": self.temperature, **self.describe_cache()}

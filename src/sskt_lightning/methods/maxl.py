@@ -446,7 +446,7 @@ class MAXL(Method):
 
     def training_step(self, module, batch):
         self._resolve_meta(module)
-        x, y, _ = split_batch(batch)
+        x, y, *_ = split_batch(batch)
         do_multitask = self.alternate == "step" or module.current_epoch % 2 == 0
         do_meta = self.alternate == "step" or module.current_epoch % 2 == 1
         parts: dict[str, torch.Tensor] = {}

@@ -8,7 +8,7 @@ class Scratch(Method):
     name = "scratch"
 
     def training_step(self, module, batch):
-        x, y, _ = split_batch(batch)
+        x, y, *_ = split_batch(batch)
         logits = module.target(x).logits
         loss = module.task_loss(logits, y)
         module.log_train({"loss": loss}, logits, y)

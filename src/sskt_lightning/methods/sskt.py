@@ -3,9 +3,10 @@ predicts it through one auxiliary head per source, next to its own task.
 
     L = L_task(z, y) + alpha * sum_s L_aux(a_s, t_s)           (formula: losses.sskt_loss)
 
-With ``unlabeled=True`` the batch is ``{"labeled": (x, y, idx), "unlabeled": (x_u, idx_u)}``: the
-auxiliary loss runs on both streams, the task loss only on the labeled images (the unlabeled stream
-carries no labels at all).
+With ``unlabeled=True`` the batch is ``{"labeled": (x, y, idx, view), "unlabeled": (x_u, idx_u,
+view_u)}``: the auxiliary loss runs on both streams, the task loss only on the labeled images (the
+unlabeled stream carries no labels at all). The sources label both streams through the one seam,
+``module.sources`` (with ``cache`` on, from the soft-label cache: :mod:`sskt_lightning.cache`).
 """
 from __future__ import annotations
 
@@ -16,17 +17,20 @@ from sskt_lightning.errors import ConfigError
 from sskt_lightning.heads import TM_WIDTHS, build_head
 from sskt_lightning.losses import AUX_LOSSES, aux_kl, sskt_loss
 from sskt_lightning.methods.base import Method
+from sskt_lightning.methods.source_cache import SourceCacheOptions
 
 
-class SSKT(Method):
+class SSKT(SourceCacheOptions, Method):
     name = "sskt"
     needs_sources = True
 
     def __init__(self, alpha: float = 0.1, temperature: float = 3.0, aux_loss: str = "ce",
                  aux_head: str = "transfer_module", source_bn: str = "eval",
                  tm_out: int | None = None, tm_mid: int | None = None, unlabeled: bool = False,
-                 tm_width: str = "auto", tm_bias: bool = False):
+                 tm_width: str = "auto", tm_bias: bool = False,
+                 cache: str = "off", cache_budget_gb: float = 16.0, cache_topk: int | None = None):
         super().__init__()
+        self.init_cache(cache, cache_budget_gb, cache_topk, source_bn)
         if aux_loss not in AUX_LOSSES:
             raise ConfigError(f"method.aux_loss={aux_loss!r}; choose one of {sorted(AUX_LOSSES)}.")
         if aux_head not in ("linear", "transfer_module"):
@@ -50,19 +54,21 @@ class SSKT(Method):
                                          self.tm_width, self.tm_bias))
 
     def training_step(self, module, batch):
+        stream = "labeled"
         if isinstance(batch, dict):
-            x, y, idx = batch["labeled"]
+            x, y, idx, view = batch["labeled"]
             if "unlabeled" in batch:
-                xu, idxu = batch["unlabeled"]
-                x, idx = torch.cat([x, xu]), torch.cat([idx, idxu])
+                xu, idxu, viewu = batch["unlabeled"]
+                stream = [("labeled", len(x)), ("unlabeled", len(xu))]
+                x, idx, view = torch.cat([x, xu]), torch.cat([idx, idxu]), torch.cat([view, viewu])
         elif self.unlabeled:
             raise ConfigError("method.unlabeled=true needs data.unlabeled=true (a second, unlabeled stream).")
         else:
-            x, y, idx = batch
+            x, y, idx, view = batch
         n = y.shape[0]
         out = module.target(x)
         task = module.task_loss(out.logits[:n], y)
-        targets = module.sources(x, idx)
+        targets = module.sources(x, idx, view, stream)
         aux = [head(out) for head in self.heads]
         loss, terms = sskt_loss(task, aux, targets, self.alpha, self.aux_loss, self.temperature)
         parts = {"loss": loss, "task_loss": task}
@@ -73,7 +79,11 @@ class SSKT(Method):
         module.log_train(parts, out.logits[:n], y)
         return loss
 
+    @property
+    def cache_temperature(self) -> float:
+        return 1.0 if self.aux_loss == "focal" else self.temperature     # focal: softmax at T = 1
+
     def describe(self):
         return {"alpha": self.alpha, "temperature": self.temperature, "aux_loss": self.aux_loss,
                 "aux_head": self.aux_head, "source_bn": self.source_bn, "unlabeled": self.unlabeled,
-                "tm_width": self.tm_width, "tm_bias": self.tm_bias}
+                "tm_width": self.tm_width, "tm_bias": self.tm_bias, **self.describe_cache()}

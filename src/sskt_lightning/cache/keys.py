@@ -1,0 +1,203 @@
+"""What a soft-label store is keyed by, and how a run's source bank gets its stores.
+
+A store holds one source's logits for every (image, view) of one image array. Its key is
+everything those logits depend on:
+
+  * the source: architecture, a content hash of its weights, its BatchNorm mode, its input
+    adapter's signature (size, interpolation, antialias, channels, normalisation statistics);
+  * the data: dataset name, split, the image array's dtype, shape and content hash;
+  * the augmentation: pad, flip (the view space and how view ids are numbered);
+  * the precision the source runs at (``trainer.precision``) and the storage layout;
+  * this code's store format version.
+
+A store whose key differs is another store: a changed source, adapter, dataset or augmentation
+never reads an old entry; it fills (or builds) its own store, and the log says which fields
+differ from the stores already there.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sskt_lightning.cache.store import (
+    FORMAT_VERSION,
+    GIB,
+    META,
+    Layout,
+    SoftLabelStore,
+    array_digest,
+    choose_layout,
+    describe_difference,
+    list_stores,
+    store_path,
+)
+from sskt_lightning.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MODES = ("off", "read_write", "read_only")
+# trainer.precision spellings -> Lightning's canonical names
+_PRECISION = {"32": "32-true", "32-true": "32-true", "64": "64-true", "64-true": "64-true",
+              "16": "16-mixed", "16-mixed": "16-mixed", "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed",
+              "16-true": "16-true", "bf16-true": "bf16-true"}
+
+
+def cache_mode(mode, source_bn: str = "eval") -> str:
+    """``method.cache`` as one of :data:`MODES` (YAML's ``off``/``false``/null read as off);
+    refuses a cache with ``source_bn=train``."""
+    mode = "off" if mode in (None, False, "false", "False", "none", "None") else str(mode)
+    if mode not in MODES:
+        raise ConfigError(f"method.cache={mode!r}; choose one of {MODES}: off (no cache), read_write (look "
+                          "up, run and store the misses), read_only (look up, run the misses, store nothing).")
+    if mode != "off" and source_bn == "train":
+        raise ConfigError(
+            f"method.cache={mode} cannot be used with method.source_bn=train: in train mode a source's "
+            "BatchNorm normalises with the statistics of the whole batch (and its running statistics "
+            "drift), so an image's soft label depends on the other images in its batch and cannot be "
+            "cached per image. Use method.source_bn=eval, or method.cache=off.")
+    return mode
+
+
+def precision_name(precision) -> str:
+    name = _PRECISION.get(str(precision))
+    if name is None:
+        raise ConfigError(f"the soft-label cache does not know trainer.precision={precision!r}; use one "
+                          f"of {sorted(set(_PRECISION.values()))} or method.cache=off.")
+    return name
+
+
+@dataclass
+class StreamData:
+    """The image array one stream's sample indices point into."""
+    dataset: str
+    split: str
+    images: torch.Tensor
+
+    def key(self) -> dict:
+        return {"dataset": self.dataset, "split": self.split, "dtype": str(self.images.dtype),
+                "shape": list(self.images.shape), "sha256": array_digest(self.images)}
+
+
+def store_key(source_signature: dict, data_key: dict, augment_signature: dict, precision: str,
+              layout: Layout) -> dict:
+    return {"format_version": FORMAT_VERSION, "source": source_signature, "data": data_key,
+            "augment": augment_signature, "precision": precision, "layout": layout.describe()}
+
+
+class MissingStore:
+    """Stands for a store that does not exist (``read_only``): every lookup misses."""
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        self.hits = self.misses = 0
+
+    def lookup(self, index, view):
+        index = np.asarray(index)
+        self.misses += index.size
+        return np.zeros(index.size, dtype=bool), np.empty(0, self.layout.dtype)
+
+    def stats(self) -> dict:
+        return {"hits": 0, "misses": self.misses, "written": 0, "hit_rate": 0.0 if self.misses else None}
+
+    def close(self) -> None:
+        pass
+
+
+def explain_new_store(cache_dir, key: dict, labels: dict) -> str | None:
+    """For a key with no store yet: which fields differ from the stores of the same source and
+    data already in ``cache_dir`` (None when there are none)."""
+    import json
+    notes = []
+    for path in list_stores(cache_dir):
+        meta = json.loads((path / META).read_text())
+        other = meta.get("labels") or {}
+        if (other.get("source"), other.get("dataset"), other.get("split")) == (
+                labels["source"], labels["dataset"], labels["split"]):
+            notes.append(f"{path.name} (differs in {describe_difference(meta.get('key') or {}, key) or 'nothing'})")
+    return "; ".join(notes) or None
+
+
+def open_stores(bank, streams: Mapping[str, StreamData], augment, precision, cache_dir, mode: str,
+                budget_gb: float = 16.0, topk: int | None = None) -> dict[str, list]:
+    """One store per (source, image array) for each stream: ``{stream: [store per source]}``.
+
+    Streams over the same array (the labelled stream and an unlabeled pool of the same training
+    images) share their stores."""
+    precision = precision_name(precision)
+    cache_dir = Path(os.path.normpath(os.path.expanduser(str(cache_dir))))
+    writable = mode == "read_write"
+    data_keys: dict[int, dict] = {}       # id(images) -> data key (hash each array once)
+    opened: dict[str, object] = {}        # store dir name -> store
+    signatures = {key: source.signature() for key, source in bank.sources.items()}
+    out: dict[str, list] = {}
+    for stream, data in streams.items():
+        if id(data.images) not in data_keys:
+            data_keys[id(data.images)] = data.key()
+        dkey = data_keys[id(data.images)]
+        per_source = []
+        for key, source in bank.sources.items():
+            entries = len(data.images) * augment.num_views
+            layout = choose_layout(entries, source.num_classes, budget_gb * GIB, topk)
+            skey = store_key(signatures[key], dkey, augment.signature(), precision, layout)
+            path = store_path(cache_dir, skey)
+            if path.name in opened:
+                per_source.append(opened[path.name])
+                continue
+            labels = {"source": key, "architecture": signatures[key]["architecture"],
+                      "dataset": data.dataset, "split": data.split, "precision": precision}
+            if not (path / META).is_file():
+                why = explain_new_store(cache_dir, skey, labels)
+                what = f"source {key!r} on {data.dataset}/{data.split}"
+                if why:
+                    log.warning("cache: no store for %s with this key; not using %s", what, why)
+                if not writable:
+                    log.warning("cache (read_only): no store for %s at %s: every lookup misses and the "
+                                "source runs (build one: python -m sskt_lightning.cache build ...)", what, path)
+                    store = MissingStore(layout)
+                    opened[path.name] = store
+                    per_source.append(store)
+                    continue
+                log.info("cache: new store for %s at %s (%s, %.2f GiB when full)", what, path, layout.kind
+                         + (f" k={layout.k}" if layout.k else ""), entries * layout.bytes_per_entry / GIB)
+            store = SoftLabelStore.create_or_open(cache_dir, skey, len(data.images), augment.num_views, layout,
+                                                  labels, writable=writable)
+            log.info("cache: %s store %s: %d of %d entries filled", key, path.name, store.count_filled(),
+                     store.num_images * store.num_views)
+            opened[path.name] = store
+            per_source.append(store)
+        out[stream] = per_source
+    return out
+
+
+def data_streams(datamodule) -> dict[str, StreamData]:
+    """The arrays the data module's training streams index (``labeled``; ``unlabeled`` if any)."""
+    getter = getattr(datamodule, "source_streams", None)
+    if getter is None:
+        raise ConfigError("method.cache needs sskt_lightning's ImageDataModule (it says which image array "
+                          f"each stream's indices point into); got {type(datamodule).__name__}.")
+    return {stream: StreamData(datamodule.name, split, images) for stream, (split, images) in getter().items()}
+
+
+def attach(module, mode: str, budget_gb: float = 16.0, topk: int | None = None, temperature: float = 1.0) -> None:
+    """Give ``module.sources`` its stores for this run (from ``on_fit_start``); ``temperature``:
+    the T at which the method softens the sources' logits."""
+    mode = cache_mode(mode, getattr(module.method, "source_bn", "eval"))
+    if mode == "off" or len(module.sources) == 0:
+        return
+    trainer = module.trainer
+    dm = getattr(trainer, "datamodule", None)
+    if dm is None:
+        raise ConfigError("method.cache needs the run's data module (trainer.fit(module, datamodule=...)).")
+    paths = module.cfg.get("paths") or {}
+    cache_dir = paths.get("cache_dir")
+    if not cache_dir:
+        raise ConfigError("method.cache is on but paths.cache_dir is not set (conf/paths/default.yaml).")
+    stores = open_stores(module.sources, data_streams(dm), dm.augment, trainer.precision, cache_dir, mode,
+                         budget_gb, topk)
+    module.sources.attach_cache(stores, write=mode == "read_write", temperature=temperature)

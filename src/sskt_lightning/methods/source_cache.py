@@ -1,0 +1,50 @@
+"""The ``method.cache`` options of the methods whose frozen sources label images (SSKT, KD).
+
+    method.cache: off | read_write | read_only
+    method.cache_budget_gb: 16     # per store (one source x one image array) when full
+    method.cache_topk: null        # null: all K logits in fp16 if they fit the budget, else the
+                                   # largest top-k that fits; an int forces top-k with that k
+
+See :mod:`sskt_lightning.cache` and the README's "Soft-label cache" section.
+"""
+from __future__ import annotations
+
+from sskt_lightning.cache.keys import attach, cache_mode
+from sskt_lightning.errors import ConfigError
+
+
+class SourceCacheOptions:
+    """Mixed into a :class:`~sskt_lightning.methods.base.Method` whose sources go through
+    ``module.sources``: opens the stores at ``on_fit_start``, commits and closes them at
+    ``on_fit_end`` and reports the hit counts in ``describe``."""
+
+    def init_cache(self, cache="off", cache_budget_gb: float = 16.0, cache_topk: int | None = None,
+                   source_bn: str = "eval") -> None:
+        self.cache = cache_mode(cache, source_bn)
+        if not float(cache_budget_gb) > 0:
+            raise ConfigError(f"method.cache_budget_gb={cache_budget_gb} must be > 0 (GiB per store).")
+        if cache_topk is not None and (isinstance(cache_topk, bool) or int(cache_topk) < 1):
+            raise ConfigError(f"method.cache_topk={cache_topk!r} must be null or an integer >= 1.")
+        self.cache_budget_gb = float(cache_budget_gb)
+        self.cache_topk = None if cache_topk is None else int(cache_topk)
+        self.cache_stats: dict | None = None
+
+    @property
+    def cache_temperature(self) -> float:
+        """The T at which this method softens the sources' logits (a top-k store rebuilds its
+        tail for it)."""
+        return float(getattr(self, "temperature", 1.0))
+
+    def on_fit_start(self, module) -> None:
+        attach(module, self.cache, self.cache_budget_gb, self.cache_topk, self.cache_temperature)
+
+    def on_fit_end(self, module) -> None:
+        if module.sources.cached:
+            self.cache_stats = module.sources.detach_cache()
+
+    def describe_cache(self) -> dict:
+        """For results.json: nothing when the cache is off (results read as before)."""
+        if self.cache == "off":
+            return {}
+        return {"cache": self.cache, "cache_budget_gb": self.cache_budget_gb, "cache_topk": self.cache_topk,
+                "cache_stats": self.cache_stats}

@@ -1,0 +1,337 @@
+"""The soft-label cache: view ids, exact lookups, safe keys, concurrent and crashing writers,
+cold/warm runs equal, the build/info/clear CLI, KD and both SSKT streams through the one seam."""
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sskt_lightning.cache.__main__ import main as cache_cli
+from sskt_lightning.cache.keys import StreamData, cache_mode, open_stores, store_key
+from sskt_lightning.cache.store import FILLED, META, PAYLOAD, Layout, SoftLabelStore, choose_layout, list_stores
+from sskt_lightning.compose import compose_config
+from sskt_lightning.data.augment import BatchAugment, normalize
+from sskt_lightning.errors import CacheError, ConfigError
+from sskt_lightning.sources import FrozenSource, InputAdapter, SourceBank
+from sskt_lightning.train import run
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*RANDOM weights")
+
+FP16_REL = 2.0 ** -11          # float16 rounding: relative error <= 2^-11 (normal range)
+SMOKE = ["trainer=smoke", "data.batch_size=8", "data.val_size=16", "data.num_workers=0",
+         "trainer.limit_train_batches=3", "trainer.max_epochs=2", "model=resnet20", "data=cifar10"]
+SOURCE = ["method=sskt", "source=[timm]", "source.timm.name=cifar_resnet20", "source.timm.pretrained=false",
+          "source.timm.num_classes=10", "method.aux_head=linear"]
+MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+
+
+def overrides(data_dir, cache_dir, *extra):
+    return [f"paths.data_dir={data_dir}", f"paths.cache_dir={cache_dir}", *SMOKE, *SOURCE, *extra]
+
+
+def loss_curve(out):
+    rows = list(csv.DictReader(open(out / "csv" / "metrics.csv")))
+    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+
+
+def tiny_source(num_classes=10, seed=0, size=None):
+    import timm
+    torch.manual_seed(seed)
+    net = timm.create_model("cifar_resnet20", num_classes=num_classes)
+    return FrozenSource("s", net, InputAdapter(MEAN, STD, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), size))
+
+
+# ------------------------------------------------------------------------------------ view ids
+def test_view_ids_name_the_pixels_each_sample_got():
+    aug = BatchAugment(4, True)
+    assert (aug.num_views, aug.identity_view) == (162, 80)
+    x = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    torch.manual_seed(0)
+    y, view = aug(x, return_view=True)
+    torch.manual_seed(0)
+    assert torch.equal(aug(x), y)                                   # the same draws as without views
+    assert torch.equal(aug.apply(x, view), y)                       # a view id renders its pixels again
+    assert torch.equal(aug.apply(x, torch.full((64,), aug.identity_view)), x)
+    all_views = torch.arange(aug.num_views)
+    dy, dx, flip = aug.decode(all_views)
+    assert torch.equal(aug.encode(dy, dx, flip), all_views)
+    assert len({(a, b, c) for a, b, c in zip(dy.tolist(), dx.tolist(), flip.tolist())}) == 162
+    one = x[:1].expand(162, -1, -1, -1)                             # view 1: the top-left crop, flipped
+    rendered = aug.apply(one, all_views)
+    assert torch.equal(rendered[1], F.pad(x[0], (4, 4, 4, 4))[:, 0:8, 0:8].flip(-1))
+    assert BatchAugment(0, False).num_views == 1 and BatchAugment(2, False).num_views == 25
+
+
+# ------------------------------------------------------------------------------------ layouts
+def test_fp16_and_topk_layouts_rebuild_the_softmax():
+    torch.manual_seed(0)
+    z = torch.randn(32, 1000) * 3
+    full = Layout("fp16", 1000)
+    back = full.decode(full.encode(z))
+    assert ((back - z).abs() <= FP16_REL * z.abs() + 1e-7).all()
+    topk = Layout("topk", 1000, 64)
+    assert topk.bytes_per_entry == 64 * 4 + 8
+    rows = topk.encode(z)
+    val, idx = z.topk(64, 1)
+    tail = torch.ones_like(z, dtype=torch.bool).scatter(1, idx, False)
+    for T in (1.0, 3.0):
+        q = topk.decode(rows, temperature=T)
+        assert torch.allclose(q.gather(1, idx), val, rtol=FP16_REL)     # the top k exact (fp16)
+        p, pq = F.softmax(z / T, 1), F.softmax(q / T, 1)                 # the tail's total exact at T = 1, 3
+        assert torch.allclose((p * tail).sum(1), (pq * tail).sum(1), rtol=3e-3)
+        kl = F.kl_div(F.log_softmax(q / T, 1), F.log_softmax(z / T, 1), log_target=True, reduction="none").sum(1)
+        assert (kl <= (p * tail).sum(1) * torch.log(torch.tensor(1000.0 - 64)) + 1e-4).all()   # the stated bound
+    assert not torch.equal(topk.decode(rows, temperature=1.0), topk.decode(rows, temperature=3.0))
+
+
+def test_layout_follows_the_budget():
+    assert choose_layout(50_000 * 162, 10, 16 * 2 ** 30).kind == "fp16"
+    assert choose_layout(50_000 * 162, 1000, 16 * 2 ** 30).kind == "fp16"           # 15.1 GiB
+    big = choose_layout(100_000 * 162, 1000, 16 * 2 ** 30)                           # STL-10 unlabeled
+    assert big.kind == "topk" and 200 < big.k < 300
+    assert choose_layout(100, 1000, 1e9, topk=5) == Layout("topk", 1000, 5)
+    with pytest.raises(CacheError, match="cache_budget_gb"):
+        choose_layout(10 ** 9, 1000, 1e6)
+
+
+# ------------------------------------------------------------------------------------ keys
+def test_key_changes_with_weights_adapter_data_augmentation_and_precision():
+    source = tiny_source()
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    data = StreamData("cifar10", "train", images).key()
+    aug = BatchAugment(4, True).signature()
+    layout = Layout("fp16", 10)
+    base = store_key(source.signature(), data, aug, "32-true", layout)
+    assert store_key(source.signature(), data, aug, "32-true", layout) == base      # deterministic
+
+    changed = []
+    with torch.no_grad():
+        source.net.fc.weight[0, 0] += 1e-3
+    changed.append(store_key(source.signature(), data, aug, "32-true", layout))
+    with torch.no_grad():
+        source.net.fc.weight[0, 0] -= 1e-3
+    resized = FrozenSource("s", source.net, InputAdapter(MEAN, STD, (0.5,) * 3, (0.25,) * 3, 74))
+    changed.append(store_key(resized.signature(), data, aug, "32-true", layout))
+    restat = FrozenSource("s", source.net, InputAdapter(MEAN, STD, (0.5,) * 3, (0.2,) * 3, None))
+    changed.append(store_key(restat.signature(), data, aug, "32-true", layout))
+    other = images.clone()
+    other[3, 1, 2, 2] ^= 1
+    changed.append(store_key(source.signature(), StreamData("cifar10", "train", other).key(), aug, "32-true", layout))
+    changed.append(store_key(source.signature(), StreamData("cifar10", "unlabeled", images).key(), aug,
+                             "32-true", layout))
+    changed.append(store_key(source.signature(), data, BatchAugment(2, True).signature(), "32-true", layout))
+    changed.append(store_key(source.signature(), data, BatchAugment(4, False).signature(), "32-true", layout))
+    changed.append(store_key(source.signature(), data, aug, "bf16-mixed", layout))
+    changed.append(store_key(source.signature(), data, aug, "32-true", Layout("topk", 10, 3)))
+    assert all(k != base for k in changed)
+    assert len({json.dumps(k, sort_keys=True) for k in changed}) == len(changed)
+
+
+def test_train_mode_batchnorm_refuses_the_cache():
+    from sskt_lightning.methods.sskt import SSKT
+    with pytest.raises(ConfigError, match="source_bn=train.*per image"):
+        SSKT(source_bn="train", cache="read_write")
+    with pytest.raises(ConfigError, match="method.cache"):
+        cache_mode("sometimes")
+    assert cache_mode(False) == "off" and SSKT(source_bn="train", cache="off").cache == "off"
+
+
+# ------------------------------------------------------------------------------------ store files
+def make_store(tmp_path, n=5, views=4, classes=3, **kw):
+    key = {"test": "store", **kw}
+    return SoftLabelStore.create_or_open(tmp_path, key, n, views, Layout("fp16", classes), {"source": "t"}), key
+
+
+def test_a_foreign_or_damaged_store_is_refused(tmp_path):
+    store, key = make_store(tmp_path)
+    store.close()
+    meta = json.loads((store.path / META).read_text())
+    meta["key"]["test"] = "other"
+    (store.path / META).write_text(json.dumps(meta))
+    with pytest.raises(CacheError, match="differs in test.*clear --key"):
+        SoftLabelStore.create_or_open(tmp_path, key, 5, 4, Layout("fp16", 3))
+    meta["key"]["test"] = "store"
+    (store.path / META).write_text(json.dumps(meta))
+    with open(store.path / PAYLOAD, "ab") as f:
+        f.write(b"x")
+    with pytest.raises(CacheError, match="damaged"):
+        SoftLabelStore.create_or_open(tmp_path, key, 5, 4, Layout("fp16", 3))
+
+
+def test_lookups_out_of_range_are_refused(tmp_path):
+    store, _ = make_store(tmp_path)
+    with pytest.raises(CacheError, match="out of range"):
+        store.lookup(np.array([5]), np.array([0]))
+
+
+WRITER = textwrap.dedent("""
+    import sys, numpy as np
+    from sskt_lightning.cache.store import Layout, SoftLabelStore
+    root, first, crash = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    store = SoftLabelStore.create_or_open(root, {"test": "shared"}, 40, 6, Layout("fp16", 7), {}, commit_every=16)
+    if crash == "after_payload":          # die once the payload is written, before any flag is set
+        import os
+        os.fdatasync = lambda fd: os._exit(3)
+    pairs = [(i, v) for i in range(first, first + 30) for v in range(6)]
+    for a in range(0, len(pairs), 8):
+        idx = np.array([p[0] for p in pairs[a:a + 8]]); view = np.array([p[1] for p in pairs[a:a + 8]])
+        rows = (idx[:, None] * 10 + view[:, None] + np.arange(7) / 8).astype(np.float16)
+        store.put(idx, view, rows)
+    store.close()
+""")
+
+
+def expected_rows(idx, view):
+    return (idx[:, None] * 10 + view[:, None] + np.arange(7) / 8).astype(np.float16)
+
+
+def test_two_concurrent_writers_share_one_store(tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "cache"), str(first), "no"])
+             for first in (0, 10)]                       # both create the store and overlap on 10..29
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    stores = list_stores(tmp_path / "cache")
+    assert len(stores) == 1 and not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".tmp")]
+    store = SoftLabelStore(stores[0], writable=False)
+    idx, view = np.repeat(np.arange(40), 6), np.tile(np.arange(6), 40)
+    hit, rows = store.lookup(idx, view)
+    assert hit.sum() == 40 * 6
+    assert np.array_equal(rows, expected_rows(idx, view))
+
+
+def test_a_writer_killed_mid_commit_leaves_no_trusted_entry(tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "cache"), "0", "after_payload"], timeout=120)
+    assert proc.returncode == 3
+    path = list_stores(tmp_path / "cache")[0]
+    assert os.path.getsize(path / PAYLOAD) > 0 and any(open(path / PAYLOAD, "rb").read())   # payload written ...
+    store = SoftLabelStore(path, writable=True)
+    hit, _ = store.lookup(np.arange(30), np.zeros(30, dtype=np.int64))
+    assert not hit.any() and store.count_filled() == 0                                       # ... never trusted
+    # an interrupted creation leaves only a temporary directory: not a store, removed by `clear`
+    (tmp_path / "cache" / ".tmp-deadbeef.123.abc").mkdir()
+    assert list_stores(tmp_path / "cache") == [path]
+    store.put(np.array([1]), np.array([2]), expected_rows(np.array([1]), np.array([2])))
+    store.close()
+    again = SoftLabelStore(path, writable=False)
+    hit, rows = again.lookup(np.array([1, 2]), np.array([2, 2]))
+    assert hit.tolist() == [True, False] and np.array_equal(rows, expected_rows(np.array([1]), np.array([2])))
+
+
+# ------------------------------------------------------------------------------------ through the bank
+def test_cached_logits_equal_online_logits_for_random_image_views(tmp_path, cifar_dir):
+    """Built by the CLI (every view of every image), then random (image, view) pairs looked up
+    through the source bank equal the source run online on those views, to fp16 precision."""
+    args = overrides(cifar_dir, tmp_path / "cache", "data.augment_pad=1")
+    assert cache_cli(["build", "--batch-size", "512", *args]) == 0
+    cfg = compose_config(args, tmp_path / "run")
+    import lightning as L
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from sskt_lightning.module import TransferModule
+    from sskt_lightning.train import data_info_of
+    L.seed_everything(cfg.seed)
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    module = TransferModule(OmegaConf.to_container(cfg, resolve=True), data_info_of(dm))
+    bank: SourceBank = module.sources
+    stores = open_stores(bank, {"labeled": StreamData("cifar10", "train", dm.train_arrays.images)},
+                         dm.augment, "32-true", tmp_path / "cache", "read_only")
+    store = stores["labeled"][0]
+    assert store.count_filled() == 80 * 18                 # 80 images x (3 x 3 offsets x 2 flips)
+    g = torch.Generator().manual_seed(1)
+    index, view = torch.randint(0, 80, (40,), generator=g), torch.randint(0, 18, (40,), generator=g)
+    x = normalize(dm.augment.apply(dm.train_arrays.images[index], view), dm.mean, dm.std)
+    online = bank(x, index, view)[0]
+    bank.attach_cache(stores, write=False)
+    cached = bank(x, index, view)[0]
+    assert store.stats()["hits"] == 40 and store.stats()["misses"] == 0
+    assert torch.allclose(cached, online, rtol=FP16_REL, atol=1e-5)
+    assert not torch.equal(cached, online)                 # it did come from the fp16 store
+    bank.detach_cache()
+
+
+def test_warm_cache_follows_the_online_run(tmp_path, cifar_dir):
+    """cache=off, then a cold and a warm read_write run, same seed: the cold and warm runs are
+    identical (every answer has the stored precision), and both follow the online run."""
+    curves, stats = [], []
+    for i, mode in enumerate(["off", "read_write", "read_write", "read_only"]):
+        out = tmp_path / f"run{i}"
+        results = run(compose_config(overrides(cifar_dir, tmp_path / "cache", f"method.cache={mode}"), out))
+        curves.append(loss_curve(out))
+        stats.append(results["method_settings"].get("cache_stats"))
+    online, cold, warm, read_only = curves
+    assert len(online) == 6 and cold == warm == read_only
+    assert np.allclose(warm, online, rtol=2e-3)
+    assert stats[0] is None
+    assert stats[1]["timm"][0]["hit_rate"] == 0.0 and stats[1]["timm"][0]["written"] == 48   # 2 x 3 x 8
+    assert stats[2]["timm"][0]["hit_rate"] == 1.0 and stats[3]["timm"][0]["hit_rate"] == 1.0
+
+
+def test_changed_source_fills_its_own_store_and_says_why(tmp_path, cifar_dir, caplog):
+    args = overrides(cifar_dir, tmp_path / "cache", "method.cache=read_write")
+    run(compose_config(args, tmp_path / "a"))
+    caplog.set_level("WARNING", logger="sskt_lightning.cache.keys")
+    results = run(compose_config([*args, "seed=1"], tmp_path / "b"))     # another seed: other random weights
+    assert len(list_stores(tmp_path / "cache")) == 2
+    assert results["method_settings"]["cache_stats"]["timm"][0]["hits"] == 0
+    assert "differs in source.weights_sha256)" in caplog.text        # and in nothing else
+
+
+def test_sskt_unlabeled_stream_and_kd_teacher_use_the_cache(tmp_path, cifar_dir):
+    unlabeled = ["data.labels_per_class=2", "data.unlabeled=true", "method.unlabeled=true",
+                 "method.cache=read_write"]
+    args = overrides(cifar_dir, tmp_path / "cache", *unlabeled)
+    first = run(compose_config(args, tmp_path / "u1"))["method_settings"]["cache_stats"]["timm"]
+    second = run(compose_config(args, tmp_path / "u2"))["method_settings"]["cache_stats"]["timm"]
+    assert len(first) == 1                                  # the pool is the training array: one store
+    assert first[0]["written"] == 2 * 2 * 16 and second[0]["hit_rate"] == 1.0   # 2 epochs x 2 batches x (8 + 8)
+    kd = [f"paths.data_dir={cifar_dir}", f"paths.cache_dir={tmp_path / 'cache'}", *SMOKE, "method=kd",
+          *SOURCE[1:5], "method.cache=read_write"]
+    run(compose_config(kd, tmp_path / "k1"))
+    results = run(compose_config(kd, tmp_path / "k2"))
+    assert results["method_settings"]["cache_stats"]["timm"][0]["hit_rate"] == 1.0
+
+
+def test_cache_refuses_a_source_in_train_mode_before_training(tmp_path, cifar_dir):
+    with pytest.raises(ConfigError, match="source_bn=train"):
+        run(compose_config(overrides(cifar_dir, tmp_path / "cache", "method.cache=read_write",
+                                     "method.source_bn=train"), tmp_path / "r"))
+
+
+# ------------------------------------------------------------------------------------ CLI
+def test_build_resumes_and_info_and_clear(tmp_path, cifar_dir, capsys, monkeypatch):
+    args = overrides(cifar_dir, tmp_path / "cache", "data.augment_pad=0", "data.augment_flip=true")
+    calls = {"n": 0}
+    put = SoftLabelStore.put
+
+    def interrupted_put(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return put(self, *a, **k)
+
+    monkeypatch.setattr(SoftLabelStore, "put", interrupted_put)
+    assert cache_cli(["build", "--batch-size", "32", *args]) == 130
+    monkeypatch.setattr(SoftLabelStore, "put", put)
+    path = list_stores(tmp_path / "cache")[0]
+    assert SoftLabelStore(path, writable=False).count_filled() == 64       # two batches committed
+    capsys.readouterr()
+    assert cache_cli(["build", "--batch-size", "32", *args]) == 0
+    assert "96 entries to compute" in capsys.readouterr().out               # 80 x 2 views - 64
+    assert cache_cli(["info", *args]) == 0
+    out = capsys.readouterr().out
+    assert path.name in out and "160/160" in out and "100.0%" in out
+    assert cache_cli(["clear", "--key", "nope", *args]) == 2
+    assert cache_cli(["clear", "--key", path.name, *args]) == 0
+    assert list_stores(tmp_path / "cache") == []
+    assert not (tmp_path / "cache" / path.name).exists() and (path / FILLED).exists() is False
