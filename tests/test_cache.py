@@ -271,7 +271,11 @@ def test_warm_cache_follows_the_online_run(tmp_path, cifar_dir):
         stats.append(results["method_settings"].get("cache_stats"))
     online, cold, warm, read_only = curves
     assert len(online) == 6 and cold == warm == read_only
-    assert np.allclose(warm, online, rtol=2e-3)
+    # step 0 sees the same weights: the cached soft labels give the online loss to fp16 precision;
+    # later steps drift apart slowly (fp16 targets -> slightly different updates), as any
+    # rounding does over training
+    assert warm[0] == pytest.approx(online[0], rel=1e-5)
+    assert np.allclose(warm, online, rtol=1e-2)
     assert stats[0] is None
     assert stats[1]["timm"][0]["hit_rate"] == 0.0 and stats[1]["timm"][0]["written"] == 48   # 2 x 3 x 8
     assert stats[2]["timm"][0]["hit_rate"] == 1.0 and stats[3]["timm"][0]["hit_rate"] == 1.0

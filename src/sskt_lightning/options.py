@@ -93,6 +93,9 @@ class SSKTOptions:
     tm_bias: bool = False
     source_bn: str = "eval"               # eval | train
     unlabeled: bool = False               # needs a data module with unlabeled=True
+    cache: str = "off"                    # off | read_write | read_only (README, "Soft-label cache")
+    cache_budget_gb: float = 16.0         # per store: fp16 logits if they fit, else top-k
+    cache_topk: int | None = None         # null: as the budget allows
 
 
 @_options
@@ -101,6 +104,9 @@ class KDOptions:
     config: ClassVar[str] = "kd"
     alpha: float = 0.9
     temperature: float = 4.0
+    cache: str = "off"                    # off | read_write | read_only (README, "Soft-label cache")
+    cache_budget_gb: float = 16.0         # per store: fp16 logits if they fit, else top-k
+    cache_topk: int | None = None         # null: as the budget allows
 
 
 @_options
