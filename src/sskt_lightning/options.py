@@ -79,8 +79,16 @@ class ScratchOptions:
     config: ClassVar[str] = "scratch"
 
 
+@dataclasses.dataclass(kw_only=True)
+class _CacheOptions:
+    """The soft-label cache's settings, shared by the methods whose frozen networks it serves."""
+    cache: str = "off"                    # off | read_write | read_only (README, "Soft-label cache")
+    cache_budget_gb: float = 16.0         # per store: fp16 logits if they fit, else top-k
+    cache_topk: int | None = None         # null: as the budget allows
+
+
 @_options
-class SSKTOptions:
+class SSKTOptions(_CacheOptions):
     """``method=sskt`` (see README, Methods): ``L = L_task + alpha * sum_s L_aux(head_s, source_s)``."""
     config: ClassVar[str] = "sskt"
     alpha: float = 0.1
@@ -93,20 +101,14 @@ class SSKTOptions:
     tm_bias: bool = False
     source_bn: str = "eval"               # eval | train
     unlabeled: bool = False               # needs a data module with unlabeled=True
-    cache: str = "off"                    # off | read_write | read_only (README, "Soft-label cache")
-    cache_budget_gb: float = 16.0         # per store: fp16 logits if they fit, else top-k
-    cache_topk: int | None = None         # null: as the budget allows
 
 
 @_options
-class KDOptions:
+class KDOptions(_CacheOptions):
     """``method=kd``: ``(1 - alpha) * CE + alpha * T^2 * KL(teacher || student)``; one source, the teacher."""
     config: ClassVar[str] = "kd"
     alpha: float = 0.9
     temperature: float = 4.0
-    cache: str = "off"                    # off | read_write | read_only (README, "Soft-label cache")
-    cache_budget_gb: float = 16.0         # per store: fp16 logits if they fit, else top-k
-    cache_topk: int | None = None         # null: as the budget allows
 
 
 @_options

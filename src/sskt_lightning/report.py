@@ -709,17 +709,22 @@ def _panels(summary: pd.DataFrame) -> list[tuple[tuple[str, str, str], pd.DataFr
     return [(key, part) for key, part in summary.groupby(["data", "model", "setting"], sort=False)]
 
 
+def _panel_figure(summary: pd.DataFrame, min_height: float):
+    """A figure with one row of axes per (data, model, setting) panel, each as tall as its groups."""
+    panels = _panels(summary)
+    heights = [max(min_height, 0.45 * len(part) + 1.0) for _, part in panels]
+    fig = _new_figure(7.0, sum(heights))
+    return fig, fig.subplots(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0], panels
+
+
 def plot_test_acc(summary: pd.DataFrame, path: str | Path) -> Path:
     """Per group: every seed as a dot, the mean ± std as a diamond with an error bar; one panel per
     (data, model, setting), rows labelled by name; the axis zoomed to the values, never past 100 %."""
     path = Path(path)
     if summary.empty:
         return _empty_figure(path, "no results")
-    panels = _panels(summary)
+    fig, axes, panels = _panel_figure(summary, min_height=1.5)
     colors = _method_colors(summary["method"])
-    heights = [max(1.5, 0.45 * len(part) + 1.0) for _, part in panels]
-    fig = _new_figure(7.0, sum(heights))
-    axes = fig.subplots(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0]
     unit = summary["unit"].iloc[0]
     for ax, ((data, model, setting), part) in zip(axes, panels):
         y = np.arange(len(part))[::-1]
@@ -749,11 +754,8 @@ def plot_gains(summary: pd.DataFrame, path: str | Path) -> Path:
     part_all = summary[summary["n_paired"] > 0] if "n_paired" in summary else summary.iloc[:0]
     if part_all.empty:
         return _empty_figure(path, "no paired gains (no baseline group with common seeds)")
-    panels = _panels(part_all)
+    fig, axes, panels = _panel_figure(part_all, min_height=1.4)
     colors = _method_colors(summary["method"])
-    heights = [max(1.4, 0.45 * len(part) + 1.0) for _, part in panels]
-    fig = _new_figure(7.0, sum(heights))
-    axes = fig.subplots(len(panels), 1, squeeze=False, height_ratios=heights)[:, 0]
     for ax, ((data, model, setting), part) in zip(axes, panels):
         y = np.arange(len(part))[::-1]
         ends = [0.0]
