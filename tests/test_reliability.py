@@ -268,6 +268,22 @@ def test_a_non_finite_term_is_named_with_its_step(tmp_path, cifar_dir, monkeypat
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 
+def test_guard_stops_at_the_first_logging_interval_not_at_the_epochs_end(tmp_path, cifar_dir, monkeypatch):
+    """A NaN from step 1 with log_every_n_steps=1 stops the run at step 1 of a 4-step epoch."""
+    import sskt_lightning.methods.sskt as sskt_mod
+    real = sskt_mod.sskt_loss
+
+    def sskt_nan(task, aux, targets, alpha, *args):
+        loss, terms = real(task, aux, targets, alpha, *args)
+        return loss + _nan_like(terms[0]), [_nan_like(t) for t in terms]
+    monkeypatch.setattr(sskt_mod, "sskt_loss", sskt_nan)
+    with pytest.raises(NonFiniteError) as info:
+        train(tmp_path, cifar_dir, "method=sskt", *TIMM_SOURCE, "trainer.limit_train_batches=4",
+              "trainer.log_every_n_steps=1")
+    msg = str(info.value)
+    assert "Detected at step 1, at a logging interval" in msg and "aux_timm" in msg
+
+
 def test_guard_names_the_first_step_and_term_across_changing_term_sets():
     from sskt_lightning.guard import NonFiniteGuard
     guard = NonFiniteGuard()

@@ -126,14 +126,13 @@ class TransferModule(L.LightningModule):
         interval = max(1, int(getattr(self.trainer, "log_every_n_steps", 50) or 50))
         if self.guard.step % interval == 0:
             self.check_finite(f"at a logging interval (trainer.log_every_n_steps={interval})")
+        self.method.on_train_batch_end(self)   # manual optimization: per-step schedulers
 
     def on_train_epoch_end(self):
         self.check_finite("at the end of the epoch")
         self._log_learning_rates()
         self.method.on_train_epoch_end(self)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        self.method.on_train_batch_end(self)
     def on_fit_start(self):
         self.method.on_fit_start(self)     # e.g. open the soft-label cache
 
