@@ -2,7 +2,10 @@
 tests/ is on the path of the test process and of the subprocesses they start)."""
 from __future__ import annotations
 
+import os
+import signal
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -27,3 +30,15 @@ class DecreasingValAcc(L.Callback):
 
     def on_validation_end(self, trainer, module):
         trainer.callback_metrics["val/acc"] = torch.tensor(1.0 - 0.1 * trainer.current_epoch)
+
+
+@contextmanager
+def sigkilled_at_exit(proc):
+    """Run the body, then SIGKILL ``proc`` (unless it already ended) and reap it - also when the
+    body failed, so no test leaves a process behind."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)

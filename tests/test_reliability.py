@@ -32,6 +32,8 @@ from sskt_lightning.errors import (
 )
 from sskt_lightning.train import run
 
+from reliability_helpers import sigkilled_at_exit
+
 SMOKE = ["trainer=smoke", "data.batch_size=8", "data.val_size=16", "data.num_workers=0", "data=cifar10",
          "model=resnet20"]
 TIMM_SOURCE = ["source=[timm]", "source.timm.name=cifar_resnet20", "source.timm.pretrained=false",
@@ -85,17 +87,11 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_file_and_no_temp(t
     tmpdir = Path(tempfile.mkdtemp(dir=other_fs, prefix="sskt-test-"))
     proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True,
                             env={**ENV, "TMPDIR": str(tmpdir)})
-    try:
+    with proc.stdout, sigkilled_at_exit(proc):
         for line in proc.stdout:          # two complete writes, then kill while the third is written
             if line.strip() == "writing 2":
                 break
         time.sleep(0.1)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stdout.close()
     obj = torch.load(path, weights_only=True)
     assert obj["i"] in (1, 2) and torch.equal(obj["w"], torch.full((1 << 24,), float(obj["i"])))
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]   # no stray temporary file

@@ -18,6 +18,8 @@ from sskt_lightning.compose import compose_config
 from sskt_lightning.errors import ResumeError
 from sskt_lightning.train import run
 
+from reliability_helpers import sigkilled_at_exit
+
 TESTS = Path(__file__).parent
 # 80 train images: 16 for validation, 8 batches of 8 per epoch, 3 epochs; validation every epoch
 COMMON = ["data=cifar10", "model=resnet20", "trainer=cpu", "trainer.max_epochs=3", "trainer.deterministic=true",
@@ -61,18 +63,12 @@ def _killed_run(out: Path, data_dir, method: list[str]) -> None:
             [sys.executable, "-m", "sskt_lightning.train", *COMMON, *method, f"paths.data_dir={data_dir}",
              f"hydra.run.dir={out}", "+callbacks.stall._target_=reliability_helpers.Stall",
              f"+callbacks.stall.ready={ready}"], env=env, stdout=subprocess.DEVNULL, stderr=err)
-        try:
+        with sigkilled_at_exit(proc):
             deadline = time.time() + 120
             while not ready.exists():
                 assert proc.poll() is None, log.read_text()[-3000:]
                 assert time.time() < deadline, "the run never reached epoch 1"
                 time.sleep(0.1)
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "results.json").exists()
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
