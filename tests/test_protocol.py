@@ -135,11 +135,14 @@ def test_tiny_protocol_end_to_end_and_resume(tmp_path, cifar_dir):
         selected = json.loads((out / method / "selected.json").read_text())
         vals = [json.loads((t / "results.json").read_text())["last_val_acc"] for t in trials]
         assert selected["value"] == pytest.approx(max(vals))
+        # a search trial never reads the test split: only the finals test, once
+        assert all(json.loads((t / "results.json").read_text())["test_acc"] is None for t in trials)
         for seed in (0, 1):
             run = out / method / "final" / f"seed_{seed}"
             res = json.loads((run / "results.json").read_text())
             side = json.loads((run / "protocol.json").read_text())
             assert res["seed"] == seed and side["phase"] == "final" and side["name"] == method
+            assert 0.0 <= res["test_acc"] <= 1.0
             assert side["params"] == selected["params"]
             for key, value in selected["params"].items():     # the run really used them
                 assert f"{key}={P._override_value(value)}" in res["overrides"]

@@ -220,7 +220,8 @@ class Job:
     def command(self, proto: Protocol) -> list[str]:
         return [sys.executable, "-m", "sskt_lightning.train", *_format(proto.setting, self.seed),
                 *_format(self.method.overrides, self.seed), *_param_overrides(self.params),
-                f"seed={self.seed}", f"hydra.run.dir={self.run_dir.resolve()}", "trainer.enable_progress_bar=false"]
+                f"seed={self.seed}", f"hydra.run.dir={self.run_dir.resolve()}", "trainer.enable_progress_bar=false",
+                *(["test=false"] if self.phase == "search" else [])]   # a search never reads the test split
 
     def sidecar(self, proto: Protocol, elapsed: float | None) -> dict:
         return {"name": self.method.name, "setting": proto.setting_name, "phase": self.phase, "trial": self.trial,

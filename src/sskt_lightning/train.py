@@ -193,14 +193,15 @@ def _run(cfg: DictConfig) -> dict:
         trainer.save_checkpoint(last_path, weights_only=False)   # a full checkpoint (resumable), e.g. when a step
         # budget ends mid-epoch or under fast_dev_run: the weights test measures are on disk
     val_hist = trainer.callback_metrics.get("val/acc")  # the last validation (before test resets it)
-    tested = trainer.test(module, datamodule=dm, verbose=False)[0]  # last epoch's weights = last.ckpt
+    # last epoch's weights = last.ckpt; test=false (a search trial) never reads the test split
+    tested = trainer.test(module, datamodule=dm, verbose=False)[0] if cfg.get("test", True) else {}
 
     results = {
         "status": "ok",
         "method": module.method.name, "model": module.model_name, "data": data_info["name"],
         "sources": sources, "seed": int(cfg.seed), "epochs": int(trainer.current_epoch),
         "group": group, "tags": [str(x) for x in (cfg.get("tags") or [])], "test_metric": data_info["metric"],
-        "test_acc": float(tested["test/acc"]),
+        "test_acc": float(tested["test/acc"]) if tested else None,
         "best_val_acc": best.best,
         "best_val_epoch": best.epoch,
         "last_val_acc": float(val_hist) if val_hist is not None else None,
@@ -222,8 +223,8 @@ def _run(cfg: DictConfig) -> dict:
             lg.experiment.summary.update({k: v for k, v in results.items() if not isinstance(v, (dict, list))})
             lg.experiment.save(str(output_dir / RESULTS), base_path=str(output_dir), policy="now")
             lg.experiment.finish()
-        log.info("results: test %s %.4f (last epoch), best val %.4f -> %s", results["test_metric"],
-                 results["test_acc"],
+        log.info("results: test %s %s (last epoch), best val %.4f -> %s", results["test_metric"],
+                 "not run (test=false)" if results["test_acc"] is None else f"{results['test_acc']:.4f}",
                  float("nan") if results["best_val_acc"] is None else results["best_val_acc"], output_dir)
     return results
 
