@@ -68,6 +68,42 @@ def test_view_ids_name_the_pixels_each_sample_got():
     assert BatchAugment(0, False).num_views == 1 and BatchAugment(2, False).num_views == 25
 
 
+def test_views_come_from_the_data_modules_own_generators(cifar_dir):
+    """A stream's views depend on the seed and the step only: draws from torch's global RNG in
+    between (a method's initialisation, dropout) change nothing, each stream has its own generator,
+    and the generators' states resume the sequence."""
+    from sskt_lightning.data import ImageDataModule
+
+    def module(seed=0):
+        dm = ImageDataModule("cifar10", cifar_dir, batch_size=8, val_size=16, download=False, seed=seed,
+                             labels_per_class=2, unlabeled=True)
+        dm.setup("fit")
+        return dm
+
+    batch = (torch.zeros(8, 3, 32, 32, dtype=torch.uint8), torch.zeros(8, dtype=torch.int64), torch.arange(8))
+
+    def views(dm, steps=3, global_draws=0):
+        out = []
+        for _ in range(steps):
+            torch.rand(global_draws)
+            out.append(dm.prepare_batch(batch, augment=True)[-1])
+        return torch.stack(out)
+
+    torch.manual_seed(0)
+    reference = views(module())
+    torch.manual_seed(123)
+    assert torch.equal(views(module(), global_draws=1000), reference)
+    assert not torch.equal(views(module(seed=1)), reference)
+    both = module().prepare_batch({"labeled": batch, "unlabeled": (batch[0], batch[2])}, augment=True)
+    assert torch.equal(both["labeled"][-1], reference[0])          # the unlabeled stream draws from its own
+    dm = module()
+    views(dm, steps=1)
+    state = dm.state_dict()
+    resumed = module()
+    resumed.load_state_dict(state)
+    assert torch.equal(views(resumed, steps=2), reference[1:])
+
+
 # ------------------------------------------------------------------------------------ layouts
 def test_fp16_and_topk_layouts_rebuild_the_softmax():
     torch.manual_seed(0)
@@ -279,6 +315,17 @@ def test_warm_cache_follows_the_online_run(tmp_path, cifar_dir):
     assert stats[0] is None
     assert stats[1]["timm"][0]["hit_rate"] == 0.0 and stats[1]["timm"][0]["written"] == 48   # 2 x 3 x 8
     assert stats[2]["timm"][0]["hit_rate"] == 1.0 and stats[3]["timm"][0]["hit_rate"] == 1.0
+
+
+def test_same_seed_runs_with_other_settings_hit_the_cache_completely(tmp_path, cifar_dir):
+    """The views are the data module's, not the global RNG's: a run whose heads draw other random
+    initial weights (transfer module vs linear) still sees exactly the (image, view) pairs the first
+    run stored."""
+    args = overrides(cifar_dir, tmp_path / "cache", "method.cache=read_write")
+    first = run(compose_config(args, tmp_path / "a"))["method_settings"]["cache_stats"]["timm"][0]
+    other = run(compose_config([*args, "method.aux_head=transfer_module", "method.alpha=0.5"], tmp_path / "b"))
+    assert first["hit_rate"] == 0.0
+    assert other["method_settings"]["cache_stats"]["timm"][0]["hit_rate"] == 1.0
 
 
 def test_changed_source_fills_its_own_store_and_says_why(tmp_path, cifar_dir, caplog):

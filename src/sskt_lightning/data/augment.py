@@ -1,4 +1,4 @@
-"""Batch augmentation and normalisation on whatever device the batch is on (torch RNG only).
+"""Batch augmentation and normalisation on whatever device the batch is on (torch RNGs only).
 
 The augmentation has a finite view space: a crop offset ``(dy, dx)`` in ``[0, 2·pad]²`` and a flip
 bit, i.e. ``(2·pad + 1)² × 2`` views (162 for pad 4 with flips). Every sample's view is one integer,
@@ -66,16 +66,20 @@ class BatchAugment:
         return offset // side, offset % side, flipped
 
     # ------------------------------------------------------------------ drawing and rendering
-    def draw(self, b: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Random view ids for `b` samples (torch's RNG on `device`: the same draws, in the same
-        order, as every earlier version of this augmentation)."""
+    def draw(self, b: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> torch.Tensor:
+        """Random view ids for `b` samples on `device`. With `generator` (the data module's
+        per-stream augmentation generator) the ids are drawn on that generator's device (the host:
+        `b` integers, then one small copy), so a run's views depend on its seed and step only, not on
+        whatever else drew from torch's global RNG (dropout, a method's own sampling); without one,
+        from torch's global RNG on `device`."""
         if not self.pad and not self.flip:
             return torch.zeros(b, dtype=torch.int64, device=device)
         p = self.pad
-        dy = torch.randint(0, 2 * p + 1, (b,), device=device)
-        dx = torch.randint(0, 2 * p + 1, (b,), device=device)
-        flipped = torch.rand(b, device=device) < 0.5 if self.flip else None
-        return self.encode(dy, dx, flipped)
+        where = generator.device if generator is not None else device
+        dy = torch.randint(0, 2 * p + 1, (b,), device=where, generator=generator)
+        dx = torch.randint(0, 2 * p + 1, (b,), device=where, generator=generator)
+        flipped = torch.rand(b, device=where, generator=generator) < 0.5 if self.flip else None
+        return self.encode(dy, dx, flipped).to(device, non_blocking=True)
 
     def apply(self, x: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
         """Render view `view[i]` of image `x[i]` (B×C×H×W, any dtype): one gather for the batch."""
@@ -99,11 +103,12 @@ class BatchAugment:
             cols[:, None, None, :],
         ]
 
-    def __call__(self, x: torch.Tensor, return_view: bool = False):
-        """Augment `x` with a random view per sample; with `return_view`, also the view ids."""
+    def __call__(self, x: torch.Tensor, return_view: bool = False, generator: torch.Generator | None = None):
+        """Augment `x` with a random view per sample (drawn from `generator`, else torch's global
+        RNG); with `return_view`, also the view ids."""
         if x.ndim != 4:
             raise ValueError(f"expected a B×C×H×W batch, got shape {tuple(x.shape)}")
-        view = self.draw(x.shape[0], x.device)
+        view = self.draw(x.shape[0], x.device, generator)
         out = self.apply(x, view)
         return (out, view) if return_view else out
 

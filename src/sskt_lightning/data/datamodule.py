@@ -15,10 +15,13 @@ drawn from successive shuffled passes (:class:`CyclingSampler`), so 20 labelled 
 `steps_per_epoch=50` give 50 full batches per epoch. The unlabeled stream draws
 `round(batch_size * unlabeled_ratio)` images per step from the whole pool, reshuffled whenever the
 pool is exhausted (continuing across epochs), for as many steps as the labelled loader has. Every
-random draw of the loaders comes from the torch.Generators in `self._generators` (0: labelled, 1:
-unlabeled): the one-pass labelled loader draws from generator 0's state; the cycling streams are
-a function of the generators' seeds and the epoch number (see `CyclingSampler`), so a resumed
-epoch replays exactly.
+random draw of the data module comes from the torch.Generators in `self._generators`, seeded by
+`data.seed` and saved in every checkpoint (`state_dict`): 0 and 1 choose the labelled and
+unlabeled images (the one-pass labelled loader draws from generator 0's state; the cycling streams
+are a function of the generators' seeds and the epoch number, see `CyclingSampler`), 2 and 3 draw
+the labelled and unlabeled streams' augmentation views. So a resumed epoch replays exactly, and
+two runs with the same seed see the same images in the same views at every step whatever their
+method or settings: the soft-label cache filled by one run serves the others completely.
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ DATASET_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 GRAY_STATS = ((0.5,), (0.5,))
 UNLABELED_SOURCES = ("auto", "split", "pool")
+
+AUGMENT_SEED_OFFSET = 10_007                           # the augmentation generators' seeds: seed + this + stream
+AUGMENT_GENERATOR = {"labeled": 2, "unlabeled": 3}     # stream -> its augmentation generator in `_generators`
 
 
 class IndexedImages(Dataset):
@@ -236,7 +242,8 @@ class ImageDataModule(L.LightningDataModule):
         self._train_arrays, self._test_arrays = train, test
         self._unlabeled_images, self._unlabeled_idx = self._unlabeled_pool(train, split)
         self._mean, self._std = self._stats(train.images.shape[1])
-        self._generators = [torch.Generator().manual_seed(self.seed + k) for k in (0, 1)]
+        self._generators = [torch.Generator().manual_seed(self.seed + k) for k in (0, 1)] + [
+            torch.Generator().manual_seed(self.seed + AUGMENT_SEED_OFFSET + k) for k in (0, 1)]
         if self._pending_generator_states is not None:   # load_state_dict came before setup
             self.load_state_dict({"generators": self._pending_generator_states})
         self._split = split
@@ -409,7 +416,8 @@ class ImageDataModule(L.LightningDataModule):
             return
         if len(states) != len(gens):
             raise ConfigError(f"The checkpoint holds {len(states)} data sampler states, this data module "
-                              f"has {len(gens)}: it was written by another version of the harness.")
+                              f"has {len(gens)}: it was written by another version of the harness. Start the run afresh "
+                              f"(without resume=), or resume it with the version that wrote it.")
         for gen, state in zip(gens, states):
             gen.set_state(state)
         self._pending_generator_states = None
@@ -477,17 +485,20 @@ class ImageDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return bool(trainer is not None and trainer.training)
 
-    def prepare_batch(self, batch: Any, augment: bool = False) -> Any:
+    def prepare_batch(self, batch: Any, augment: bool = False, stream: str = "labeled") -> Any:
         """uint8 images -> (augmented if `augment`) normalised float, plus each sample's view id
         (`BatchAugment`: which crop offset and flip it got; the identity view when not augmenting)
         appended to the batch: `(x, y, index)` -> `(x, y, index, view)`, `(x, index)` ->
         `(x, index, view)`; dicts per stream. Index and view name the exact input a frozen source
-        sees: the soft-label cache (`sskt_lightning.cache`) is keyed by them."""
+        sees: the soft-label cache (`sskt_lightning.cache`) is keyed by them. Each stream draws its
+        views from its own generator (after `setup`; torch's global RNG before it)."""
         if isinstance(batch, dict):
-            return {k: self.prepare_batch(v, augment) for k, v in batch.items()}
+            return {k: self.prepare_batch(v, augment, k) for k, v in batch.items()}
         images, *rest = batch
         if augment:
-            images, view = self.augment(images, return_view=True)
+            gens = getattr(self, "_generators", None)
+            gen = gens[AUGMENT_GENERATOR[stream]] if gens else None
+            images, view = self.augment(images, return_view=True, generator=gen)
         else:
             view = torch.full((images.shape[0],), self.augment.identity_view, dtype=torch.int64,
                               device=images.device)
