@@ -92,6 +92,10 @@ class TransferModule(L.LightningModule):
                                       getattr(self.method, "source_bn", "eval"))
                         if self.method.needs_sources else SourceBank([]))
         self.method.setup(self)
+        self.compiled: list[str] = []
+        if cfg.get("compile"):
+            from sskt_lightning.compiling import compile_networks
+            self.compiled = compile_networks(self, cfg.compile)   # in place: state-dict keys unchanged
 
         self.val_metric = primary_metric(data_info)
         self.test_metric = primary_metric(data_info)

@@ -1,0 +1,73 @@
+"""``compile.*``: ``torch.compile`` for the networks of a run (PyTorch 2's graph compiler).
+
+    compile:
+      target: false    # the trainable networks: the target, the method's heads / peers / generator
+      sources: false   # every frozen source (inference only)
+      mode: null       # torch.compile's mode: null (default), reduce-overhead, max-autotune, ...
+
+Each network is compiled in place (``nn.Module.compile``), so its state-dict keys, checkpoints and
+the soft-label cache's weight hashes are those of the eager network: a compiled run resumes an
+eager one and the other way round. Compilation happens on the first batch (and again when a
+network switches between training and evaluation, or when a batch has another shape) and costs
+tens of seconds per network on a CPU; it pays on a GPU and on long runs. Numbers agree with the eager
+run to floating-point rounding (fused kernels sum in another order), not bit for bit.
+
+MAXL's meta step differentiates the target's loss twice (second order); ``torch.compile`` does
+not support double backward, so ``compile.target`` is refused for MAXL with that reason (its
+sources, if any, may still be compiled).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+from torch import nn
+
+from sskt_lightning.errors import ConfigError
+
+MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def check_compile_options(options: Mapping | None, method: str | None = None) -> dict:
+    """``compile.*`` as ``{target, sources, mode}``, or a ConfigError that names the fix."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - {"target", "sources", "mode"})
+    if unknown:
+        raise ConfigError(f"compile.{unknown[0]}: unknown option; known: compile.target, compile.sources, "
+                          "compile.mode.")
+    for key in ("target", "sources"):
+        if not isinstance(options.get(key, False), bool):
+            raise ConfigError(f"compile.{key}={options[key]!r}: must be true or false.")
+    if options.get("mode") not in MODES:
+        raise ConfigError(f"compile.mode={options['mode']!r}: choose one of {list(MODES)} "
+                          "(torch.compile's modes; null is its default).")
+    if options.get("target") and method == "maxl":
+        raise ConfigError("compile.target=true with method=maxl: MAXL's meta step differentiates the "
+                          "target twice (second order), which torch.compile does not support. Leave "
+                          "compile.target=false for MAXL.")
+    return {"target": bool(options.get("target", False)), "sources": bool(options.get("sources", False)),
+            "mode": options.get("mode")}
+
+
+def _trainable_networks(module) -> Iterator[nn.Module]:
+    """The target and each network the method trains (heads, DML peers, MAXL's generator)."""
+    yield module.target
+    for child in module.method.children():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            yield from (child.values() if isinstance(child, nn.ModuleDict) else child)
+        else:
+            yield child
+
+
+def compile_networks(module, options: Mapping | None) -> list[str]:
+    """Compile ``module``'s networks in place as ``options`` (``compile.*``) say; the names compiled."""
+    opts = check_compile_options(options, getattr(module.method, "name", None))
+    done = []
+    if opts["target"]:
+        for net in _trainable_networks(module):
+            net.compile(mode=opts["mode"])
+            done.append(type(net).__name__)
+    if opts["sources"]:
+        for key, source in module.sources.sources.items():
+            source.compile(mode=opts["mode"])
+            done.append(f"source {key}")
+    return done
