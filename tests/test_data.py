@@ -372,6 +372,36 @@ def test_datamodule_loaders(cifar_root):
     assert test_index.tolist() == list(range(20)) and torch.equal(test_images, dm.test_arrays.images)
 
 
+def test_images_on_device_give_the_same_batches(cifar_root):
+    """data.on_device: the loaders carry labels and indices only; after the transfer the images
+    are gathered from the device copy of the right split, and every stream, split and augmented
+    view equals the host path's."""
+    def module(on_device):
+        dm = ImageDataModule("cifar10", cifar_root, batch_size=8, val_size=10, download=False, seed=3,
+                             labels_per_class=3, unlabeled=True, on_device=on_device)
+        dm.setup("fit")
+        return dm
+
+    host, dev = module(False), module(True)
+    train_h, train_d = next(iter(host.train_dataloader()["labeled"])), next(iter(dev.train_dataloader()["labeled"]))
+    assert len(train_d) == 2 and torch.equal(train_d[0], train_h[1]) and torch.equal(train_d[1], train_h[2])
+    for dm in (host, dev):
+        dm.trainer = SimpleNamespace(training=True, testing=False)
+    streams = [{"labeled": next(iter(dm.train_dataloader()["labeled"])),
+                "unlabeled": next(iter(dm.train_dataloader()["unlabeled"]))} for dm in (host, dev)]
+    assert len(streams[1]["unlabeled"]) == 1                       # the index only
+    out_h, out_d = host.on_after_batch_transfer(streams[0], 0), dev.on_after_batch_transfer(streams[1], 0)
+    for k in ("labeled", "unlabeled"):
+        assert all(torch.equal(a, b) for a, b in zip(out_h[k], out_d[k], strict=True))
+    for stage, loader in (("val", "val_dataloader"), ("test", "test_dataloader")):
+        for dm in (host, dev):
+            dm.trainer = SimpleNamespace(training=False, testing=stage == "test")
+        a = host.on_after_batch_transfer(next(iter(getattr(host, loader)())), 0)
+        b = dev.on_after_batch_transfer(next(iter(getattr(dev, loader)())), 0)
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), stage
+    assert {split for split, _ in dev._device_arrays} == {"train", "unlabeled", "test"}
+
+
 def test_datamodule_worker_loader(cifar_root):
     dm = ImageDataModule("cifar10", cifar_root, batch_size=8, val_size=10, download=False, num_workers=1)
     images, labels, index = next(iter(dm.val_dataloader()))

@@ -75,6 +75,19 @@ def test_sskt_with_a_checkpoint_of_this_project_as_source(tmp_path, cifar_dir, a
     assert any(k.startswith("method.heads.0.") for k in ckpt_keys)
 
 
+def test_images_kept_on_the_device_train_exactly_as_loaded_batches(tmp_path, cifar_dir):
+    """data.on_device=true (the images gathered on the device from their indices): the same run,
+    bit for bit, as the default path, with SSKT's unlabeled stream too."""
+    args = [f"paths.data_dir={cifar_dir}", "data=cifar10", "model=resnet20", *SMOKE, "trainer.max_epochs=2",
+            "method=sskt", "source=[timm]", "source.timm.name=cifar_resnet20", "source.timm.pretrained=false",
+            "source.timm.num_classes=10", "data.labels_per_class=3", "data.unlabeled=true",
+            "method.unlabeled=true"]
+    res = [run(compose_config([*args, f"data.on_device={flag}"], tmp_path / flag)) for flag in ("false", "true")]
+    assert res[0]["test_acc"] == res[1]["test_acc"] and res[0]["best_val_acc"] == res[1]["best_val_acc"]
+    curves = [(tmp_path / flag / "csv" / "metrics.csv").read_text() for flag in ("false", "true")]
+    assert "train/loss" in curves[0] and curves[0] == curves[1]
+
+
 def test_sources_bit_identical_after_training_and_heads_learn(tmp_path, cifar_dir):
     from sskt_lightning.module import TransferModule
     import lightning as L

@@ -65,18 +65,23 @@ class IndexedImages(Dataset):
     """Items `(image, label, index)` (or `(image, index)` without labels) of `images[indices]`.
 
     `__getitems__` fetches a whole batch with one indexing op; `collate_batch` passes it through.
+    With `images_on_device` the items leave the image out (`(label, index)` / `(index,)`): the data
+    module gathers the images from its device copy after the transfer (`data.on_device`).
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, indices: torch.Tensor) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, indices: torch.Tensor,
+                 images_on_device: bool = False) -> None:
         self.images, self.labels, self.indices = images, labels, indices
+        self.images_on_device = images_on_device
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def _fetch(self, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        image = () if self.images_on_device else (self.images[idx],)
         if self.labels is None:
-            return self.images[idx], idx
-        return self.images[idx], self.labels[idx], idx
+            return (*image, idx)
+        return (*image, self.labels[idx], idx)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         return self._fetch(self.indices[i])
@@ -164,7 +169,8 @@ class ImageDataModule(L.LightningDataModule):
                  std: Sequence[float] | None = None, unlabeled: bool = False, unlabeled_ratio: float = 1.0,
                  unlabeled_source: str = "auto", pin_memory: bool = False, persistent_workers: bool | None = None,
                  drop_last_train: bool = True, metric: str | None = None, skip_bad_images: bool = False,
-                 steps_per_epoch: int | None = None, val_per_class: int | None = None) -> None:
+                 steps_per_epoch: int | None = None, val_per_class: int | None = None,
+                 on_device: bool = False) -> None:
         super().__init__()  # no save_hyperparameters: checkpoints stay loadable with weights_only=True
         if name not in READERS:
             raise ConfigError(f"data.name={name!r} is not a known dataset; choose one of {sorted(READERS)}.")
@@ -193,6 +199,8 @@ class ImageDataModule(L.LightningDataModule):
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or 2 * batch_size)
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
+        self.on_device = bool(on_device)
+        self._device_arrays: dict[tuple[str, str], torch.Tensor] = {}
         self.persistent_workers = self.num_workers > 0 and persistent_workers is not False
         self.val_size, self.split_seed, self.seed = val_size, int(split_seed), int(seed)
         self.classes, self.label_map, self.class_names_override = _plain(classes), _plain(label_map), _plain(class_names)
@@ -440,7 +448,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def _labeled_loader(self) -> DataLoader:
         task = self.task
-        data = IndexedImages(self._train_arrays.images, task.train_labels, task.train)
+        data = IndexedImages(self._train_arrays.images, task.train_labels, task.train, self.on_device)
         if self.steps_per_epoch is None:   # one pass over the labelled images
             return self._loader(data, self.batch_size, self._generators[0])
         sampler = CyclingSampler(len(data), self.steps_per_epoch * self.batch_size, self._generators[0].initial_seed())
@@ -460,7 +468,7 @@ class ImageDataModule(L.LightningDataModule):
         labeled = self._labeled_loader()
         if not self.unlabeled:
             return labeled
-        pool = IndexedImages(self._unlabeled_images, None, self._unlabeled_idx)
+        pool = IndexedImages(self._unlabeled_images, None, self._unlabeled_idx, self.on_device)
         sampler = CyclingSampler(len(pool), len(labeled) * self.unlabeled_batch_size,
                                  self._generators[1].initial_seed())
         unlabeled = DataLoader(pool, batch_size=self.unlabeled_batch_size, sampler=sampler, drop_last=True,
@@ -471,12 +479,12 @@ class ImageDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         task = self.task
-        return self._loader(IndexedImages(self._train_arrays.images, task.train_labels, task.val),
+        return self._loader(IndexedImages(self._train_arrays.images, task.train_labels, task.val, self.on_device),
                             self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
         task = self.task
-        return self._loader(IndexedImages(self._test_arrays.images, task.test_labels, task.test),
+        return self._loader(IndexedImages(self._test_arrays.images, task.test_labels, task.test, self.on_device),
                             self.eval_batch_size)
 
     # ------------------------------------------------------------------ device side
@@ -485,15 +493,39 @@ class ImageDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return bool(trainer is not None and trainer.training)
 
-    def prepare_batch(self, batch: Any, augment: bool = False, stream: str = "labeled") -> Any:
+    def _device_images(self, split: str, device: torch.device) -> torch.Tensor:
+        """`data.on_device`: the uint8 array of `split` (train: also val; test; unlabeled), copied
+        to `device` once and kept there."""
+        key = (split, str(device))
+        if key not in self._device_arrays:
+            host = {"train": self._train_arrays.images, "test": self._test_arrays.images,
+                    "unlabeled": self._unlabeled_images}[split]
+            self._device_arrays[key] = host.to(device)
+        return self._device_arrays[key]
+
+    def _split_of(self, stream: str) -> str:
+        """The array an on-device batch's indices point into (see the module docstring)."""
+        if stream == "unlabeled":
+            return "unlabeled"
+        trainer = getattr(self, "trainer", None)
+        return "test" if trainer is not None and trainer.testing else "train"
+
+    def prepare_batch(self, batch: Any, augment: bool = False, stream: str = "labeled",
+                      split: str | None = None) -> Any:
         """uint8 images -> (augmented if `augment`) normalised float, plus each sample's view id
         (`BatchAugment`: which crop offset and flip it got; the identity view when not augmenting)
         appended to the batch: `(x, y, index)` -> `(x, y, index, view)`, `(x, index)` ->
         `(x, index, view)`; dicts per stream. Index and view name the exact input a frozen source
         sees: the soft-label cache (`sskt_lightning.cache`) is keyed by them. Each stream draws its
-        views from its own generator (after `setup`; torch's global RNG before it)."""
+        views from its own generator (after `setup`; torch's global RNG before it). With
+        `data.on_device` the batch arrives without images and they are gathered here from the
+        device copy of `split` (default: the one the trainer's stage reads)."""
         if isinstance(batch, dict):
-            return {k: self.prepare_batch(v, augment, k) for k, v in batch.items()}
+            return {k: self.prepare_batch(v, augment, k, split) for k, v in batch.items()}
+        if self.on_device:
+            index = batch[-1]
+            images = self._device_images(split or self._split_of(stream), index.device)[index]
+            batch = (images, *batch)
         images, *rest = batch
         if augment:
             gens = getattr(self, "_generators", None)
