@@ -22,6 +22,9 @@ ratio is the median of the ratios within one repeat):
     first, validation excluded) of scratch, SSKT online (`method.cache=off`) and SSKT with a warm
     cache (`method.cache=read_write`, after one cold run with the same seed has filled exactly
     the (image, view) entries the warm run looks up);
+  * compiled (`compile.target=true`: torch.compile of the target and its heads): scratch and the
+    warm-cache SSKT cases again, paired with compiled scratch, and compiled vs eager scratch (the
+    first epoch, which compiles, is not counted);
   * the cache build: `python -m sskt_lightning.cache build` on a few images, image-views/s.
 Each figure comes twice: per wall-clock second and per CPU-second of the training process
 (`cpu_meter.TimingMeter`; the bare loop times itself the same way). On a machine shared with other
@@ -184,7 +187,10 @@ def main(argv=None):
     p.add_argument("--build-images", type=int, default=4, help="images (x 162 views) for the build rate")
     p.add_argument("--heads", nargs="+", default=["transfer_module", "linear"],
                    help="SSKT aux heads to measure (the default transfer_module first)")
-    p.add_argument("--parts", nargs="+", default=["fit", "sskt", "build"], choices=["fit", "sskt", "build"])
+    p.add_argument("--parts", nargs="+", default=["fit", "sskt", "compiled", "build"],
+                   choices=["fit", "sskt", "compiled", "build"],
+                   help="compiled: scratch and the warm-cache SSKT cases again with compile.target=true "
+                        "(torch.compile of the target and its heads), paired with compiled scratch")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per process")
     p.add_argument("--source-size", type=int, default=74, help="source input px (reference: 74 for CIFAR)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -225,6 +231,8 @@ def main(argv=None):
             if head == args.heads[0]:
                 sskt_cases[f"{label}, online"] = [*src, "method.cache=off"]
             sskt_cases[f"{label}, warm cache"] = [*src, "method.cache=read_write"]
+    compiled_cases = {f"{name}, compiled": [*ov, "compile.target=true"]
+                      for name, ov in sskt_cases.items() if name.endswith("warm cache")}
     results: dict[str, list[dict]] = {}
     t_all = time.perf_counter()
 
@@ -260,6 +268,13 @@ def main(argv=None):
             for name, ov in sskt_cases.items():
                 if name.endswith("online") and rep >= args.online_repeats:
                     continue
+                r = run_cli(args, work / "runs" / f"{name} {rep}", [*common, *ov], env)
+                record(name, {"train_images_per_s": r["train_images_per_s"],
+                              "train_images_per_cpu_s": r["timing"]["train_images_per_s_cpu"],
+                              "cache_stats": r["method_settings"].get("cache_stats")})
+        if "compiled" in args.parts:   # the first epoch compiles (not counted: steady state only)
+            compiled = {"scratch, compiled": ["method=scratch", *sskt_common, "compile.target=true"], **compiled_cases}
+            for name, ov in compiled.items():
                 r = run_cli(args, work / "runs" / f"{name} {rep}", [*common, *ov], env)
                 record(name, {"train_images_per_s": r["train_images_per_s"],
                               "train_images_per_cpu_s": r["timing"]["train_images_per_s_cpu"],
@@ -306,6 +321,16 @@ def main(argv=None):
                                  paired(variant, "scratch", "train_images_per_s"),
                                  med(variant, "train_images_per_cpu_s"),
                                  paired(variant, "scratch", "train_images_per_cpu_s"), "scratch"))
+    if "scratch, compiled" in results:
+        for name in ["scratch, compiled", *compiled_cases]:
+            if name in results:
+                rows.append((name, med(name, "train_images_per_s"), paired(name, "scratch, compiled", "train_images_per_s"),
+                             med(name, "train_images_per_cpu_s"),
+                             paired(name, "scratch, compiled", "train_images_per_cpu_s"), "scratch, compiled"))
+        rows.append(("scratch, compiled vs eager", med("scratch, compiled", "train_images_per_s"),
+                     paired("scratch, compiled", "scratch", "train_images_per_s"),
+                     med("scratch, compiled", "train_images_per_cpu_s"),
+                     paired("scratch, compiled", "scratch", "train_images_per_cpu_s"), "scratch"))
     build_rate = med("cache build (1 ResNet-50)", "image_views_per_s")
     payoff = {}
     label0 = f"sskt ({args.heads[0]} heads)"
