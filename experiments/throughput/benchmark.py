@@ -370,7 +370,8 @@ def main(argv=None):
                   "cache_build_image_views_per_s": build_rate, "payoff": payoff, "raw": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     history = json.loads(args.out.read_text()) if args.out.is_file() else []
-    args.out.write_text(json.dumps([*history, record_out], indent=2))
+    from sskt_lightning.atomic import atomic_write_text
+    atomic_write_text(args.out, json.dumps([*history, record_out], indent=2))   # a crash keeps the old records
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)
 
