@@ -85,7 +85,7 @@ def main(argv=None) -> None:
     p.add_argument("--results", type=Path, default=HERE / "results", help="where the reports go")
     p.add_argument("--labels", type=int, nargs="+", default=[5, 100, 1])
     p.add_argument("--methods", nargs="+", default=METHODS)
-    p.add_argument("--trials", type=int, default=8, help="search trials per method (the same for all)")
+    p.add_argument("--trials", type=int, default=6, help="search trials per method (the same for all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--search-seed", type=int, default=100)
     p.add_argument("--steps-per-epoch", type=int, default=20)
