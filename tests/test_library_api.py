@@ -147,3 +147,21 @@ def test_a_step_budget_needs_the_schedules_epochs(tmp_path, cifar_dir):
                         enable_checkpointing=False, enable_model_summary=False)
     with pytest.raises(ConfigError, match=r"OptimOptions\(max_epochs=N\)"):
         trainer.fit(module, datamodule=dm)
+
+
+def test_channels_last_reaches_every_network_of_the_run(cifar_dir):
+    """channels_last=true: the target, SSKT's transfer-module heads and the frozen source keep every
+    4-D weight channels-last, and the step runs."""
+    from sskt_lightning import TransferModule
+    dm = data_module("cifar10", data_dir=str(cifar_dir), **TINY)
+    source = SourceOptions("timm", name="cifar_resnet20", pretrained=False, num_classes=10)
+    module = TransferModule.from_options(data=dm, method=SSKTOptions(aux_head="transfer_module"),
+                                         sources=[source], channels_last=True)
+    parts = {"target": module.target, "heads": module.method.heads, "sources": module.sources}
+    for name, part in parts.items():
+        convs = [p for p in part.parameters() if p.ndim == 4]
+        assert convs, name
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs), name
+    x = torch.randn(4, 3, 32, 32)
+    out = module.target(x)
+    assert out.logits.shape == (4, 10) and module.sources(x, None, None, "labeled")[0].shape == (4, 10)

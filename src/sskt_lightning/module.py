@@ -51,7 +51,8 @@ class TransferModule(L.LightningModule):
             sources: for SSKT and KD: source config names or ``SourceOptions(config, ...)``.
             optim: ``"sgd"`` / ``"maxl"`` or ``OptimOptions(...)``; the schedule's ``max_epochs``
                 is the Trainer's unless ``OptimOptions(max_epochs=...)`` says otherwise.
-            channels_last: keep the target's weights and activations channels-last (GPU speed).
+            channels_last: keep the weights (and so the activations) of the target, the method's
+                heads / peers and the sources channels-last (GPU speed).
 
         Unknown options, names or values the command line would refuse raise :class:`ConfigError`.
         """
@@ -83,8 +84,6 @@ class TransferModule(L.LightningModule):
         net = create_network(self.model_name, data_info["num_classes"], data_info["in_chans"],
                              pretrained=bool(cfg.model.get("pretrained", False)),
                              **(cfg.model.get("kwargs") or {}))
-        if cfg.get("channels_last"):
-            net = net.to(memory_format=torch.channels_last)
         self.target = TappedNet(net, self.method.tap_pooled, self.method.tap_stages)
         source_cfg = cfg.get("source")
         source_cfg = OmegaConf.to_container(source_cfg) if source_cfg else {}
@@ -92,6 +91,9 @@ class TransferModule(L.LightningModule):
                                       getattr(self.method, "source_bn", "eval"))
                         if self.method.needs_sources else SourceBank([]))
         self.method.setup(self)
+        if cfg.get("channels_last"):   # every network of the run: target, heads / peers / generator, sources
+            for part in (self.target, self.method, self.sources):
+                part.to(memory_format=torch.channels_last)
         self.compiled: list[str] = []
         if cfg.get("compile"):
             from sskt_lightning.compiling import compile_networks

@@ -111,9 +111,7 @@ class DML(Method):
         size = info["image_size"]
         size = size[-1] if isinstance(size, (list, tuple)) else size
         for k, spec in enumerate(self.peer_specs, start=1):
-            net, name = self._build_peer(k, spec, info, size)
-            if module.cfg.get("channels_last"):
-                net = net.to(memory_format=torch.channels_last)
+            net, name = self._build_peer(k, spec, info, size)   # channels_last: the module converts it
             self.peers.append(net)
             self.peer_names.append(name)
 
