@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
-from torch import nn
-
 from sskt_lightning.errors import ConfigError
 
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -48,8 +46,9 @@ def check_compile_options(options: Mapping | None, method: str | None = None) ->
             "mode": options.get("mode")}
 
 
-def _trainable_networks(module) -> Iterator[nn.Module]:
+def _trainable_networks(module) -> Iterator:
     """The target and each network the method trains (heads, DML peers, MAXL's generator)."""
+    from torch import nn   # here, not at import: the config checks above run before torch is loaded
     yield module.target
     for child in module.method.children():
         if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
