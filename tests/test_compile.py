@@ -7,6 +7,7 @@ import torch
 from sskt_lightning.compiling import check_compile_options
 from sskt_lightning.compose import compose_config
 from sskt_lightning.errors import ConfigError
+from sskt_lightning.methods.maxl import MAXL
 from sskt_lightning.train import run
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*RANDOM weights")
@@ -26,8 +27,8 @@ def test_bad_compile_options_are_refused_with_the_fix():
     with pytest.raises(ConfigError, match="compile.trget: unknown option"):
         check_compile_options({"trget": True})
     with pytest.raises(ConfigError, match="method=maxl.*second order"):
-        check_compile_options({"target": True}, "maxl")
-    assert check_compile_options({"sources": True}, "maxl")["sources"]
+        check_compile_options({"target": True}, MAXL)
+    assert check_compile_options({"sources": True}, MAXL)["sources"]
 
 
 def test_maxl_with_a_compiled_target_is_refused_before_any_data_is_read(tmp_path):

@@ -12,9 +12,10 @@ network switches between training and evaluation, or when a batch has another sh
 tens of seconds per network on a CPU; it pays on a GPU and on long runs. Numbers agree with the eager
 run to floating-point rounding (fused kernels sum in another order), not bit for bit.
 
-MAXL's meta step differentiates the target's loss twice (second order); ``torch.compile`` does
-not support double backward, so ``compile.target`` is refused for MAXL with that reason (its
-sources, if any, may still be compiled).
+A method whose training ``torch.compile`` cannot serve says why in its ``no_compiled_target``:
+MAXL's meta step differentiates the target's loss twice (second order), which ``torch.compile``
+does not support, so ``compile.target`` is refused for MAXL with that reason (its sources, if any,
+may still be compiled).
 """
 from __future__ import annotations
 
@@ -25,8 +26,9 @@ from sskt_lightning.errors import ConfigError
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def check_compile_options(options: Mapping | None, method: str | None = None) -> dict:
-    """``compile.*`` as ``{target, sources, mode}``, or a ConfigError that names the fix."""
+def check_compile_options(options: Mapping | None, method=None) -> dict:
+    """``compile.*`` as ``{target, sources, mode}``, or a ConfigError that names the fix.
+    ``method``: the method's class (or instance); its ``no_compiled_target`` refuses compile.target."""
     options = dict(options or {})
     unknown = sorted(set(options) - {"target", "sources", "mode"})
     if unknown:
@@ -38,10 +40,10 @@ def check_compile_options(options: Mapping | None, method: str | None = None) ->
     if options.get("mode") not in MODES:
         raise ConfigError(f"compile.mode={options['mode']!r}: choose one of {list(MODES)} "
                           "(torch.compile's modes; null is its default).")
-    if options.get("target") and method == "maxl":
-        raise ConfigError("compile.target=true with method=maxl: MAXL's meta step differentiates the "
-                          "target twice (second order), which torch.compile does not support. Leave "
-                          "compile.target=false for MAXL.")
+    why_not = getattr(method, "no_compiled_target", None)
+    if options.get("target") and why_not:
+        raise ConfigError(f"compile.target=true with method={method.name}: {why_not}. Leave "
+                          f"compile.target=false for method={method.name}.")
     return {"target": bool(options.get("target", False)), "sources": bool(options.get("sources", False)),
             "mode": options.get("mode")}
 
@@ -59,7 +61,7 @@ def _trainable_networks(module) -> Iterator:
 
 def compile_networks(module, options: Mapping | None) -> list[str]:
     """Compile ``module``'s networks in place as ``options`` (``compile.*``) say; the names compiled."""
-    opts = check_compile_options(options, getattr(module.method, "name", None))
+    opts = check_compile_options(options, module.method)
     done = []
     if opts["target"]:
         for net in _trainable_networks(module):

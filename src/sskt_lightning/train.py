@@ -212,7 +212,7 @@ def _run(cfg: DictConfig) -> dict:
                         "best": _rel(_best_checkpoint_path(trainer), output_dir)},
         "resumed_from": str(cfg.resume) if cfg.get("resume") else None,
         "method_settings": module.method.describe(),
-        "compiled": getattr(module, "compiled", []),   # networks run through torch.compile (compile.*)
+        "compiled": module.compiled,   # networks run through torch.compile (compile.*)
         "overrides": _task_overrides(),
         "extra": {k.replace("/", "_"): float(v) for k, v in tested.items() if k != "test/acc"},
     }

@@ -164,15 +164,16 @@ def validate_config(cfg: DictConfig) -> None:
     if gen_lr is not None and (not _is_number(gen_lr) or gen_lr <= 0):
         raise ConfigError(f"method.generator_optim.lr={gen_lr!r}: the learning rate must be a number > 0.")
 
-    from sskt_lightning.compiling import check_compile_options
-    check_compile_options(cfg.get("compile"), name)
-
     metric = cfg.get("optimized_metric")
     if metric is not None and (not isinstance(metric, str) or metric.startswith("test")):
         raise ConfigError(f"optimized_metric={metric!r}: a sweeper must optimise a validation number "
                           "(best_val_acc or last_val_acc), never a test one.")
 
-    needs_sources = getattr(_method_class(cfg), "needs_sources", True)
+    method_cls = _method_class(cfg)
+    from sskt_lightning.compiling import check_compile_options
+    check_compile_options(cfg.get("compile"), method_cls)
+
+    needs_sources = getattr(method_cls, "needs_sources", True)
     for key in OmegaConf.missing_keys(cfg):
         if key.startswith("source.") and not needs_sources:
             continue

@@ -29,6 +29,7 @@ class Method(nn.Module):
     automatic_optimization = True  # False: the method steps its optimizers via manual_backward
     tap_pooled = False             # target forward also returns the pooled feature
     tap_stages = False             # ... and every stage's output
+    no_compiled_target: str | None = None   # why compile.target cannot serve this method (None: it can)
 
     def setup(self, module: TransferModule) -> None:
         """Build what depends on the target/sources/data (heads, peers). Called once at init."""

@@ -174,6 +174,8 @@ class MAXL(Method):
     name = "maxl"
     automatic_optimization = False
     tap_pooled = True
+    no_compiled_target = ("MAXL's meta step differentiates the target twice (second order), which "
+                          "torch.compile does not support")
 
     def __init__(self, psi: int | Sequence[int] = 5, generator: dict | None = None,
                  generator_optim: dict | None = None, lr_inner: float | None = None,
