@@ -240,14 +240,17 @@ def main(argv=None):
         results.setdefault(name, []).append(value)
         print(f"  {name}: {json.dumps(value)}", flush=True)
 
+    def steady(r: dict) -> dict:
+        """A run's steady-state training speed (wall and CPU time) and its cache counts."""
+        return {"train_images_per_s": r["train_images_per_s"],
+                "train_images_per_cpu_s": r["timing"]["train_images_per_s_cpu"],
+                "cache_stats": r["method_settings"].get("cache_stats")}
+
     if "sskt" in args.parts:   # cold runs fill exactly the entries the warm runs look up (same seed, same views)
         for name, ov in sskt_cases.items():
             if name.endswith("warm cache"):
                 r = run_cli(args, work / "runs" / f"cold {name}", [*common, *ov], env)
-                record(name.replace("warm cache", "cold cache (filling)"), {
-                    "train_images_per_s": r["train_images_per_s"],
-                    "train_images_per_cpu_s": r["timing"]["train_images_per_s_cpu"],
-                    "cache_stats": r["method_settings"]["cache_stats"]})
+                record(name.replace("warm cache", "cold cache (filling)"), steady(r))
     for rep in range(args.repeats):
         if "fit" in args.parts:
             out = subprocess.run([sys.executable, __file__, "--bare", str(data), str(args.val), str(args.batch),
@@ -261,24 +264,16 @@ def main(argv=None):
             record("scratch (CLI)", {"fit_seconds": r["wall_time_s"], "fit_images_per_s": images / r["wall_time_s"],
                                      "fit_cpu_seconds": fit["cpu"], "fit_images_per_cpu_s": images / fit["cpu"],
                                      "train_images_per_s": r["train_images_per_s"]})
+        cases = {}
         if "sskt" in args.parts:
-            r = run_cli(args, work / "runs" / f"scratch {rep}", [*common, "method=scratch", *sskt_common], env)
-            record("scratch", {"train_images_per_s": r["train_images_per_s"],
-                               "train_images_per_cpu_s": r["timing"]["train_images_per_s_cpu"]})
-            for name, ov in sskt_cases.items():
-                if name.endswith("online") and rep >= args.online_repeats:
-                    continue
-                r = run_cli(args, work / "runs" / f"{name} {rep}", [*common, *ov], env)
-                record(name, {"train_images_per_s": r["train_images_per_s"],
-                              "train_images_per_cpu_s": r["timing"]["train_images_per_s_cpu"],
-                              "cache_stats": r["method_settings"].get("cache_stats")})
+            cases["scratch"] = ["method=scratch", *sskt_common]
+            cases.update((name, ov) for name, ov in sskt_cases.items()
+                         if not (name.endswith("online") and rep >= args.online_repeats))
         if "compiled" in args.parts:   # the first epoch compiles (not counted: steady state only)
-            compiled = {"scratch, compiled": ["method=scratch", *sskt_common, "compile.target=true"], **compiled_cases}
-            for name, ov in compiled.items():
-                r = run_cli(args, work / "runs" / f"{name} {rep}", [*common, *ov], env)
-                record(name, {"train_images_per_s": r["train_images_per_s"],
-                              "train_images_per_cpu_s": r["timing"]["train_images_per_s_cpu"],
-                              "cache_stats": r["method_settings"].get("cache_stats")})
+            cases.update({"scratch, compiled": ["method=scratch", *sskt_common, "compile.target=true"],
+                          **compiled_cases})
+        for name, ov in cases.items():
+            record(name, steady(run_cli(args, work / "runs" / f"{name} {rep}", [*common, *ov], env)))
     if "build" in args.parts:   # the build rate: every view of a few images, one source
         build_data = work / "build_data"
         write_cifar10(build_data, args.build_images + 2, 10, seed=1)
