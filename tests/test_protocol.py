@@ -113,6 +113,31 @@ def test_spec_and_command_line(tmp_path):
         P.protocol_from_args(["--out", str(tmp_path / "o"), "--spec", str(spec)])
 
 
+def test_an_incomplete_protocol_exits_non_zero_and_names_what_is_missing(tmp_path, monkeypatch, capsys):
+    """A failed final run or a method whose every trial failed: the report is still written, but the
+    command must not end with 0 as if the comparison were complete."""
+    out = tmp_path / "proto"
+    fake_results(out / "scratch" / "final" / "seed_0", last_val=0.5, test=0.5)
+    failed = out / "scratch" / "final" / "seed_1"
+    failed.mkdir(parents=True)
+    (failed / "failed.txt").write_text("NonFiniteError: loss is nan at step 3\ntraceback\n")
+    (failed / "results.json").write_text(json.dumps({"status": "failed", "error": "NonFiniteError: loss is nan at step 3"}))
+    selected = {"scratch": {"trial": 0, "value": 0.5, "params": {}}, "sskt": None}
+    argv = ["--out", str(out), "--methods", "scratch", "sskt", "--seeds", "0", "1"]
+    monkeypatch.setattr(P, "run_protocol", lambda proto, log=print: selected)
+    assert P.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "incomplete" in err and "scratch seed 1: NonFiniteError: loss is nan at step 3" in err
+    assert str(failed) in err and "sskt: every search trial failed" in err and "seed 0" not in err
+    # everything there: 0
+    (failed / "failed.txt").unlink()
+    fake_results(failed, last_val=0.6, test=0.6)
+    selected["sskt"] = {"trial": 1, "value": 0.7, "params": {}}
+    for s in (0, 1):
+        fake_results(out / "sskt" / "final" / f"seed_{s}", last_val=0.7, test=0.7)
+    assert P.main(argv) == 0
+
+
 # ----------------------------------------------------------------------------- end to end
 
 

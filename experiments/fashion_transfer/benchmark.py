@@ -97,7 +97,7 @@ def main(argv=None) -> None:
 
     start = time.perf_counter()
     source_ckpt = train_source(args.out / "source", args.source_epochs, args.model, seed=0).resolve()
-    reports = []
+    reports, incomplete = [], []
     for labels in args.labels:
         setting = [*target_overrides(args.epochs, args.model, None, labels, args.steps_per_epoch,
                                      VAL_PER_CLASS.get(labels, 20))]
@@ -112,7 +112,8 @@ def main(argv=None) -> None:
             batch=1, setting_name=f"{labels} labels/class, {args.steps_per_epoch * args.epochs} steps",
             baseline="scratch" if "scratch" in args.methods else "")
         print(f"labels/class {labels}: protocol in {proto.out}", flush=True)
-        P.run_protocol(proto, log=lambda line: print(line, flush=True))
+        selected = P.run_protocol(proto, log=lambda line: print(line, flush=True))
+        incomplete += [f"labels/class {labels}: {line}" for line in P.missing(proto, selected)]
         dest = args.results / f"labels{labels}"
         shutil.copytree(proto.out / "report", dest, dirs_exist_ok=True)
         compute = P.compute_seconds(proto.out)
@@ -122,6 +123,9 @@ def main(argv=None) -> None:
     for labels, dest, compute in reports:
         print(f"labels/class {labels}: search {compute['search'] / 60:.1f} min, final {compute['final'] / 60:.1f} "
               f"min of compute (summed over runs, all sessions); report {dest / 'report.md'}")
+    if incomplete:
+        sys.exit("\nerror: the benchmark is incomplete; its reports lack:\n  " + "\n  ".join(incomplete) +
+                 "\nFix the cause, delete those run directories and run the same command again.")
 
 
 if __name__ == "__main__":

@@ -165,10 +165,9 @@ def _read(path: Path) -> dict | None:
 
 
 def _write(path: Path, data: dict) -> None:
+    from sskt_lightning.atomic import atomic_write_text
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2))
 
 
 def run_state(run_dir: Path) -> str:
@@ -431,6 +430,24 @@ def run_protocol(proto: Protocol, log=print) -> dict:
     return selected
 
 
+def missing(proto: Protocol, selected: dict) -> list[str]:
+    """What the report lacks, one line each: methods whose every search trial failed, final runs that
+    failed (a failed run is kept as it is; a resume does not repeat it)."""
+    lines = []
+    for m in proto.methods:
+        if selected.get(m.name) is None:
+            lines.append(f"{m.name}: every search trial failed (their failed.txt: {proto.out / m.name / 'search'})")
+            continue
+        for s in proto.seeds:
+            run_dir = proto.out / m.name / "final" / f"seed_{s}"
+            if run_state(run_dir) == "failed":
+                why = (_read(run_dir / "results.json") or {}).get("error")
+                if why is None and (run_dir / "failed.txt").is_file():
+                    why = (run_dir / "failed.txt").read_text(errors="replace").splitlines()[0]
+                lines.append(f"{m.name} seed {s}: {why or 'failed'} ({run_dir})")
+    return lines
+
+
 def _interleave(queue: list[Job]) -> list[Job]:
     """Final runs first (they finish methods), then round-robin over methods."""
     by_method: dict[str, list[Job]] = {}
@@ -563,12 +580,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         proto = protocol_from_args(argv)
         start = time.perf_counter()
-        run_protocol(proto)
+        selected = run_protocol(proto)
         print(f"\nprotocol: {(time.perf_counter() - start) / 60:.1f} min in this session; report in "
               f"{proto.out / 'report'}", file=sys.stderr)
     except SSKTError as err:
         print(f"\nerror: {err}\n", file=sys.stderr)
         return 2
+    lacking = missing(proto, selected)
+    if lacking:      # the report is written, but it is not the comparison that was asked for
+        print("\nerror: the protocol is incomplete; its report lacks:\n  " + "\n  ".join(lacking) +
+              "\nFix the cause, delete those run directories and run the same command again "
+              "(finished runs are kept).\n", file=sys.stderr)
+        return 1
     return 0
 
 
