@@ -355,6 +355,78 @@ def test_protocol_sidecar_names_and_search_trials(tmp_path):
     assert "| alpha=0.5 " in report.to_markdown(summary)
 
 
+def test_protocols_of_other_data_with_the_same_setting_name_stay_apart(tmp_path):
+    """Two protocol directories whose setting names agree (both default to their --out's name) but
+    whose data differ are two settings, never one row of four runs with seeds 0,1,0,1."""
+    job = 0
+    for data, accs in (("cifar10", (0.9, 0.8)), ("stl10", (0.5, 0.4))):
+        for seed, acc in enumerate(accs):
+            run = write_run(tmp_path, job, None, data=data, method="scratch", seed=seed, test_acc=acc,
+                            best_val_acc=acc)
+            (run / "protocol.json").write_text(json.dumps({"name": "scratch", "setting": "main", "phase": "final"}))
+            job += 1
+    summary = report.summarise(report.load_results([tmp_path]))
+    assert sorted(summary["data"]) == ["cifar10", "stl10"] and list(summary["n"]) == [2, 2]
+    assert row_of(summary[summary["data"] == "stl10"], "scratch")["test_mean"] == pytest.approx(45.0)
+
+
+def test_a_seed_twice_in_a_group_is_an_error_naming_both_runs(tmp_path):
+    a = write_run(tmp_path, 0, None, method="scratch", seed=0, group=SCRATCH_GROUP, test_acc=0.5)
+    b = write_run(tmp_path, 1, None, method="scratch", seed=0, group=SCRATCH_GROUP, test_acc=0.7)
+    with pytest.raises(ReportError, match=r"seed\(s\) \[0\] more than once") as err:
+        report.summarise(report.load_results([tmp_path]))
+    assert str(a / "results.json") in str(err.value) and str(b / "results.json") in str(err.value)
+
+
+def test_runs_without_the_metric_are_not_counted_in_n(tmp_path, capsys):
+    for seed, acc in enumerate([0.70, 0.80, None]):
+        write_run(tmp_path, seed, None, method="scratch", seed=seed, group=SCRATCH_GROUP, test_acc=acc)
+    (row,) = report.summarise(report.load_results([tmp_path])).itertuples()
+    assert row.n == 2 and row.seeds == [0, 1] and row.test_mean == pytest.approx(75.0)
+    assert row.test_std == pytest.approx(math.sqrt(50.0))
+    assert "1 run(s) of group" in capsys.readouterr().err
+
+
+def test_overrides_outside_the_group_do_not_split_the_setting():
+    """tags=, extras., callbacks.lr_monitor ... are left out of train.py's group: the report must not
+    make them a setting of their own (scratch tagged [base] and sskt tagged [ours] still pair)."""
+    runs = [{"data": "d", "model": "m", "method": m, "seed": s, "test_acc": a,
+             "overrides": [f"method={m}", "data.labels_per_class=5", f"tags=[{tag}]", "extras.print_config=false",
+                           "callbacks.lr_monitor.logging_interval=step"]}
+            for m, tag, base in (("scratch", "base", 0.5), ("sskt", "ours", 0.6)) for s, a in
+            ((0, base), (1, base + 0.1))]
+    summary = report.summarise(runs)
+    assert set(summary["setting"]) == {"data.labels_per_class=5"}
+    assert row_of(summary, "sskt")["gain_mean"] == pytest.approx(10.0)
+
+
+def test_why_a_setting_has_no_paired_gain_is_in_the_markdown(tmp_path, capsys):
+    # two scratch groups (a swept learning rate) both match the default baseline method=scratch
+    runs = [{"data": "d", "model": "m", "method": m, "seed": 0, "test_acc": 0.5,
+             "group": " ".join([f"data=d model=m method={m} sources=-", *extra]), "overrides": [f"method={m}", *extra]}
+            for m, extra in (("scratch", ["optim.optimizer.lr=0.1"]), ("scratch", ["optim.optimizer.lr=0.2"]),
+                             ("sskt", []))]
+    md = report.to_markdown(report.summarise(runs))
+    assert "No paired gains: 2 groups match --baseline method=scratch" in md and "--baseline name=" in md
+    # the baseline is there but shares no seed
+    runs = [{"data": "d", "model": "m", "method": "scratch", "seed": 0, "test_acc": 0.5},
+            {"data": "d", "model": "m", "method": "sskt", "seed": 1, "test_acc": 0.6}]
+    summary = report.summarise(runs)
+    md = report.to_markdown(summary)
+    assert "No paired gains: no seed in common with scratch (the baseline); the seeds: scratch 0; sskt 1." in md
+    assert math.isnan(row_of(summary, "sskt")["wins"])          # no pair, no win count (empty in the CSV)
+    report.write_report(runs, tmp_path / "out", plots=False)
+    assert "no seed in common with scratch" in capsys.readouterr().err
+
+
+def test_an_unwritable_out_exits_2_with_the_fix(tree, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert report.main([str(tree), "--out", str(blocker / "report"), "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {blocker / 'report'}" in err and "--out DIR" in err and "Traceback" not in err
+
+
 def test_failed_jobs_are_listed_beside_the_table(tree, tmp_path, capsys):
     bad = tree / "99"
     bad.mkdir()

@@ -513,15 +513,12 @@ def write_protocol_report(proto: Protocol, selected: dict, log=print) -> Path | 
         f"(sum over runs; {proto.jobs} at a time, {proto.threads} thread(s) each).", "",
         pd.DataFrame(rows).to_markdown(index=False), ""])
     if not results:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "report.md").write_text(report._nothing_message(failures, [str(proto.out)]) + "\n" + search_md)
+        report._write(out / "report.md", report._nothing_message(failures, [str(proto.out)]) + "\n" + search_md)
         log((out / "report.md").read_text())
         return None
     baseline = f"name={proto.baseline}" if proto.baseline else report.DEFAULT_BASELINE
     paths = report.write_report(results, out, baseline=baseline, failures=failures,
-                                title=f"Protocol: {proto.setting_name or proto.out.name}")
-    with open(paths["md"], "a") as fh:
-        fh.write(search_md)
+                                title=f"Protocol: {proto.setting_name or proto.out.name}", appendix=search_md)
     log(paths["md"].read_text())
     return paths["md"]
 

@@ -35,6 +35,7 @@ Search trials of the protocol (``protocol.json`` phase ``search``) are left out 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import sys
@@ -46,7 +47,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sskt_lightning.errors import SSKTError
+from sskt_lightning.errors import OutputError, SSKTError
+from sskt_lightning.loggers import NOT_IN_GROUP
 
 __all__ = ["ReportError", "METHOD_ORDER", "load_results", "load_failures", "runs_frame", "summarise",
            "paired_gain", "t_quantile_975", "to_markdown", "to_csv", "read_val_curve", "val_curve_from_csv",
@@ -57,9 +59,6 @@ RESULTS_NAME, FAILED_NAME, PROTOCOL_NAME = "results.json", "failed.txt", "protoc
 DASH = "–"  # an undefined std (one seed) or a missing number
 DEFAULT_BASELINE = "method=scratch"
 
-# overrides that do not change the experiment (as train.py's group leaves them out)
-_NOT_IN_GROUP = ("seed=", "paths.", "logger", "hydra.", "trainer.devices", "trainer.accelerator",
-                 "data.num_workers", "trainer.enable_progress_bar", "resume=")
 # overrides that say which method (variant) runs, not in which setting: not part of the setting
 _VARIANT_PREFIXES = ("method=", "method.", "source=", "source.", "sources=", "optim", "data.unlabeled",
                      "hparams_search")
@@ -196,7 +195,7 @@ def group_key(r: dict) -> str:
     """The aggregation key of one run: a protocol run's (setting, name); else its ``group`` string
     (the experiment without the seed), or one built from its identity."""
     if r.get("phase") and r.get("name"):   # protocol.json: per-seed overrides (a KD teacher) stay one group
-        return f"protocol {r.get('phase')}: {r.get('setting', '')} :: {r['name']}"
+        return f"protocol {r.get('phase')}: {r.get('setting', '')} :: {r.get('data', '')} {r.get('model', '')} :: {r['name']}"
     if r.get("group"):
         return str(r["group"])
     return " ".join(f"{k}={_sources_str(r) if k == 'sources' else r.get(k, '')}"
@@ -209,7 +208,7 @@ def _tokens(r: dict) -> list[str]:
         toks = [str(o).lstrip("+~") for o in r["overrides"]]
     else:
         toks = group_key(r).split()
-    return [t for t in toks if not t.startswith(_NOT_IN_GROUP)]
+    return [t for t in toks if not t.startswith(NOT_IN_GROUP)]   # as train.py's group leaves them out
 
 
 def _setting_of(r: dict) -> str:
@@ -389,25 +388,30 @@ def summarise(results: Sequence[dict], metric: str = "test_acc", baseline: str =
             detail = ", ".join(f"{p}: {k}" for p, k in zip(g["path"], g["test_metric"]))
             raise ReportError(f"report: runs of group '{group}' mix test_metric values {kinds}; they cannot be "
                               f"averaged together. Runs: {detail}")
-        if g["seed"].duplicated().any():
-            print(f"report: warning: group '{group}' holds the same seed more than once: {list(g['seed'])}; "
-                  f"pairing uses their mean", file=sys.stderr)
-        missing = int(g["test"].isna().sum())
-        if missing:
-            print(f"report: warning: {missing} run(s) of group '{group}' lack '{metric}'", file=sys.stderr)
+        twice = g[g["seed"].duplicated(keep=False)]
+        if len(twice):
+            raise ReportError(f"report: group '{group}' holds seed(s) {sorted(set(twice['seed']), key=str)} more than "
+                              f"once ({', '.join(twice['path'])}): the same experiment run twice, or two reports' "
+                              f"directories that overlap. Pass the directories of one run per seed (or move the "
+                              f"others away); its mean, std and paired gain would count one seed twice.")
+        missing = g[g["test"].isna()]
+        if len(missing):
+            print(f"report: warning: {len(missing)} run(s) of group '{group}' lack '{metric}' (not in its n, seeds, "
+                  f"mean or gain): {', '.join(missing['path'])}", file=sys.stderr)
+        tested = g[g["test"].notna()]
         first = g.iloc[0]
         extra = pd.DataFrame(list(g["extra"])).apply(pd.to_numeric, errors="coerce")
         rows.append({
             "data": first["data"], "model": first["model"], "setting": first["setting"], "name": first["name"],
             "method": first["method"], "sources": first["sources"], "group": group,
             "test_metric": kinds[0], "metric": metric, "unit": "%" if _is_fraction_metric(metric) else "",
-            "n": len(g), "seeds": [_seed_label(s) for s in g["seed"]],
+            "n": len(tested), "seeds": [_seed_label(s) for s in tested["seed"]],
             "test_mean": g["test"].mean(), "test_std": g["test"].std(ddof=1),
             "val_mean": g["val"].mean(), "val_std": g["val"].std(ddof=1),
             "num_train": g["num_train"].median(), "num_val": g["num_val"].median(),
             "num_unlabeled": g["num_unlabeled"].median(), "params": first["params"],
             "wall_time_s_mean": g["wall_time_s"].mean(), "train_images_per_s_mean": g["train_images_per_s"].mean(),
-            "test_values": g["test"].tolist(), "by_seed": g.groupby("seed")["test"].mean(),
+            "test_values": tested["test"].tolist(), "by_seed": tested.set_index("seed")["test"],
             "extra": {k: _extra_stats(k, col) for k, col in extra.items() if col.notna().any()},
         })
     summary = pd.DataFrame(rows)
@@ -441,7 +445,7 @@ def _add_gains(summary: pd.DataFrame, baseline: str) -> pd.DataFrame:
             name = base.iloc[0]["name"]
             gain = paired_gain(row["by_seed"], base.iloc[0]["by_seed"])
             if gain["n_paired"] == 0:
-                note = f"no seed in common with {name}"
+                note, gain["wins"] = f"no seed in common with {name}", math.nan
         elif len(base) == 1:
             note = "baseline"
         elif len(base) == 0:
@@ -507,7 +511,8 @@ def _table(part: pd.DataFrame, title: str) -> pd.DataFrame:
     })
     if has_gain:
         base = next(b for b in part["baseline"] if b)
-        table[f"gain over {base} (points)"] = [
+        unit = " (points)" if part["unit"].iloc[0] == "%" else ""
+        table[f"gain over {base}{unit}"] = [
             note if note else _pm(m, s) for m, s, note in zip(part["gain_mean"], part["gain_std"], part["baseline_note"])]
         table["95 % CI"] = [DASH if math.isnan(lo) else f"[{lo:+.2f}, {hi:+.2f}]"
                             for lo, hi in zip(part["gain_ci_low"], part["gain_ci_high"])]
@@ -536,6 +541,30 @@ def _failures_md(failures: Sequence[dict]) -> list[str]:
     return lines + [frame.to_markdown(index=False)]
 
 
+def _no_gains_reason(part: pd.DataFrame, baseline: str) -> str:
+    """Why a setting's table has no paired gain at all ("" when it has one, or holds only its baseline)."""
+    if part["n_paired"].gt(0).any():
+        return ""
+    notes = [n for n in part["baseline_note"] if n and n != "baseline"]
+    if not notes:
+        return ""
+    if notes[0].startswith("no baseline"):
+        return f"no baseline group ({baseline}) in this setting."
+    if " match --baseline " in notes[0]:
+        return f"{notes[0]}; name one with --baseline name=<method column>."
+    return f"{notes[0]} (the baseline); the seeds: " + "; ".join(
+        f"{n} {_seeds_str(s)}" for n, s in zip(part["name"], part["seeds"])) + "."
+
+
+def baseline_warnings(summary: pd.DataFrame, baseline: str) -> list[str]:
+    """One line per setting whose groups cannot be paired with the baseline, for stderr."""
+    if summary.empty:
+        return []
+    return [f"report: warning: {_setting_title(d, m, s)}: no paired gains: {why}"
+            for (d, m, s), part in summary.groupby(["data", "model", "setting"], sort=False)
+            if (why := _no_gains_reason(part, baseline))]
+
+
 def to_markdown(summary: pd.DataFrame, title: str | None = "Results", failures: Sequence[dict] = (),
                 baseline: str = DEFAULT_BASELINE) -> str:
     """The report as markdown: the conventions, one table per setting, extras, failed jobs."""
@@ -557,8 +586,9 @@ def to_markdown(summary: pd.DataFrame, title: str | None = "Results", failures: 
     ]
     for (data, model, setting), part in summary.groupby(["data", "model", "setting"], sort=False):
         lines += ["", f"## {_setting_title(data, model, setting)}", ""]
-        if not part["n_paired"].gt(0).any() and not (part["baseline_note"] == "baseline").any():
-            lines += [f"No paired gains: no baseline group ({baseline}) in this setting.", ""]
+        why = _no_gains_reason(part, baseline)
+        if why:
+            lines += [f"No paired gains: {why}", ""]
         lines += [_table(part, head).to_markdown(index=False)]
     extra = [(r["name"], r["data"], r["model"], r["setting"], k, e) for _, r in summary.iterrows()
              for k, e in r["extra"].items()]
@@ -658,11 +688,17 @@ def _new_figure(w: float, h: float):
     return fig
 
 
+def _save(fig, path: Path) -> Path:
+    """The PNG, written atomically (a reader never sees half a figure)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return _write(path, buf.getvalue())
+
+
 def _empty_figure(path: Path, text: str) -> Path:
     fig = _new_figure(6, 2)
     fig.text(0.5, 0.5, text, ha="center", va="center")
-    fig.savefig(path)
-    return path
+    return _save(fig, path)
 
 
 def _method_colors(methods: Iterable[str]) -> dict[str, Any]:
@@ -743,8 +779,7 @@ def plot_test_acc(summary: pd.DataFrame, path: str | Path) -> Path:
         ax.set_title(_wrap(_setting_title(data, model, setting), 70), fontsize=9)
         ax.set_xlabel(f"{_metric_title(summary)}: mean ± std; dots = seeds", fontsize=8.5)
         ax.grid(axis="x", alpha=0.3)
-    fig.savefig(path)
-    return path
+    return _save(fig, path)
 
 
 def plot_gains(summary: pd.DataFrame, path: str | Path) -> Path:
@@ -778,8 +813,7 @@ def plot_gains(summary: pd.DataFrame, path: str | Path) -> Path:
         ax.set_xlabel(f"gain over {base} ({'points' if summary['unit'].iloc[0] else 'units'}): mean, 95 % t "
                       f"interval; dots = seeds", fontsize=8.5)
         ax.grid(axis="x", alpha=0.3)
-    fig.savefig(path)
-    return path
+    return _save(fig, path)
 
 
 def plot_val_curves(results: Sequence[dict], path: str | Path, summary: pd.DataFrame | None = None) -> Path:
@@ -837,8 +871,7 @@ def plot_val_curves(results: Sequence[dict], path: str | Path, summary: pd.DataF
         grid[1, i].set_title(f"epochs {start}–{last}, zoomed", fontsize=8.5)
         grid[0, i].legend(fontsize=7, loc="lower right")
     fig.suptitle("Validation curves: mean over seeds, band = ±1 std", fontsize=10)
-    fig.savefig(path)
-    return path
+    return _save(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -847,8 +880,9 @@ def plot_val_curves(results: Sequence[dict], path: str | Path, summary: pd.DataF
 
 def write_report(results: Sequence[dict], out_dir: str | Path, metric: str = "test_acc", plots: bool = True,
                  baseline: str = DEFAULT_BASELINE, failures: Sequence[dict] = (),
-                 title: str | None = "Results") -> dict[str, Path]:
-    """Write report.md, report.csv, runs.csv and (unless ``plots`` is false) the PNGs into ``out_dir``.
+                 title: str | None = "Results", appendix: str = "") -> dict[str, Path]:
+    """Write report.md (``appendix`` at its end), report.csv, runs.csv and (unless ``plots`` is false)
+    the PNGs into ``out_dir``, each atomically.
 
     Returns name -> path. Raises :class:`ReportError` on empty ``results`` (naming the failures when
     every job failed) or a group that mixes ``test_metric``.
@@ -856,17 +890,30 @@ def write_report(results: Sequence[dict], out_dir: str | Path, metric: str = "te
     if not results:
         raise ReportError(_nothing_message(failures, []))
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     summary = summarise(results, metric=metric, baseline=baseline)
+    for line in baseline_warnings(summary, baseline):
+        print(line, file=sys.stderr)
     paths = {"md": out / "report.md", "csv": out / "report.csv", "runs_csv": out / "runs.csv"}
-    paths["md"].write_text(to_markdown(summary, title=title, failures=failures, baseline=baseline))
-    paths["csv"].write_text(to_csv(summary))
-    runs_frame(results, metric).drop(columns=["extra"]).to_csv(paths["runs_csv"], index=False)
+    _write(paths["md"], to_markdown(summary, title=title, failures=failures, baseline=baseline) + appendix)
+    _write(paths["csv"], to_csv(summary))
+    _write(paths["runs_csv"], runs_frame(results, metric).drop(columns=["extra"]).to_csv(index=False,
+                                                                                          lineterminator="\n"))
     if plots:
         paths["test_png"] = plot_test_acc(summary, out / f"{_safe_name(metric)}.png")
         paths["gains_png"] = plot_gains(summary, out / "gains.png")
         paths["val_png"] = plot_val_curves(results, out / "val_curves.png")
     return paths
+
+
+def _write(path: Path, data: str | bytes) -> Path:
+    """``path`` replaced atomically; an unwritable ``--out`` is a :class:`ReportError` naming the fix."""
+    from sskt_lightning.atomic import atomic_write_bytes
+    try:
+        return atomic_write_bytes(path, data.encode("utf-8") if isinstance(data, str) else data)
+    except (OutputError, OSError) as err:
+        cause = err.__cause__ or err.__context__ or err     # the OSError behind atomic's OutputError
+        raise ReportError(f"report: cannot write {path} ({getattr(cause, 'strerror', None) or err}); choose a "
+                          f"writable directory with --out DIR.") from None
 
 
 def _nothing_message(failures: Sequence[dict], dirs: Sequence[str]) -> str:
