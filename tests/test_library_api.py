@@ -61,6 +61,18 @@ def test_typed_options_build_the_command_lines_config(tmp_path):
     assert typed["channels_last"] is False and "data" not in typed
 
 
+def test_the_step_schedules_options_reach_its_config(tmp_path):
+    """OptimOptions sets sgd_cosine's warm-up and floor as optim.scheduler.<key>= does; a schedule
+    without them refuses them, naming what it takes."""
+    typed = build_config(method="scratch", optim=OptimOptions("sgd_cosine", lr=0.05, warmup=0.1, min_lr_ratio=0.01))
+    cli = cli_config(["method=scratch", "optim=sgd_cosine", "optim.optimizer.lr=0.05", "optim.scheduler.warmup=0.1",
+                      "optim.scheduler.min_lr_ratio=0.01"], tmp_path)
+    assert typed["optim"] == cli["optim"]
+    assert typed["optim"]["scheduler"]["warmup"] == 0.1 and typed["optim"]["scheduler"]["min_lr_ratio"] == 0.01
+    with pytest.raises(ConfigError, match=r"OptimOptions\('sgd'\) has no warmup: the 'sgd' schedule takes"):
+        build_config(method="scratch", optim=OptimOptions("sgd", warmup=0.1))
+
+
 def test_any_timm_name_kwargs_and_the_trainers_epochs(tmp_path):
     typed = build_config(model=ModelOptions("resnet50.tv_in1k", kwargs={"drop_rate": 0.1}),
                          method=DMLOptions(peers=[{"name": "resnet20"}], update="simultaneous"), optim="sgd")

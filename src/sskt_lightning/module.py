@@ -49,7 +49,7 @@ class TransferModule(L.LightningModule):
             model: a model config or network name (``"resnet20"``, ``"resnet50.tv_in1k"``), or
                 ``ModelOptions(name, pretrained, kwargs)``.
             sources: for SSKT and KD: source config names or ``SourceOptions(config, ...)``.
-            optim: ``"sgd"`` / ``"maxl"`` or ``OptimOptions(...)``; the schedule's ``max_epochs``
+            optim: ``"sgd"`` / ``"sgd_cosine"`` / ``"maxl"`` or ``OptimOptions(...)``; the schedule's ``max_epochs``
                 is the Trainer's unless ``OptimOptions(max_epochs=...)`` says otherwise.
             channels_last: keep the weights (and so the activations) of the target, the method's
                 heads / peers and the sources channels-last (GPU speed).

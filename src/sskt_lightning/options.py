@@ -171,9 +171,11 @@ _OPTIMIZER_FIELDS = ("lr", "momentum", "weight_decay", "nesterov")
 @_options(kw_only=False)
 class OptimOptions:
     """The target's optimizer and schedule: ``config`` is an optim config (``sgd``: SGD 0.1, momentum
-    0.9, wd 5e-4, x``gamma`` at ``fractions`` of ``max_epochs``; ``maxl``: x``gamma`` every
-    ``step_size`` epochs). Fields left at ``None`` keep the config's value, except ``max_epochs``:
-    ``None`` takes the Trainer's ``max_epochs`` when the optimizers are configured."""
+    0.9, wd 5e-4, x``gamma`` at ``fractions`` of ``max_epochs``; ``sgd_cosine``: the same SGD, a
+    linear ``warmup`` (a fraction of all steps, or a number of steps) then cosine decay to
+    ``min_lr_ratio`` x lr, stepped per step; ``maxl``: x``gamma`` every ``step_size`` epochs). Fields
+    left at ``None`` keep the config's value, except ``max_epochs``: ``None`` takes the Trainer's
+    ``max_epochs`` when the optimizers are configured. A field the schedule does not have is an error."""
     config: str = "sgd"
     lr: float | None = None
     momentum: float | None = None
@@ -183,6 +185,8 @@ class OptimOptions:
     fractions: list | None = None
     gamma: float | None = None
     step_size: int | None = None
+    warmup: float | None = None
+    min_lr_ratio: float | None = None
 
 
 # ------------------------------------------------------------------------------------ the config
