@@ -386,3 +386,24 @@ def test_build_resumes_and_info_and_clear(tmp_path, cifar_dir, capsys, monkeypat
     assert cache_cli(["clear", "--key", path.name, *args]) == 0
     assert list_stores(tmp_path / "cache") == []
     assert not (tmp_path / "cache" / path.name).exists() and (path / FILLED).exists() is False
+
+
+def test_commit_writes_each_empty_slot_once_and_never_rewrites_a_filled_one(tmp_path):
+    """Duplicates within a buffer: the first occurrence is written; an entry already filled (by this
+    writer or another) is never rewritten (a reader may be reading it without the lock); ``written``
+    counts only the rows actually written."""
+    store, key = make_store(tmp_path, n=5, views=4, classes=3)
+    row = lambda v: np.full((1, 3), v, np.float16)                        # noqa: E731
+    store.put(np.array([1, 2, 1]), np.array([0, 3, 0]), np.concatenate([row(1), row(2), row(9)]))
+    assert store.commit() == 2 and store.written == 2
+    store.put(np.array([1, 4]), np.array([0, 0]), np.concatenate([row(7), row(4)]))   # (1, 0) is filled
+    assert store.commit() == 1 and store.written == 3
+    other, _ = make_store(tmp_path, n=5, views=4, classes=3)               # a second writer, same store
+    other.put(np.array([2]), np.array([3]), row(8))
+    assert other.commit() == 0 and other.written == 0
+    store.close()
+    other.close()
+    again = SoftLabelStore(store.path, writable=False)
+    hit, rows = again.lookup(np.array([1, 2, 4, 0]), np.array([0, 3, 0, 0]))
+    assert hit.tolist() == [True, True, True, False] and again.count_filled() == 3
+    assert rows[:, 0].tolist() == [1.0, 2.0, 4.0]                          # the first values stay

@@ -288,7 +288,11 @@ class SoftLabelStore:
             self.commit()
 
     def commit(self) -> int:
-        """Write the buffered entries: payloads, fdatasync, then their flags; under the lock."""
+        """Write the buffered entries: payloads, fdatasync, then their flags; under the lock.
+
+        Only empty slots are written: an entry already filled (by this writer or another) is
+        never rewritten, since readers read filled slots without the lock; of several entries
+        for one slot in the buffer the first is written. Returns the number of entries written."""
         if not self._pending:
             return 0
         index = np.concatenate([p[0] for p in self._pending])
@@ -296,15 +300,19 @@ class SoftLabelStore:
         rows = np.concatenate([p[2] for p in self._pending])
         self._pending, self._pending_count = [], 0
         size = self.layout.bytes_per_entry
-        offsets = (index * self.num_views + view) * size
-        raw = rows.view(np.uint8).reshape(len(rows), size)
+        slots, first = np.unique(index * self.num_views + view, return_index=True)   # first occurrences
+        index, view, rows = index[first], view[first], rows[first]
         with open(self.path / LOCK, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                for off, row in zip(offsets.tolist(), raw):
+                empty = self._filled[index, view] == 0            # under the lock: no other writer now
+                index, view, slots = index[empty], view[empty], slots[empty]
+                raw = rows[empty].view(np.uint8).reshape(-1, size)
+                for off, row in zip((slots * size).tolist(), raw):
                     os.pwrite(self._fd, row.tobytes(), off)
-                os.fdatasync(self._fd)                    # payloads durable before any flag says so
-                self._filled[index, view] = 1
+                if len(index):
+                    os.fdatasync(self._fd)                # payloads durable before any flag says so
+                    self._filled[index, view] = 1
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         self.written += len(index)
