@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from sskt_lightning.cache.__main__ import main as cache_cli
-from sskt_lightning.cache.keys import StreamData, cache_mode, open_stores, store_key
+from sskt_lightning.cache.keys import StreamData, cache_mode, data_streams, open_stores, store_key
 from sskt_lightning.cache.store import FILLED, META, PAYLOAD, Layout, SoftLabelStore, choose_layout, list_stores
 from sskt_lightning.compose import compose_config
 from sskt_lightning.data.augment import BatchAugment, normalize
@@ -140,7 +140,7 @@ def test_layout_follows_the_budget():
 def test_key_changes_with_weights_adapter_data_augmentation_and_precision():
     source = tiny_source()
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
-    data = StreamData("cifar10", "train", images).key()
+    data = StreamData("cifar10", "train", images, MEAN, STD).key()
     aug = BatchAugment(4, True).signature()
     layout = Layout("fp16", 10)
     base = store_key(source.signature(), data, aug, "32-true", layout)
@@ -158,8 +158,8 @@ def test_key_changes_with_weights_adapter_data_augmentation_and_precision():
     changed.append(store_key(restat.signature(), data, aug, "32-true", layout))
     other = images.clone()
     other[3, 1, 2, 2] ^= 1
-    changed.append(store_key(source.signature(), StreamData("cifar10", "train", other).key(), aug, "32-true", layout))
-    changed.append(store_key(source.signature(), StreamData("cifar10", "unlabeled", images).key(), aug,
+    changed.append(store_key(source.signature(), StreamData("cifar10", "train", other, MEAN, STD).key(), aug, "32-true", layout))
+    changed.append(store_key(source.signature(), StreamData("cifar10", "unlabeled", images, MEAN, STD).key(), aug,
                              "32-true", layout))
     changed.append(store_key(source.signature(), data, BatchAugment(2, True).signature(), "32-true", layout))
     changed.append(store_key(source.signature(), data, BatchAugment(4, False).signature(), "32-true", layout))
@@ -167,6 +167,38 @@ def test_key_changes_with_weights_adapter_data_augmentation_and_precision():
     changed.append(store_key(source.signature(), data, aug, "32-true", Layout("topk", 10, 3)))
     assert all(k != base for k in changed)
     assert len({json.dumps(k, sort_keys=True) for k in changed}) == len(changed)
+
+
+class FakeDataModule:
+    """What ``data_streams`` reads from sskt_lightning's ImageDataModule."""
+    name = "cifar10"
+
+    def __init__(self, images, mean=MEAN, std=STD):
+        self.images, self.mean, self.std = images, mean, std
+
+    def source_streams(self):
+        return {"labeled": ("train", self.images)}
+
+
+def test_the_data_normalisation_is_in_every_key(tmp_path):
+    """The reference adapter feeds the data module's normalised batch to the source as is, so its
+    logits depend on data.mean / data.std: another normalisation is another store."""
+    import timm
+
+    from sskt_lightning.sources import ReferenceInputAdapter
+    torch.manual_seed(0)
+    bank = SourceBank([FrozenSource("s", timm.create_model("cifar_resnet20", num_classes=10),
+                                    ReferenceInputAdapter(1.0))])
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    paths = []
+    for mean, std in ((MEAN, STD), ((0.5, 0.5, 0.5), STD), (MEAN, (0.5, 0.5, 0.5)), (MEAN, STD)):
+        streams = data_streams(FakeDataModule(images, mean, std))
+        stores = open_stores(bank, streams, BatchAugment(0, False), "32-true", tmp_path, "read_write")
+        paths.append(stores["labeled"][0].path)
+        stores["labeled"][0].close()
+    assert len(set(paths[:3])) == 3 and paths[3] == paths[0]
+    key = json.loads((paths[1] / META).read_text())["key"]["data"]
+    assert (key["mean"], key["std"]) == ([0.5, 0.5, 0.5], list(STD))
 
 
 def test_train_mode_batchnorm_refuses_the_cache():
@@ -280,8 +312,7 @@ def test_cached_logits_equal_online_logits_for_random_image_views(tmp_path, cifa
     dm.setup("fit")
     module = TransferModule(OmegaConf.to_container(cfg, resolve=True), data_info_of(dm))
     bank: SourceBank = module.sources
-    stores = open_stores(bank, {"labeled": StreamData("cifar10", "train", dm.train_arrays.images)},
-                         dm.augment, "32-true", tmp_path / "cache", "read_only")
+    stores = open_stores(bank, data_streams(dm), dm.augment, "32-true", tmp_path / "cache", "read_only")
     store = stores["labeled"][0]
     assert store.count_filled() == 80 * 18                 # 80 images x (3 x 3 offsets x 2 flips)
     g = torch.Generator().manual_seed(1)

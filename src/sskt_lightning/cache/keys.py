@@ -5,7 +5,9 @@ everything those logits depend on:
 
   * the source: architecture, a content hash of its weights, its BatchNorm mode, its input
     adapter's signature (size, interpolation, antialias, channels, normalisation statistics);
-  * the data: dataset name, split, the image array's dtype, shape and content hash;
+  * the data: dataset name, split, the image array's dtype, shape and content hash, and the
+    data module's normalisation (``data.mean`` / ``data.std``; the reference adapter feeds the
+    normalised batch to the source unchanged);
   * the augmentation: pad, flip (the view space and how view ids are numbered);
   * the precision the source runs at (``trainer.precision``) and the storage layout;
   * this code's store format version.
@@ -74,14 +76,21 @@ def precision_name(precision) -> str:
 
 @dataclass
 class StreamData:
-    """The image array one stream's sample indices point into."""
+    """The image array one stream's sample indices point into, and the normalisation
+    (``data.mean`` / ``data.std``) the data module applies to it before any source sees it."""
     dataset: str
     split: str
     images: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
     def key(self) -> dict:
+        """The data part of a store's key. It holds the normalisation for every input adapter:
+        ``adapter=reference`` feeds the normalised batch to the source as is, so its logits
+        depend on ``data.mean`` / ``data.std`` although its own signature does not say them."""
         return {"dataset": self.dataset, "split": self.split, "dtype": str(self.images.dtype),
-                "shape": list(self.images.shape), "sha256": array_digest(self.images)}
+                "shape": list(self.images.shape), "sha256": array_digest(self.images),
+                "mean": [float(m) for m in self.mean], "std": [float(s) for s in self.std]}
 
 
 def store_key(source_signature: dict, data_key: dict, augment_signature: dict, precision: str,
@@ -132,14 +141,15 @@ def open_stores(bank, streams: Mapping[str, StreamData], augment, precision, cac
     precision = precision_name(precision)
     cache_dir = Path(os.path.normpath(os.path.expanduser(str(cache_dir))))
     writable = mode == "read_write"
-    data_keys: dict[int, dict] = {}       # id(images) -> data key (hash each array once)
+    data_keys: dict[tuple, dict] = {}     # (id(images), mean, std) -> data key (hash each array once)
     opened: dict[str, object] = {}        # store dir name -> store
     signatures = {key: source.signature() for key, source in bank.sources.items()}
     out: dict[str, list] = {}
     for stream, data in streams.items():
-        if id(data.images) not in data_keys:
-            data_keys[id(data.images)] = data.key()
-        dkey = data_keys[id(data.images)]
+        ident = (id(data.images), tuple(data.mean), tuple(data.std))
+        if ident not in data_keys:
+            data_keys[ident] = data.key()
+        dkey = data_keys[ident]
         per_source = []
         for key, source in bank.sources.items():
             entries = len(data.images) * augment.num_views
@@ -181,7 +191,8 @@ def data_streams(datamodule) -> dict[str, StreamData]:
     if getter is None:
         raise ConfigError("method.cache needs sskt_lightning's ImageDataModule (it says which image array "
                           f"each stream's indices point into); got {type(datamodule).__name__}.")
-    return {stream: StreamData(datamodule.name, split, images) for stream, (split, images) in getter().items()}
+    return {stream: StreamData(datamodule.name, split, images, tuple(datamodule.mean), tuple(datamodule.std))
+            for stream, (split, images) in getter().items()}
 
 
 def attach(module, mode: str, budget_gb: float = 16.0, topk: int | None = None, temperature: float = 1.0) -> None:
