@@ -295,12 +295,8 @@ def test_a_writer_killed_mid_commit_leaves_no_trusted_entry(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ through the bank
-def test_cached_logits_equal_online_logits_for_random_image_views(tmp_path, cifar_dir):
-    """Built by the CLI (every view of every image), then random (image, view) pairs looked up
-    through the source bank equal the source run online on those views, to fp16 precision."""
-    args = overrides(cifar_dir, tmp_path / "cache", "data.augment_pad=1")
-    assert cache_cli(["build", "--batch-size", "512", *args]) == 0
-    cfg = compose_config(args, tmp_path / "run")
+def data_and_module(cfg):
+    """The data module and the TransferModule of a composed config, as train.run builds them."""
     import lightning as L
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
@@ -310,7 +306,15 @@ def test_cached_logits_equal_online_logits_for_random_image_views(tmp_path, cifa
     L.seed_everything(cfg.seed)
     dm = instantiate(cfg.data)
     dm.setup("fit")
-    module = TransferModule(OmegaConf.to_container(cfg, resolve=True), data_info_of(dm))
+    return dm, TransferModule(OmegaConf.to_container(cfg, resolve=True), data_info_of(dm))
+
+
+def test_cached_logits_equal_online_logits_for_random_image_views(tmp_path, cifar_dir):
+    """Built by the CLI (every view of every image), then random (image, view) pairs looked up
+    through the source bank equal the source run online on those views, to fp16 precision."""
+    args = overrides(cifar_dir, tmp_path / "cache", "data.augment_pad=1")
+    assert cache_cli(["build", "--batch-size", "512", *args]) == 0
+    dm, module = data_and_module(compose_config(args, tmp_path / "run"))
     bank: SourceBank = module.sources
     stores = open_stores(bank, data_streams(dm), dm.augment, "32-true", tmp_path / "cache", "read_only")
     store = stores["labeled"][0]
@@ -438,3 +442,39 @@ def test_commit_writes_each_empty_slot_once_and_never_rewrites_a_filled_one(tmp_
     hit, rows = again.lookup(np.array([1, 2, 4, 0]), np.array([0, 3, 0, 0]))
     assert hit.tolist() == [True, True, True, False] and again.count_filled() == 3
     assert rows[:, 0].tolist() == [1.0, 2.0, 4.0]                          # the first values stay
+
+
+def test_source_signature_is_the_one_before_a_dtype_conversion():
+    """Lightning converts the modules to the precision's dtype (16-true, bf16-true, 64-true) before
+    ``on_fit_start`` opens the stores, while ``cache build`` hashes the source before casting it:
+    the signature is the one before any dtype conversion (the precision is its own key field)."""
+    source = tiny_source()
+    before = source.signature()
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        converted = tiny_source()
+        converted.to(dtype)
+        assert converted.net.fc.weight.dtype == dtype and converted.adapter.data_mean.dtype == dtype
+        assert converted.signature() == before
+    moved = tiny_source()
+    moved.to("cpu", memory_format=torch.channels_last)           # no dtype change: the signature stays live
+    with torch.no_grad():
+        moved.net.fc.weight[0, 0] += 1e-3
+    assert moved.signature()["weights_sha256"] != before["weights_sha256"]
+    module = torch.nn.Sequential(tiny_source())                  # converted through a parent, as Lightning does
+    module.half()
+    assert module[0].signature() == before
+
+
+def test_a_store_built_by_the_cli_is_found_by_a_bf16_true_run(tmp_path, cifar_dir):
+    """``cache build`` at bf16-true hashes the fp32 source and casts it after; training opens its
+    stores in ``on_fit_start``, after Lightning's precision plugin converted the module: one key."""
+    from lightning.pytorch.plugins.precision import HalfPrecision
+    args = overrides(cifar_dir, tmp_path / "cache", "data.augment_pad=0", "data.augment_flip=false",
+                     "trainer.precision=bf16-true")
+    assert cache_cli(["build", "--device", "cpu", *args]) == 0
+    dm, module = data_and_module(compose_config(args, tmp_path / "run"))
+    HalfPrecision("bf16-true").convert_module(module)           # what strategy.setup does before on_fit_start
+    assert next(module.sources.parameters()).dtype == torch.bfloat16
+    stores = open_stores(module.sources, data_streams(dm), dm.augment, "bf16-true", tmp_path / "cache",
+                         "read_only")
+    assert stores["labeled"][0].count_filled() == 80 and len(list_stores(tmp_path / "cache")) == 1
