@@ -13,8 +13,24 @@ import torch
 import torch.nn.functional as F
 
 from sskt_lightning.cache.__main__ import main as cache_cli
-from sskt_lightning.cache.keys import StreamData, cache_mode, data_streams, open_stores, store_key
-from sskt_lightning.cache.store import FILLED, META, PAYLOAD, Layout, SoftLabelStore, choose_layout, list_stores
+from sskt_lightning.cache.keys import (
+    StreamData,
+    cache_mode,
+    compute_signature,
+    data_streams,
+    open_stores,
+    store_key,
+)
+from sskt_lightning.cache.store import (
+    FILLED,
+    META,
+    PAYLOAD,
+    Layout,
+    SoftLabelStore,
+    choose_layout,
+    list_stores,
+    store_path,
+)
 from sskt_lightning.compose import compose_config
 from sskt_lightning.data.augment import BatchAugment, normalize
 from sskt_lightning.errors import CacheError, ConfigError
@@ -29,6 +45,7 @@ SMOKE = ["trainer=smoke", "data.batch_size=8", "data.val_size=16", "data.num_wor
 SOURCE = ["method=sskt", "source=[timm]", "source.timm.name=cifar_resnet20", "source.timm.pretrained=false",
           "source.timm.num_classes=10", "method.aux_head=linear"]
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+CPU = {"device": "cpu"}         # the compute field of a store built or used on a CPU
 
 
 def overrides(data_dir, cache_dir, *extra):
@@ -137,36 +154,66 @@ def test_layout_follows_the_budget():
 
 
 # ------------------------------------------------------------------------------------ keys
-def test_key_changes_with_weights_adapter_data_augmentation_and_precision():
+def test_key_changes_with_weights_adapter_data_augmentation_precision_and_compute():
     source = tiny_source()
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
     data = StreamData("cifar10", "train", images, MEAN, STD).key()
     aug = BatchAugment(4, True).signature()
     layout = Layout("fp16", 10)
-    base = store_key(source.signature(), data, aug, "32-true", layout)
-    assert store_key(source.signature(), data, aug, "32-true", layout) == base      # deterministic
 
+    def key(sig=None, data=data, aug=aug, precision="32-true", layout=layout, compute=compute_signature("cpu")):
+        return store_key(sig or source.signature(), data, aug, precision, layout, compute)
+
+    base = key()
+    assert key() == base                                                            # deterministic
     changed = []
     with torch.no_grad():
         source.net.fc.weight[0, 0] += 1e-3
-    changed.append(store_key(source.signature(), data, aug, "32-true", layout))
+    changed.append(key())
     with torch.no_grad():
         source.net.fc.weight[0, 0] -= 1e-3
     resized = FrozenSource("s", source.net, InputAdapter(MEAN, STD, (0.5,) * 3, (0.25,) * 3, 74))
-    changed.append(store_key(resized.signature(), data, aug, "32-true", layout))
+    changed.append(key(resized.signature()))
     restat = FrozenSource("s", source.net, InputAdapter(MEAN, STD, (0.5,) * 3, (0.2,) * 3, None))
-    changed.append(store_key(restat.signature(), data, aug, "32-true", layout))
+    changed.append(key(restat.signature()))
     other = images.clone()
     other[3, 1, 2, 2] ^= 1
-    changed.append(store_key(source.signature(), StreamData("cifar10", "train", other, MEAN, STD).key(), aug, "32-true", layout))
-    changed.append(store_key(source.signature(), StreamData("cifar10", "unlabeled", images, MEAN, STD).key(), aug,
-                             "32-true", layout))
-    changed.append(store_key(source.signature(), data, BatchAugment(2, True).signature(), "32-true", layout))
-    changed.append(store_key(source.signature(), data, BatchAugment(4, False).signature(), "32-true", layout))
-    changed.append(store_key(source.signature(), data, aug, "bf16-mixed", layout))
-    changed.append(store_key(source.signature(), data, aug, "32-true", Layout("topk", 10, 3)))
+    changed.append(key(data=StreamData("cifar10", "train", other, MEAN, STD).key()))
+    changed.append(key(data=StreamData("cifar10", "unlabeled", images, MEAN, STD).key()))
+    changed.append(key(data=StreamData("cifar10", "train", images, MEAN, (0.5, 0.5, 0.5)).key()))
+    changed.append(key(aug=BatchAugment(2, True).signature()))
+    changed.append(key(aug=BatchAugment(4, False).signature()))
+    changed.append(key(precision="bf16-mixed"))
+    changed.append(key(layout=Layout("topk", 10, 3)))
+    changed.append(key(compute=compute_signature("mps")))
+    changed.append(key(compute=compute_signature("cuda")))
+    changed.append(key(compute=compute_signature("cuda", matmul_tf32=True, float32_matmul_precision="high")))
+    changed.append(key(compute=compute_signature("cuda", cudnn_tf32=True)))
     assert all(k != base for k in changed)
     assert len({json.dumps(k, sort_keys=True) for k in changed}) == len(changed)
+
+
+def test_the_compute_field_says_the_device_and_cudas_tf32_settings(monkeypatch):
+    """A store computed on a GPU with TF32 (~1e-3 relative error, more than fp16's 2^-11) is not
+    what a CPU computes: the key says where and how; the TF32 flags count on CUDA only."""
+    from sskt_lightning.cache.keys import current_compute
+    cpu = compute_signature("cpu")
+    tf32 = compute_signature("cuda", matmul_tf32=True, cudnn_tf32=True, float32_matmul_precision="high")
+    assert cpu == {"device": "cpu"} and tf32 != cpu and tf32 != compute_signature("cuda", cudnn_tf32=True)
+    assert store_path("/c", store_key({}, {}, {}, "32-true", Layout("fp16", 3), tf32)) != \
+        store_path("/c", store_key({}, {}, {}, "32-true", Layout("fp16", 3), cpu))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert current_compute("cpu") == current_compute(torch.device("cpu")) == cpu
+    assert current_compute("cuda:1") == compute_signature("cuda", torch.backends.cuda.matmul.allow_tf32, False,
+                                                          torch.get_float32_matmul_precision())
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")                   # turns matmul TF32 on
+    try:
+        assert current_compute("cuda") == compute_signature("cuda", True, True, "high")
+        assert current_compute("cpu") == cpu
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 class FakeDataModule:
@@ -193,7 +240,8 @@ def test_the_data_normalisation_is_in_every_key(tmp_path):
     paths = []
     for mean, std in ((MEAN, STD), ((0.5, 0.5, 0.5), STD), (MEAN, (0.5, 0.5, 0.5)), (MEAN, STD)):
         streams = data_streams(FakeDataModule(images, mean, std))
-        stores = open_stores(bank, streams, BatchAugment(0, False), "32-true", tmp_path, "read_write")
+        stores = open_stores(bank, streams, BatchAugment(0, False), "32-true", tmp_path, "read_write",
+                             compute=CPU)
         paths.append(stores["labeled"][0].path)
         stores["labeled"][0].close()
     assert len(set(paths[:3])) == 3 and paths[3] == paths[0]
@@ -316,7 +364,8 @@ def test_cached_logits_equal_online_logits_for_random_image_views(tmp_path, cifa
     assert cache_cli(["build", "--batch-size", "512", *args]) == 0
     dm, module = data_and_module(compose_config(args, tmp_path / "run"))
     bank: SourceBank = module.sources
-    stores = open_stores(bank, data_streams(dm), dm.augment, "32-true", tmp_path / "cache", "read_only")
+    stores = open_stores(bank, data_streams(dm), dm.augment, "32-true", tmp_path / "cache", "read_only",
+                         compute=CPU)
     store = stores["labeled"][0]
     assert store.count_filled() == 80 * 18                 # 80 images x (3 x 3 offsets x 2 flips)
     g = torch.Generator().manual_seed(1)
@@ -413,7 +462,10 @@ def test_build_resumes_and_info_and_clear(tmp_path, cifar_dir, capsys, monkeypat
     assert SoftLabelStore(path, writable=False).count_filled() == 64       # two batches committed
     capsys.readouterr()
     assert cache_cli(["build", "--batch-size", "32", *args]) == 0
-    assert "96 entries to compute" in capsys.readouterr().out               # 80 x 2 views - 64
+    out = capsys.readouterr().out
+    assert "96 entries to compute" in out and f"store {path.name} on cpu" in out   # 80 x 2 views - 64
+    meta = json.loads((path / META).read_text())
+    assert meta["key"]["compute"] == CPU and meta["labels"]["device"] == "cpu"   # the device it ran on
     assert cache_cli(["info", *args]) == 0
     out = capsys.readouterr().out
     assert path.name in out and "160/160" in out and "100.0%" in out
@@ -476,5 +528,5 @@ def test_a_store_built_by_the_cli_is_found_by_a_bf16_true_run(tmp_path, cifar_di
     HalfPrecision("bf16-true").convert_module(module)           # what strategy.setup does before on_fit_start
     assert next(module.sources.parameters()).dtype == torch.bfloat16
     stores = open_stores(module.sources, data_streams(dm), dm.augment, "bf16-true", tmp_path / "cache",
-                         "read_only")
+                         "read_only", compute=CPU)
     assert stores["labeled"][0].count_filled() == 80 and len(list_stores(tmp_path / "cache")) == 1

@@ -9,8 +9,10 @@
 ``build`` composes the same config as ``python -m sskt_lightning.train`` (data, sources, their
 input adapters, ``data.augment_*``, ``trainer.precision``, ``method.cache_budget_gb`` /
 ``cache_topk``), so a run with the same overrides and ``method.cache=read_write`` (or
-``read_only``) finds what it built. It computes only what is missing, commits every few thousand
-entries, and can be interrupted and started again.
+``read_only``) finds what it built, if it trains on the same kind of device: a store's key
+records the device type it is computed on (``--device``, default from ``trainer.accelerator``) and,
+on CUDA, the TF32 settings. It computes only what is missing, commits every few thousand entries,
+and can be interrupted and started again.
 """
 from __future__ import annotations
 
@@ -57,14 +59,29 @@ def _precision_context(precision: str, device):
     return contextlib.nullcontext(), dtype
 
 
-def _open_run_stores(cfg, mode: str):
+def _device(cfg, device_name: str | None):
+    """``--device``, else the device ``trainer.accelerator`` gives a run (auto: cuda, then mps,
+    then cpu). A store's key records the device type it is computed on."""
+    import torch
+    if device_name:
+        return torch.device(device_name)
+    accel = str(cfg.trainer.get("accelerator", "auto"))
+    if accel in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if accel in ("auto", "gpu", "mps") and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _open_run_stores(cfg, mode: str, device):
     """The data module, the source bank and its stores for a composed config: built exactly as
-    ``train.run`` builds them (same seed, same order), so even random-weight sources match."""
+    ``train.run`` builds them (same seed, same order), so even random-weight sources match;
+    keyed for computing on ``device`` with this process's TF32 settings."""
     import lightning as L
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from sskt_lightning.cache.keys import cache_mode, data_streams, open_stores
+    from sskt_lightning.cache.keys import cache_mode, current_compute, data_streams, open_stores
     from sskt_lightning.errors import ConfigError
     from sskt_lightning.module import TransferModule
     from sskt_lightning.train import data_info_of
@@ -81,7 +98,8 @@ def _open_run_stores(cfg, mode: str):
     bank = module.sources
     streams = data_streams(dm)
     stores = open_stores(bank, streams, dm.augment, cfg.trainer.get("precision", "32-true"), _cache_dir(cfg),
-                         mode, float(cfg.method.get("cache_budget_gb", 16.0)), cfg.method.get("cache_topk"))
+                         mode, float(cfg.method.get("cache_budget_gb", 16.0)), cfg.method.get("cache_topk"),
+                         compute=current_compute(device))
     return dm, bank, streams, stores
 
 
@@ -95,9 +113,8 @@ def build(overrides: list[str], batch_size: int, task_only: bool, device_name: s
 
     cfg = _compose(overrides)
     precision = precision_name(cfg.trainer.get("precision", "32-true"))
-    dm, bank, streams, stores = _open_run_stores(cfg, "read_write")
-    accel = str(cfg.trainer.get("accelerator", "auto"))
-    device = torch.device(device_name or ("cuda" if accel != "cpu" and torch.cuda.is_available() else "cpu"))
+    device = _device(cfg, device_name)
+    dm, bank, streams, stores = _open_run_stores(cfg, "read_write", device)
     context, true_dtype = _precision_context(precision, device)
     wanted = {"labeled": dm.train_indices if task_only else None,
               "unlabeled": dm.unlabeled_indices if task_only else None}
@@ -119,7 +136,7 @@ def build(overrides: list[str], batch_size: int, task_only: bool, device_name: s
         label = f"{store.meta['labels'].get('source')} on {store.meta['labels'].get('dataset')}/" \
                 f"{store.meta['labels'].get('split')}"
         n_img = store.num_images if subset is None else len(subset)
-        print(f"{label}: store {name}, {store.layout.kind}"
+        print(f"{label}: store {name} on {device.type}, {store.layout.kind}"
               f"{f' k={store.layout.k}' if store.layout.k else ''}, {n_img} images x {store.num_views} views; "
               f"{len(todo)} entries to compute", flush=True)
         t0 = time.perf_counter()
@@ -159,6 +176,7 @@ def _describe(path: Path) -> dict:
     lab = meta.get("labels") or {}
     return {"store": path.name, "source": lab.get("source"), "architecture": (lab.get("architecture") or "").split(".")[-1],
             "data": f"{lab.get('dataset')}/{lab.get('split')}", "precision": lab.get("precision"),
+            "device": (meta["key"].get("compute") or {}).get("device"),
             "layout": layout["kind"] + (f" k={layout['k']}" if layout.get("k") else "") + f" K={layout['num_classes']}",
             "images": n, "views": v, "filled": filled, "percent": 100.0 * filled / (n * v) if n * v else 0.0,
             "disk": disk_usage(path), "created": meta.get("created")}
@@ -170,11 +188,12 @@ def info(overrides: list[str], check: bool) -> int:
     rows = [_describe(p) for p in list_stores(root)]
     print(f"cache dir: {root}" + ("" if root.is_dir() else " (does not exist yet)"))
     if rows:
-        print(f"{'store':24}  {'source':20} {'arch':10} {'data':22} {'precision':10} {'layout':18} "
+        print(f"{'store':24}  {'source':20} {'arch':10} {'data':22} {'precision':10} {'device':6} {'layout':18} "
               f"{'filled':>22}  {'on disk':>10}")
         for r in rows:
             print(f"{r['store']:24}  {str(r['source']):20} {r['architecture'][:10]:10} {r['data']:22} "
-                  f"{str(r['precision']):10} {r['layout']:18} {r['filled']:>10}/{r['images'] * r['views']:<9} "
+                  f"{str(r['precision']):10} {str(r['device']):6} {r['layout']:18} "
+                  f"{r['filled']:>10}/{r['images'] * r['views']:<9} "
                   f"{r['percent']:5.1f}%  {_human(r['disk']):>10}")
         print(f"{len(rows)} store(s), {_human(sum(r['disk'] for r in rows))} on disk")
     else:
@@ -184,7 +203,7 @@ def info(overrides: list[str], check: bool) -> int:
         print(f"{len(temps)} leftover temporary entr(ies) from interrupted writers ({TMP_PREFIX}*): "
               "removed by `clear`")
     if check:
-        _, bank, _, stores = _open_run_stores(cfg, "read_only")
+        _, bank, _, stores = _open_run_stores(cfg, "read_only", _device(cfg, None))
         print("this config's stores:")
         for stream, per_source in stores.items():
             for key, store in zip(bank.sources, per_source):

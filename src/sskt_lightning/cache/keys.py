@@ -10,7 +10,12 @@ everything those logits depend on:
     normalised batch to the source unchanged);
   * the augmentation: pad, flip (the view space and how view ids are numbered);
   * the precision the source runs at (``trainer.precision``) and the storage layout;
+  * how it is computed (:func:`compute_signature`): the device type, and on CUDA the TF32
+    settings (TF32's ~1e-3 relative error exceeds the fp16 storage's rounding, 2^-11);
   * this code's store format version.
+
+Not in the key: the torch / cuDNN version, ``channels_last`` and ``torch.compile``. They change
+which fp32 kernels run, and so the logits by a few fp32 ulps: far below the fp16 storage rounding.
 
 A store whose key differs is another store: a changed source, adapter, dataset or augmentation
 never reads an old entry; it fills (or builds) its own store, and the log says which fields
@@ -93,10 +98,46 @@ class StreamData:
                 "mean": [float(m) for m in self.mean], "std": [float(s) for s in self.std]}
 
 
+def compute_signature(device_type: str, matmul_tf32: bool = False, cudnn_tf32: bool = False,
+                      float32_matmul_precision: str = "highest") -> dict:
+    """How a source's logits are computed, beyond ``trainer.precision``: the device type (``cpu``,
+    ``cuda``, ``mps``) and, on CUDA, whether fp32 matmuls and cuDNN convolutions may use TF32
+    (``torch.backends.cuda.matmul.allow_tf32``, ``torch.backends.cudnn.allow_tf32``,
+    ``torch.get_float32_matmul_precision()``). TF32 rounds products to a 10-bit mantissa, a
+    ~1e-3 relative error, larger than the fp16 storage's 2^-11: a store computed with TF32 is
+    not what a run without it computes, nor is a CPU's store a GPU's."""
+    if device_type == "cuda":
+        return {"device": "cuda", "matmul_tf32": bool(matmul_tf32), "cudnn_tf32": bool(cudnn_tf32),
+                "float32_matmul_precision": str(float32_matmul_precision)}
+    return {"device": str(device_type)}
+
+
+def _tf32(legacy, new_api) -> bool:
+    """A TF32 flag as in effect: the legacy ``allow_tf32`` getter, or (torch raises when the legacy
+    and the new ``fp32_precision`` API were both used) the new API's setting."""
+    try:
+        return bool(legacy())
+    except RuntimeError:
+        return new_api() == "tf32"
+
+
+def current_compute(device) -> dict:
+    """:func:`compute_signature` for ``device`` with this process's current TF32 settings."""
+    device_type = torch.device(device).type
+    if device_type != "cuda":
+        return compute_signature(device_type)
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    return compute_signature(
+        "cuda", _tf32(lambda: matmul.allow_tf32, lambda: getattr(matmul, "fp32_precision", None)),
+        _tf32(lambda: cudnn.allow_tf32, lambda: getattr(getattr(cudnn, "conv", None), "fp32_precision", None)),
+        torch.get_float32_matmul_precision())
+
+
 def store_key(source_signature: dict, data_key: dict, augment_signature: dict, precision: str,
-              layout: Layout) -> dict:
+              layout: Layout, compute: dict) -> dict:
     return {"format_version": FORMAT_VERSION, "source": source_signature, "data": data_key,
-            "augment": augment_signature, "precision": precision, "layout": layout.describe()}
+            "augment": augment_signature, "precision": precision, "compute": compute,
+            "layout": layout.describe()}
 
 
 class MissingStore:
@@ -133,8 +174,9 @@ def explain_new_store(cache_dir, key: dict, labels: dict) -> str | None:
 
 
 def open_stores(bank, streams: Mapping[str, StreamData], augment, precision, cache_dir, mode: str,
-                budget_gb: float = 16.0, topk: int | None = None) -> dict[str, list]:
-    """One store per (source, image array) for each stream: ``{stream: [store per source]}``.
+                budget_gb: float = 16.0, topk: int | None = None, *, compute: dict) -> dict[str, list]:
+    """One store per (source, image array) for each stream: ``{stream: [store per source]}``;
+    ``compute``: where the sources run (:func:`current_compute`).
 
     Streams over the same array (the labelled stream and an unlabeled pool of the same training
     images) share their stores."""
@@ -154,13 +196,14 @@ def open_stores(bank, streams: Mapping[str, StreamData], augment, precision, cac
         for key, source in bank.sources.items():
             entries = len(data.images) * augment.num_views
             layout = choose_layout(entries, source.num_classes, budget_gb * GIB, topk)
-            skey = store_key(signatures[key], dkey, augment.signature(), precision, layout)
+            skey = store_key(signatures[key], dkey, augment.signature(), precision, layout, compute)
             path = store_path(cache_dir, skey)
             if path.name in opened:
                 per_source.append(opened[path.name])
                 continue
             labels = {"source": key, "architecture": signatures[key]["architecture"],
-                      "dataset": data.dataset, "split": data.split, "precision": precision}
+                      "dataset": data.dataset, "split": data.split, "precision": precision,
+                      "device": compute["device"]}
             if not (path / META).is_file():
                 why = explain_new_store(cache_dir, skey, labels)
                 what = f"source {key!r} on {data.dataset}/{data.split}"
@@ -210,5 +253,5 @@ def attach(module, mode: str, budget_gb: float = 16.0, topk: int | None = None, 
     if not cache_dir:
         raise ConfigError("method.cache is on but paths.cache_dir is not set (conf/paths/default.yaml).")
     stores = open_stores(module.sources, data_streams(dm), dm.augment, trainer.precision, cache_dir, mode,
-                         budget_gb, topk)
+                         budget_gb, topk, compute=current_compute(module.device))
     module.sources.attach_cache(stores, write=mode == "read_write", temperature=temperature)
