@@ -3,6 +3,7 @@ cold/warm runs equal, the build/info/clear CLI, KD and both SSKT streams through
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -530,3 +531,56 @@ def test_a_store_built_by_the_cli_is_found_by_a_bf16_true_run(tmp_path, cifar_di
     stores = open_stores(module.sources, data_streams(dm), dm.augment, "bf16-true", tmp_path / "cache",
                          "read_only", compute=CPU)
     assert stores["labeled"][0].count_filled() == 80 and len(list_stores(tmp_path / "cache")) == 1
+
+
+# ------------------------------------------------------------------------------------ disk space
+def test_short_writes_are_completed_before_a_flag_is_set(tmp_path, monkeypatch):
+    pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: pwrite(fd, bytes(data)[:3], offset))  # 3 B a call
+    store, _ = make_store(tmp_path, n=2, views=2, classes=5)                # 10 B an entry
+    rows = np.arange(10, dtype=np.float16).reshape(2, 5) + 1
+    store.put(np.array([0, 1]), np.array([1, 0]), rows)
+    assert store.commit() == 2
+    store.close()
+    hit, back = SoftLabelStore(store.path, writable=False).lookup(np.array([0, 1]), np.array([1, 0]))
+    assert hit.all() and np.array_equal(back, rows)
+
+
+def test_a_store_that_would_not_fit_the_disk_is_refused_at_creation(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 6, 10 ** 6 - 99, 99))
+    with pytest.raises(CacheError, match=r"needs 100 B when full.*99 B free.*cache_budget_gb.*paths.cache_dir.*"
+                                         r"method.cache=read_only or off"):
+        make_store(tmp_path, n=5, views=4, classes=2)              # 5 x 4 x (4 B payload + 1 B flag)
+    assert list(tmp_path.iterdir()) == []                          # nothing created, nothing left over
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 6, 10 ** 6 - 100, 100))
+    store, _ = make_store(tmp_path, n=5, views=4, classes=2)
+    assert os.stat(store.path / FILLED).st_blocks > 0              # the flags are allocated, not a hole
+
+
+def test_a_full_disk_stops_writing_with_one_warning_and_the_run_goes_on(tmp_path, cifar_dir, monkeypatch, caplog,
+                                                                        capsys):
+    """ENOSPC while committing: the store stops storing (one warning), lookups go on, misses run
+    the source, and the run computes what a run with a writable cache computes."""
+    import errno
+    cold = run(compose_config(overrides(cifar_dir, tmp_path / "ok", "method.cache=read_write"), tmp_path / "a"))
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    caplog.set_level("WARNING", logger="sskt_lightning.cache.store")
+    args = overrides(cifar_dir, tmp_path / "full", "method.cache=read_write")
+    results = run(compose_config(args, tmp_path / "b"))
+    assert loss_curve(tmp_path / "b") == loss_curve(tmp_path / "a") and len(loss_curve(tmp_path / "a")) == 6
+    assert results["test_acc"] == cold["test_acc"]
+    stats = results["method_settings"]["cache_stats"]["timm"][0]
+    assert stats["written"] == 0 and stats["misses"] == 48 and "No space left" in stats["write_stopped"]
+    warnings = [r for r in caplog.records if "stops storing" in r.getMessage()]
+    assert len(warnings) == 1 and "No space left" in warnings[0].getMessage()
+    assert SoftLabelStore(list_stores(tmp_path / "full")[0], writable=False).count_filled() == 0
+    capsys.readouterr()
+    assert cache_cli(["build", *args, "data.augment_pad=0", "data.augment_flip=false"]) == 2   # it only writes
+    assert re.search(r"error: cache build: No space left.*paths.cache_dir", capsys.readouterr().err, re.S)

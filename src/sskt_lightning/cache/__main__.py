@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sskt_lightning.cache.store import META, TMP_PREFIX, disk_usage, list_stores
+from sskt_lightning.cache.store import META, TMP_PREFIX, disk_usage, human_bytes, list_stores
 
 USAGE = __doc__
 
@@ -37,14 +37,6 @@ def _compose(overrides: list[str]):
 
 def _cache_dir(cfg) -> Path:
     return Path(os.path.abspath(os.path.expanduser(str(cfg.paths.cache_dir))))
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
 
 
 # ---------------------------------------------------------------------------------------- build
@@ -110,6 +102,7 @@ def build(overrides: list[str], batch_size: int, task_only: bool, device_name: s
 
     from sskt_lightning.cache.keys import precision_name
     from sskt_lightning.data.augment import normalize
+    from sskt_lightning.errors import CacheError
 
     cfg = _compose(overrides)
     precision = precision_name(cfg.trainer.get("precision", "32-true"))
@@ -153,9 +146,15 @@ def build(overrides: list[str], batch_size: int, task_only: bool, device_name: s
                     with context:
                         logits = source(x)
                     store.put(pairs[:, 0], pairs[:, 1], store.layout.encode(logits))
+                    if store.write_stopped:
+                        break
                     bar.update(len(pairs))
         finally:
             store.close()         # commits every finished entry, also when interrupted
+        if store.write_stopped:
+            raise CacheError(f"cache build: {store.write_stopped} while writing {label} to {store.path}; what "
+                             "was committed before stays. Free space (python -m sskt_lightning.cache clear), "
+                             "or build into paths.cache_dir=/a/larger/disk, or lower method.cache_budget_gb.")
         seconds = time.perf_counter() - t0
         if len(todo):
             print(f"{label}: {len(todo)} image-views in {seconds:.1f} s = {len(todo) / seconds:.1f} image-views/s "
@@ -194,8 +193,8 @@ def info(overrides: list[str], check: bool) -> int:
             print(f"{r['store']:24}  {str(r['source']):20} {r['architecture'][:10]:10} {r['data']:22} "
                   f"{str(r['precision']):10} {str(r['device']):6} {r['layout']:18} "
                   f"{r['filled']:>10}/{r['images'] * r['views']:<9} "
-                  f"{r['percent']:5.1f}%  {_human(r['disk']):>10}")
-        print(f"{len(rows)} store(s), {_human(sum(r['disk'] for r in rows))} on disk")
+                  f"{r['percent']:5.1f}%  {human_bytes(r['disk']):>10}")
+        print(f"{len(rows)} store(s), {human_bytes(sum(r['disk'] for r in rows))} on disk")
     else:
         print("no stores")
     temps = [p for p in root.iterdir() if p.name.startswith(TMP_PREFIX)] if root.is_dir() else []
@@ -239,7 +238,7 @@ def clear(overrides: list[str], keys: list[str]) -> int:
         freed += disk_usage(path) if path.is_dir() else path.stat().st_blocks * 512
         shutil.rmtree(path) if path.is_dir() else path.unlink()
         print(f"removed {path}")
-    print(f"{len(targets)} removed, {_human(freed)} freed")
+    print(f"{len(targets)} removed, {human_bytes(freed)} freed")
     return 0
 
 

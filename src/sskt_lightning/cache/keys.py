@@ -153,7 +153,8 @@ class MissingStore:
         return np.zeros(index.size, dtype=bool), np.empty(0, self.layout.dtype)
 
     def stats(self) -> dict:
-        return {"hits": 0, "misses": self.misses, "written": 0, "hit_rate": 0.0 if self.misses else None}
+        return {"hits": 0, "misses": self.misses, "written": 0, "hit_rate": 0.0 if self.misses else None,
+                "write_stopped": None}
 
     def close(self) -> None:
         pass

@@ -27,9 +27,11 @@ class getting an equal share of it (see ``Layout.decode`` for the formula and th
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -47,7 +49,10 @@ from sskt_lightning.errors import CacheError
 if TYPE_CHECKING:   # torch is imported where tensors are handled: `cache info` starts without it
     import torch
 
+log = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 FP16_MAX = 65504.0
 GIB = 1024 ** 3
 META, PAYLOAD, FILLED, LOCK = "meta.json", "payload.bin", "filled.bin", "lock"
@@ -218,6 +223,7 @@ class SoftLabelStore:
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._pending_count = 0
         self.hits = self.misses = self.written = 0
+        self.write_stopped: str | None = None    # why this writer stopped storing (a full disk)
 
     # ------------------------------------------------------------------ creation
     @classmethod
@@ -279,6 +285,8 @@ class SoftLabelStore:
             raise CacheError(f"cache store {self.path} is open read-only")
         index, view = np.asarray(index, np.int64), np.asarray(view, np.int64)
         self._check(index, view)
+        if self.write_stopped:
+            return                                   # the disk is full: said once, in _stop_writing
         rows = np.ascontiguousarray(rows)
         if len(rows) != index.size or rows.nbytes != index.size * self.layout.bytes_per_entry:
             raise CacheError(f"rows of {rows.dtype} {rows.shape} do not fit the layout {self.layout}")
@@ -309,14 +317,30 @@ class SoftLabelStore:
                 index, view, slots = index[empty], view[empty], slots[empty]
                 raw = rows[empty].view(np.uint8).reshape(-1, size)
                 for off, row in zip((slots * size).tolist(), raw):
-                    os.pwrite(self._fd, row.tobytes(), off)
+                    _pwrite_all(self._fd, row.tobytes(), off)
                 if len(index):
                     os.fdatasync(self._fd)                # payloads durable before any flag says so
-                    self._filled[index, view] = 1
+                    self._filled[index, view] = 1         # allocated at creation: no new blocks
+            except OSError as err:
+                if err.errno not in DISK_FULL:
+                    raise
+                self._stop_writing(err)                   # no flag set: the written payloads stay unread
+                return 0
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         self.written += len(index)
         return len(index)
+
+    def _stop_writing(self, err: OSError) -> None:
+        """A full disk (or quota) while committing: store nothing more for the rest of the run,
+        say so once. Lookups go on and misses run the source, so the run computes the same."""
+        self.write_stopped = f"{err.strerror or err} (errno {errno.errorcode.get(err.errno, err.errno)})"
+        self._pending, self._pending_count = [], 0
+        log.warning("cache: %s while writing to store %s (%s): it stops storing for the rest of this run; "
+                    "its lookups go on and its misses run the source, so results are unchanged. Free space "
+                    "(python -m sskt_lightning.cache clear), or set paths.cache_dir=/a/larger/disk, a lower "
+                    "method.cache_budget_gb, or method.cache=read_only.", self.write_stopped, self.path,
+                    self.meta.get("labels"))
 
     def close(self) -> None:
         if self._fd is None:
@@ -333,18 +357,60 @@ class SoftLabelStore:
     def stats(self) -> dict:
         total = self.hits + self.misses
         return {"hits": self.hits, "misses": self.misses, "written": self.written,
-                "hit_rate": self.hits / total if total else None}
+                "hit_rate": self.hits / total if total else None, "write_stopped": self.write_stopped}
 
 
 def store_path(cache_dir: str | Path, key: dict) -> Path:
     return Path(cache_dir) / digest_of(key)[:24]
 
 
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """``os.pwrite`` until every byte is written (a short write is retried; a full disk raises)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _allocate(f, size: int) -> None:
+    """Give a file ``size`` bytes of real blocks: a store's flags are written through a memory map,
+    and a write to a hole of a full disk through a map is a SIGBUS, not an error to handle."""
+    try:
+        os.posix_fallocate(f.fileno(), 0, size)
+        return
+    except AttributeError:                            # no posix_fallocate (macOS)
+        pass
+    except OSError as err:
+        if err.errno in DISK_FULL:
+            raise
+    chunk = bytes(min(size, 1 << 20))                 # the file system cannot fallocate: write zeros
+    for start in range(0, size, len(chunk) or 1):
+        f.write(chunk[:size - start])
+    f.flush()
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 def _publish(path: Path, key: dict, num_images: int, num_views: int, layout: Layout, labels: dict) -> None:
-    """Create a store in a temporary directory beside ``path`` and rename it into place."""
+    """Create a store in a temporary directory beside ``path`` and rename it into place; refused
+    when the store would not fit the disk once full."""
     parent = path.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
+        need = num_images * num_views * (layout.bytes_per_entry + 1)       # payload + flags, when full
+        free = shutil.disk_usage(parent).free
+        if need > free:
+            raise CacheError(
+                f"the cache store for {labels or key} needs {human_bytes(need)} when full, but {parent} has "
+                f"{human_bytes(free)} free. Lower method.cache_budget_gb (a top-k layout: fewer bytes an "
+                f"entry), set paths.cache_dir=/a/larger/disk, free space (python -m sskt_lightning.cache "
+                f"clear), or set method.cache=read_only or off.")
         tmp = parent / f"{TMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
     except OSError as err:
@@ -355,11 +421,12 @@ def _publish(path: Path, key: dict, num_images: int, num_views: int, layout: Lay
                 "num_views": int(num_views), "layout": layout.describe(), "labels": labels,
                 "created": time.strftime("%Y-%m-%d %H:%M:%S")}
         (tmp / LOCK).touch()
-        for name, size in ((PAYLOAD, num_images * num_views * layout.bytes_per_entry),
-                           (FILLED, num_images * num_views)):
-            with open(tmp / name, "wb") as f:
-                f.truncate(size)                      # sparse: costs only what gets written
-                os.fsync(f.fileno())
+        with open(tmp / PAYLOAD, "wb") as f:
+            f.truncate(num_images * num_views * layout.bytes_per_entry)   # sparse: costs what gets written
+            os.fsync(f.fileno())
+        with open(tmp / FILLED, "wb") as f:
+            _allocate(f, num_images * num_views)      # 1 B an entry, allocated (see _allocate)
+            os.fsync(f.fileno())
         atomic_write_text(tmp / META, json.dumps(meta, indent=1))
         _fsync_dir(tmp)
         try:
@@ -369,6 +436,12 @@ def _publish(path: Path, key: dict, num_images: int, num_views: int, layout: Lay
                 raise
         else:
             _fsync_dir(parent)
+    except OSError as err:
+        if err.errno not in DISK_FULL:
+            raise
+        raise CacheError(f"cannot create the cache store for {labels or key} under {parent} ({err.strerror}): "
+                         "free space (python -m sskt_lightning.cache clear), or set paths.cache_dir="
+                         "/a/larger/disk, or method.cache=read_only or off.") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
