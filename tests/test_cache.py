@@ -162,7 +162,7 @@ def test_key_changes_with_weights_adapter_data_augmentation_precision_and_comput
     aug = BatchAugment(4, True).signature()
     layout = Layout("fp16", 10)
 
-    def key(sig=None, data=data, aug=aug, precision="32-true", layout=layout, compute=compute_signature("cpu")):
+    def key(sig=None, data=data, aug=aug, precision="32-true", layout=layout, compute=CPU):
         return store_key(sig or source.signature(), data, aug, precision, layout, compute)
 
     base = key()
@@ -200,7 +200,7 @@ def test_the_compute_field_says_the_device_and_cudas_tf32_settings(monkeypatch):
     from sskt_lightning.cache.keys import current_compute
     cpu = compute_signature("cpu")
     tf32 = compute_signature("cuda", matmul_tf32=True, cudnn_tf32=True, float32_matmul_precision="high")
-    assert cpu == {"device": "cpu"} and tf32 != cpu and tf32 != compute_signature("cuda", cudnn_tf32=True)
+    assert cpu == CPU and tf32 != cpu and tf32 != compute_signature("cuda", cudnn_tf32=True)
     assert store_path("/c", store_key({}, {}, {}, "32-true", Layout("fp16", 3), tf32)) != \
         store_path("/c", store_key({}, {}, {}, "32-true", Layout("fp16", 3), cpu))
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
@@ -480,8 +480,11 @@ def test_commit_writes_each_empty_slot_once_and_never_rewrites_a_filled_one(tmp_
     """Duplicates within a buffer: the first occurrence is written; an entry already filled (by this
     writer or another) is never rewritten (a reader may be reading it without the lock); ``written``
     counts only the rows actually written."""
-    store, key = make_store(tmp_path, n=5, views=4, classes=3)
-    row = lambda v: np.full((1, 3), v, np.float16)                        # noqa: E731
+    store, _ = make_store(tmp_path, n=5, views=4, classes=3)
+
+    def row(v):
+        return np.full((1, 3), v, np.float16)
+
     store.put(np.array([1, 2, 1]), np.array([0, 3, 0]), np.concatenate([row(1), row(2), row(9)]))
     assert store.commit() == 2 and store.written == 2
     store.put(np.array([1, 4]), np.array([0, 0]), np.concatenate([row(7), row(4)]))   # (1, 0) is filled
@@ -583,4 +586,31 @@ def test_a_full_disk_stops_writing_with_one_warning_and_the_run_goes_on(tmp_path
     assert SoftLabelStore(list_stores(tmp_path / "full")[0], writable=False).count_filled() == 0
     capsys.readouterr()
     assert cache_cli(["build", *args, "data.augment_pad=0", "data.augment_flip=false"]) == 2   # it only writes
-    assert re.search(r"error: cache build: No space left.*paths.cache_dir", capsys.readouterr().err, re.S)
+    assert re.search(r"error: cache build: No space left.*paths.cache_dir", capsys.readouterr().err, re.DOTALL)
+
+
+# ------------------------------------------------------------------------------------ damaged stores
+def test_damaged_meta_is_a_cache_error_naming_clear_and_clear_removes_it(tmp_path, capsys):
+    from sskt_lightning.cache.keys import explain_new_store
+    labels = {"source": "s", "dataset": "d", "split": "train"}
+    good = SoftLabelStore.create_or_open(tmp_path, {"v": 1}, 2, 2, Layout("fp16", 3), labels)
+    corrupt = SoftLabelStore.create_or_open(tmp_path, {"v": 2}, 2, 2, Layout("fp16", 3), labels)
+    missing = SoftLabelStore.create_or_open(tmp_path, {"v": 3}, 2, 2, Layout("fp16", 3), labels)
+    for s in (good, corrupt, missing):
+        s.close()
+    (corrupt.path / META).write_text('{"key": {"v": 2}, "num_im')                 # a torn meta.json
+    (missing.path / META).unlink()
+    note = explain_new_store(tmp_path, {"v": 4}, labels)
+    assert f"{good.path.name} (differs in v)" in note
+    assert f"{corrupt.path.name} (unreadable meta.json" in note and f"clear --key {corrupt.path.name}" in note
+    for path, key in ((corrupt.path, {"v": 2}), (missing.path, {"v": 3})):
+        with pytest.raises(CacheError, match=rf"{path}.*meta.json.*python -m sskt_lightning.cache clear --key "
+                                             rf"{path.name}"):
+            SoftLabelStore.create_or_open(tmp_path, key, 2, 2, Layout("fp16", 3), labels)
+    capsys.readouterr()
+    assert cache_cli(["info", f"paths.cache_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert f"{corrupt.path.name}  damaged" in out and f"{missing.path.name}  damaged" in out and "3 store(s)" in out
+    assert cache_cli(["clear", "--key", missing.path.name, "--key", corrupt.path.name,
+                      f"paths.cache_dir={tmp_path}"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [good.path.name]

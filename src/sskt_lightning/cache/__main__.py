@@ -17,7 +17,6 @@ and can be interrupted and started again.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -25,7 +24,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from sskt_lightning.cache.store import META, TMP_PREFIX, disk_usage, human_bytes, list_stores
+from sskt_lightning.cache.store import (
+    TMP_PREFIX,
+    SoftLabelStore,
+    disk_usage,
+    human_bytes,
+    list_store_dirs,
+    read_meta,
+)
 
 USAGE = __doc__
 
@@ -168,7 +174,13 @@ def build(overrides: list[str], batch_size: int, task_only: bool, device_name: s
 # ---------------------------------------------------------------------------------------- info
 def _describe(path: Path) -> dict:
     import numpy as np
-    meta = json.loads((path / META).read_text())
+
+    from sskt_lightning.errors import CacheError
+    try:
+        meta = read_meta(path)
+        SoftLabelStore(path, writable=False).close()       # the files' sizes fit the meta
+    except CacheError as err:
+        return {"store": path.name, "damaged": str(err), "disk": disk_usage(path)}
     n, v = int(meta["num_images"]), int(meta["num_views"])
     filled = int(np.count_nonzero(np.memmap(path / "filled.bin", np.uint8, "r"))) if n * v else 0
     layout = meta["layout"]
@@ -184,12 +196,15 @@ def _describe(path: Path) -> dict:
 def info(overrides: list[str], check: bool) -> int:
     cfg = _compose(overrides)
     root = _cache_dir(cfg)
-    rows = [_describe(p) for p in list_stores(root)]
+    rows = [_describe(p) for p in list_store_dirs(root)]
     print(f"cache dir: {root}" + ("" if root.is_dir() else " (does not exist yet)"))
     if rows:
         print(f"{'store':24}  {'source':20} {'arch':10} {'data':22} {'precision':10} {'device':6} {'layout':18} "
               f"{'filled':>22}  {'on disk':>10}")
         for r in rows:
+            if "damaged" in r:
+                print(f"{r['store']:24}  damaged: {r['damaged']}")
+                continue
             print(f"{r['store']:24}  {str(r['source']):20} {r['architecture'][:10]:10} {r['data']:22} "
                   f"{str(r['precision']):10} {str(r['device']):6} {r['layout']:18} "
                   f"{r['filled']:>10}/{r['images'] * r['views']:<9} "
@@ -223,7 +238,7 @@ def clear(overrides: list[str], keys: list[str]) -> int:
     if not root.is_dir():
         print(f"nothing to clear: {root} does not exist")
         return 0
-    stores = {p.name: p for p in list_stores(root)}
+    stores = {p.name: p for p in list_store_dirs(root)}
     if keys:
         unknown = [k for k in keys if k not in stores]
         if unknown:

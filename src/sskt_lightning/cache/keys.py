@@ -42,9 +42,10 @@ from sskt_lightning.cache.store import (
     choose_layout,
     describe_difference,
     list_stores,
+    read_meta,
     store_path,
 )
-from sskt_lightning.errors import ConfigError
+from sskt_lightning.errors import CacheError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +163,16 @@ class MissingStore:
 
 def explain_new_store(cache_dir, key: dict, labels: dict) -> str | None:
     """For a key with no store yet: which fields differ from the stores of the same source and
-    data already in ``cache_dir`` (None when there are none)."""
-    import json
+    data already in ``cache_dir`` (None when there are none). A store whose ``meta.json`` cannot
+    be read is named as such (its source is unknown), not an error."""
     notes = []
     for path in list_stores(cache_dir):
-        meta = json.loads((path / META).read_text())
+        try:
+            meta = read_meta(path)
+        except CacheError:
+            notes.append(f"{path.name} (unreadable {META}: remove it: python -m sskt_lightning.cache clear "
+                         f"--key {path.name})")
+            continue
         other = meta.get("labels") or {}
         if (other.get("source"), other.get("dataset"), other.get("split")) == (
                 labels["source"], labels["dataset"], labels["split"]):

@@ -56,6 +56,7 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 FP16_MAX = 65504.0
 GIB = 1024 ** 3
 META, PAYLOAD, FILLED, LOCK = "meta.json", "payload.bin", "filled.bin", "lock"
+STORE_NAME_LENGTH = 24          # hex digits of the key's SHA-256
 TMP_PREFIX = ".tmp-"
 
 
@@ -207,9 +208,12 @@ class SoftLabelStore:
 
     def __init__(self, path: Path, writable: bool, commit_every: int = 4096):
         self.path, self.writable, self.commit_every = Path(path), bool(writable), int(commit_every)
-        self.meta = json.loads((self.path / META).read_text())
-        self.num_images, self.num_views = int(self.meta["num_images"]), int(self.meta["num_views"])
-        self.layout = Layout(**self.meta["layout"])
+        self.meta = read_meta(self.path)
+        try:
+            self.num_images, self.num_views = int(self.meta["num_images"]), int(self.meta["num_views"])
+            self.layout = Layout(**self.meta["layout"])
+        except (KeyError, TypeError, ValueError, CacheError) as err:
+            raise _damaged(self.path, f"its {META} lacks a valid {err}") from None
         payload_size = self.num_images * self.num_views * self.layout.bytes_per_entry
         for name, size in ((PAYLOAD, payload_size), (FILLED, self.num_images * self.num_views)):
             actual = (self.path / name).stat().st_size
@@ -361,7 +365,27 @@ class SoftLabelStore:
 
 
 def store_path(cache_dir: str | Path, key: dict) -> Path:
-    return Path(cache_dir) / digest_of(key)[:24]
+    return Path(cache_dir) / digest_of(key)[:STORE_NAME_LENGTH]
+
+
+def _damaged(path: Path, why: str) -> CacheError:
+    return CacheError(f"cache store {path} is damaged: {why}. Remove it: python -m sskt_lightning.cache "
+                      f"clear --key {path.name}")
+
+
+def read_meta(path: str | Path) -> dict:
+    """A store's ``meta.json``; a :class:`CacheError` naming the store and how to remove it when
+    the file is missing or unreadable (a store copied in part, a torn write by another tool)."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / META).read_text())
+    except FileNotFoundError:
+        raise _damaged(path, f"it has no {META}") from None
+    except (OSError, ValueError) as err:                 # JSONDecodeError, UnicodeDecodeError
+        raise _damaged(path, f"its {META} cannot be read ({type(err).__name__}: {err})") from None
+    if not isinstance(meta, dict):
+        raise _damaged(path, f"its {META} holds a {type(meta).__name__}, not an object")
+    return meta
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -468,6 +492,17 @@ def list_stores(cache_dir: str | Path) -> list[Path]:
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(TMP_PREFIX)
                   and (p / META).is_file())
+
+
+def list_store_dirs(cache_dir: str | Path) -> list[Path]:
+    """:func:`list_stores` plus directories named like a store but without ``meta.json``
+    (damaged: ``info`` shows them, ``clear`` removes them)."""
+    root = Path(cache_dir)
+    if not root.is_dir():
+        return []
+    hexdigits = set("0123456789abcdef")
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(TMP_PREFIX) and (
+        (p / META).is_file() or (len(p.name) == STORE_NAME_LENGTH and set(p.name) <= hexdigits)))
 
 
 def disk_usage(path: Path) -> int:
