@@ -1,5 +1,5 @@
-"""The soft-label cache: view ids, exact lookups, safe keys, concurrent and crashing writers,
-cold/warm runs equal, the build/info/clear CLI, KD and both SSKT streams through the one seam."""
+"""The soft-label cache: view ids, lookups at the stored precision (fp16: online to 2^-11), safe
+keys, concurrent and crashing writers, cold/warm runs equal, the build/info/clear CLI, KD and both SSKT streams through the one seam."""
 import csv
 import json
 import os

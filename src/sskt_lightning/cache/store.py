@@ -18,12 +18,13 @@ Safety rules:
   * ``meta.json`` must hold exactly the key that was asked for; anything else is refused
     (:class:`~sskt_lightning.errors.CacheError`), never read.
 
-Layouts (:class:`Layout`): ``fp16`` stores all K logits in float16 (exact up to fp16 rounding:
-relative error <= 2^-11); ``topk`` stores the k largest logits (float16), their class indices
-(uint16) and two numbers about the other K - k ("tail") logits, their log-mean-exp at T = 1 and at
-T = 3 (float32), from which the softmax is rebuilt at any temperature: exact on the top k, the
-tail's total probability exact at T = 1 and T = 3 and interpolated in between and beyond, each tail
-class getting an equal share of it (see ``Layout.decode`` for the formula and the error bound).
+Layouts (:class:`Layout`): ``fp16`` stores all K logits in float16 (the online logits up to fp16
+rounding: relative error <= 2^-11); ``topk`` stores the k largest logits (float16), their class
+indices (uint16) and two numbers about the other K - k ("tail") logits, their log-mean-exp at T = 1
+and at T = 3 (float32), from which the softmax is rebuilt at any temperature: the top k logits to
+fp16 rounding, the tail's total probability matched at T = 1 and T = 3 (to float32 rounding) and
+interpolated in between and beyond, each tail class getting an equal share of it (see
+``Layout.decode`` for the formula and the error bound).
 """
 from __future__ import annotations
 
