@@ -1,8 +1,9 @@
-"""The soft-label cache: view ids, exact lookups, safe keys, concurrent and crashing writers,
-cold/warm runs equal, the build/info/clear CLI, KD and both SSKT streams through the one seam."""
+"""The soft-label cache: view ids, lookups at the stored precision (fp16: online to 2^-11), safe
+keys, concurrent and crashing writers, cold/warm runs equal, the build/info/clear CLI, KD and both SSKT streams through the one seam."""
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,8 +14,24 @@ import torch
 import torch.nn.functional as F
 
 from sskt_lightning.cache.__main__ import main as cache_cli
-from sskt_lightning.cache.keys import StreamData, cache_mode, open_stores, store_key
-from sskt_lightning.cache.store import FILLED, META, PAYLOAD, Layout, SoftLabelStore, choose_layout, list_stores
+from sskt_lightning.cache.keys import (
+    StreamData,
+    cache_mode,
+    compute_signature,
+    data_streams,
+    open_stores,
+    store_key,
+)
+from sskt_lightning.cache.store import (
+    FILLED,
+    META,
+    PAYLOAD,
+    Layout,
+    SoftLabelStore,
+    choose_layout,
+    list_stores,
+    store_path,
+)
 from sskt_lightning.compose import compose_config
 from sskt_lightning.data.augment import BatchAugment, normalize
 from sskt_lightning.errors import CacheError, ConfigError
@@ -29,6 +46,7 @@ SMOKE = ["trainer=smoke", "data.batch_size=8", "data.val_size=16", "data.num_wor
 SOURCE = ["method=sskt", "source=[timm]", "source.timm.name=cifar_resnet20", "source.timm.pretrained=false",
           "source.timm.num_classes=10", "method.aux_head=linear"]
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+CPU = {"device": "cpu"}         # the compute field of a store built or used on a CPU
 
 
 def overrides(data_dir, cache_dir, *extra):
@@ -137,36 +155,99 @@ def test_layout_follows_the_budget():
 
 
 # ------------------------------------------------------------------------------------ keys
-def test_key_changes_with_weights_adapter_data_augmentation_and_precision():
+def test_key_changes_with_weights_adapter_data_augmentation_precision_and_compute():
     source = tiny_source()
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
-    data = StreamData("cifar10", "train", images).key()
+    data = StreamData("cifar10", "train", images, MEAN, STD).key()
     aug = BatchAugment(4, True).signature()
     layout = Layout("fp16", 10)
-    base = store_key(source.signature(), data, aug, "32-true", layout)
-    assert store_key(source.signature(), data, aug, "32-true", layout) == base      # deterministic
 
+    def key(sig=None, data=data, aug=aug, precision="32-true", layout=layout, compute=CPU):
+        return store_key(sig or source.signature(), data, aug, precision, layout, compute)
+
+    base = key()
+    assert key() == base                                                            # deterministic
     changed = []
     with torch.no_grad():
         source.net.fc.weight[0, 0] += 1e-3
-    changed.append(store_key(source.signature(), data, aug, "32-true", layout))
+    changed.append(key())
     with torch.no_grad():
         source.net.fc.weight[0, 0] -= 1e-3
     resized = FrozenSource("s", source.net, InputAdapter(MEAN, STD, (0.5,) * 3, (0.25,) * 3, 74))
-    changed.append(store_key(resized.signature(), data, aug, "32-true", layout))
+    changed.append(key(resized.signature()))
     restat = FrozenSource("s", source.net, InputAdapter(MEAN, STD, (0.5,) * 3, (0.2,) * 3, None))
-    changed.append(store_key(restat.signature(), data, aug, "32-true", layout))
+    changed.append(key(restat.signature()))
     other = images.clone()
     other[3, 1, 2, 2] ^= 1
-    changed.append(store_key(source.signature(), StreamData("cifar10", "train", other).key(), aug, "32-true", layout))
-    changed.append(store_key(source.signature(), StreamData("cifar10", "unlabeled", images).key(), aug,
-                             "32-true", layout))
-    changed.append(store_key(source.signature(), data, BatchAugment(2, True).signature(), "32-true", layout))
-    changed.append(store_key(source.signature(), data, BatchAugment(4, False).signature(), "32-true", layout))
-    changed.append(store_key(source.signature(), data, aug, "bf16-mixed", layout))
-    changed.append(store_key(source.signature(), data, aug, "32-true", Layout("topk", 10, 3)))
+    changed.append(key(data=StreamData("cifar10", "train", other, MEAN, STD).key()))
+    changed.append(key(data=StreamData("cifar10", "unlabeled", images, MEAN, STD).key()))
+    changed.append(key(data=StreamData("cifar10", "train", images, MEAN, (0.5, 0.5, 0.5)).key()))
+    changed.append(key(aug=BatchAugment(2, True).signature()))
+    changed.append(key(aug=BatchAugment(4, False).signature()))
+    changed.append(key(precision="bf16-mixed"))
+    changed.append(key(layout=Layout("topk", 10, 3)))
+    changed.append(key(compute=compute_signature("mps")))
+    changed.append(key(compute=compute_signature("cuda")))
+    changed.append(key(compute=compute_signature("cuda", matmul_tf32=True, float32_matmul_precision="high")))
+    changed.append(key(compute=compute_signature("cuda", cudnn_tf32=True)))
     assert all(k != base for k in changed)
     assert len({json.dumps(k, sort_keys=True) for k in changed}) == len(changed)
+
+
+def test_the_compute_field_says_the_device_and_cudas_tf32_settings(monkeypatch):
+    """A store computed on a GPU with TF32 (~1e-3 relative error, more than fp16's 2^-11) is not
+    what a CPU computes: the key says where and how; the TF32 flags count on CUDA only."""
+    from sskt_lightning.cache.keys import current_compute
+    cpu = compute_signature("cpu")
+    tf32 = compute_signature("cuda", matmul_tf32=True, cudnn_tf32=True, float32_matmul_precision="high")
+    assert cpu == CPU and tf32 != cpu and tf32 != compute_signature("cuda", cudnn_tf32=True)
+    assert store_path("/c", store_key({}, {}, {}, "32-true", Layout("fp16", 3), tf32)) != \
+        store_path("/c", store_key({}, {}, {}, "32-true", Layout("fp16", 3), cpu))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert current_compute("cpu") == current_compute(torch.device("cpu")) == cpu
+    assert current_compute("cuda:1") == compute_signature("cuda", torch.backends.cuda.matmul.allow_tf32, False,
+                                                          torch.get_float32_matmul_precision())
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")                   # turns matmul TF32 on
+    try:
+        assert current_compute("cuda") == compute_signature("cuda", True, True, "high")
+        assert current_compute("cpu") == cpu
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+class FakeDataModule:
+    """What ``data_streams`` reads from sskt_lightning's ImageDataModule."""
+    name = "cifar10"
+
+    def __init__(self, images, mean=MEAN, std=STD):
+        self.images, self.mean, self.std = images, mean, std
+
+    def source_streams(self):
+        return {"labeled": ("train", self.images)}
+
+
+def test_the_data_normalisation_is_in_every_key(tmp_path):
+    """The reference adapter feeds the data module's normalised batch to the source as is, so its
+    logits depend on data.mean / data.std: another normalisation is another store."""
+    import timm
+
+    from sskt_lightning.sources import ReferenceInputAdapter
+    torch.manual_seed(0)
+    bank = SourceBank([FrozenSource("s", timm.create_model("cifar_resnet20", num_classes=10),
+                                    ReferenceInputAdapter(1.0))])
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    paths = []
+    for mean, std in ((MEAN, STD), ((0.5, 0.5, 0.5), STD), (MEAN, (0.5, 0.5, 0.5)), (MEAN, STD)):
+        streams = data_streams(FakeDataModule(images, mean, std))
+        stores = open_stores(bank, streams, BatchAugment(0, False), "32-true", tmp_path, "read_write",
+                             compute=CPU)
+        paths.append(stores["labeled"][0].path)
+        stores["labeled"][0].close()
+    assert len(set(paths[:3])) == 3 and paths[3] == paths[0]
+    key = json.loads((paths[1] / META).read_text())["key"]["data"]
+    assert (key["mean"], key["std"]) == ([0.5, 0.5, 0.5], list(STD))
 
 
 def test_train_mode_batchnorm_refuses_the_cache():
@@ -263,12 +344,8 @@ def test_a_writer_killed_mid_commit_leaves_no_trusted_entry(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ through the bank
-def test_cached_logits_equal_online_logits_for_random_image_views(tmp_path, cifar_dir):
-    """Built by the CLI (every view of every image), then random (image, view) pairs looked up
-    through the source bank equal the source run online on those views, to fp16 precision."""
-    args = overrides(cifar_dir, tmp_path / "cache", "data.augment_pad=1")
-    assert cache_cli(["build", "--batch-size", "512", *args]) == 0
-    cfg = compose_config(args, tmp_path / "run")
+def data_and_module(cfg):
+    """The data module and the TransferModule of a composed config, as train.run builds them."""
     import lightning as L
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
@@ -278,10 +355,18 @@ def test_cached_logits_equal_online_logits_for_random_image_views(tmp_path, cifa
     L.seed_everything(cfg.seed)
     dm = instantiate(cfg.data)
     dm.setup("fit")
-    module = TransferModule(OmegaConf.to_container(cfg, resolve=True), data_info_of(dm))
+    return dm, TransferModule(OmegaConf.to_container(cfg, resolve=True), data_info_of(dm))
+
+
+def test_cached_logits_equal_online_logits_for_random_image_views(tmp_path, cifar_dir):
+    """Built by the CLI (every view of every image), then random (image, view) pairs looked up
+    through the source bank equal the source run online on those views, to fp16 precision."""
+    args = overrides(cifar_dir, tmp_path / "cache", "data.augment_pad=1")
+    assert cache_cli(["build", "--batch-size", "512", *args]) == 0
+    dm, module = data_and_module(compose_config(args, tmp_path / "run"))
     bank: SourceBank = module.sources
-    stores = open_stores(bank, {"labeled": StreamData("cifar10", "train", dm.train_arrays.images)},
-                         dm.augment, "32-true", tmp_path / "cache", "read_only")
+    stores = open_stores(bank, data_streams(dm), dm.augment, "32-true", tmp_path / "cache", "read_only",
+                         compute=CPU)
     store = stores["labeled"][0]
     assert store.count_filled() == 80 * 18                 # 80 images x (3 x 3 offsets x 2 flips)
     g = torch.Generator().manual_seed(1)
@@ -378,7 +463,10 @@ def test_build_resumes_and_info_and_clear(tmp_path, cifar_dir, capsys, monkeypat
     assert SoftLabelStore(path, writable=False).count_filled() == 64       # two batches committed
     capsys.readouterr()
     assert cache_cli(["build", "--batch-size", "32", *args]) == 0
-    assert "96 entries to compute" in capsys.readouterr().out               # 80 x 2 views - 64
+    out = capsys.readouterr().out
+    assert "96 entries to compute" in out and f"store {path.name} on cpu" in out   # 80 x 2 views - 64
+    meta = json.loads((path / META).read_text())
+    assert meta["key"]["compute"] == CPU and meta["labels"]["device"] == "cpu"   # the device it ran on
     assert cache_cli(["info", *args]) == 0
     out = capsys.readouterr().out
     assert path.name in out and "160/160" in out and "100.0%" in out
@@ -386,3 +474,143 @@ def test_build_resumes_and_info_and_clear(tmp_path, cifar_dir, capsys, monkeypat
     assert cache_cli(["clear", "--key", path.name, *args]) == 0
     assert list_stores(tmp_path / "cache") == []
     assert not (tmp_path / "cache" / path.name).exists() and (path / FILLED).exists() is False
+
+
+def test_commit_writes_each_empty_slot_once_and_never_rewrites_a_filled_one(tmp_path):
+    """Duplicates within a buffer: the first occurrence is written; an entry already filled (by this
+    writer or another) is never rewritten (a reader may be reading it without the lock); ``written``
+    counts only the rows actually written."""
+    store, _ = make_store(tmp_path, n=5, views=4, classes=3)
+
+    def row(v):
+        return np.full((1, 3), v, np.float16)
+
+    store.put(np.array([1, 2, 1]), np.array([0, 3, 0]), np.concatenate([row(1), row(2), row(9)]))
+    assert store.commit() == 2 and store.written == 2
+    store.put(np.array([1, 4]), np.array([0, 0]), np.concatenate([row(7), row(4)]))   # (1, 0) is filled
+    assert store.commit() == 1 and store.written == 3
+    other, _ = make_store(tmp_path, n=5, views=4, classes=3)               # a second writer, same store
+    other.put(np.array([2]), np.array([3]), row(8))
+    assert other.commit() == 0 and other.written == 0
+    store.close()
+    other.close()
+    again = SoftLabelStore(store.path, writable=False)
+    hit, rows = again.lookup(np.array([1, 2, 4, 0]), np.array([0, 3, 0, 0]))
+    assert hit.tolist() == [True, True, True, False] and again.count_filled() == 3
+    assert rows[:, 0].tolist() == [1.0, 2.0, 4.0]                          # the first values stay
+
+
+def test_source_signature_is_the_one_before_a_dtype_conversion():
+    """Lightning converts the modules to the precision's dtype (16-true, bf16-true, 64-true) before
+    ``on_fit_start`` opens the stores, while ``cache build`` hashes the source before casting it:
+    the signature is the one before any dtype conversion (the precision is its own key field)."""
+    source = tiny_source()
+    before = source.signature()
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        converted = tiny_source()
+        converted.to(dtype)
+        assert converted.net.fc.weight.dtype == dtype and converted.adapter.data_mean.dtype == dtype
+        assert converted.signature() == before
+    moved = tiny_source()
+    moved.to("cpu", memory_format=torch.channels_last)           # no dtype change: the signature stays live
+    with torch.no_grad():
+        moved.net.fc.weight[0, 0] += 1e-3
+    assert moved.signature()["weights_sha256"] != before["weights_sha256"]
+    module = torch.nn.Sequential(tiny_source())                  # converted through a parent, as Lightning does
+    module.half()
+    assert module[0].signature() == before
+
+
+def test_a_store_built_by_the_cli_is_found_by_a_bf16_true_run(tmp_path, cifar_dir):
+    """``cache build`` at bf16-true hashes the fp32 source and casts it after; training opens its
+    stores in ``on_fit_start``, after Lightning's precision plugin converted the module: one key."""
+    from lightning.pytorch.plugins.precision import HalfPrecision
+    args = overrides(cifar_dir, tmp_path / "cache", "data.augment_pad=0", "data.augment_flip=false",
+                     "trainer.precision=bf16-true")
+    assert cache_cli(["build", "--device", "cpu", *args]) == 0
+    dm, module = data_and_module(compose_config(args, tmp_path / "run"))
+    HalfPrecision("bf16-true").convert_module(module)           # what strategy.setup does before on_fit_start
+    assert next(module.sources.parameters()).dtype == torch.bfloat16
+    stores = open_stores(module.sources, data_streams(dm), dm.augment, "bf16-true", tmp_path / "cache",
+                         "read_only", compute=CPU)
+    assert stores["labeled"][0].count_filled() == 80 and len(list_stores(tmp_path / "cache")) == 1
+
+
+# ------------------------------------------------------------------------------------ disk space
+def test_short_writes_are_completed_before_a_flag_is_set(tmp_path, monkeypatch):
+    pwrite = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: pwrite(fd, bytes(data)[:3], offset))  # 3 B a call
+    store, _ = make_store(tmp_path, n=2, views=2, classes=5)                # 10 B an entry
+    rows = np.arange(10, dtype=np.float16).reshape(2, 5) + 1
+    store.put(np.array([0, 1]), np.array([1, 0]), rows)
+    assert store.commit() == 2
+    store.close()
+    hit, back = SoftLabelStore(store.path, writable=False).lookup(np.array([0, 1]), np.array([1, 0]))
+    assert hit.all() and np.array_equal(back, rows)
+
+
+def test_a_store_that_would_not_fit_the_disk_is_refused_at_creation(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 6, 10 ** 6 - 99, 99))
+    with pytest.raises(CacheError, match=r"needs 100 B when full.*99 B free.*cache_budget_gb.*paths.cache_dir.*"
+                                         r"method.cache=read_only or off"):
+        make_store(tmp_path, n=5, views=4, classes=2)              # 5 x 4 x (4 B payload + 1 B flag)
+    assert list(tmp_path.iterdir()) == []                          # nothing created, nothing left over
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 ** 6, 10 ** 6 - 100, 100))
+    store, _ = make_store(tmp_path, n=5, views=4, classes=2)
+    assert os.stat(store.path / FILLED).st_blocks > 0              # the flags are allocated, not a hole
+
+
+def test_a_full_disk_stops_writing_with_one_warning_and_the_run_goes_on(tmp_path, cifar_dir, monkeypatch, caplog,
+                                                                        capsys):
+    """ENOSPC while committing: the store stops storing (one warning), lookups go on, misses run
+    the source, and the run computes what a run with a writable cache computes."""
+    import errno
+    cold = run(compose_config(overrides(cifar_dir, tmp_path / "ok", "method.cache=read_write"), tmp_path / "a"))
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    caplog.set_level("WARNING", logger="sskt_lightning.cache.store")
+    args = overrides(cifar_dir, tmp_path / "full", "method.cache=read_write")
+    results = run(compose_config(args, tmp_path / "b"))
+    assert loss_curve(tmp_path / "b") == loss_curve(tmp_path / "a") and len(loss_curve(tmp_path / "a")) == 6
+    assert results["test_acc"] == cold["test_acc"]
+    stats = results["method_settings"]["cache_stats"]["timm"][0]
+    assert stats["written"] == 0 and stats["misses"] == 48 and "No space left" in stats["write_stopped"]
+    warnings = [r for r in caplog.records if "stops storing" in r.getMessage()]
+    assert len(warnings) == 1 and "No space left" in warnings[0].getMessage()
+    assert SoftLabelStore(list_stores(tmp_path / "full")[0], writable=False).count_filled() == 0
+    capsys.readouterr()
+    assert cache_cli(["build", *args, "data.augment_pad=0", "data.augment_flip=false"]) == 2   # it only writes
+    assert re.search(r"error: cache build: No space left.*paths.cache_dir", capsys.readouterr().err, re.DOTALL)
+
+
+# ------------------------------------------------------------------------------------ damaged stores
+def test_damaged_meta_is_a_cache_error_naming_clear_and_clear_removes_it(tmp_path, capsys):
+    from sskt_lightning.cache.keys import explain_new_store
+    labels = {"source": "s", "dataset": "d", "split": "train"}
+    good = SoftLabelStore.create_or_open(tmp_path, {"v": 1}, 2, 2, Layout("fp16", 3), labels)
+    corrupt = SoftLabelStore.create_or_open(tmp_path, {"v": 2}, 2, 2, Layout("fp16", 3), labels)
+    missing = SoftLabelStore.create_or_open(tmp_path, {"v": 3}, 2, 2, Layout("fp16", 3), labels)
+    for s in (good, corrupt, missing):
+        s.close()
+    (corrupt.path / META).write_text('{"key": {"v": 2}, "num_im')                 # a torn meta.json
+    (missing.path / META).unlink()
+    note = explain_new_store(tmp_path, {"v": 4}, labels)
+    assert f"{good.path.name} (differs in v)" in note
+    assert f"{corrupt.path.name} (unreadable meta.json" in note and f"clear --key {corrupt.path.name}" in note
+    for path, key in ((corrupt.path, {"v": 2}), (missing.path, {"v": 3})):
+        with pytest.raises(CacheError, match=rf"{path}.*meta.json.*python -m sskt_lightning.cache clear --key "
+                                             rf"{path.name}"):
+            SoftLabelStore.create_or_open(tmp_path, key, 2, 2, Layout("fp16", 3), labels)
+    capsys.readouterr()
+    assert cache_cli(["info", f"paths.cache_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert f"{corrupt.path.name}  damaged" in out and f"{missing.path.name}  damaged" in out and "3 store(s)" in out
+    assert cache_cli(["clear", "--key", missing.path.name, "--key", corrupt.path.name,
+                      f"paths.cache_dir={tmp_path}"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [good.path.name]

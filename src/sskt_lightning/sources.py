@@ -159,8 +159,27 @@ class FrozenSource(nn.Module):
         self.key, self.net, self.adapter, self.bn_mode = key, net, adapter, bn_mode
         self.num_classes = _classifier(net).out_features
         self.class_names: list[str] | None = None
+        self._signature: dict | None = None      # set by the first dtype conversion (see _apply)
         net.requires_grad_(False)
         self.train(False)
+
+    def _apply(self, fn, recurse=True):
+        """``.to`` / ``.half`` / ``.double`` ... (also through a parent module, as Lightning's
+        precision plugin converts the whole LightningModule for ``16-true``, ``bf16-true`` and
+        ``64-true`` before ``on_fit_start``). The first conversion that changes a dtype freezes
+        :meth:`signature` at its value before the conversion, so training and ``cache build``
+        (which hashes the source before casting it) key the same store; the precision is a key
+        field of its own. A device or memory-format move leaves the signature live."""
+        if self._signature is not None:
+            return super()._apply(fn, recurse)
+        weights = dict(self.net.state_dict())             # views of the tensors before the conversion
+        adapter = self.adapter.signature()
+        dtypes = {name: t.dtype for name, t in weights.items()}
+        out = super()._apply(fn, recurse)
+        after = self.net.state_dict()
+        if adapter != self.adapter.signature() or any(after[n].dtype != d for n, d in dtypes.items()):
+            self._signature = self._signature_of(weights, adapter)
+        return out
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -175,13 +194,19 @@ class FrozenSource(nn.Module):
     def signature(self) -> dict:
         """Everything this source's logits depend on besides the input image: the architecture,
         a content hash of its weights (parameters and buffers), its BatchNorm mode and its input
-        adapter's signature (part of a cache key; hashing ResNet-50's weights takes ~0.3 s)."""
+        adapter's signature (part of a cache key; hashing ResNet-50's weights takes ~0.3 s).
+        After a dtype conversion: the signature from before it (see :meth:`_apply`)."""
+        if self._signature is not None:
+            return dict(self._signature)
+        return self._signature_of(self.net.state_dict(), self.adapter.signature())
+
+    def _signature_of(self, weights: Mapping[str, torch.Tensor], adapter: dict) -> dict:
         from sskt_lightning.cache.store import digest_of, tensors_digest
         net = self.net
         return {"architecture": f"{type(net).__module__}.{type(net).__qualname__}",
                 "module_tree_sha256": digest_of(repr(net)), "num_classes": self.num_classes,
-                "weights_sha256": tensors_digest(sorted(net.state_dict().items())),
-                "bn_mode": self.bn_mode, "adapter": self.adapter.signature()}
+                "weights_sha256": tensors_digest(sorted(weights.items())),
+                "bn_mode": self.bn_mode, "adapter": adapter}
 
 
 class SourceBank(nn.Module):

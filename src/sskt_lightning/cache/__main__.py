@@ -9,13 +9,14 @@
 ``build`` composes the same config as ``python -m sskt_lightning.train`` (data, sources, their
 input adapters, ``data.augment_*``, ``trainer.precision``, ``method.cache_budget_gb`` /
 ``cache_topk``), so a run with the same overrides and ``method.cache=read_write`` (or
-``read_only``) finds what it built. It computes only what is missing, commits every few thousand
-entries, and can be interrupted and started again.
+``read_only``) finds what it built, if it trains on the same kind of device: a store's key
+records the device type it is computed on (``--device``, default from ``trainer.accelerator``) and,
+on CUDA, the TF32 settings. It computes only what is missing, commits every few thousand entries,
+and can be interrupted and started again.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -23,7 +24,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from sskt_lightning.cache.store import META, TMP_PREFIX, disk_usage, list_stores
+from sskt_lightning.cache.store import (
+    TMP_PREFIX,
+    SoftLabelStore,
+    disk_usage,
+    human_bytes,
+    list_store_dirs,
+    read_meta,
+)
 
 USAGE = __doc__
 
@@ -35,14 +43,6 @@ def _compose(overrides: list[str]):
 
 def _cache_dir(cfg) -> Path:
     return Path(os.path.abspath(os.path.expanduser(str(cfg.paths.cache_dir))))
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return str(n)
 
 
 # ---------------------------------------------------------------------------------------- build
@@ -57,14 +57,29 @@ def _precision_context(precision: str, device):
     return contextlib.nullcontext(), dtype
 
 
-def _open_run_stores(cfg, mode: str):
+def _device(cfg, device_name: str | None):
+    """``--device``, else the device ``trainer.accelerator`` gives a run (auto: cuda, then mps,
+    then cpu). A store's key records the device type it is computed on."""
+    import torch
+    if device_name:
+        return torch.device(device_name)
+    accel = str(cfg.trainer.get("accelerator", "auto"))
+    if accel in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if accel in ("auto", "gpu", "mps") and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _open_run_stores(cfg, mode: str, device):
     """The data module, the source bank and its stores for a composed config: built exactly as
-    ``train.run`` builds them (same seed, same order), so even random-weight sources match."""
+    ``train.run`` builds them (same seed, same order), so even random-weight sources match;
+    keyed for computing on ``device`` with this process's TF32 settings."""
     import lightning as L
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from sskt_lightning.cache.keys import cache_mode, data_streams, open_stores
+    from sskt_lightning.cache.keys import cache_mode, current_compute, data_streams, open_stores
     from sskt_lightning.errors import ConfigError
     from sskt_lightning.module import TransferModule
     from sskt_lightning.train import data_info_of
@@ -81,7 +96,8 @@ def _open_run_stores(cfg, mode: str):
     bank = module.sources
     streams = data_streams(dm)
     stores = open_stores(bank, streams, dm.augment, cfg.trainer.get("precision", "32-true"), _cache_dir(cfg),
-                         mode, float(cfg.method.get("cache_budget_gb", 16.0)), cfg.method.get("cache_topk"))
+                         mode, float(cfg.method.get("cache_budget_gb", 16.0)), cfg.method.get("cache_topk"),
+                         compute=current_compute(device))
     return dm, bank, streams, stores
 
 
@@ -92,12 +108,12 @@ def build(overrides: list[str], batch_size: int, task_only: bool, device_name: s
 
     from sskt_lightning.cache.keys import precision_name
     from sskt_lightning.data.augment import normalize
+    from sskt_lightning.errors import CacheError
 
     cfg = _compose(overrides)
     precision = precision_name(cfg.trainer.get("precision", "32-true"))
-    dm, bank, streams, stores = _open_run_stores(cfg, "read_write")
-    accel = str(cfg.trainer.get("accelerator", "auto"))
-    device = torch.device(device_name or ("cuda" if accel != "cpu" and torch.cuda.is_available() else "cpu"))
+    device = _device(cfg, device_name)
+    dm, bank, streams, stores = _open_run_stores(cfg, "read_write", device)
     context, true_dtype = _precision_context(precision, device)
     wanted = {"labeled": dm.train_indices if task_only else None,
               "unlabeled": dm.unlabeled_indices if task_only else None}
@@ -119,7 +135,7 @@ def build(overrides: list[str], batch_size: int, task_only: bool, device_name: s
         label = f"{store.meta['labels'].get('source')} on {store.meta['labels'].get('dataset')}/" \
                 f"{store.meta['labels'].get('split')}"
         n_img = store.num_images if subset is None else len(subset)
-        print(f"{label}: store {name}, {store.layout.kind}"
+        print(f"{label}: store {name} on {device.type}, {store.layout.kind}"
               f"{f' k={store.layout.k}' if store.layout.k else ''}, {n_img} images x {store.num_views} views; "
               f"{len(todo)} entries to compute", flush=True)
         t0 = time.perf_counter()
@@ -136,9 +152,15 @@ def build(overrides: list[str], batch_size: int, task_only: bool, device_name: s
                     with context:
                         logits = source(x)
                     store.put(pairs[:, 0], pairs[:, 1], store.layout.encode(logits))
+                    if store.write_stopped:
+                        break
                     bar.update(len(pairs))
         finally:
             store.close()         # commits every finished entry, also when interrupted
+        if store.write_stopped:
+            raise CacheError(f"cache build: {store.write_stopped} while writing {label} to {store.path}; what "
+                             "was committed before stays. Free space (python -m sskt_lightning.cache clear), "
+                             "or build into paths.cache_dir=/a/larger/disk, or lower method.cache_budget_gb.")
         seconds = time.perf_counter() - t0
         if len(todo):
             print(f"{label}: {len(todo)} image-views in {seconds:.1f} s = {len(todo) / seconds:.1f} image-views/s "
@@ -152,13 +174,20 @@ def build(overrides: list[str], batch_size: int, task_only: bool, device_name: s
 # ---------------------------------------------------------------------------------------- info
 def _describe(path: Path) -> dict:
     import numpy as np
-    meta = json.loads((path / META).read_text())
+
+    from sskt_lightning.errors import CacheError
+    try:
+        meta = read_meta(path)
+        SoftLabelStore(path, writable=False).close()       # the files' sizes fit the meta
+    except CacheError as err:
+        return {"store": path.name, "damaged": str(err), "disk": disk_usage(path)}
     n, v = int(meta["num_images"]), int(meta["num_views"])
     filled = int(np.count_nonzero(np.memmap(path / "filled.bin", np.uint8, "r"))) if n * v else 0
     layout = meta["layout"]
     lab = meta.get("labels") or {}
     return {"store": path.name, "source": lab.get("source"), "architecture": (lab.get("architecture") or "").split(".")[-1],
             "data": f"{lab.get('dataset')}/{lab.get('split')}", "precision": lab.get("precision"),
+            "device": (meta["key"].get("compute") or {}).get("device"),
             "layout": layout["kind"] + (f" k={layout['k']}" if layout.get("k") else "") + f" K={layout['num_classes']}",
             "images": n, "views": v, "filled": filled, "percent": 100.0 * filled / (n * v) if n * v else 0.0,
             "disk": disk_usage(path), "created": meta.get("created")}
@@ -167,16 +196,20 @@ def _describe(path: Path) -> dict:
 def info(overrides: list[str], check: bool) -> int:
     cfg = _compose(overrides)
     root = _cache_dir(cfg)
-    rows = [_describe(p) for p in list_stores(root)]
+    rows = [_describe(p) for p in list_store_dirs(root)]
     print(f"cache dir: {root}" + ("" if root.is_dir() else " (does not exist yet)"))
     if rows:
-        print(f"{'store':24}  {'source':20} {'arch':10} {'data':22} {'precision':10} {'layout':18} "
+        print(f"{'store':24}  {'source':20} {'arch':10} {'data':22} {'precision':10} {'device':6} {'layout':18} "
               f"{'filled':>22}  {'on disk':>10}")
         for r in rows:
+            if "damaged" in r:
+                print(f"{r['store']:24}  damaged: {r['damaged']}")
+                continue
             print(f"{r['store']:24}  {str(r['source']):20} {r['architecture'][:10]:10} {r['data']:22} "
-                  f"{str(r['precision']):10} {r['layout']:18} {r['filled']:>10}/{r['images'] * r['views']:<9} "
-                  f"{r['percent']:5.1f}%  {_human(r['disk']):>10}")
-        print(f"{len(rows)} store(s), {_human(sum(r['disk'] for r in rows))} on disk")
+                  f"{str(r['precision']):10} {str(r['device']):6} {r['layout']:18} "
+                  f"{r['filled']:>10}/{r['images'] * r['views']:<9} "
+                  f"{r['percent']:5.1f}%  {human_bytes(r['disk']):>10}")
+        print(f"{len(rows)} store(s), {human_bytes(sum(r['disk'] for r in rows))} on disk")
     else:
         print("no stores")
     temps = [p for p in root.iterdir() if p.name.startswith(TMP_PREFIX)] if root.is_dir() else []
@@ -184,7 +217,7 @@ def info(overrides: list[str], check: bool) -> int:
         print(f"{len(temps)} leftover temporary entr(ies) from interrupted writers ({TMP_PREFIX}*): "
               "removed by `clear`")
     if check:
-        _, bank, _, stores = _open_run_stores(cfg, "read_only")
+        _, bank, _, stores = _open_run_stores(cfg, "read_only", _device(cfg, None))
         print("this config's stores:")
         for stream, per_source in stores.items():
             for key, store in zip(bank.sources, per_source):
@@ -205,7 +238,7 @@ def clear(overrides: list[str], keys: list[str]) -> int:
     if not root.is_dir():
         print(f"nothing to clear: {root} does not exist")
         return 0
-    stores = {p.name: p for p in list_stores(root)}
+    stores = {p.name: p for p in list_store_dirs(root)}
     if keys:
         unknown = [k for k in keys if k not in stores]
         if unknown:
@@ -220,7 +253,7 @@ def clear(overrides: list[str], keys: list[str]) -> int:
         freed += disk_usage(path) if path.is_dir() else path.stat().st_blocks * 512
         shutil.rmtree(path) if path.is_dir() else path.unlink()
         print(f"removed {path}")
-    print(f"{len(targets)} removed, {_human(freed)} freed")
+    print(f"{len(targets)} removed, {human_bytes(freed)} freed")
     return 0
 
 

@@ -18,18 +18,21 @@ Safety rules:
   * ``meta.json`` must hold exactly the key that was asked for; anything else is refused
     (:class:`~sskt_lightning.errors.CacheError`), never read.
 
-Layouts (:class:`Layout`): ``fp16`` stores all K logits in float16 (exact up to fp16 rounding:
-relative error <= 2^-11); ``topk`` stores the k largest logits (float16), their class indices
-(uint16) and two numbers about the other K - k ("tail") logits, their log-mean-exp at T = 1 and at
-T = 3 (float32), from which the softmax is rebuilt at any temperature: exact on the top k, the
-tail's total probability exact at T = 1 and T = 3 and interpolated in between and beyond, each tail
-class getting an equal share of it (see ``Layout.decode`` for the formula and the error bound).
+Layouts (:class:`Layout`): ``fp16`` stores all K logits in float16 (the online logits up to fp16
+rounding: relative error <= 2^-11); ``topk`` stores the k largest logits (float16), their class
+indices (uint16) and two numbers about the other K - k ("tail") logits, their log-mean-exp at T = 1
+and at T = 3 (float32), from which the softmax is rebuilt at any temperature: the top k logits to
+fp16 rounding, the tail's total probability matched at T = 1 and T = 3 (to float32 rounding) and
+interpolated in between and beyond, each tail class getting an equal share of it (see
+``Layout.decode`` for the formula and the error bound).
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -47,10 +50,14 @@ from sskt_lightning.errors import CacheError
 if TYPE_CHECKING:   # torch is imported where tensors are handled: `cache info` starts without it
     import torch
 
+log = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 FP16_MAX = 65504.0
 GIB = 1024 ** 3
 META, PAYLOAD, FILLED, LOCK = "meta.json", "payload.bin", "filled.bin", "lock"
+STORE_NAME_LENGTH = 24          # hex digits of the key's SHA-256
 TMP_PREFIX = ".tmp-"
 
 
@@ -202,9 +209,12 @@ class SoftLabelStore:
 
     def __init__(self, path: Path, writable: bool, commit_every: int = 4096):
         self.path, self.writable, self.commit_every = Path(path), bool(writable), int(commit_every)
-        self.meta = json.loads((self.path / META).read_text())
-        self.num_images, self.num_views = int(self.meta["num_images"]), int(self.meta["num_views"])
-        self.layout = Layout(**self.meta["layout"])
+        self.meta = read_meta(self.path)
+        try:
+            self.num_images, self.num_views = int(self.meta["num_images"]), int(self.meta["num_views"])
+            self.layout = Layout(**self.meta["layout"])
+        except (KeyError, TypeError, ValueError, CacheError) as err:
+            raise _damaged(self.path, f"its {META} lacks a valid {err}") from None
         payload_size = self.num_images * self.num_views * self.layout.bytes_per_entry
         for name, size in ((PAYLOAD, payload_size), (FILLED, self.num_images * self.num_views)):
             actual = (self.path / name).stat().st_size
@@ -218,6 +228,7 @@ class SoftLabelStore:
         self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._pending_count = 0
         self.hits = self.misses = self.written = 0
+        self.write_stopped: str | None = None    # why this writer stopped storing (a full disk)
 
     # ------------------------------------------------------------------ creation
     @classmethod
@@ -279,6 +290,8 @@ class SoftLabelStore:
             raise CacheError(f"cache store {self.path} is open read-only")
         index, view = np.asarray(index, np.int64), np.asarray(view, np.int64)
         self._check(index, view)
+        if self.write_stopped:
+            return                                   # the disk is full: said once, in _stop_writing
         rows = np.ascontiguousarray(rows)
         if len(rows) != index.size or rows.nbytes != index.size * self.layout.bytes_per_entry:
             raise CacheError(f"rows of {rows.dtype} {rows.shape} do not fit the layout {self.layout}")
@@ -288,7 +301,11 @@ class SoftLabelStore:
             self.commit()
 
     def commit(self) -> int:
-        """Write the buffered entries: payloads, fdatasync, then their flags; under the lock."""
+        """Write the buffered entries: payloads, fdatasync, then their flags; under the lock.
+
+        Only empty slots are written: an entry already filled (by this writer or another) is
+        never rewritten, since readers read filled slots without the lock; of several entries
+        for one slot in the buffer the first is written. Returns the number of entries written."""
         if not self._pending:
             return 0
         index = np.concatenate([p[0] for p in self._pending])
@@ -296,19 +313,39 @@ class SoftLabelStore:
         rows = np.concatenate([p[2] for p in self._pending])
         self._pending, self._pending_count = [], 0
         size = self.layout.bytes_per_entry
-        offsets = (index * self.num_views + view) * size
-        raw = rows.view(np.uint8).reshape(len(rows), size)
+        slots, first = np.unique(index * self.num_views + view, return_index=True)   # first occurrences
+        index, view, rows = index[first], view[first], rows[first]
         with open(self.path / LOCK, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                for off, row in zip(offsets.tolist(), raw):
-                    os.pwrite(self._fd, row.tobytes(), off)
-                os.fdatasync(self._fd)                    # payloads durable before any flag says so
-                self._filled[index, view] = 1
+                empty = self._filled[index, view] == 0            # under the lock: no other writer now
+                index, view, slots = index[empty], view[empty], slots[empty]
+                raw = rows[empty].view(np.uint8).reshape(-1, size)
+                for off, row in zip((slots * size).tolist(), raw):
+                    _pwrite_all(self._fd, row.tobytes(), off)
+                if len(index):
+                    os.fdatasync(self._fd)                # payloads durable before any flag says so
+                    self._filled[index, view] = 1         # allocated at creation: no new blocks
+            except OSError as err:
+                if err.errno not in DISK_FULL:
+                    raise
+                self._stop_writing(err)                   # no flag set: the written payloads stay unread
+                return 0
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         self.written += len(index)
         return len(index)
+
+    def _stop_writing(self, err: OSError) -> None:
+        """A full disk (or quota) while committing: store nothing more for the rest of the run,
+        say so once. Lookups go on and misses run the source, so the run computes the same."""
+        self.write_stopped = f"{err.strerror or err} (errno {errno.errorcode.get(err.errno, err.errno)})"
+        self._pending, self._pending_count = [], 0
+        log.warning("cache: %s while writing to store %s (%s): it stops storing for the rest of this run; "
+                    "its lookups go on and its misses run the source, so results are unchanged. Free space "
+                    "(python -m sskt_lightning.cache clear), or set paths.cache_dir=/a/larger/disk, a lower "
+                    "method.cache_budget_gb, or method.cache=read_only.", self.write_stopped, self.path,
+                    self.meta.get("labels"))
 
     def close(self) -> None:
         if self._fd is None:
@@ -325,18 +362,80 @@ class SoftLabelStore:
     def stats(self) -> dict:
         total = self.hits + self.misses
         return {"hits": self.hits, "misses": self.misses, "written": self.written,
-                "hit_rate": self.hits / total if total else None}
+                "hit_rate": self.hits / total if total else None, "write_stopped": self.write_stopped}
 
 
 def store_path(cache_dir: str | Path, key: dict) -> Path:
-    return Path(cache_dir) / digest_of(key)[:24]
+    return Path(cache_dir) / digest_of(key)[:STORE_NAME_LENGTH]
+
+
+def _damaged(path: Path, why: str) -> CacheError:
+    return CacheError(f"cache store {path} is damaged: {why}. Remove it: python -m sskt_lightning.cache "
+                      f"clear --key {path.name}")
+
+
+def read_meta(path: str | Path) -> dict:
+    """A store's ``meta.json``; a :class:`CacheError` naming the store and how to remove it when
+    the file is missing or unreadable (a store copied in part, a torn write by another tool)."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / META).read_text())
+    except FileNotFoundError:
+        raise _damaged(path, f"it has no {META}") from None
+    except (OSError, ValueError) as err:                 # JSONDecodeError, UnicodeDecodeError
+        raise _damaged(path, f"its {META} cannot be read ({type(err).__name__}: {err})") from None
+    if not isinstance(meta, dict):
+        raise _damaged(path, f"its {META} holds a {type(meta).__name__}, not an object")
+    return meta
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """``os.pwrite`` until every byte is written (a short write is retried; a full disk raises)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _allocate(f, size: int) -> None:
+    """Give a file ``size`` bytes of real blocks: a store's flags are written through a memory map,
+    and a write to a hole of a full disk through a map is a SIGBUS, not an error to handle."""
+    try:
+        os.posix_fallocate(f.fileno(), 0, size)
+        return
+    except AttributeError:                            # no posix_fallocate (macOS)
+        pass
+    except OSError as err:
+        if err.errno in DISK_FULL:
+            raise
+    chunk = bytes(min(size, 1 << 20))                 # the file system cannot fallocate: write zeros
+    for start in range(0, size, len(chunk) or 1):
+        f.write(chunk[:size - start])
+    f.flush()
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 def _publish(path: Path, key: dict, num_images: int, num_views: int, layout: Layout, labels: dict) -> None:
-    """Create a store in a temporary directory beside ``path`` and rename it into place."""
+    """Create a store in a temporary directory beside ``path`` and rename it into place; refused
+    when the store would not fit the disk once full."""
     parent = path.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
+        need = num_images * num_views * (layout.bytes_per_entry + 1)       # payload + flags, when full
+        free = shutil.disk_usage(parent).free
+        if need > free:
+            raise CacheError(
+                f"the cache store for {labels or key} needs {human_bytes(need)} when full, but {parent} has "
+                f"{human_bytes(free)} free. Lower method.cache_budget_gb (a top-k layout: fewer bytes an "
+                f"entry), set paths.cache_dir=/a/larger/disk, free space (python -m sskt_lightning.cache "
+                f"clear), or set method.cache=read_only or off.")
         tmp = parent / f"{TMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
     except OSError as err:
@@ -347,11 +446,12 @@ def _publish(path: Path, key: dict, num_images: int, num_views: int, layout: Lay
                 "num_views": int(num_views), "layout": layout.describe(), "labels": labels,
                 "created": time.strftime("%Y-%m-%d %H:%M:%S")}
         (tmp / LOCK).touch()
-        for name, size in ((PAYLOAD, num_images * num_views * layout.bytes_per_entry),
-                           (FILLED, num_images * num_views)):
-            with open(tmp / name, "wb") as f:
-                f.truncate(size)                      # sparse: costs only what gets written
-                os.fsync(f.fileno())
+        with open(tmp / PAYLOAD, "wb") as f:
+            f.truncate(num_images * num_views * layout.bytes_per_entry)   # sparse: costs what gets written
+            os.fsync(f.fileno())
+        with open(tmp / FILLED, "wb") as f:
+            _allocate(f, num_images * num_views)      # 1 B an entry, allocated (see _allocate)
+            os.fsync(f.fileno())
         atomic_write_text(tmp / META, json.dumps(meta, indent=1))
         _fsync_dir(tmp)
         try:
@@ -361,6 +461,12 @@ def _publish(path: Path, key: dict, num_images: int, num_views: int, layout: Lay
                 raise
         else:
             _fsync_dir(parent)
+    except OSError as err:
+        if err.errno not in DISK_FULL:
+            raise
+        raise CacheError(f"cannot create the cache store for {labels or key} under {parent} ({err.strerror}): "
+                         "free space (python -m sskt_lightning.cache clear), or set paths.cache_dir="
+                         "/a/larger/disk, or method.cache=read_only or off.") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -387,6 +493,17 @@ def list_stores(cache_dir: str | Path) -> list[Path]:
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(TMP_PREFIX)
                   and (p / META).is_file())
+
+
+def list_store_dirs(cache_dir: str | Path) -> list[Path]:
+    """:func:`list_stores` plus directories named like a store but without ``meta.json``
+    (damaged: ``info`` shows them, ``clear`` removes them)."""
+    root = Path(cache_dir)
+    if not root.is_dir():
+        return []
+    hexdigits = set("0123456789abcdef")
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(TMP_PREFIX) and (
+        (p / META).is_file() or (len(p.name) == STORE_NAME_LENGTH and set(p.name) <= hexdigits)))
 
 
 def disk_usage(path: Path) -> int:
