@@ -75,6 +75,18 @@ def test_sskt_with_a_checkpoint_of_this_project_as_source(tmp_path, cifar_dir, a
     assert any(k.startswith("method.heads.0.") for k in ckpt_keys)
 
 
+@pytest.mark.parametrize("precision,dtype", [("64-true", torch.float64), ("bf16-true", torch.bfloat16)])
+def test_true_precisions_feed_every_network_its_own_dtype(tmp_path, cifar_dir, precision, dtype):
+    """trainer.precision=*-true converts the module (target, heads, sources) to ``dtype``; the images
+    the data module normalises on the device must follow (they were float32: a dtype error from the
+    first conv). The whole run, SSKT with a source, trains and tests at that precision."""
+    results, out = train(tmp_path, cifar_dir, "method=sskt", "source=[timm]", "source.timm.name=cifar_resnet20",
+                         "source.timm.num_classes=10", "source.timm.pretrained=false", f"trainer.precision={precision}")
+    check_run_dir(results, out)
+    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert {v.dtype for k, v in state.items() if v.is_floating_point()} == {dtype}
+
+
 def test_images_kept_on_the_device_train_exactly_as_loaded_batches(tmp_path, cifar_dir):
     """data.on_device=true (the images gathered on the device from their indices): the same run,
     bit for bit, as the default path, with SSKT's unlabeled stream too."""

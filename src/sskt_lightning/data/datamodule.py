@@ -539,8 +539,12 @@ class ImageDataModule(L.LightningDataModule):
         return (images, *rest, view)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Normalise on the device; augment only while the trainer is training."""
-        return self.prepare_batch(batch, augment=self._training())
+        """Normalise on the device; augment only while the trainer is training. Under
+        ``trainer.precision=*-true`` the normalised images take the module's dtype (Lightning's own
+        input conversion ran before this hook, on the uint8 batch, which it leaves alone)."""
+        batch = self.prepare_batch(batch, augment=self._training())
+        trainer = getattr(self, "trainer", None)
+        return trainer.precision_plugin.convert_input(batch) if trainer is not None else batch
 
     def source_streams(self) -> dict[str, tuple[str, torch.Tensor]]:
         """For the soft-label cache: stream -> (split name, the image array its indices point into)."""
