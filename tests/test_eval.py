@@ -102,6 +102,39 @@ def test_missing_and_foreign_checkpoints_are_refused(tmp_path):
         read_checkpoint(garbage)
 
 
+@pytest.mark.parametrize("where", ["top", "nested"])
+def test_a_checkpoints_data_config_never_chooses_code_to_run(trained, tmp_path, where):
+    """The data config inside a checkpoint is a file's content: a _target_ other than ImageDataModule
+    (at the top or nested in a value, where Hydra would instantiate it too) is refused before
+    anything is built; nothing it names runs."""
+    results, out, data_dir, _ = trained
+    obj = torch.load(out / results["checkpoints"]["last"], weights_only=True)
+    marker = tmp_path / "ran"
+    payload = {"_target_": "os.mkdir", "path": str(marker)}
+    data = obj["hyper_parameters"]["config"]["data"]
+    if where == "top":
+        obj["hyper_parameters"]["config"]["data"] = payload
+    else:
+        data["classes"] = payload
+    hostile = tmp_path / "hostile.ckpt"
+    torch.save(obj, hostile)
+    match = "_target_='os.mkdir'" if where == "top" else r"Hydra keys \['data.classes._target_'\]"
+    with pytest.raises(WeightsError, match=match + ".*data=<dataset>"):
+        evaluate(eval_cfg(tmp_path / "eval", hostile))
+    assert not marker.exists() and not (tmp_path / "eval" / "eval.json").exists()
+
+
+def test_a_checkpoints_data_config_downloads_only_where_the_user_said(trained, tmp_path, monkeypatch):
+    from sskt_lightning.eval import recorded_data_module
+    results, out, data_dir, _ = trained
+    data = dict(read_checkpoint(out / results["checkpoints"]["last"])["hyper_parameters"]["config"]["data"])
+    data["download"] = True
+    assert recorded_data_module(data, tmp_path / "x.ckpt", user_data_dir=False).download is False
+    assert recorded_data_module(data, tmp_path / "x.ckpt", user_data_dir=True).download is True
+    with pytest.raises(WeightsError, match=r"arguments \['shell'\] that ImageDataModule does not take"):
+        recorded_data_module({**data, "shell": "rm -rf /"}, tmp_path / "x.ckpt", user_data_dir=False)
+
+
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "eval.json"
     write_json_atomic(path, {"acc": 0.5})

@@ -5,11 +5,15 @@ says everything about the network: its architecture (``model_name`` and ``model.
 classes and the input statistics it was trained with (``data_info``). Only the target network is
 rebuilt: frozen sources, auxiliary heads and peers are not needed to evaluate it (and a source's
 hub weights are never fetched). The data is the checkpoint's own data config unless ``data=``
-chooses another; either way its class count must be the checkpoint's. Writes ``eval.json`` into
+chooses another; either way its class count must be the checkpoint's. A checkpoint is a file from
+anywhere: its data config only supplies arguments of :class:`ImageDataModule` (any other
+``_target_``, or a Hydra key such as ``_target_`` nested in a value, is refused, so the file never
+chooses code to run), and it downloads nothing unless ``data_dir=`` names where to. Writes ``eval.json`` into
 the run directory (atomically) and returns what it wrote.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -32,6 +36,7 @@ from sskt_lightning.nets.factory import create_network
 from sskt_lightning.train import data_info_of
 
 SPLITS = ("test", "val")
+DATA_TARGETS = ("sskt_lightning.data.ImageDataModule", "sskt_lightning.data.datamodule.ImageDataModule")
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -56,8 +61,13 @@ def build_target(ckpt: dict) -> torch.nn.Module:
     """The checkpoint's target network with its trained weights (strictly loaded)."""
     hp = ckpt["hyper_parameters"]
     info, model_cfg = hp["data_info"], hp["config"].get("model") or {}
-    net = create_network(hp["model_name"], int(info["num_classes"]), int(info["in_chans"]),
-                         pretrained=False, **(model_cfg.get("kwargs") or {}))
+    kwargs = model_cfg.get("kwargs") or {}
+    try:
+        net = create_network(hp["model_name"], int(info["num_classes"]), int(info["in_chans"]),
+                             pretrained=False, **kwargs)
+    except TypeError as err:     # kwargs the network does not take (another version of its code?)
+        raise WeightsError(f"The checkpoint's network {hp['model_name']!r} cannot be rebuilt with its recorded "
+                           f"model.kwargs {kwargs}: {err}.") from None
     W.load_into(net, W.extract_state_dict(ckpt), f"the target network {hp['model_name']!r} of the checkpoint")
     return net
 
@@ -81,6 +91,46 @@ def data_config(cfg: DictConfig, ckpt: dict) -> dict:
         if data.get(key) is None:
             data[key] = list(trained[key])
     return data
+
+
+def _hydra_keys(value, where: str = "data") -> list[str]:
+    """Where ``value`` holds keys Hydra would act on (``_target_``, ``_partial_``, ``_args_`` ...)."""
+    found = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and len(key) > 2 and key.startswith("_") and key.endswith("_"):
+                found.append(f"{where}.{key}")
+            found += _hydra_keys(item, f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found += _hydra_keys(item, f"{where}[{i}]")
+    return found
+
+
+def recorded_data_module(data: dict, ckpt_path: Path, user_data_dir: bool):
+    """The :class:`ImageDataModule` a checkpoint's own data config describes, built directly from
+    its arguments: never ``instantiate`` on a file's content (its ``_target_`` could name any
+    callable). Downloads only into a ``data_dir=`` the user gave."""
+    from sskt_lightning.data import ImageDataModule
+
+    fix = "choose the data yourself with data=<dataset> (e.g. data=cifar10 paths.data_dir=DIR)"
+    target = data.get("_target_")
+    if target not in DATA_TARGETS:
+        raise WeightsError(f"The data config recorded in {ckpt_path} has _target_={target!r}; sskt-eval builds "
+                           f"only {DATA_TARGETS[0]} from a checkpoint (a file never chooses code to run): {fix}.")
+    args = {k: v for k, v in data.items() if k != "_target_"}
+    hydra_keys = _hydra_keys(args)
+    if hydra_keys:
+        raise WeightsError(f"The data config recorded in {ckpt_path} holds Hydra keys {hydra_keys[:5]}, which a "
+                           f"checkpoint of this project never has; refusing to build from it: {fix}.")
+    known = set(inspect.signature(ImageDataModule).parameters) - {"self"}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise WeightsError(f"The data config recorded in {ckpt_path} has arguments {unknown} that "
+                           f"ImageDataModule does not take (another version of this project?): {fix}.")
+    if not user_data_dir:
+        args["download"] = False
+    return ImageDataModule(**args)
 
 
 def check_data_fits(info: dict, trained: dict) -> None:
@@ -159,7 +209,11 @@ def evaluate(cfg: DictConfig) -> dict:
     net = build_target(ckpt)
 
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    dm = instantiate(data_config(cfg, ckpt))
+    data = data_config(cfg, ckpt)
+    if cfg.get("data") is not None:          # the user's own config: composed by Hydra, trusted
+        dm = instantiate(data)
+    else:                                     # the checkpoint's: arguments only
+        dm = recorded_data_module(data, ckpt_path, user_data_dir=bool(cfg.get("data_dir")))
     dm.setup("test")
     info = data_info_of(dm)
     check_data_fits(info, trained)
