@@ -360,6 +360,33 @@ def test_output_path_under_a_file_is_one_clear_message(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("sig,code,how", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")])
+def test_a_signal_stops_the_run_non_zero_with_a_failed_record(tmp_path, cifar_dir, sig, code, how):
+    """SIGTERM (a scheduler's preemption or time limit) and Ctrl-C: Lightning stops after the batch;
+    the command must not exit 0 (it did for SIGTERM) and the run directory must say what happened and
+    how to resume (it held neither results.json nor failed.txt)."""
+    out, ready = tmp_path / "run", tmp_path / "ready"
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sskt_lightning.train", *SMOKE, "method=scratch", f"paths.data_dir={cifar_dir}",
+         f"hydra.run.dir={out}", "trainer.max_epochs=3", "+callbacks.stall._target_=reliability_helpers.Stall",
+         f"+callbacks.stall.ready={ready}", "+callbacks.stall.epoch=1", "+callbacks.stall.batch=0",
+         "+callbacks.stall.seconds=2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with sigkilled_at_exit(proc):
+        deadline = time.time() + 120
+        while not ready.exists():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == code, err[-3000:]
+    assert f"interrupted ({how}" in err and f"resume={out / 'checkpoints' / 'last.ckpt'}" in err
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "failed" and results["error_type"] == "Interrupted"
+    assert (out / "failed.txt").read_text().startswith(f"Interrupted: the run was interrupted ({how}")
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0   # epoch 0's, intact
+
+
 def test_a_missing_resume_file_is_one_clear_message(tmp_path, cifar_dir, monkeypatch, capsys):
     code, err = main_in_process(monkeypatch, capsys, *SMOKE, "method=scratch", f"paths.data_dir={cifar_dir}",
                                 "resume=/nonexistent/last.ckpt", f"hydra.run.dir={tmp_path / 'run'}")

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -94,14 +95,40 @@ def instantiate_callbacks(cfg: DictConfig) -> list:
     return out
 
 
+class Interrupted(SSKTError):
+    """The run was stopped from outside (SIGTERM: a scheduler's preemption or time limit, ``timeout``,
+    ``docker stop``; SIGINT: Ctrl-C) before it finished."""
+
+    def __init__(self, how: str, exit_code: int, cfg: DictConfig):
+        ckpt = Path(OmegaConf.select(cfg, "paths.output_dir", default=".") or ".") / "checkpoints" / "last.ckpt"
+        self.exit_code = exit_code
+        super().__init__(f"the run was interrupted ({how}) before it finished; no results. Continue it with "
+                         f"resume={ckpt} (the last checkpoint written), or start it again.")
+
+
 def run(cfg: DictConfig) -> dict:
     """Train and test one configuration; return (and write) its results. A failure is recorded in
-    the run directory (``failed.txt``, ``results.json`` with ``status: failed``) and re-raised."""
+    the run directory (``failed.txt``, ``results.json`` with ``status: failed``) and re-raised; so is
+    an interruption (SIGTERM, Ctrl-C), as :class:`Interrupted`, whose ``exit_code`` (143 / 130)
+    the command line exits with: never 0 for a run that did not finish."""
     try:
         return _run(cfg)
     except Exception as err:
         record_failure(cfg, err)
         raise
+    except BaseException as err:        # SystemExit, KeyboardInterrupt: not a finished run either
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+        if isinstance(err, SIGTERMException):
+            stop = Interrupted("SIGTERM", 128 + signal.SIGTERM, cfg)
+        elif isinstance(err, KeyboardInterrupt) or (isinstance(err, SystemExit) and err.code == 1):
+            stop = Interrupted("SIGINT / Ctrl-C", 128 + signal.SIGINT, cfg)   # Lightning exits 1 on Ctrl-C
+        elif isinstance(err, SystemExit) and err.code in (0, None):
+            stop = Interrupted(f"SystemExit({err.code!r}) from inside the run", 1, cfg)
+        else:
+            record_failure(cfg, RuntimeError(f"the run exited with {type(err).__name__}({getattr(err, 'code', '')!r})"))
+            raise
+        record_failure(cfg, stop)
+        raise stop from None
 
 
 def _run(cfg: DictConfig) -> dict:
@@ -338,6 +365,9 @@ def _hydra_main(cfg: DictConfig) -> float:
         logging.captureWarnings(True)   # warnings into the run's log file too (hydra/job_logging=sskt)
     try:
         return optimized_value(cfg, run(cfg))   # run() records a failure in the run directory
+    except Interrupted as err:                  # a sweep stops too: it was asked to
+        print(f"\nerror: {err}\n", file=sys.stderr)
+        sys.exit(err.exit_code)
     except SSKTError as err:
         if multirun:  # one failed job must not end the sweep; the summary at the end lists it
             log.error("job failed: %s; the sweep goes on.", _one_line(err))
