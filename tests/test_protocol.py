@@ -80,6 +80,11 @@ def test_selection_uses_validation_never_test(tmp_path):
     (search.trial_dir(2)).mkdir(parents=True, exist_ok=True)
     (search.trial_dir(2) / "failed.txt").write_text("ConfigError: boom\n")
     assert P.run_state(search.trial_dir(2)) == "failed"
+    interrupted = tmp_path / "interrupted"          # SIGTERM / Ctrl-C: not the trial's outcome, run it again
+    interrupted.mkdir()
+    (interrupted / "failed.txt").write_text("Interrupted: the run was interrupted (SIGTERM) ...\n")
+    (interrupted / "results.json").write_text(json.dumps({"status": "failed", "error_type": "Interrupted"}))
+    assert P.run_state(interrupted) == "todo"
     selected = search.select()
     assert selected["trial"] == 1 and selected["value"] == pytest.approx(0.80)
     assert selected["params"] == search.trials_on_disk()[1] and selected["trials_ok"] == 2

@@ -172,10 +172,13 @@ def _write(path: Path, data: dict) -> None:
 
 def run_state(run_dir: Path) -> str:
     """``done`` (results.json, not failed), ``failed`` (failed.txt, or results.json status failed)
-    or ``todo``."""
+    or ``todo`` (nothing yet, or a run interrupted from outside - SIGTERM, Ctrl-C, e.g. by this
+    protocol's own interruption: not an outcome of its configuration, so a resume runs it again)."""
     res = _read(run_dir / "results.json")
     if res is not None and str(res.get("status", "")).lower() != "failed":
         return "done"
+    if res is not None and res.get("error_type") == "Interrupted":
+        return "todo"
     if res is not None or (run_dir / "failed.txt").is_file():
         return "failed"
     return "todo"
