@@ -344,6 +344,26 @@ def test_a_step_budget_allows_max_epochs_minus_one(tmp_path):
         run(cfg)
 
 
+@pytest.mark.parametrize("method", ["dml", "maxl"])
+def test_a_step_budget_is_refused_for_methods_with_several_optimizers(tmp_path, cifar_dir, method):
+    """Lightning counts each of DML's / MAXL's optimizer steps: max_steps=8 trained DML 4 batches and
+    left its cosine schedule at half the learning rate. Refused before any data is read, from the
+    command line and from Python, naming the budget in batches."""
+    cfg = compose_config([*SMOKE, f"paths.data_dir={tmp_path / 'no_data_here'}", f"method={method}",
+                          "+trainer.max_steps=8"], tmp_path / "run")
+    with pytest.raises(ConfigError, match=rf"trainer.max_steps=8 cannot budget method={method}.*data.steps_per_epoch"):
+        run(cfg)
+    import lightning as L
+
+    from sskt_lightning import TransferModule, data_module
+    dm = data_module("cifar10", data_dir=str(cifar_dir), batch_size=8, val_size=16, num_workers=0)
+    module = TransferModule.from_options(data=dm, method=method)
+    trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    with pytest.raises(ConfigError, match="cannot budget"):
+        trainer.fit(module, datamodule=dm)
+
+
 # ---------------------------------------------------------------------------- environment errors
 def test_unknown_source_lists_the_available_ones_without_a_traceback(tmp_path):
     proc = cli("source=[nosuch]", f"hydra.run.dir={tmp_path / 'run'}")

@@ -192,6 +192,8 @@ class TransferModule(L.LightningModule):
         self._lr_steps = 0
 
     def configure_optimizers(self):
+        from sskt_lightning.validate import check_step_budget
+        check_step_budget(self.method, getattr(self._trainer, "max_steps", -1), self.cfg.method.get("name"))
         return self.method.configure_optimizers(self)
 
     def default_optimizers(self, params: Iterable[torch.nn.Parameter]):

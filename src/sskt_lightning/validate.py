@@ -119,6 +119,19 @@ def _method_class(cfg: DictConfig):
         return None
 
 
+def check_step_budget(method, max_steps, name: str | None = None) -> None:
+    """Refuse ``trainer.max_steps`` for a method that steps several optimizers per batch (DML, MAXL):
+    Lightning counts every optimizer step, so the run would stop after a fraction of the batches with
+    its step schedule placed for the wrong length."""
+    if getattr(method, "automatic_optimization", True) or max_steps is None or max_steps < 1:
+        return
+    name = name or getattr(method, "__name__", type(method).__name__)
+    raise ConfigError(f"trainer.max_steps={max_steps} cannot budget method={name}: it steps several optimizers per "
+                      "batch and Lightning counts each as a step, so it would train max_steps / <optimizers> "
+                      "batches, its schedule placed for another length. Give the budget in batches, the same for "
+                      "every method: data.steps_per_epoch=K with trainer.max_epochs=E (K x E batches).")
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Refuse what cannot be right, before any data is read (see the module docstring)."""
     known = known_top_level_keys()
@@ -170,6 +183,7 @@ def validate_config(cfg: DictConfig) -> None:
                           "(best_val_acc or last_val_acc), never a test one.")
 
     method_cls = _method_class(cfg)
+    check_step_budget(method_cls, max_steps, name)
     from sskt_lightning.compiling import check_compile_options
     check_compile_options(cfg.get("compile"), method_cls)
 
