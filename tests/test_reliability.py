@@ -280,6 +280,16 @@ def test_guard_stops_at_the_first_logging_interval_not_at_the_epochs_end(tmp_pat
     assert "Detected at step 1, at a logging interval" in msg and "aux_timm" in msg
 
 
+def test_guard_takes_host_scalars_beside_device_losses():
+    """DML logs its KL weight (kl_warmup > 0) beside the peers' losses: on a GPU the weight was a
+    CPU tensor and torch.stack refused the mix. The meta device stands in for the GPU here."""
+    from sskt_lightning.guard import NonFiniteGuard
+    guard = NonFiniteGuard()
+    guard.update({"loss": torch.ones((), device="meta"), "kl_weight": torch.tensor(0.5)})
+    (first,) = guard.first_bad.values()
+    assert first.device.type == "meta" and first.shape == (2,)
+
+
 def test_guard_names_the_first_step_and_term_across_changing_term_sets():
     from sskt_lightning.guard import NonFiniteGuard
     guard = NonFiniteGuard()

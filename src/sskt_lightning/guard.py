@@ -51,7 +51,8 @@ class NonFiniteGuard:
         if not items:
             return
         keys = tuple(k for k, _ in items)
-        values = torch.stack([(v if v.numel() == 1 else v.sum()).reshape(()).float() for _, v in items])
+        device = items[0][1].device      # a host scalar among device losses (a logged weight) joins them
+        values = torch.stack([(v if v.numel() == 1 else v.sum()).reshape(()).float().to(device) for _, v in items])
         first = self.first_bad.get(keys)
         if first is None or first.device != values.device:
             first = torch.full((len(keys),), -1, dtype=torch.long, device=values.device)

@@ -193,7 +193,7 @@ class DML(Method):
             losses.append(loss.detach())
         parts = {"loss": losses[0], **{f"peer{k}_loss": losses[k] for k in range(1, K)}}
         if self.kl_warmup > 0:
-            parts["kl_weight"] = torch.tensor(weight)
+            parts["kl_weight"] = torch.tensor(weight, device=losses[0].device)
         module.log_train(parts, logits[0].detach(), y)
         return losses[0]
 
