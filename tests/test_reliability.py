@@ -280,6 +280,15 @@ def test_guard_stops_at_the_first_logging_interval_not_at_the_epochs_end(tmp_pat
     assert "Detected at step 1, at a logging interval" in msg and "aux_timm" in msg
 
 
+def test_non_finite_validation_outputs_stop_the_run(tmp_path, cifar_dir):
+    """Finite weights but NaN eval-mode outputs: the accuracy of argmax(NaN logits) looked plausible
+    and the run ended ok. It must stop with the cause and a failed results.json."""
+    with pytest.raises(NonFiniteError, match=r"validation loss went non-finite.*at epoch 0.*weights are finite"):
+        train(tmp_path, cifar_dir, "method=scratch", "+callbacks.badbn._target_=reliability_helpers.BreakBatchNormInEval")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "failed" and results["error_type"] == "NonFiniteError"
+
+
 def test_guard_takes_host_scalars_beside_device_losses():
     """DML logs its KL weight (kl_warmup > 0) beside the peers' losses: on a GPU the weight was a
     CPU tensor and torch.stack refused the mix. The meta device stands in for the GPU here."""

@@ -219,7 +219,10 @@ class TransferModule(L.LightningModule):
         metric = self.val_metric if stage == "val" else self.test_metric
         metric.update(logits, y.int() if self.multi_label else y)
         bs = y.shape[0]
-        self.log(f"{stage}/loss", self.task_loss(logits, y), on_epoch=True, sync_dist=True, batch_size=bs)
+        loss = self.task_loss(logits, y)
+        bad = ~torch.isfinite(loss.detach())          # on the device; checked once, at the epoch's end
+        self._eval_bad = bad if getattr(self, "_eval_bad", None) is None else self._eval_bad | bad
+        self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, batch_size=bs)
         self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=stage == "val", batch_size=bs)
         extras = self.extra_val_metrics if stage == "val" else self.extra_test_metrics
         for name, extra_logits in self.method.extra_eval_logits(self, x).items():
@@ -247,6 +250,38 @@ class TransferModule(L.LightningModule):
 
     def test_step(self, batch, batch_idx):
         self._eval_step(batch, "test")
+
+    def on_validation_epoch_start(self):
+        self._eval_bad = None
+
+    def on_test_epoch_start(self):
+        self._eval_bad = None
+
+    def on_validation_epoch_end(self):
+        self._check_eval_finite("validation")
+
+    def on_test_epoch_end(self):
+        self._check_eval_finite("test")
+
+    def _check_eval_finite(self, stage: str) -> None:
+        """Never a validation or test number from non-finite outputs (argmax of NaN logits still
+        gives a plausible accuracy): one host sync per evaluation (under DDP, any process)."""
+        bad = self._eval_bad
+        self._eval_bad = None
+        if bad is None:
+            return
+        bad = bool(bad)
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            from sskt_lightning.errors import NonFiniteError
+            raise NonFiniteError(
+                f"Stopped: the {stage} loss went non-finite (NaN or inf) at epoch {self.current_epoch}, although "
+                "the weights are finite: the network's eval-mode outputs overflow or are undefined (BatchNorm "
+                "running statistics gone wrong, or a reduced precision such as 16-true). No "
+                f"{stage} number is reported; results.json records the failure. Lower the learning rate, use "
+                "trainer.precision=32-true or bf16-mixed, or resume from an earlier checkpoint.")
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint):
