@@ -356,6 +356,17 @@ def test_impossible_values_are_refused_before_any_data_is_read(tmp_path, overrid
         run(cfg)
 
 
+def test_a_refused_rerun_keeps_the_finished_runs_results(tmp_path, cifar_dir):
+    """A typo in a command re-run into a finished run's directory is refused before anything starts;
+    it must not replace that run's results.json with a failure (it did)."""
+    done = train(tmp_path, cifar_dir, "method=scratch")
+    assert done["status"] == "ok"
+    with pytest.raises(ConfigError, match="method.temperature"):
+        train(tmp_path, cifar_dir, "method=kd", "method.temperature=-1", *TIMM_SOURCE)
+    assert json.loads((tmp_path / "results.json").read_text()) == done
+    assert "method.temperature" in (tmp_path / "failed.txt").read_text()
+
+
 def test_a_step_budget_allows_max_epochs_minus_one(tmp_path):
     cfg = compose_config([*SMOKE, f"paths.data_dir={tmp_path / 'no_data_here'}", "method=scratch",
                           "trainer.max_epochs=-1", "+trainer.max_steps=4"], tmp_path / "run")

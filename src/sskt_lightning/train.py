@@ -306,12 +306,28 @@ def record_failure(cfg: DictConfig, err: BaseException) -> None:
                "overrides": _task_overrides(), "failed_txt": FAILED}
     try:
         atomic_write_text(out / FAILED, _one_line(err) + "\n" + detail)
-        atomic_write_text(out / RESULTS, json.dumps(failure, indent=2, default=str))
+        if _finished_results(out / RESULTS):
+            # refused before this run began (a bad option, a bad resume=) in a finished run's directory:
+            # that run's results stay; failed.txt says what was refused
+            log.error("%s keeps the finished run's results; this attempt's failure is in %s", out / RESULTS,
+                      out / FAILED)
+        else:
+            atomic_write_text(out / RESULTS, json.dumps(failure, indent=2, default=str))
     except Exception as write_err:   # e.g. the run directory itself is the problem
         log.error("could not record the failure in %s: %s", out, write_err)
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish(exit_code=1)
+    try:
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and getattr(wandb, "run", None) is not None:
+            wandb.finish(exit_code=1)
+    except Exception as wandb_err:   # never raises: the run's own error is the one to report
+        log.error("could not close the W&B run: %s", wandb_err)
+
+
+def _finished_results(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("status") == "ok"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def cluster_launch(env=os.environ) -> tuple[str, int] | None:
