@@ -241,3 +241,22 @@ def test_longer_run_is_refused_when_the_schedule_depends_on_max_epochs(tmp_path,
     assert "step_decay" in msg      # says when a run may be extended
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
 
+
+
+def test_resumed_run_logs_into_the_same_wandb_run(tmp_path, cifar_dir, monkeypatch):
+    """Killed and resumed: one W&B run (the id is kept in the checkpoint), not two."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    method = [*METHODS["scratch"], "logger=wandb"]
+    out = tmp_path / "killed"
+    _killed_run(out, cifar_dir, method)
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 1
+    res = _run(out, cifar_dir, *method, f"resume={out / 'checkpoints' / 'last.ckpt'}")
+    assert res["status"] == "ok" and res["epochs"] == 3
+    runs = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2, runs                          # two sessions (offline: one directory each) ...
+    ids = {r.rsplit("-", 1)[1] for r in runs}
+    assert len(ids) == 1, runs                           # ... of one W&B run
+    final = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["RunState"]
+    assert final["wandb_run_id"] == ids.pop()
+    import wandb
+    assert wandb.run is None
