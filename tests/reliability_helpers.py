@@ -13,7 +13,10 @@ import torch
 
 
 class Stall(L.Callback):
-    """At batch `batch` of epoch `epoch`, write `ready` and sleep: the test then kills the process."""
+    """At batch `batch` of epoch `epoch`, write `ready` and sleep: the test then kills the process.
+    It does not change what the run computes, so the resumed run may leave it out."""
+
+    affects_training = False
 
     def __init__(self, ready: str, epoch: int = 1, batch: int = 3, seconds: float = 300.0):
         self.ready, self.epoch, self.batch, self.seconds = Path(ready), epoch, batch, seconds

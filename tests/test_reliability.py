@@ -196,9 +196,11 @@ def test_hostile_local_files_never_run_as_resume_or_source(tmp_path, cifar_dir):
 
 def test_a_checkpoint_served_over_http_is_downloaded_checked_and_resumed(tmp_path, cifar_dir, http_dir):
     served, url = http_dir
-    first = train(tmp_path / "a", cifar_dir, "method=scratch")
+    # optim=maxl: a schedule that does not depend on max_epochs, so the resume may extend the run
+    first = train(tmp_path / "a", cifar_dir, "method=scratch", "optim=maxl")
     (served / "last.ckpt").write_bytes((tmp_path / "a" / first["checkpoints"]["last"]).read_bytes())
-    res = train(tmp_path / "b", cifar_dir, "method=scratch", "trainer.max_epochs=2", f"resume={url}/last.ckpt")
+    res = train(tmp_path / "b", cifar_dir, "method=scratch", "optim=maxl", "trainer.max_epochs=2",
+                f"resume={url}/last.ckpt")
     assert res["status"] == "ok" and res["epochs"] == 2
     assert (tmp_path / "b" / "resume_download.ckpt").is_file()
 

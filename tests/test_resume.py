@@ -124,8 +124,10 @@ def test_last_ckpt_is_the_last_epoch_when_the_best_is_earlier(tmp_path, cifar_di
 
 
 def test_resume_into_a_fresh_directory_writes_complete_results(tmp_path, cifar_dir):
-    first = _run(tmp_path / "a", cifar_dir, "method=scratch", "trainer.max_epochs=2")
-    second = _run(tmp_path / "b", cifar_dir, "method=scratch", "trainer.max_epochs=3",
+    """Also: a run may be extended (a larger trainer.max_epochs) when its learning-rate schedule does
+    not depend on the number of epochs (optim=maxl: x0.5 every 50 epochs)."""
+    first = _run(tmp_path / "a", cifar_dir, "method=scratch", "optim=maxl", "trainer.max_epochs=2")
+    second = _run(tmp_path / "b", cifar_dir, "method=scratch", "optim=maxl", "trainer.max_epochs=3",
                   f"resume={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}")
     assert second["status"] == "ok" and second["epochs"] == 3
     assert second["best_val_acc"] >= first["best_val_acc"]     # the best score survived the move
@@ -182,3 +184,79 @@ def test_mismatched_resume_names_what_differs(tmp_path, trained):
     assert "method: checkpoint 'scratch' vs this run 'dml'" in msg
     msg = _refused(tmp_path / "classes", data, ckpt, "data.classes=[0,1,2]")
     assert "number of classes: checkpoint 10 vs this run 3" in msg
+
+
+# ---------------------------------------------------------------------------- another experiment
+TRAINED = ["method=scratch", "trainer.max_epochs=1", "trainer.deterministic=false"]   # as `trained` ran
+
+
+def test_resume_with_another_config_is_refused_naming_every_key(tmp_path, trained):
+    """seed, the split and the learning rate are the experiment: a resume must not change them (the
+    split would validate on trained images, the lr override would be ignored by the restored
+    optimizer while config.yaml claimed it). Harmless keys (workers, tags, progress bar, logging,
+    kernels' determinism) may differ and are not named."""
+    from sskt_lightning.errors import ConfigError
+    root, ckpt = trained
+    harmless = ["data.num_workers=2", "tags=[again]", "trainer.enable_progress_bar=true",
+                "trainer.log_every_n_steps=1", "trainer.deterministic=true", "extras.header=false"]
+    with pytest.raises(ConfigError) as info:
+        _run(tmp_path, root / "data", *TRAINED, f"resume={ckpt}", "seed=7", "data.val_size=30",
+             "optim.optimizer.lr=0.5", "callbacks=early_stopping", *harmless)
+    msg = str(info.value)
+    assert isinstance(info.value, ResumeError)          # callers that catch resume problems still do
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()   # refused before training
+    for line in ("seed: 0 -> 7", "data.seed: 0 -> 7", "data.val_size: 16 -> 30", "optim.optimizer.lr: 0.1 -> 0.5",
+                 "callbacks.early_stopping: (absent) -> {"):
+        assert line in msg, msg
+    assert str(ckpt) in msg and "config.yaml" in msg and "without resume=" in msg
+    for key in ("num_workers", "tags", "enable_progress_bar", "log_every_n_steps", "deterministic", "extras",
+                "paths.", "logger", "model_checkpoint", "max_epochs"):
+        assert key not in msg, msg
+
+
+def test_refused_resume_in_its_own_directory_keeps_its_config_yaml(tmp_path, trained):
+    """The run directory's config.yaml is what the refusal tells the user to resume with: a refused
+    resume into that directory must not overwrite it with the refused config."""
+    import shutil
+
+    from sskt_lightning.errors import ConfigError
+    root, ckpt = trained
+    run_dir = tmp_path / "run"
+    shutil.copytree(ckpt.parent.parent, run_dir)
+    before = (run_dir / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match="optim.optimizer.lr: 0.1 -> 0.5"):
+        _run(run_dir, root / "data", *TRAINED, f"resume={run_dir / 'checkpoints' / 'last.ckpt'}",
+             "optim.optimizer.lr=0.5")
+    assert (run_dir / "config.yaml").read_text() == before
+
+
+def test_longer_run_is_refused_when_the_schedule_depends_on_max_epochs(tmp_path, trained):
+    """optim=sgd decays at fractions of trainer.max_epochs: a larger max_epochs moves the decays."""
+    from sskt_lightning.errors import ConfigError
+    root, ckpt = trained
+    with pytest.raises(ConfigError) as info:
+        _run(tmp_path, root / "data", *TRAINED, f"resume={ckpt}", "trainer.max_epochs=3")
+    msg = str(info.value)
+    assert "trainer.max_epochs: 1 -> 3" in msg and "optim.scheduler.max_epochs: 1 -> 3" in msg, msg
+    assert "step_decay" in msg      # says when a run may be extended
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
+
+
+
+def test_resumed_run_logs_into_the_same_wandb_run(tmp_path, cifar_dir, monkeypatch):
+    """Killed and resumed: one W&B run (the id is kept in the checkpoint), not two."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    method = [*METHODS["scratch"], "logger=wandb"]
+    out = tmp_path / "killed"
+    _killed_run(out, cifar_dir, method)
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 1
+    res = _run(out, cifar_dir, *method, f"resume={out / 'checkpoints' / 'last.ckpt'}")
+    assert res["status"] == "ok" and res["epochs"] == 3
+    runs = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2, runs                          # two sessions (offline: one directory each) ...
+    ids = {r.rsplit("-", 1)[1] for r in runs}
+    assert len(ids) == 1, runs                           # ... of one W&B run
+    final = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]["RunState"]
+    assert final["wandb_run_id"] == ids.pop()
+    import wandb
+    assert wandb.run is None

@@ -129,14 +129,36 @@ class RunState(L.Callback):
       uninterrupted run continued from the same state (the data module keeps its samplers'
       generators in its own ``state_dict``);
     * the CSV log flushed to disk before the checkpoint callbacks save at an epoch's end, so the
-      rows up to a checkpoint are on disk whenever the checkpoint is.
+      rows up to a checkpoint are on disk whenever the checkpoint is;
+    * the W&B run id (``wandb_run_id``, when a W&B logger has started its run), so that a resume
+      logs into the same W&B run (:meth:`stored_wandb_run_id`, ``loggers.build_loggers``).
     """
 
     def __init__(self):
         self._pending: dict | None = None
+        self._loggers: list = []
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._loggers = list(trainer.loggers)
 
     def state_dict(self) -> dict:
-        return {"rng": collect_rng_states()}
+        state = {"rng": collect_rng_states()}
+        from sskt_lightning.loggers import is_wandb
+        for logger in self._loggers:
+            # the W&B run's id (or the id it was given); `version` never starts a run
+            run_id = logger.version if is_wandb(logger) else None
+            if run_id:
+                state["wandb_run_id"] = str(run_id)
+                break
+        return state
+
+    @staticmethod
+    def stored_wandb_run_id(checkpoint) -> str | None:
+        """The W&B run id a checkpoint's RunState recorded, or None (no W&B logger, or a
+        checkpoint written before the id was kept)."""
+        state = ((checkpoint.get("callbacks") or {}).get(RunState.__qualname__) or {}) if checkpoint else {}
+        run_id = state.get("wandb_run_id") if isinstance(state, dict) else None
+        return str(run_id) if run_id else None
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._pending = state_dict.get("rng")

@@ -8,7 +8,13 @@
   ``http(s)://`` URL is downloaded into the run directory (atomically) and then checked like a local
   file; a missing, empty, truncated, hostile or foreign file is refused with a message naming it.
 * :func:`check_resume_fits` refuses (before training) a checkpoint of another architecture,
-  method, data set, class list or source set than the run being resumed.
+  method, data set, class list or source set than the run being resumed, and then one whose
+  recorded config (``hyper_parameters.config``) differs from this run's in any key that defines
+  the experiment (:func:`config_differences`): seed, data and split, method, model, sources,
+  optimizer and schedule, precision, training length, callbacks that act on training. Only the
+  keys of :func:`keys_that_may_differ` (where files are, logging, progress, devices, speed) and
+  callbacks that only observe may change; ``trainer.max_epochs`` may grow when the schedule does
+  not depend on it (:data:`LENGTH_FREE_SCHEDULES`).
 """
 from __future__ import annotations
 
@@ -20,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
 
 from sskt_lightning import weights as W
 from sskt_lightning.atomic import atomic_torch_save, atomic_write
-from sskt_lightning.errors import ResumeError, WeightsError
+from sskt_lightning.errors import ResumeConfigError, ResumeError, WeightsError
 
 REMOTE = ("http://", "https://")
 DOWNLOAD_NAME = "resume_download.ckpt"   # where a remote resume= lands, inside the run directory
@@ -97,6 +104,102 @@ def _describe_sources(config: Mapping) -> list[str]:
     return sorted((config.get("source") or {}).keys())
 
 
+# What a resume may change besides the keys loggers.NOT_IN_GROUP leaves out of the experiment's
+# group (paths, loggers, devices, progress bar, workers, tags, extras, ...; but not the seed, which
+# the group leaves out so that seeds aggregate): where the data is read from, the evaluation batch
+# (BatchNorm is in eval mode there: accuracy is per image), the distributed strategy that goes with
+# the devices, logging cadence, and kernel choices - compile.* and channels_last (a compiled run
+# resumes an eager one, see compiling.py), cudnn benchmark / deterministic algorithms. These change
+# floating-point rounding at most, never the data, the objective or the schedule.
+RESUME_MAY_DIFFER = ("data.data_dir", "data.download", "data.eval_batch_size", "trainer.strategy",
+                     "trainer.sync_batchnorm", "trainer.enable_model_summary", "trainer.log_every_n_steps",
+                     "trainer.benchmark", "trainer.deterministic", "compile", "channels_last")
+# Learning-rate schedules that do not depend on trainer.max_epochs: with one of these (or none,
+# stepped per epoch) a resume may extend the run with a larger trainer.max_epochs. optim=sgd
+# (multistep_by_fraction) decays at fractions of max_epochs and sgd_cosine spreads its steps over
+# the whole run: there a longer run is another schedule, i.e. another run.
+LENGTH_FREE_SCHEDULES = ("sskt_lightning.optim.step_decay",)
+ABSENT = object()
+
+
+def keys_that_may_differ() -> tuple[str, ...]:
+    """Config keys (dotted prefixes) a resume may change: :data:`loggers.NOT_IN_GROUP` (overrides that
+    do not change the experiment) less the seed and Hydra's own, plus :data:`RESUME_MAY_DIFFER`."""
+    from sskt_lightning.loggers import NOT_IN_GROUP
+    same_experiment = [p.rstrip("=.").replace("/", ".") for p in NOT_IN_GROUP
+                       if not p.startswith(("seed", "hydra"))]
+    return (*same_experiment, *RESUME_MAY_DIFFER)
+
+
+def _only_observes(node) -> bool:
+    """A callback entry whose class cannot change what the run computes (progress bars, checkpoint
+    writers, learning-rate monitors, the weights digest, or a class that says
+    ``affects_training = False``): it may be added or left out on resume."""
+    target = node.get("_target_") if isinstance(node, Mapping) else None
+    if not target:
+        return False
+    from hydra.utils import get_class
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.callbacks.progress import ProgressBar
+
+    from sskt_lightning.callbacks import WeightsDigest
+    try:
+        cls = get_class(str(target))
+    except Exception:     # not importable here: cannot tell, so it counts
+        return False
+    return (issubclass(cls, (ProgressBar, ModelCheckpoint, LearningRateMonitor, WeightsDigest))
+            or getattr(cls, "affects_training", True) is False)
+
+
+def _walk(theirs, ours, key: str):
+    """(key, checkpoint value, this run's value) for every difference; a subtree present on one
+    side only is one difference."""
+    if isinstance(theirs, Mapping) and isinstance(ours, Mapping):
+        for k in [*theirs, *(k for k in ours if k not in theirs)]:
+            sub = f"{key}.{k}" if key else str(k)
+            a, b = theirs.get(k, ABSENT), ours.get(k, ABSENT)
+            if a is ABSENT or b is ABSENT:
+                yield sub, a, b
+            else:
+                yield from _walk(a, b, sub)
+    elif theirs != ours or isinstance(theirs, bool) != isinstance(ours, bool):   # 1 == True, not the same
+        yield key, theirs, ours
+
+
+def _may_extend(theirs: Mapping, ours: Mapping) -> bool:
+    """A larger trainer.max_epochs whose schedule does not depend on it."""
+    a = (theirs.get("trainer") or {}).get("max_epochs")
+    b = (ours.get("trainer") or {}).get("max_epochs")
+    if not (isinstance(a, int) and isinstance(b, int) and b > a):
+        return False
+    optim = ours.get("optim") or {}
+    schedule = optim.get("scheduler")
+    if schedule is None:
+        return True
+    return (schedule.get("_target_") in LENGTH_FREE_SCHEDULES
+            and str(optim.get("interval") or "epoch") == "epoch")
+
+
+def config_differences(theirs: Mapping, ours: Mapping, uses_sources: bool = True) -> list[tuple[str, object, object]]:
+    """Where this run's resolved config differs from the checkpoint's in what defines the
+    experiment: ``[(dotted key, checkpoint value, this run's value)]``, in config order."""
+    allowed = keys_that_may_differ() + (() if uses_sources else ("source",))
+    theirs_cb, ours_cb = theirs.get("callbacks") or {}, ours.get("callbacks") or {}
+    for name in {*theirs_cb, *ours_cb}:
+        sides = [side[name] for side in (theirs_cb, ours_cb) if side.get(name)]
+        if all(_only_observes(node) for node in sides):
+            allowed += (f"callbacks.{name}",)
+    if _may_extend(theirs, ours):
+        allowed += ("trainer.max_epochs",)
+    return [(key, a, b) for key, a, b in _walk(theirs, ours, "")
+            if not any(key == p or key.startswith(p + ".") for p in allowed)]
+
+
+def _show(value) -> str:
+    text = "(absent)" if value is ABSENT else repr(value)
+    return text if len(text) <= 160 else text[:150] + " ...}"
+
+
 def check_resume_fits(obj: Mapping, module, path: Path | str) -> None:
     """Refuse a checkpoint that is not of this run's kind: every difference named, one message."""
     hp = obj["hyper_parameters"]
@@ -130,3 +233,16 @@ def check_resume_fits(obj: Mapping, module, path: Path | str) -> None:
         raise ResumeError(f"resume={path} does not fit this run: " + "; ".join(diffs) + ". Resume with the "
                           "overrides of the run that wrote it (its run directory's config.yaml), or start "
                           "a new run without resume=.")
+    mine = OmegaConf.to_container(module.cfg) if isinstance(module.cfg, DictConfig) else module.cfg
+    changed = config_differences(ckpt_cfg, mine, uses_sources=module.method.needs_sources)
+    if changed:
+        keys = {key for key, _, _ in changed}
+        extend = (" trainer.max_epochs may only grow, and only when the learning-rate schedule does not "
+                  "depend on it (optim.scheduler=null or sskt_lightning.optim.step_decay, stepped per epoch); "
+                  "optim=sgd decays at fractions of max_epochs." if "trainer.max_epochs" in keys else "")
+        raise ResumeConfigError(
+            f"resume={path} was trained with other settings than this run; a resume continues the same "
+            "run, so these must not change (checkpoint value -> this run's value):\n  "
+            + ";\n  ".join(f"{key}: {_show(a)} -> {_show(b)}" for key, a, b in changed)
+            + f"\nResume with the checkpoint's values (all in the config.yaml of the run directory that wrote "
+            "it: drop or change the overrides above), or start a new run without resume=." + extend)

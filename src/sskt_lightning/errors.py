@@ -25,6 +25,11 @@ class ResumeError(WeightsError):
     """``resume=`` names no usable checkpoint of this run (missing, truncated, foreign, mismatched)."""
 
 
+class ResumeConfigError(ResumeError, ConfigError):
+    """``resume=`` names a checkpoint of this run's kind trained with other settings (seed, data,
+    method, optimizer, schedule, ...): continuing it would not be the same run."""
+
+
 class OutputError(SSKTError, OSError):
     """The run directory cannot be written (read-only, full disk, a path under a file)."""
 

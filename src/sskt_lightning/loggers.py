@@ -159,12 +159,14 @@ def check_loggers(cfg: DictConfig, env: Mapping[str, str] = os.environ) -> None:
 
 
 def build_loggers(cfg: DictConfig, output_dir: Path, group: str, config: dict,
-                  keep_through_epoch: int | None = None) -> list:
+                  keep_through_epoch: int | None = None, wandb_run_id: str | None = None) -> list:
     """The CSV log first (always; Lightning's ``trainer.logger``), then the group's other loggers.
 
     The CSV log always writes ``<run dir>/csv/metrics.csv`` and continues it on resume
     (``keep_through_epoch``); W&B gets the group (shortened to 128 characters, the full text in
-    its config), the resolved config, the tags and its mode (WANDB_MODE wins)."""
+    its config), the resolved config, the tags and its mode (WANDB_MODE wins). On resume,
+    ``wandb_run_id`` (kept in the checkpoint by ``RunState``) makes W&B continue that run
+    (``id=..., resume="allow"``) unless ``logger.<name>.id`` / ``.version`` is set."""
     from hydra.utils import instantiate
 
     from sskt_lightning.runlog import RunCSVLogger
@@ -177,9 +179,12 @@ def build_loggers(cfg: DictConfig, output_dir: Path, group: str, config: dict,
         if _is(cls, "lightning", "WandbLogger"):
             mode = wandb_mode(node)
             os.environ["WANDB_MODE"] = mode   # the wandb service started by this process follows it
+            same_run = ({"id": wandb_run_id, "resume": "allow"}
+                        if wandb_run_id and not (node.get("id") or node.get("version")) else {})
             factory = instantiate(node, _partial_=True, _convert_="all",
                                   group=short_group(str(node.get("group") or group)), mode=mode,
-                                  tags=[str(t) for t in (node.get("tags") or [])])
+                                  tags=[str(t) for t in (node.get("tags") or [])], **same_run)
+            wandb_run_id = None   # one W&B run per checkpoint: the first W&B logger continues it
             # `config` cannot pass through instantiate (its own first parameter's name)
             others.append(factory(config={**config, "group": group}))
         else:

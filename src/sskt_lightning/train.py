@@ -185,18 +185,20 @@ def _run(cfg: DictConfig) -> dict:
     dm.setup("fit")  # reads the data now: missing files fail here, before any weights are fetched
     data_info = data_info_of(dm)
     config = OmegaConf.to_container(cfg, resolve=True)
-    atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(config))
     module = module_cls(config, data_info)
-    keep_through_epoch = None
+    keep_through_epoch = wandb_run_id = None
     if resume_obj is not None:
         check_resume_fits(resume_obj, module, cfg.resume)
         keep_through_epoch = int(resume_obj["epoch"])
+        wandb_run_id = RunState.stored_wandb_run_id(resume_obj)   # the same W&B run continues
         resume_obj = None                      # Lightning reads the (verified) file itself
+    # after the resume checks: a refused resume leaves the run directory's config.yaml as it was
+    atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(config))
     sources = list(module.sources.sources) if module.method.needs_sources else []
     group = group_name(cfg, sources, uses_sources=module.method.needs_sources)
 
     last, meter, best = last_checkpoint(ckpt_dir), ThroughputMeter(), BestValidation("val/acc", "max")
-    loggers = build_loggers(cfg, output_dir, group, config, keep_through_epoch)
+    loggers = build_loggers(cfg, output_dir, group, config, keep_through_epoch, wandb_run_id)
     extra = {}
     if cfg.trainer.get("strategy") == "ddp":
         # several optimizers stepped in one step (DML, MAXL): each backward touches only some
