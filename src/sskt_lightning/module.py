@@ -275,6 +275,11 @@ class TransferModule(L.LightningModule):
         if trainer is not None and trainer.world_size > 1:
             bad = trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
+            # a training loss or the weights gone non-finite is the cause to name (validation runs
+            # inside the training epoch, before its end-of-epoch check)
+            self.check_finite(f"when the {stage} outputs went non-finite")
+            check_weights_finite(((f"target.{k}", v) for k, v in self.target.state_dict().items()),
+                                 f"at the {stage} of epoch {self.current_epoch}")
             from sskt_lightning.errors import NonFiniteError
             raise NonFiniteError(
                 f"Stopped: the {stage} loss went non-finite (NaN or inf) at epoch {self.current_epoch}, although "
