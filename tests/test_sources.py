@@ -185,3 +185,16 @@ def test_a_url_serving_a_non_weights_file_names_the_cached_copy(tmp_path, monkey
         build_source(spec, DATA)
     assert f"delete {tmp_path / 'hub' / 'checkpoints' / 'notes.pth'}" in str(err.value)
     assert "weights_only=False" not in str(err.value)
+
+
+@pytest.mark.parametrize("obj,held", [
+    (torch.zeros(4, 3), r"a single tensor of shape \(4, 3\)"),
+    ([torch.zeros(2), torch.zeros(3)], "a list of 2 items"),
+    ({"state_dict": {0: torch.zeros(2), 1: torch.zeros(3)}}, r"tensors under keys that are not parameter names \(0, 1: int\)"),
+])
+def test_a_torch_file_that_is_not_a_state_dict_says_what_it_holds(tmp_path, obj, held):
+    path = tmp_path / "odd.pth"
+    torch.save(obj, path)
+    spec = SourceSpec.from_config("s", {"name": "cifar_resnet20", "weights": str(path)})
+    with pytest.raises(WeightsError, match=f"source.s.weights={path} holds {held}.*torch.save\\(model.state_dict"):
+        build_source(spec, DATA)

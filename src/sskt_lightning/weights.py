@@ -84,31 +84,53 @@ def is_project_checkpoint(obj: dict) -> bool:
     return isinstance(hp, dict) and "config" in hp and "data_info" in hp
 
 
-def extract_state_dict(obj: dict, strip_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+def extract_state_dict(obj: dict, strip_prefixes: tuple[str, ...] = (),
+                       what: str = "The weights file") -> dict[str, torch.Tensor]:
     """The tensor dict inside ``obj`` with known wrapper prefixes removed.
 
     Handles nesting (``state_dict``/``model``/...), this project's checkpoints (``target.net.``),
     DDP's ``module.`` / ``torch.compile``'s ``_orig_mod.`` (timm's ``clean_state_dict``) and any
-    ``strip_prefixes`` given in the source config (removed only when every key has it).
+    ``strip_prefixes`` given in the source config (removed only when every key has it). ``what``
+    names the file (and the option that gave it) in the errors.
     """
     # imported here, not at the top: read_file (every checkpoint read) stays timm-free
     from timm.models import clean_state_dict
 
     if is_project_checkpoint(obj):
-        sd = obj["state_dict"]
+        sd = _tensor_dict(obj.get("state_dict"), what)
         return {k[len(TARGET_PREFIX):]: v for k, v in sd.items() if k.startswith(TARGET_PREFIX)}
     for key in _NESTED_KEYS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
-    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    sd = _tensor_dict(obj, what)
     if not sd:
-        raise WeightsError("The weights file holds no tensors (expected a state dict).")
+        raise WeightsError(f"{what} holds no tensors (expected a state dict).")
     sd = clean_state_dict(sd)
     for prefix in strip_prefixes:
         if prefix and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
     return clean_state_dict(sd)   # a wrapper prefix under a user prefix ("model.module.")
+
+
+def _tensor_dict(obj, what: str) -> dict[str, torch.Tensor]:
+    """The tensor entries of ``obj``, which must be a dict keyed by parameter names (str)."""
+    fix = ("expected a state dict: a dict of parameter names to tensors, as "
+           "torch.save(model.state_dict(), ...) writes. Re-save the weights that way.")
+    if not isinstance(obj, dict):
+        if isinstance(obj, torch.Tensor):
+            held = f"a single tensor of shape {tuple(obj.shape)}"
+        elif isinstance(obj, (list, tuple)):
+            held = f"a {type(obj).__name__} of {len(obj)} items"
+        else:
+            held = f"a {type(obj).__name__}"
+        raise WeightsError(f"{what} holds {held}, not a dict of named tensors; {fix}")
+    sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    bad = [k for k in sd if not isinstance(k, str)]
+    if bad:
+        raise WeightsError(f"{what} holds tensors under keys that are not parameter names "
+                           f"({', '.join(repr(k) for k in bad[:3])}: {type(bad[0]).__name__}); {fix}")
+    return sd
 
 
 def fetch_url(url: str, what: str, fix: str) -> dict:
