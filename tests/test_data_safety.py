@@ -120,6 +120,8 @@ def test_codecs_encode_is_admitted_for_latin1_only(tmp_path):
      "expected 2 integer labels"),
     (lambda p: p.write_bytes(python2_pickle({b"data": np.zeros((2, 3072), np.uint8), b"labels": [3, 10]})),
      r"outside the class ids 0..9 \(e.g. 10 at image 1\)"),
+    (lambda p: p.write_bytes(python2_pickle({b"data": np.zeros((3, 3072), np.uint8), b"labels": [1, [2, 3], 4]})),
+     r"expected 3 integer labels .*ragged .*e.g. \[2, 3\]"),
     (lambda p: p.write_bytes(python2_pickle({b"data": np.zeros((2, 3072), np.uint8)})), "no 'labels' entry"),
 ])
 def test_bad_cifar_batches_name_the_file_and_the_fix(tmp_path, damage, match):
@@ -141,6 +143,20 @@ def test_cifar100_fine_labels_checked_against_100_classes(tmp_path):
     (tmp_path / "cifar-100-python" / "meta").write_bytes(python2_pickle({b"fine_label_names": [b"a", b"b"]}))
     with pytest.raises(DataError, match="100 class names"):
         read_cifar100(tmp_path, "train")
+
+
+@pytest.mark.parametrize("names, match", [
+    ([b"\xff\xfeplane"] + [b"x"] * 9, r"class name 0 \(b'\\xff\\xfeplane'\) is not UTF-8"),
+    ([b"plane"] + [7] * 9, "class name 1 is a int, not text"),
+])
+def test_bad_cifar_class_names_name_the_meta_file(tmp_path, names, match):
+    write_cifar10(tmp_path, n_train=10, n_test=2)
+    meta = tmp_path / "cifar-10-batches-py" / "batches.meta"
+    meta.write_bytes(python2_pickle({b"label_names": names}))
+    with pytest.raises(DataError, match=match) as info:
+        read_cifar10(tmp_path, "test")
+    assert str(meta) in str(info.value) and "To fix" in str(info.value)
+    assert no_chain(info.value)
 
 
 def test_bad_stl10_files(tmp_path):

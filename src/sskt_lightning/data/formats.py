@@ -151,7 +151,11 @@ def _check_split(split: str, allowed: Sequence[str], title: str) -> None:
 
 def _check_labels(labels: np.ndarray, n: int, num_classes: int, where: str, fix: str) -> np.ndarray:
     """Labels as an int64 N-vector of class ids in 0..num_classes-1, else DataError naming `where`."""
-    labels = np.asarray(labels)
+    try:
+        labels = np.asarray(labels)
+    except (ValueError, TypeError):   # ragged: numpy refuses to build an array from nested lists of other lengths
+        raise DataError(f"{where}: expected {n} integer labels (one per image), got a ragged sequence (lists "
+                        f"nested in it, e.g. {_first_nested(labels)}). {fix}") from None
     if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{where}: expected {n} integer labels (one per image), got {labels.dtype} array of "
                         f"shape {labels.shape}. {fix}")
@@ -160,6 +164,16 @@ def _check_labels(labels: np.ndarray, n: int, num_classes: int, where: str, fix:
         raise DataError(f"{where}: {bad.size} labels are outside the class ids 0..{num_classes - 1} "
                         f"(e.g. {labels[bad[0]]} at image {bad[0]}). {fix}")
     return labels.astype(np.int64)
+
+
+def _first_nested(labels) -> str:
+    """The first entry of `labels` that is itself a sequence, shortened, for the error message."""
+    try:
+        found = next((x for x in labels if isinstance(x, (list, tuple, np.ndarray))), None)
+    except TypeError:
+        found = None
+    text = "a nested sequence" if found is None else repr(found)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 # --------------------------------------------------------------------------- CIFAR
@@ -245,10 +259,19 @@ def _cifar_classes(folder: Path, dataset: type, count: int, default: list[str] |
     if not meta.is_file() and default is not None:
         return list(default)
     names = _load_batch(meta, dataset).get(dataset.meta["key"])
+    fix = f"To fix: replace it with the file from {dataset.url}."
     if not isinstance(names, list) or len(names) != count:
-        raise DataError(f"{meta}: {dataset.meta['key']!r} must list the {count} class names. To fix: replace it "
-                        f"with the file from {dataset.url}.")
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+        raise DataError(f"{meta}: {dataset.meta['key']!r} must list the {count} class names. {fix}")
+    out = []
+    for i, name in enumerate(names):
+        if not isinstance(name, (bytes, str)):
+            raise DataError(f"{meta}: class name {i} is a {type(name).__name__}, not text. {fix}")
+        try:
+            out.append(name.decode("utf-8") if isinstance(name, bytes) else name)
+        except UnicodeDecodeError as err:
+            raise DataError(f"{meta}: class name {i} ({name[:40]!r}) is not UTF-8 text ({err.reason} at byte "
+                            f"{err.start}). {fix}") from None
+    return out
 
 
 def _cifar_files(dataset: type, split: str, title: str) -> list[str]:
