@@ -26,7 +26,7 @@ from data_fixtures import (
 
 from sskt_lightning.compose import compose_config
 from sskt_lightning.data import ImageDataModule, read_cifar10, read_cifar100, read_fashion_mnist, read_imagefolder
-from sskt_lightning.data.formats import CIFAR10_CLASSES, read_stl10
+from sskt_lightning.data.formats import CIFAR10_CLASSES, STL10_CLASSES, read_stl10
 from sskt_lightning.errors import ConfigError, DataError, DataNotFoundError
 from sskt_lightning.train import CONFIG_DIR
 
@@ -171,6 +171,23 @@ def test_bad_stl10_files(tmp_path):
     np.array([1, 2], dtype=np.uint8).tofile(folder / "train_y.bin")
     with pytest.raises(DataError, match="expected 3 integer labels"):
         read_stl10(tmp_path, "train")
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"a\nb\nc\n", r"lists 3 lines \('a', 'b', 'c'\); STL-10 needs 10"),
+    ("\n".join(["cat"] * 10).encode(), "10 distinct"),
+    (b"\xff\xfe" + "\n".join(STL10_CLASSES).encode(), "is not UTF-8 text"),
+])
+def test_bad_stl10_class_names_file(tmp_path, content, match):
+    write_stl10(tmp_path, n_train=3, n_test=2, n_unlabeled=2)
+    names = tmp_path / "stl10_binary" / "class_names.txt"
+    names.write_bytes(content)
+    with pytest.raises(DataError, match=match) as info:
+        read_stl10(tmp_path, "train")
+    assert str(names) in str(info.value) and "delete it" in str(info.value)
+    assert no_chain(info.value)
+    names.unlink()   # no file: the standard names
+    assert read_stl10(tmp_path, "train").classes == STL10_CLASSES
 
 
 @pytest.mark.parametrize("compress", [True, False])

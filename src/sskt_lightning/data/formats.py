@@ -338,10 +338,31 @@ def read_stl10(root: str | Path, split: str = "train", download: bool = False) -
         flat = np.memmap(x_file, dtype=np.uint8, mode="c")
         images = torch.from_numpy(flat.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2))
         return ImageArrays(images, torch.full((len(images),), -1, dtype=torch.int64), list(STL10_CLASSES))
+    classes = _stl10_classes(folder, fix)   # checked before torchvision reads the file unchecked
     stl = _STL10Files(str(root), split=split)
     labels = _check_labels(stl.labels, len(stl.data), 10, f"{folder / f'{split}_y.bin'} (labels 1..10)", fix)
-    return ImageArrays(torch.from_numpy(np.ascontiguousarray(stl.data)), torch.from_numpy(labels),
-                       list(getattr(stl, "classes", STL10_CLASSES)))  # from class_names.txt when present
+    return ImageArrays(torch.from_numpy(np.ascontiguousarray(stl.data)), torch.from_numpy(labels), classes)
+
+
+def _stl10_classes(folder: Path, fix: str) -> list[str]:
+    """The names in class_names.txt (UTF-8, one a line, for labels 1..10), or the standard names
+    when there is no such file."""
+    path = folder / STL10.class_names_file
+    if not path.is_file():
+        return list(STL10_CLASSES)
+    try:
+        names = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); it should list the 10 "
+                        f"class names, one a line. {fix} Or delete it: the standard names are used then.") from None
+    except OSError as err:
+        raise DataError(f"{path} cannot be read ({type(err).__name__}: {err.strerror or err}). {fix}") from None
+    if len(names) != 10 or not all(n.strip() for n in names) or len(set(names)) != 10:
+        raise DataError(f"{path} lists {len(names)} lines ({', '.join(map(repr, names[:4]))}"
+                        f"{', ...' if len(names) > 4 else ''}); STL-10 needs 10 distinct, non-empty class names, "
+                        f"one a line, in the order of labels 1..10. {fix} Or delete it: the standard names "
+                        f"are used then.")
+    return names
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST
