@@ -210,6 +210,40 @@ def test_bad_fashion_mnist_files(tmp_path, compress):
         read_fashion_mnist(tmp_path, "test")
 
 
+def test_a_gzip_bomb_in_fashion_mnist_is_unpacked_no_further_than_its_idx_header_says(tmp_path, monkeypatch):
+    """A .gz is unpacked into a temporary directory for torchvision's reader; it stops at the size
+    the idx header declares, so a small .gz cannot fill the disk."""
+    from contextlib import contextmanager
+
+    from sskt_lightning.data import formats
+
+    kept = tmp_path / "unpacked"
+    kept.mkdir()
+
+    @contextmanager
+    def kept_dir(prefix=None):     # the temporary directory, kept to measure what was written there
+        yield str(kept)
+
+    monkeypatch.setattr(formats.tempfile, "TemporaryDirectory", kept_dir)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    write_fashion_mnist(raw, n_train=6, n_test=4)
+    images = raw / "t10k-images-idx3-ubyte.gz"
+    header = bytes([0, 0, 8, 3]) + (4).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+    with gzip.open(images, "wb") as f:           # declares 4 images, holds 8 MB more
+        f.write(header + bytes(4 * 28 * 28))
+        for _ in range(8):
+            f.write(bytes(1 << 20))
+    assert images.stat().st_size < 100_000
+    with pytest.raises(DataError, match=r"unpacks to more than the 3,152 bytes its idx header declares") as info:
+        read_fashion_mnist(tmp_path, "test")
+    assert str(images) in str(info.value) and no_chain(info.value)
+    assert sum(f.stat().st_size for f in kept.iterdir()) <= len(header) + 4 * 28 * 28
+    with gzip.open(images, "wb") as f:           # a header declaring 100 GB: refused before unpacking
+        f.write(bytes([0, 0, 8, 3]) + (100_000).to_bytes(4, "big") + (1000).to_bytes(4, "big") * 2)
+    with pytest.raises(DataError, match=r"shape \(100000, 1000, 1000\).*Nothing was unpacked"):
+        read_fashion_mnist(tmp_path, "test")
+
+
 # ----------------------------------------------------------------------------- ImageFolder
 
 

@@ -13,10 +13,13 @@ raise `DataError` naming the file and the fix.
 
 from __future__ import annotations
 
+import gzip
 import logging
+import math
 import os
 import pickle
 import socket
+import struct
 import tempfile
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -32,7 +35,7 @@ from PIL import Image
 from torchvision.datasets import CIFAR10, CIFAR100, STL10, FashionMNIST, VOCDetection
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 from torchvision.datasets.mnist import read_image_file, read_label_file
-from torchvision.datasets.utils import download_and_extract_archive, extract_archive
+from torchvision.datasets.utils import download_and_extract_archive
 from torchvision.datasets.voc import DATASET_YEAR_DICT
 
 from sskt_lightning.errors import ConfigError, DataError, DataNotFoundError
@@ -402,17 +405,55 @@ def _locate_fashion_mnist(root: Path, split: str, download: bool) -> tuple[Path,
     return found
 
 
+# Bytes per item of each idx type code (torchvision's SN3_PASCALVINCENT_TYPEMAP: u8, i8, i16, i32, f32, f64).
+_IDX_ITEM_BYTES = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}
+IDX_MAX_BYTES = 2 * 1024**3  # what an unpacked idx file may declare; Fashion-MNIST's largest is 47 MB
+
+
+def _gunzip_idx(path: Path, out: Path, fix: str) -> None:
+    """Unpack the idx file `path` (.gz) into `out`, writing no more than the size its header
+    declares (magic 0 0 type ndim, then ndim big-endian uint32 dims): a gzip bomb or a file with
+    trailing data stops there, and a header declaring more than IDX_MAX_BYTES is refused first."""
+    with gzip.open(path, "rb") as src, open(out, "wb") as dst:
+        magic = src.read(4)
+        if len(magic) < 4 or magic[:2] != b"\0\0" or magic[2] not in _IDX_ITEM_BYTES or not 1 <= magic[3] <= 3:
+            raise DataError(f"{path} does not unpack to an idx file (it starts with {magic!r}, not 0 0 <type> "
+                            f"<1..3 dims>). {fix}")
+        dims = src.read(4 * magic[3])
+        if len(dims) < 4 * magic[3]:
+            raise DataError(f"{path} is truncated: its idx header ends after {4 + len(dims)} bytes. {fix}")
+        shape = struct.unpack(f">{magic[3]}I", dims)
+        size = 4 + len(dims) + math.prod(shape) * _IDX_ITEM_BYTES[magic[2]]
+        if size > IDX_MAX_BYTES:
+            raise DataError(f"{path}: its idx header declares an array of shape {shape} ({size:,} bytes unpacked), "
+                            f"more than the {IDX_MAX_BYTES:,} bytes an idx file is allowed here; it is corrupt or "
+                            f"not a Fashion-MNIST file. Nothing was unpacked. {fix}")
+        dst.write(magic + dims)
+        left = size - 4 - len(dims)
+        while chunk := src.read(min(1 << 20, left + 1)):
+            if len(chunk) > left:
+                raise DataError(f"{path} unpacks to more than the {size:,} bytes its idx header declares (shape "
+                                f"{shape}); unpacking was stopped there. It is corrupt (or a gzip bomb). {fix}")
+            dst.write(chunk)
+            left -= len(chunk)
+
+
 def _read_idx(path: Path, reader: Callable[[str], torch.Tensor]) -> torch.Tensor:
     """An idx file through torchvision's MNIST reader, which opens plain files only: a .gz is
-    unpacked into a temporary directory first (with torchvision's `extract_archive`)."""
+    unpacked into a temporary directory first, no larger than its header says (`_gunzip_idx`)."""
+    fix = f"To fix: download it again from {FashionMNIST.mirrors[0]}."
     try:
         if path.suffix != ".gz":
             return reader(str(path))
         with tempfile.TemporaryDirectory(prefix="sskt-idx-") as tmp:
-            return reader(str(extract_archive(str(path), tmp)))
+            unpacked = Path(tmp) / path.stem
+            _gunzip_idx(path, unpacked, fix)
+            return reader(str(unpacked))
+    except DataError:
+        raise
     except Exception as err:  # noqa: BLE001 - torchvision checks headers with assert; any failure is a bad file
         raise DataError(f"{path} is not a readable idx file ({type(err).__name__}: {err}); it is truncated or "
-                        f"corrupt. To fix: download it again from {FashionMNIST.mirrors[0]}.") from None
+                        f"corrupt. {fix}") from None
 
 
 def read_fashion_mnist(root: str | Path, split: str = "train", download: bool = False) -> ImageArrays:
