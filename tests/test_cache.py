@@ -614,3 +614,31 @@ def test_damaged_meta_is_a_cache_error_naming_clear_and_clear_removes_it(tmp_pat
     assert cache_cli(["clear", "--key", missing.path.name, "--key", corrupt.path.name,
                       f"paths.cache_dir={tmp_path}"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [good.path.name]
+
+
+def _edit_meta(path, **fields):
+    """Set fields of a store's meta.json: the counts at its top, the rest in its layout."""
+    meta = json.loads((path / META).read_text())
+    for name, value in fields.items():
+        (meta if name in ("num_images", "num_views") else meta["layout"])[name] = value
+    (path / META).write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda p: _edit_meta(p, num_classes=-5), "whole number of classes >= 1, got -5"),
+    (lambda p: _edit_meta(p, num_classes="ten"), "whole number of classes >= 1, got 'ten'"),
+    (lambda p: _edit_meta(p, kind="topk", k="1"), "got k='1'"),
+    (lambda p: _edit_meta(p, num_images=-2, num_views=-2), "num_images=-2 is not a whole number"),
+    (lambda p: (p / PAYLOAD).unlink(), "it has no payload.bin"),
+    (lambda p: (p / FILLED).unlink(), "it has no filled.bin"),
+])
+def test_a_store_with_impossible_meta_or_missing_files_is_damaged(tmp_path, capsys, damage, why):
+    store, key = make_store(tmp_path)
+    store.close()
+    damage(store.path)
+    with pytest.raises(CacheError, match=rf"{store.path} is damaged: .*{re.escape(why)}.*python -m "
+                                         rf"sskt_lightning.cache clear --key {store.path.name}"):
+        SoftLabelStore.create_or_open(tmp_path, key, 5, 4, Layout("fp16", 3))
+    capsys.readouterr()
+    assert cache_cli(["info", f"paths.cache_dir={tmp_path}"]) == 0      # listed as damaged, not a traceback
+    assert f"{store.path.name}  damaged" in capsys.readouterr().out

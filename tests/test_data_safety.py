@@ -26,7 +26,7 @@ from data_fixtures import (
 
 from sskt_lightning.compose import compose_config
 from sskt_lightning.data import ImageDataModule, read_cifar10, read_cifar100, read_fashion_mnist, read_imagefolder
-from sskt_lightning.data.formats import CIFAR10_CLASSES, read_stl10
+from sskt_lightning.data.formats import CIFAR10_CLASSES, STL10_CLASSES, read_stl10
 from sskt_lightning.errors import ConfigError, DataError, DataNotFoundError
 from sskt_lightning.train import CONFIG_DIR
 
@@ -120,6 +120,8 @@ def test_codecs_encode_is_admitted_for_latin1_only(tmp_path):
      "expected 2 integer labels"),
     (lambda p: p.write_bytes(python2_pickle({b"data": np.zeros((2, 3072), np.uint8), b"labels": [3, 10]})),
      r"outside the class ids 0..9 \(e.g. 10 at image 1\)"),
+    (lambda p: p.write_bytes(python2_pickle({b"data": np.zeros((3, 3072), np.uint8), b"labels": [1, [2, 3], 4]})),
+     r"expected 3 integer labels .*ragged .*e.g. \[2, 3\]"),
     (lambda p: p.write_bytes(python2_pickle({b"data": np.zeros((2, 3072), np.uint8)})), "no 'labels' entry"),
 ])
 def test_bad_cifar_batches_name_the_file_and_the_fix(tmp_path, damage, match):
@@ -143,6 +145,20 @@ def test_cifar100_fine_labels_checked_against_100_classes(tmp_path):
         read_cifar100(tmp_path, "train")
 
 
+@pytest.mark.parametrize("names, match", [
+    ([b"\xff\xfeplane"] + [b"x"] * 9, r"class name 0 \(b'\\xff\\xfeplane'\) is not UTF-8"),
+    ([b"plane"] + [7] * 9, "class name 1 is a int, not text"),
+])
+def test_bad_cifar_class_names_name_the_meta_file(tmp_path, names, match):
+    write_cifar10(tmp_path, n_train=10, n_test=2)
+    meta = tmp_path / "cifar-10-batches-py" / "batches.meta"
+    meta.write_bytes(python2_pickle({b"label_names": names}))
+    with pytest.raises(DataError, match=match) as info:
+        read_cifar10(tmp_path, "test")
+    assert str(meta) in str(info.value) and "To fix" in str(info.value)
+    assert no_chain(info.value)
+
+
 def test_bad_stl10_files(tmp_path):
     write_stl10(tmp_path, n_train=3, n_test=2, n_unlabeled=2)
     folder = tmp_path / "stl10_binary"
@@ -155,6 +171,23 @@ def test_bad_stl10_files(tmp_path):
     np.array([1, 2], dtype=np.uint8).tofile(folder / "train_y.bin")
     with pytest.raises(DataError, match="expected 3 integer labels"):
         read_stl10(tmp_path, "train")
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"a\nb\nc\n", r"lists 3 lines \('a', 'b', 'c'\); STL-10 needs 10"),
+    ("\n".join(["cat"] * 10).encode(), "10 distinct"),
+    (b"\xff\xfe" + "\n".join(STL10_CLASSES).encode(), "is not UTF-8 text"),
+])
+def test_bad_stl10_class_names_file(tmp_path, content, match):
+    write_stl10(tmp_path, n_train=3, n_test=2, n_unlabeled=2)
+    names = tmp_path / "stl10_binary" / "class_names.txt"
+    names.write_bytes(content)
+    with pytest.raises(DataError, match=match) as info:
+        read_stl10(tmp_path, "train")
+    assert str(names) in str(info.value) and "delete it" in str(info.value)
+    assert no_chain(info.value)
+    names.unlink()   # no file: the standard names
+    assert read_stl10(tmp_path, "train").classes == STL10_CLASSES
 
 
 @pytest.mark.parametrize("compress", [True, False])
@@ -174,6 +207,40 @@ def test_bad_fashion_mnist_files(tmp_path, compress):
     bad = bytes([0, 0, 8, 1, 0, 0, 0, 4, 0, 1, 12, 3])  # label 12 of 10 classes
     labels.write_bytes(gzip.compress(bad) if compress else bad)
     with pytest.raises(DataError, match="outside the class ids 0..9"):
+        read_fashion_mnist(tmp_path, "test")
+
+
+def test_a_gzip_bomb_in_fashion_mnist_is_unpacked_no_further_than_its_idx_header_says(tmp_path, monkeypatch):
+    """A .gz is unpacked into a temporary directory for torchvision's reader; it stops at the size
+    the idx header declares, so a small .gz cannot fill the disk."""
+    from contextlib import contextmanager
+
+    from sskt_lightning.data import formats
+
+    kept = tmp_path / "unpacked"
+    kept.mkdir()
+
+    @contextmanager
+    def kept_dir(prefix=None):     # the temporary directory, kept to measure what was written there
+        yield str(kept)
+
+    monkeypatch.setattr(formats.tempfile, "TemporaryDirectory", kept_dir)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    write_fashion_mnist(raw, n_train=6, n_test=4)
+    images = raw / "t10k-images-idx3-ubyte.gz"
+    header = bytes([0, 0, 8, 3]) + (4).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+    with gzip.open(images, "wb") as f:           # declares 4 images, holds 8 MB more
+        f.write(header + bytes(4 * 28 * 28))
+        for _ in range(8):
+            f.write(bytes(1 << 20))
+    assert images.stat().st_size < 100_000
+    with pytest.raises(DataError, match=r"unpacks to more than the 3,152 bytes its idx header declares") as info:
+        read_fashion_mnist(tmp_path, "test")
+    assert str(images) in str(info.value) and no_chain(info.value)
+    assert sum(f.stat().st_size for f in kept.iterdir()) <= len(header) + 4 * 28 * 28
+    with gzip.open(images, "wb") as f:           # a header declaring 100 GB: refused before unpacking
+        f.write(bytes([0, 0, 8, 3]) + (100_000).to_bytes(4, "big") + (1000).to_bytes(4, "big") * 2)
+    with pytest.raises(DataError, match=r"shape \(100000, 1000, 1000\).*Nothing was unpacked"):
         read_fashion_mnist(tmp_path, "test")
 
 

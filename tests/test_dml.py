@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import sskt_lightning.train as train_mod
 from sskt_lightning.compose import compose_config
 from sskt_lightning.data.formats import CIFAR10_CLASSES
-from sskt_lightning.errors import ConfigError
+from sskt_lightning.errors import ConfigError, WeightsError
 from sskt_lightning.losses import dml_loss, kl_divergence, task_loss
 from sskt_lightning.methods.dml import DML
 from sskt_lightning.module import TransferModule
@@ -210,6 +210,13 @@ def test_a_peer_can_start_from_weights(tmp_path):
     peer = module.method.peers[0].state_dict()
     assert all(torch.equal(peer[k], v) for k, v in net.state_dict().items())
     assert module.method.describe()["peers"][0]["model"] == "cifar_resnet20"
+
+
+
+def test_a_peer_weights_file_holding_a_tensor_is_a_weights_error(tmp_path):
+    torch.save(torch.zeros(3), tmp_path / "peer.pth")
+    with pytest.raises(WeightsError, match=r"method.peers\[0\].weights=.*peer.pth holds a single tensor"):
+        dml_module(tmp_path, f"method.peers=[{{name: resnet20, weights: '{tmp_path / 'peer.pth'}'}}]")
 
 
 # ---------------------------------------------------------------------------- end to end

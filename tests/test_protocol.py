@@ -101,6 +101,26 @@ def test_a_changed_protocol_is_refused_on_resume(tmp_path):
         P._check_identity(tiny_protocol(tmp_path, trials=5))
 
 
+@pytest.mark.parametrize("content", [b"[1, 2]", b'{"status": "ok", "note": "\xff\xfe"}', b"[" * 100_000])
+def test_unreadable_run_files_count_as_missing_and_a_damaged_identity_is_refused(tmp_path, content):
+    """A results.json / trial.json that is not UTF-8, not JSON or not an object is no run (done
+    again on resume), never a traceback; protocol.json, the identity a resume is checked against,
+    is refused rather than silently rewritten."""
+    proto = tiny_protocol(tmp_path)
+    search = P.Search(proto, P.method_spec("scratch"))
+    search.ask_round(0)
+    run = search.trial_dir(1)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "results.json").write_bytes(content)
+    assert P.run_state(run) == "todo" and P.metric_value(run, "last_val_acc") is None
+    (search.trial_dir(0) / P.TRIAL_FILE).write_bytes(content)
+    assert 0 not in search.trials_on_disk()
+    P._check_identity(proto)
+    (proto.out / P.PROTOCOL_FILE).write_bytes(content)
+    with pytest.raises(ConfigError, match=r"protocol.json is unreadable .*another --out"):
+        P._check_identity(proto)
+
+
 def test_spec_and_command_line(tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text("name: five labels\nsetting: [data=cifar10, data.labels_per_class=5]\ntrials: 4\n"

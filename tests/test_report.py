@@ -107,6 +107,17 @@ def test_load_results_finds_every_run(tree):
     assert len(report.load_results([tree, tree / "0", tree.parent])) == 8
 
 
+@pytest.mark.parametrize("content", [b'{"test_acc": 0.5, "method": "\xff\xfe"}', b"[1, 2]", b"[" * 100_000])
+def test_an_unreadable_results_json_is_skipped_with_a_warning(tree, capsys, content):
+    bad = tree / "0" / "results.json"
+    bad.write_bytes(content)
+    (tree / "0" / "failed.txt").write_text("RuntimeError: boom\n")
+    assert len(report.load_results([tree])) == 7
+    assert [f["dir"] for f in report.load_failures([tree])] == [str(tree / "0")]
+    err = capsys.readouterr().err
+    assert "report: warning: skipping" in err and str(bad) in err
+
+
 def test_summarise_means_and_sample_stds(tree):
     summary = report.summarise(report.load_results([tree]))
     sskt = row_of(summary, "sskt")

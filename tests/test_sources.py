@@ -152,3 +152,49 @@ def test_a_file_with_pickled_objects_is_refused_not_run(tmp_path):
     torch.save({"state_dict": net.state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
     with pytest.raises(WeightsError, match="refused to load.*argparse"):
         build_source(SourceSpec.from_config("s", {"name": "cifar_resnet20", "weights": str(path)}), DATA)
+
+
+def _url_source(tmp_path, monkeypatch, obj):
+    """A source whose `url` is a file:// URL to a torch file holding `obj`, with a private hub cache."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))   # not the user's hub cache
+    path = tmp_path / "served" / "weights.pth"
+    path.parent.mkdir()
+    torch.save(obj, path)
+    spec = SourceSpec.from_config("s", {"name": "cifar_resnet20", "pretrained": True, "url": path.as_uri()})
+    return spec, tmp_path / "hub" / "checkpoints" / "weights.pth"
+
+
+def test_a_url_serving_pickled_objects_is_refused_and_names_the_cached_copy(tmp_path, monkeypatch):
+    """torch.hub keeps whatever it downloaded: the error names that copy to delete and never
+    repeats torch's advice to load with weights_only=False."""
+    import argparse
+    spec, cached = _url_source(tmp_path, monkeypatch, {"args": argparse.Namespace(lr=0.1)})
+    with pytest.raises(WeightsError, match="refused to load") as err:
+        build_source(spec, DATA)
+    msg = str(err.value)
+    assert f"delete {cached}" in msg and cached.is_file()
+    assert "weights_only=False" not in msg
+
+
+def test_a_url_serving_a_non_weights_file_names_the_cached_copy(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    served = tmp_path / "notes.pth"
+    served.write_text("not a torch file\n")
+    spec = SourceSpec.from_config("s", {"name": "cifar_resnet20", "pretrained": True, "url": served.as_uri()})
+    with pytest.raises(WeightsError, match="not a weights file") as err:
+        build_source(spec, DATA)
+    assert f"delete {tmp_path / 'hub' / 'checkpoints' / 'notes.pth'}" in str(err.value)
+    assert "weights_only=False" not in str(err.value)
+
+
+@pytest.mark.parametrize("obj,held", [
+    (torch.zeros(4, 3), r"a single tensor of shape \(4, 3\)"),
+    ([torch.zeros(2), torch.zeros(3)], "a list of 2 items"),
+    ({"state_dict": {0: torch.zeros(2), 1: torch.zeros(3)}}, r"tensors under keys that are not parameter names \(0, 1: int\)"),
+])
+def test_a_torch_file_that_is_not_a_state_dict_says_what_it_holds(tmp_path, obj, held):
+    path = tmp_path / "odd.pth"
+    torch.save(obj, path)
+    spec = SourceSpec.from_config("s", {"name": "cifar_resnet20", "weights": str(path)})
+    with pytest.raises(WeightsError, match=f"source.s.weights={path} holds {held}.*torch.save\\(model.state_dict"):
+        build_source(spec, DATA)

@@ -158,10 +158,13 @@ def search_space(space: str) -> tuple[dict, dict, dict]:
 
 
 def _read(path: Path) -> dict | None:
+    """The JSON object in ``path``; None when it is missing or unreadable (not UTF-8, not JSON, or
+    JSON that is not an object: callers read fields of it)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):          # ValueError: JSONDecodeError, UnicodeDecodeError
         return None
+    return data if isinstance(data, dict) else None
 
 
 def _write(path: Path, data: dict) -> None:
@@ -468,6 +471,10 @@ def _check_identity(proto: Protocol) -> None:
     path = proto.out / PROTOCOL_FILE
     saved = _read(path)
     ident = json.loads(json.dumps(proto.identity()))
+    if saved is None and path.exists():     # never silently replaced: it is what makes a resume safe
+        raise ConfigError(f"protocol: {path} is unreadable (not a JSON object), so {proto.out} cannot be checked "
+                          "to hold this protocol. Restore the file, or use another --out (or delete "
+                          f"{proto.out} to start this protocol afresh).")
     if saved is None:
         _write(path, {**ident, "seeds": proto.seeds, "setting_name": proto.setting_name})
         return

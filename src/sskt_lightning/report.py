@@ -106,9 +106,9 @@ def _files(roots: list[Path], name: str) -> list[Path]:
 
 def _read_json(path: Path) -> dict | None:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        print(f"report: warning: skipping unreadable {path}: {e}", file=sys.stderr)
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:     # ValueError: JSONDecodeError, UnicodeDecodeError
+        print(f"report: warning: skipping unreadable {path}: {type(e).__name__}: {e}", file=sys.stderr)
         return None
     if not isinstance(data, dict):
         print(f"report: warning: skipping {path}: not a JSON object", file=sys.stderr)

@@ -340,7 +340,7 @@ def _build_net(spec: SourceSpec, data_info: Mapping) -> tuple[nn.Module, dict]:
         if not name:
             raise ConfigError(f"source.{spec.key}.name is required: {spec.weights} is not a "
                               "checkpoint of this project, so it does not say its architecture.")
-        sd = W.extract_state_dict(obj, tuple(spec.strip_prefix))
+        sd = W.extract_state_dict(obj, tuple(spec.strip_prefix), f"source.{spec.key}.weights={spec.weights}")
         net = create_network(name, num_classes=spec.num_classes or 1000, in_chans=in_chans)
         classifier = _classifier(net)
         clf_key = next(k for k, m in net.named_modules() if m is classifier) + ".weight"
@@ -353,7 +353,7 @@ def _build_net(spec: SourceSpec, data_info: Mapping) -> tuple[nn.Module, dict]:
         W.load_into(net, sd, f"source {spec.key!r} ({spec.weights})")
     elif spec.pretrained and spec.url:
         sd = W.extract_state_dict(W.fetch_url(spec.url, f"source {spec.key!r}", _fix_offline(spec)),
-                                  tuple(spec.strip_prefix))
+                                  tuple(spec.strip_prefix), f"The file at source.{spec.key}.url={spec.url}")
         net = create_network(spec.name, num_classes=spec.num_classes or 1000, in_chans=spec.in_chans or 3)
         W.load_into(net, sd, f"source {spec.key!r} ({spec.url})")
     elif spec.pretrained:

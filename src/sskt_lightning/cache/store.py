@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import os
 import shutil
 import time
@@ -105,8 +106,10 @@ class Layout:
     def __post_init__(self):
         if self.kind not in ("fp16", "topk"):
             raise CacheError(f"unknown cache layout {self.kind!r}")
-        if self.kind == "topk" and not (1 <= (self.k or 0) < self.num_classes and self.num_classes <= 65536):
-            raise CacheError(f"top-k layout needs 1 <= k < K <= 65536, got k={self.k}, K={self.num_classes}")
+        if not _is_count(self.num_classes):
+            raise CacheError(f"a cache layout needs a whole number of classes >= 1, got {self.num_classes!r}")
+        if self.kind == "topk" and not (_is_count(self.k) and self.k < self.num_classes <= 65536):
+            raise CacheError(f"top-k layout needs 1 <= k < K <= 65536, got k={self.k!r}, K={self.num_classes}")
 
     @property
     def dtype(self) -> np.dtype:
@@ -211,13 +214,18 @@ class SoftLabelStore:
         self.path, self.writable, self.commit_every = Path(path), bool(writable), int(commit_every)
         self.meta = read_meta(self.path)
         try:
-            self.num_images, self.num_views = int(self.meta["num_images"]), int(self.meta["num_views"])
+            self.num_images, self.num_views = (_meta_count(self.meta, name) for name in ("num_images", "num_views"))
             self.layout = Layout(**self.meta["layout"])
-        except (KeyError, TypeError, ValueError, CacheError) as err:
-            raise _damaged(self.path, f"its {META} lacks a valid {err}") from None
+        except KeyError as err:
+            raise _damaged(self.path, f"its {META} has no {err}") from None
+        except (TypeError, ValueError, CacheError) as err:
+            raise _damaged(self.path, f"its {META} does not describe a store: {err}") from None
         payload_size = self.num_images * self.num_views * self.layout.bytes_per_entry
         for name, size in ((PAYLOAD, payload_size), (FILLED, self.num_images * self.num_views)):
-            actual = (self.path / name).stat().st_size
+            try:
+                actual = (self.path / name).stat().st_size
+            except FileNotFoundError:
+                raise _damaged(self.path, f"it has no {name}") from None
             if actual != size:
                 raise CacheError(f"cache store {self.path} is damaged: {name} has {actual} bytes, expected "
                                  f"{size}. Remove it: python -m sskt_lightning.cache clear --key {self.path.name}")
@@ -367,6 +375,18 @@ class SoftLabelStore:
 
 def store_path(cache_dir: str | Path, key: dict) -> Path:
     return Path(cache_dir) / digest_of(key)[:STORE_NAME_LENGTH]
+
+
+def _is_count(value) -> bool:
+    """A whole number >= 1 (a bool or a float is not one, e.g. from a hand-edited meta.json)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _meta_count(meta: dict, name: str) -> int:
+    value = meta[name]
+    if not _is_count(value):
+        raise ValueError(f"{name}={value!r} is not a whole number >= 1")
+    return int(value)
 
 
 def _damaged(path: Path, why: str) -> CacheError:

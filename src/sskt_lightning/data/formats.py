@@ -13,10 +13,13 @@ raise `DataError` naming the file and the fix.
 
 from __future__ import annotations
 
+import gzip
 import logging
+import math
 import os
 import pickle
 import socket
+import struct
 import tempfile
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -32,7 +35,7 @@ from PIL import Image
 from torchvision.datasets import CIFAR10, CIFAR100, STL10, FashionMNIST, VOCDetection
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 from torchvision.datasets.mnist import read_image_file, read_label_file
-from torchvision.datasets.utils import download_and_extract_archive, extract_archive
+from torchvision.datasets.utils import download_and_extract_archive
 from torchvision.datasets.voc import DATASET_YEAR_DICT
 
 from sskt_lightning.errors import ConfigError, DataError, DataNotFoundError
@@ -151,7 +154,11 @@ def _check_split(split: str, allowed: Sequence[str], title: str) -> None:
 
 def _check_labels(labels: np.ndarray, n: int, num_classes: int, where: str, fix: str) -> np.ndarray:
     """Labels as an int64 N-vector of class ids in 0..num_classes-1, else DataError naming `where`."""
-    labels = np.asarray(labels)
+    try:
+        labels = np.asarray(labels)
+    except (ValueError, TypeError):   # ragged: numpy refuses to build an array from nested lists of other lengths
+        raise DataError(f"{where}: expected {n} integer labels (one per image), got a ragged sequence (lists "
+                        f"nested in it, e.g. {_first_nested(labels)}). {fix}") from None
     if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{where}: expected {n} integer labels (one per image), got {labels.dtype} array of "
                         f"shape {labels.shape}. {fix}")
@@ -160,6 +167,16 @@ def _check_labels(labels: np.ndarray, n: int, num_classes: int, where: str, fix:
         raise DataError(f"{where}: {bad.size} labels are outside the class ids 0..{num_classes - 1} "
                         f"(e.g. {labels[bad[0]]} at image {bad[0]}). {fix}")
     return labels.astype(np.int64)
+
+
+def _first_nested(labels) -> str:
+    """The first entry of `labels` that is itself a sequence, shortened, for the error message."""
+    try:
+        found = next((x for x in labels if isinstance(x, (list, tuple, np.ndarray))), None)
+    except TypeError:
+        found = None
+    text = "a nested sequence" if found is None else repr(found)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 # --------------------------------------------------------------------------- CIFAR
@@ -245,10 +262,19 @@ def _cifar_classes(folder: Path, dataset: type, count: int, default: list[str] |
     if not meta.is_file() and default is not None:
         return list(default)
     names = _load_batch(meta, dataset).get(dataset.meta["key"])
+    fix = f"To fix: replace it with the file from {dataset.url}."
     if not isinstance(names, list) or len(names) != count:
-        raise DataError(f"{meta}: {dataset.meta['key']!r} must list the {count} class names. To fix: replace it "
-                        f"with the file from {dataset.url}.")
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+        raise DataError(f"{meta}: {dataset.meta['key']!r} must list the {count} class names. {fix}")
+    out = []
+    for i, name in enumerate(names):
+        if not isinstance(name, (bytes, str)):
+            raise DataError(f"{meta}: class name {i} is a {type(name).__name__}, not text. {fix}")
+        try:
+            out.append(name.decode("utf-8") if isinstance(name, bytes) else name)
+        except UnicodeDecodeError as err:
+            raise DataError(f"{meta}: class name {i} ({name[:40]!r}) is not UTF-8 text ({err.reason} at byte "
+                            f"{err.start}). {fix}") from None
+    return out
 
 
 def _cifar_files(dataset: type, split: str, title: str) -> list[str]:
@@ -315,10 +341,31 @@ def read_stl10(root: str | Path, split: str = "train", download: bool = False) -
         flat = np.memmap(x_file, dtype=np.uint8, mode="c")
         images = torch.from_numpy(flat.reshape(-1, 3, 96, 96).transpose(0, 1, 3, 2))
         return ImageArrays(images, torch.full((len(images),), -1, dtype=torch.int64), list(STL10_CLASSES))
+    classes = _stl10_classes(folder, fix)   # checked before torchvision reads the file unchecked
     stl = _STL10Files(str(root), split=split)
     labels = _check_labels(stl.labels, len(stl.data), 10, f"{folder / f'{split}_y.bin'} (labels 1..10)", fix)
-    return ImageArrays(torch.from_numpy(np.ascontiguousarray(stl.data)), torch.from_numpy(labels),
-                       list(getattr(stl, "classes", STL10_CLASSES)))  # from class_names.txt when present
+    return ImageArrays(torch.from_numpy(np.ascontiguousarray(stl.data)), torch.from_numpy(labels), classes)
+
+
+def _stl10_classes(folder: Path, fix: str) -> list[str]:
+    """The names in class_names.txt (UTF-8, one a line, for labels 1..10), or the standard names
+    when there is no such file."""
+    path = folder / STL10.class_names_file
+    if not path.is_file():
+        return list(STL10_CLASSES)
+    try:
+        names = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); it should list the 10 "
+                        f"class names, one a line. {fix} Or delete it: the standard names are used then.") from None
+    except OSError as err:
+        raise DataError(f"{path} cannot be read ({type(err).__name__}: {err.strerror or err}). {fix}") from None
+    if len(names) != 10 or not all(n.strip() for n in names) or len(set(names)) != 10:
+        raise DataError(f"{path} lists {len(names)} lines ({', '.join(map(repr, names[:4]))}"
+                        f"{', ...' if len(names) > 4 else ''}); STL-10 needs 10 distinct, non-empty class names, "
+                        f"one a line, in the order of labels 1..10. {fix} Or delete it: the standard names "
+                        f"are used then.")
+    return names
 
 
 # --------------------------------------------------------------------------- Fashion-MNIST
@@ -358,17 +405,55 @@ def _locate_fashion_mnist(root: Path, split: str, download: bool) -> tuple[Path,
     return found
 
 
+# Bytes per item of each idx type code (torchvision's SN3_PASCALVINCENT_TYPEMAP: u8, i8, i16, i32, f32, f64).
+_IDX_ITEM_BYTES = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}
+IDX_MAX_BYTES = 2 * 1024**3  # what an unpacked idx file may declare; Fashion-MNIST's largest is 47 MB
+
+
+def _gunzip_idx(path: Path, out: Path, fix: str) -> None:
+    """Unpack the idx file `path` (.gz) into `out`, writing no more than the size its header
+    declares (magic 0 0 type ndim, then ndim big-endian uint32 dims): a gzip bomb or a file with
+    trailing data stops there, and a header declaring more than IDX_MAX_BYTES is refused first."""
+    with gzip.open(path, "rb") as src, open(out, "wb") as dst:
+        magic = src.read(4)
+        if len(magic) < 4 or magic[:2] != b"\0\0" or magic[2] not in _IDX_ITEM_BYTES or not 1 <= magic[3] <= 3:
+            raise DataError(f"{path} does not unpack to an idx file (it starts with {magic!r}, not 0 0 <type> "
+                            f"<1..3 dims>). {fix}")
+        dims = src.read(4 * magic[3])
+        if len(dims) < 4 * magic[3]:
+            raise DataError(f"{path} is truncated: its idx header ends after {4 + len(dims)} bytes. {fix}")
+        shape = struct.unpack(f">{magic[3]}I", dims)
+        size = 4 + len(dims) + math.prod(shape) * _IDX_ITEM_BYTES[magic[2]]
+        if size > IDX_MAX_BYTES:
+            raise DataError(f"{path}: its idx header declares an array of shape {shape} ({size:,} bytes unpacked), "
+                            f"more than the {IDX_MAX_BYTES:,} bytes an idx file is allowed here; it is corrupt or "
+                            f"not a Fashion-MNIST file. Nothing was unpacked. {fix}")
+        dst.write(magic + dims)
+        left = size - 4 - len(dims)
+        while chunk := src.read(min(1 << 20, left + 1)):
+            if len(chunk) > left:
+                raise DataError(f"{path} unpacks to more than the {size:,} bytes its idx header declares (shape "
+                                f"{shape}); unpacking was stopped there. It is corrupt (or a gzip bomb). {fix}")
+            dst.write(chunk)
+            left -= len(chunk)
+
+
 def _read_idx(path: Path, reader: Callable[[str], torch.Tensor]) -> torch.Tensor:
     """An idx file through torchvision's MNIST reader, which opens plain files only: a .gz is
-    unpacked into a temporary directory first (with torchvision's `extract_archive`)."""
+    unpacked into a temporary directory first, no larger than its header says (`_gunzip_idx`)."""
+    fix = f"To fix: download it again from {FashionMNIST.mirrors[0]}."
     try:
         if path.suffix != ".gz":
             return reader(str(path))
         with tempfile.TemporaryDirectory(prefix="sskt-idx-") as tmp:
-            return reader(str(extract_archive(str(path), tmp)))
+            unpacked = Path(tmp) / path.stem
+            _gunzip_idx(path, unpacked, fix)
+            return reader(str(unpacked))
+    except DataError:
+        raise
     except Exception as err:  # noqa: BLE001 - torchvision checks headers with assert; any failure is a bad file
         raise DataError(f"{path} is not a readable idx file ({type(err).__name__}: {err}); it is truncated or "
-                        f"corrupt. To fix: download it again from {FashionMNIST.mirrors[0]}.") from None
+                        f"corrupt. {fix}") from None
 
 
 def read_fashion_mnist(root: str | Path, split: str = "train", download: bool = False) -> ImageArrays:

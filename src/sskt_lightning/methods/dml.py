@@ -135,7 +135,8 @@ class DML(Method):
         else:
             net = make(False)
         if obj is not None:
-            W.load_into(net, W.extract_state_dict(obj), f"DML peer {k} ({spec['weights']})")
+            sd = W.extract_state_dict(obj, what=f"method.peers[{k - 1}].weights={spec['weights']}")
+            W.load_into(net, sd, f"DML peer {k} ({spec['weights']})")
         return net, name
 
     def configure_optimizers(self, module):
