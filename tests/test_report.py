@@ -224,7 +224,7 @@ def test_markdown_table(tree):
     assert sskt["seeds"] == "0,1,2" and sskt["wall time (s)"] == "200" and sskt["train img/s"] == "1100"
     assert sskt["sources"] == "imagenet_resnet50+places365_resnet50"
     # paired with scratch over seeds 0, 1, 2: gains 10, 11, 9 -> 10.00 ± 1.00, 3 wins of 3
-    assert sskt["gain over scratch (points)"] == "10.00 ± 1.00" and sskt["wins"] == "3/3"
+    assert sskt["gain over scratch (points)"] == "+10.00 ± 1.00" and sskt["wins"] == "3/3"
     assert rows["kd"]["test acc (%), last epoch"] == "88.00 ± –"  # single seed: std shown as a dash
     assert rows["kd"]["wins"] == "1/1" and rows["kd"]["95 % CI"] == "–"
     assert rows["scratch"]["gain over scratch (points)"] == "baseline"
@@ -311,7 +311,7 @@ def test_paired_gain_matches_a_hand_computation(tmp_path):
     assert a01["wins"] == 3 and a01["gain_mean"] == pytest.approx(0.6)
     md = report.to_markdown(summary)
     (line,) = [ln for ln in md.splitlines() if cells(ln)[:1] == ["sskt method.alpha=1.0"]]
-    assert cells(line)[6:9] == ["9.80 ± 0.84", "[+8.76, +10.84]", "5/5"]
+    assert cells(line)[6:9] == ["+9.80 ± 0.84", "[+8.76, +10.84]", "5/5"]
     assert "20 / 200 / 27000" in line
 
 

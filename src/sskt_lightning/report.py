@@ -513,7 +513,8 @@ def _table(part: pd.DataFrame, title: str) -> pd.DataFrame:
         base = next(b for b in part["baseline"] if b)
         unit = " (points)" if part["unit"].iloc[0] == "%" else ""
         table[f"gain over {base}{unit}"] = [
-            note if note else _pm(m, s) for m, s, note in zip(part["gain_mean"], part["gain_std"], part["baseline_note"])]
+            note if note else (DASH if math.isnan(m) else f"{m:+.2f} ± {_fmt(s)}")
+            for m, s, note in zip(part["gain_mean"], part["gain_std"], part["baseline_note"])]
         table["95 % CI"] = [DASH if math.isnan(lo) else f"[{lo:+.2f}, {hi:+.2f}]"
                             for lo, hi in zip(part["gain_ci_low"], part["gain_ci_high"])]
         table["wins"] = [DASH if n == 0 else f"{int(w)}/{n}" for w, n in zip(part["wins"], part["n_paired"])]
