@@ -58,6 +58,9 @@ def _killed_run(out: Path, data_dir, method: list[str]) -> None:
     ready, log = out.parent / f"{out.name}.ready", out.parent / f"{out.name}.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+    # a W&B service an earlier in-process test started would otherwise serve the child too and keep
+    # its killed run "in use" (a requeued job starts in a fresh process tree, with its own service)
+    env.pop("WANDB_SERVICE", None)
     with log.open("wb") as err:
         proc = subprocess.Popen(
             [sys.executable, "-m", "sskt_lightning.train", *COMMON, *method, f"paths.data_dir={data_dir}",

@@ -543,8 +543,8 @@ class ImageDataModule(L.LightningDataModule):
         ``trainer.precision=*-true`` the normalised images take the module's dtype (Lightning's own
         input conversion ran before this hook, on the uint8 batch, which it leaves alone)."""
         batch = self.prepare_batch(batch, augment=self._training())
-        trainer = getattr(self, "trainer", None)
-        return trainer.precision_plugin.convert_input(batch) if trainer is not None else batch
+        plugin = getattr(getattr(self, "trainer", None), "precision_plugin", None)
+        return plugin.convert_input(batch) if plugin is not None else batch
 
     def source_streams(self) -> dict[str, tuple[str, torch.Tensor]]:
         """For the soft-label cache: stream -> (split name, the image array its indices point into)."""
