@@ -18,8 +18,8 @@ METHODS = {
 }
 
 
-def train(out, data_dir, trainer, method):
-    cmd = [*RUN, f"paths.data_dir={data_dir}", f"hydra.run.dir={out}", f"trainer={trainer}", *METHODS[method]]
+def train(out, data_dir, trainer, method, extra=()):
+    cmd = [*RUN, f"paths.data_dir={data_dir}", f"hydra.run.dir={out}", f"trainer={trainer}", *METHODS[method], *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "results.json").read_text())
@@ -36,6 +36,18 @@ def test_two_process_ddp_matches_single_process_fields(tmp_path, cifar_dir, meth
     assert [d["world_size"] for d in digests] == [2, 2]
     assert digests[0]["parameters"] == digests[1]["parameters"], "ranks' target weights diverged"
     assert digests[0]["buffers"] == digests[1]["buffers"], "ranks' BatchNorm statistics diverged"
+
+
+def test_cache_counts_are_every_processs(tmp_path, cifar_dir):
+    """Under DDP each process looks up its own shard of every batch: results.json's cache_stats sum
+    them (they were rank 0's alone, half of the lookups)."""
+    cache = ["method.cache=read_write"]
+    single = train(tmp_path / "single", cifar_dir, "cpu", "sskt", cache + [f"paths.cache_dir={tmp_path / 'c1'}"])
+    ddp = train(tmp_path / "ddp", cifar_dir, "ddp_cpu", "sskt", cache + [f"paths.cache_dir={tmp_path / 'c2'}"])
+    (one,), (two,) = single["method_settings"]["cache_stats"]["timm"], ddp["method_settings"]["cache_stats"]["timm"]
+    assert one["hits"] + one["misses"] == 3 * 8                     # 3 batches of 8 images, one source
+    assert two["hits"] + two["misses"] == one["hits"] + one["misses"]
+    assert two["written"] == one["written"] == one["misses"]        # a cold cache: every miss stored once
 
 
 def test_global_batch_size_must_divide_by_the_world_size(cifar_dir):

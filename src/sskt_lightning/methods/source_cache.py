@@ -40,7 +40,15 @@ class SourceCacheOptions:
 
     def on_fit_end(self, module) -> None:
         if module.sources.cached:
-            self.cache_stats = module.sources.detach_cache()
+            stats = module.sources.detach_cache()
+            trainer = getattr(module, "_trainer", None)
+            if trainer is not None and trainer.world_size > 1:   # every process looked up its own shard
+                import torch.distributed as dist
+                if dist.is_available() and dist.is_initialized():
+                    gathered: list = [None] * trainer.world_size
+                    dist.all_gather_object(gathered, stats)
+                    stats = merge_cache_stats(gathered)
+            self.cache_stats = stats
 
     def describe_cache(self) -> dict:
         """For results.json: nothing when the cache is off (results read as before)."""
@@ -48,3 +56,23 @@ class SourceCacheOptions:
             return {}
         return {"cache": self.cache, "cache_budget_gb": self.cache_budget_gb, "cache_topk": self.cache_topk,
                 "cache_stats": self.cache_stats}
+
+
+def merge_cache_stats(per_process: list[dict]) -> dict:
+    """The hit/miss counts of all processes (one ``detach_cache()`` result each: source -> one dict
+    per store), summed store by store; ``hit_rate`` recomputed, ``write_stopped`` if any stopped."""
+    merged: dict = {}
+    for stats in per_process:
+        for key, stores in stats.items():
+            slots = merged.setdefault(key, [None] * len(stores))
+            for i, s in enumerate(stores):
+                m = slots[i] or {"hits": 0, "misses": 0, "written": 0, "write_stopped": False}
+                m = {"hits": m["hits"] + s["hits"], "misses": m["misses"] + s["misses"],
+                     "written": m["written"] + s["written"],
+                     "write_stopped": bool(m["write_stopped"] or s.get("write_stopped"))}
+                slots[i] = m
+    for stores in merged.values():
+        for m in stores:
+            total = m["hits"] + m["misses"]
+            m["hit_rate"] = m["hits"] / total if total else None
+    return merged
