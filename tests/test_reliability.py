@@ -266,6 +266,21 @@ def test_a_non_finite_term_is_named_with_its_step(tmp_path, cifar_dir, monkeypat
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 
+def test_maxl_first_order_meta_objective_is_guarded_at_its_own_step(tmp_path, cifar_dir, monkeypatch):
+    """meta=first_order steps the generator on a finite-difference objective that gen_loss does not
+    contain: a NaN there was seen only a step later (through the NaN generator's labels)."""
+    import sskt_lightning.methods.maxl as maxl_mod
+    real = maxl_mod.MAXL.generator_objective
+
+    def nan_objective(self, *args, **kwargs):
+        objective, logs = real(self, *args, **kwargs)
+        return _nan_like(objective), logs
+    monkeypatch.setattr(maxl_mod.MAXL, "generator_objective", nan_objective)
+    with pytest.raises(NonFiniteError, match=r"training step 1 .*meta_objective") as info:
+        train(tmp_path, cifar_dir, "method=maxl", "method.meta=first_order", "trainer.log_every_n_steps=1")
+    assert "gen_loss" in str(info.value).split("still finite then:")[1]
+
+
 def test_guard_stops_at_the_first_logging_interval_not_at_the_epochs_end(tmp_path, cifar_dir, monkeypatch):
     """A NaN from step 1 with log_every_n_steps=1 stops the run at step 1 of a 4-step epoch."""
     import sskt_lightning.methods.sskt as sskt_mod

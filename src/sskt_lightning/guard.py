@@ -22,7 +22,8 @@ CAUSES = ("Usual causes: a learning rate too high for this model and batch size 
 
 _TERM_NAMES = {"loss": "the total loss", "task_loss": "the task loss", "kd_loss": "the KD term",
                "primary_loss": "MAXL's primary (focal) loss", "aux_loss": "MAXL's auxiliary loss",
-               "gen_loss": "MAXL's label-generator loss", "gen_entropy": "MAXL's generator entropy"}
+               "gen_loss": "MAXL's label-generator loss", "gen_entropy": "MAXL's generator entropy",
+               "meta_objective": "MAXL's meta objective, which the generator steps on"}
 
 
 def describe_term(key: str) -> str:

@@ -145,12 +145,13 @@ class TransferModule(L.LightningModule):
     def on_fit_end(self):
         self.method.on_fit_end(self)
 
-    def log_train(self, parts: Mapping[str, torch.Tensor], logits=None, labels=None) -> None:
+    def log_train(self, parts: Mapping[str, torch.Tensor], logits=None, labels=None,
+                  guarded: Mapping[str, torch.Tensor] | None = None) -> None:
         """Log the step's loss terms under ``train/`` (every ``trainer.log_every_n_steps``) and their
         means over the epoch as ``train/<term>_epoch`` (weighted by batch size; so a run shorter
         than one logging interval still records its losses). Tensors only, no host sync per step.
         Every term also feeds the non-finite guard (:mod:`sskt_lightning.guard`)."""
-        self.guard.update(parts)
+        self.guard.update({**parts, **(guarded or {})})   # guarded: checked, not logged (e.g. a meta objective)
         bs = labels.shape[0] if labels is not None else None
         for key, value in parts.items():
             value = value.detach()

@@ -444,7 +444,7 @@ class MAXL(Method):
         opt.zero_grad()
         module.manual_backward(objective, inputs=[p for p in self.generator.parameters() if p.requires_grad])
         opt.step()
-        return logs
+        return {**logs, "meta_objective": objective.detach()}   # what g stepped on (first order: not gen_loss)
 
     def training_step(self, module, batch):
         self._resolve_meta(module)
@@ -452,6 +452,7 @@ class MAXL(Method):
         do_multitask = self.alternate == "step" or module.current_epoch % 2 == 0
         do_meta = self.alternate == "step" or module.current_epoch % 2 == 1
         parts: dict[str, torch.Tensor] = {}
+        guarded: dict[str, torch.Tensor] = {}
         logits = None
         if do_multitask:
             mt = self.multitask_update(module, x, y)
@@ -460,9 +461,10 @@ class MAXL(Method):
         if do_meta:
             logs = self.meta_update(module, x, y)
             parts.update({"gen_loss": logs["gen_loss"], "gen_entropy": logs["gen_entropy"]})
+            guarded["meta_objective"] = logs["meta_objective"]
             if not do_multitask:   # meta-only epoch: L(theta1) was computed on the way
                 parts.update({k: logs[k] for k in ("loss", "primary_loss", "aux_loss")})
-        module.log_train(parts, logits, y)
+        module.log_train(parts, logits, y, guarded=guarded)
         return parts["loss"]
 
     def describe(self):
