@@ -82,6 +82,22 @@ def _csv_rows(path):
         return list(csv.DictReader(f))
 
 
+def test_a_resumed_run_names_its_non_finite_step_as_the_whole_run_counts(tmp_path, cifar_dir, monkeypatch):
+    """Killed in epoch 1, resumed from epoch 0's checkpoint, a loss gone NaN at the first resumed
+    step is step (epoch 0's steps + 1) of the run, not step 1 (the guard's count restarted)."""
+    from sskt_lightning.errors import NonFiniteError
+    out = tmp_path / "killed"
+    _killed_run(out, cifar_dir, METHODS["scratch"])
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    done = ckpt["global_step"]
+    assert done > 0 and ckpt["guard_step"] == done                  # scratch: one optimizer step per batch
+    import sskt_lightning.module as module_mod
+    real = module_mod.task_loss
+    monkeypatch.setattr(module_mod, "task_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(NonFiniteError, match=rf"at training step {done + 1} \(epoch 1\)"):
+        _run(out, cifar_dir, *METHODS["scratch"], f"resume={out / 'checkpoints' / 'last.ckpt'}")
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path, cifar_dir, method):
     ref = _run(tmp_path / "ref", cifar_dir, *METHODS[method])

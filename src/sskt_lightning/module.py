@@ -299,8 +299,10 @@ class TransferModule(L.LightningModule):
                              f"at epoch {self.current_epoch}, step {self.global_step}")
         for key in [k for k in sd if k.startswith(SOURCES_PREFIX)]:
             del sd[key]
+        checkpoint["guard_step"] = self.guard.step      # a resumed run names steps as the whole run counts them
 
     def on_load_checkpoint(self, checkpoint):
+        self.guard.step = self.guard.checked_through = int(checkpoint.get("guard_step", 0))
         sd = checkpoint["state_dict"]
         for key, value in self.sources.state_dict(prefix=SOURCES_PREFIX).items():
             sd.setdefault(key, value)
