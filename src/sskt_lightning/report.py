@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sskt_lightning.errors import OutputError, SSKTError
+from sskt_lightning.errors import SSKTError
 from sskt_lightning.loggers import NOT_IN_GROUP
 
 __all__ = ["ReportError", "METHOD_ORDER", "load_results", "load_failures", "runs_frame", "summarise",
@@ -433,27 +433,28 @@ def _extra_stats(key: str, col: pd.Series) -> dict:
 
 def _add_gains(summary: pd.DataFrame, baseline: str) -> pd.DataFrame:
     cols = {k: [] for k in ("baseline", "n_paired", "gain_mean", "gain_std", "gain_ci_low", "gain_ci_high",
-                            "wins", "gains", "paired_seeds", "baseline_note")}
+                            "wins", "gains", "paired_seeds", "baseline_note", "baseline_issue")}
     for _, row in summary.iterrows():
         same = summary[(summary["data"] == row["data"]) & (summary["model"] == row["model"])
                        & (summary["setting"] == row["setting"])]
         base = same[[_matches(baseline, b) for _, b in same.iterrows()]]
         gain = {"n_paired": 0, "gain_mean": math.nan, "gain_std": math.nan, "gain_ci_low": math.nan,
                 "gain_ci_high": math.nan, "wins": math.nan, "gains": [], "paired_seeds": []}
-        note, name = "", ""
+        note, name, issue = "", "", ""   # issue: why this row has no pair (no_common_seed | none | ambiguous)
         if len(base) == 1 and base.index[0] != row.name:
             name = base.iloc[0]["name"]
             gain = paired_gain(row["by_seed"], base.iloc[0]["by_seed"])
             if gain["n_paired"] == 0:
-                note, gain["wins"] = f"no seed in common with {name}", math.nan
+                note, issue, gain["wins"] = f"no seed in common with {name}", "no_common_seed", math.nan
         elif len(base) == 1:
             note = "baseline"
         elif len(base) == 0:
-            note = f"no baseline ({baseline}) in this setting"
+            note, issue = f"no baseline ({baseline}) in this setting", "none"
         else:
-            note = f"{len(base)} groups match --baseline {baseline}: {', '.join(base['name'])}"
+            note, issue = f"{len(base)} groups match --baseline {baseline}: {', '.join(base['name'])}", "ambiguous"
         cols["baseline"].append(name)
         cols["baseline_note"].append(note)
+        cols["baseline_issue"].append(issue)
         for k, v in gain.items():
             cols[k].append(v)
     for k, v in cols.items():
@@ -546,14 +547,15 @@ def _no_gains_reason(part: pd.DataFrame, baseline: str) -> str:
     """Why a setting's table has no paired gain at all ("" when it has one, or holds only its baseline)."""
     if part["n_paired"].gt(0).any():
         return ""
-    notes = [n for n in part["baseline_note"] if n and n != "baseline"]
-    if not notes:
+    issues = [(i, n) for i, n in zip(part["baseline_issue"], part["baseline_note"]) if i]
+    if not issues:
         return ""
-    if notes[0].startswith("no baseline"):
+    issue, note = issues[0]
+    if issue == "none":
         return f"no baseline group ({baseline}) in this setting."
-    if " match --baseline " in notes[0]:
-        return f"{notes[0]}; name one with --baseline name=<method column>."
-    return f"{notes[0]} (the baseline); the seeds: " + "; ".join(
+    if issue == "ambiguous":
+        return f"{note}; name one with --baseline name=<method column>."
+    return f"{note} (the baseline); the seeds: " + "; ".join(
         f"{n} {_seeds_str(s)}" for n, s in zip(part["name"], part["seeds"])) + "."
 
 
@@ -911,7 +913,7 @@ def _write(path: Path, data: str | bytes) -> Path:
     from sskt_lightning.atomic import atomic_write_bytes
     try:
         return atomic_write_bytes(path, data.encode("utf-8") if isinstance(data, str) else data)
-    except (OutputError, OSError) as err:
+    except OSError as err:                                   # atomic's OutputError is one
         cause = err.__cause__ or err.__context__ or err     # the OSError behind atomic's OutputError
         raise ReportError(f"report: cannot write {path} ({getattr(cause, 'strerror', None) or err}); choose a "
                           f"writable directory with --out DIR.") from None
