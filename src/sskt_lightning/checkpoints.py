@@ -244,5 +244,5 @@ def check_resume_fits(obj: Mapping, module, path: Path | str) -> None:
             f"resume={path} was trained with other settings than this run; a resume continues the same "
             "run, so these must not change (checkpoint value -> this run's value):\n  "
             + ";\n  ".join(f"{key}: {_show(a)} -> {_show(b)}" for key, a, b in changed)
-            + f"\nResume with the checkpoint's values (all in the config.yaml of the run directory that wrote "
+            + "\nResume with the checkpoint's values (all in the config.yaml of the run directory that wrote "
             "it: drop or change the overrides above), or start a new run without resume=." + extend)

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sskt_lightning import weights as W
+from sskt_lightning.atomic import atomic_write_text
 from sskt_lightning.compose import CONFIG_DIR
 from sskt_lightning.errors import ConfigError, SSKTError, WeightsError
 from sskt_lightning.losses import task_loss
@@ -183,17 +182,9 @@ class CheckpointClassifier(L.LightningModule):
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file in the same directory, so a
-    reader sees either the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``obj`` as JSON to ``path`` atomically (:mod:`sskt_lightning.atomic`), so a reader sees
+    either the old file or the whole new one; an object that is not JSON fails before any write."""
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 def evaluate(cfg: DictConfig) -> dict:

@@ -105,6 +105,7 @@ class TransferModule(L.LightningModule):
         self.extra_val_metrics = torch.nn.ModuleDict({n: primary_metric(data_info) for n in extras})
         self.extra_test_metrics = torch.nn.ModuleDict({n: primary_metric(data_info) for n in extras})
         self.guard = NonFiniteGuard()   # every loss term logged by log_train, checked without per-step syncs
+        self._eval_bad: torch.Tensor | None = None   # a non-finite eval loss this evaluation (on the device)
 
     # ------------------------------------------------------------------ training
     def task_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -222,7 +223,7 @@ class TransferModule(L.LightningModule):
         bs = y.shape[0]
         loss = self.task_loss(logits, y)
         bad = ~torch.isfinite(loss.detach())          # on the device; checked once, at the epoch's end
-        self._eval_bad = bad if getattr(self, "_eval_bad", None) is None else self._eval_bad | bad
+        self._eval_bad = bad if self._eval_bad is None else self._eval_bad | bad
         self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, batch_size=bs)
         self.log(f"{stage}/acc", metric, on_epoch=True, prog_bar=stage == "val", batch_size=bs)
         extras = self.extra_val_metrics if stage == "val" else self.extra_test_metrics

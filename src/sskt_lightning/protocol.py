@@ -169,8 +169,7 @@ def _read(path: Path) -> dict | None:
 
 def _write(path: Path, data: dict) -> None:
     from sskt_lightning.atomic import atomic_write_text
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(data, indent=2))
+    atomic_write_text(path, json.dumps(data, indent=2))     # creates the directory too
 
 
 def run_state(run_dir: Path) -> str:
