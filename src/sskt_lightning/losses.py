@@ -51,7 +51,9 @@ AUX_LOSSES = {
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, multi_label: bool = False) -> torch.Tensor:
     """Cross-entropy for single-label data; BCE-with-logits for multi-label (0/1 float targets)."""
     if multi_label:
-        return F.binary_cross_entropy_with_logits(logits, labels.float())
+        # targets in the logits' dtype, at least float32: float64 logits (the tests' exact reference
+        # values) keep float64; half/bfloat16 logits still get float32 targets as before.
+        return F.binary_cross_entropy_with_logits(logits, labels.to(torch.promote_types(logits.dtype, torch.float32)))
     return F.cross_entropy(logits, labels)
 
 
