@@ -58,11 +58,23 @@ def test_unlabeled_stream_has_the_labeled_stream_length(tmp_path, cifar_dir):
 
 
 @pytest.mark.filterwarnings("ignore:.*RANDOM weights")
-def test_unlabeled_sskt_runs_end_to_end(tmp_path, cifar_dir):
+def test_unlabeled_sskt_runs_end_to_end(tmp_path, cifar_dir, monkeypatch):
+    # through run(), as a user runs it: every training step's auxiliary loss must see the labeled images
+    # AND the unlabeled ones (4 + 8 rows), the task loss only the 4 labeled ones; a flag in
+    # results.json and a file on disk would also hold for a run that silently dropped the unlabeled stream
+    import sskt_lightning.methods.sskt as sskt_mod
+    rows, real = [], sskt_mod.sskt_loss
+
+    def spy(task, aux, targets, *args, **kwargs):
+        rows.append(([a.shape[0] for a in aux], [t.shape[0] for t in targets]))
+        return real(task, aux, targets, *args, **kwargs)
+
+    monkeypatch.setattr(sskt_mod, "sskt_loss", spy)
     cfg = compose_config([*UNLABELED, f"paths.data_dir={cifar_dir}", "trainer=smoke"], tmp_path)
     results = run(cfg)
-    assert results["method_settings"]["unlabeled"] is True
+    assert results["method_settings"]["unlabeled"] is True and results["num_unlabeled"] > 0
     assert (tmp_path / "results.json").is_file()
+    assert rows and all(r == ([4 + 8], [4 + 8]) for r in rows), rows
 
 
 def test_unlabeled_method_without_unlabeled_data_is_refused(tmp_path, cifar_dir):
@@ -77,11 +89,16 @@ def test_aux_kl_is_the_soft_cross_entropy_minus_the_targets_entropy():
     import torch
 
     from sskt_lightning.losses import aux_kl, soft_cross_entropy
-    a, t, T = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]]), torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 0.0]]), 3.0
+    # float64: CE - T^2 H cancels ~75x here (9.86 - 9.73 = 0.131), so in float32 one rounding of the CE
+    # term moves the difference by ~1e-5 relative; in float64 rel 1e-10 keeps a >1e3 margin over that
+    # cancellation and still catches any formula error
+    f64 = torch.float64
+    a = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]], dtype=f64)
+    t, T = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 0.0]], dtype=f64), 3.0
     q = torch.softmax(t / T, 1)
     entropy = -(q * q.log()).sum(1).mean()
-    assert aux_kl(a, t, T).item() == pytest.approx((soft_cross_entropy(a, t, T) - T * T * entropy).item(), rel=1e-5)
-    assert aux_kl(t, t, T).item() == pytest.approx(0.0, abs=1e-6)     # reaches zero when the head copies the source
+    assert aux_kl(a, t, T).item() == pytest.approx((soft_cross_entropy(a, t, T) - T * T * entropy).item(), rel=1e-10)
+    assert aux_kl(t, t, T).item() == pytest.approx(0.0, abs=1e-12)    # reaches zero when the head copies the source
 
 
 @pytest.mark.filterwarnings("ignore:.*RANDOM weights")

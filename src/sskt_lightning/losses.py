@@ -87,5 +87,6 @@ def aux_kl(aux_logits: torch.Tensor, source_logits: torch.Tensor, T: float = 1.0
     """The part of SSKT's soft cross-entropy that can reach zero, for logging:
     ``T^2 * KL(softmax_T(t) || softmax_T(a)) = soft_cross_entropy(a, t, T) - T^2 * H(softmax_T(t))``
     (no gradient). Zero when the auxiliary head reproduces the source's distribution."""
-    with torch.no_grad():
-        return kl_divergence(aux_logits.detach().float(), source_logits.detach().float(), T)
+    with torch.no_grad():   # half/bfloat16 logits upcast to float32; float64 stays float64
+        up = torch.promote_types(aux_logits.dtype, torch.float32)
+        return kl_divergence(aux_logits.detach().to(up), source_logits.detach().to(up), T)
