@@ -3,6 +3,7 @@ each step (the paper's Algorithm 1), simultaneous ones predict once, one optimiz
 two-peer run end to end with the peers evaluated beside the target."""
 import csv
 import json
+import math
 
 import lightning as L
 import pytest
@@ -58,17 +59,20 @@ def snapshot(net):
 
 # ---------------------------------------------------------------------------- the loss and its gradients
 def test_dml_loss_is_ce_plus_mean_kl_to_the_partners():
-    z = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
-    a, b = torch.tensor([[1.0, 0.5, 0.0], [0.0, 0.0, 3.0]]), torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]])
+    # float64 at rel 1e-12 (float64 eps 2.2e-16): machine-independent, unlike float32 kernels at 1e-6
+    f64 = torch.float64
+    z = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.0]], dtype=f64)
+    a = torch.tensor([[1.0, 0.5, 0.0], [0.0, 0.0, 3.0]], dtype=f64)
+    b = torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0]], dtype=f64)
     y = torch.tensor([0, 2])
     total, kl = dml_loss(z, [a, b], y)
     expected_kl = (kl_divergence(z, a) + kl_divergence(z, b)) / 2     # 1/(K-1) sum over partners
-    assert kl.item() == pytest.approx(expected_kl.item(), rel=1e-6)
-    assert total.item() == pytest.approx((task_loss(z, y) + expected_kl).item(), rel=1e-6)
-    # one partner, by hand: KL(softmax([0,0,0]) || softmax([2,0,-1])) for row 1 (uniform q = 1/3)
-    p = torch.softmax(z[0], 0)
-    by_hand = sum((1 / 3) * (torch.log(torch.tensor(1 / 3)) - torch.log(p[k])) for k in range(3))
-    assert dml_loss(z[:1], [b[:1]], y[:1])[1].item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert kl.item() == pytest.approx(expected_kl.item(), rel=1e-12)
+    assert total.item() == pytest.approx((task_loss(z, y) + expected_kl).item(), rel=1e-12)
+    # one partner, by hand (math module): KL(softmax([0,0,0]) || softmax([2,0,-1])) for row 1 (uniform q = 1/3)
+    p = [math.exp(v) / sum(math.exp(u) for u in (2.0, 0.0, -1.0)) for v in (2.0, 0.0, -1.0)]
+    by_hand = sum((1 / 3) * (math.log(1 / 3) - math.log(p[k])) for k in range(3))
+    assert dml_loss(z[:1], [b[:1]], y[:1])[1].item() == pytest.approx(by_hand, rel=1e-12)
 
 
 def test_each_peer_gets_gradients_only_from_its_own_loss(tmp_path):
@@ -184,9 +188,9 @@ def test_kl_warmup_ramps_the_kl_weight_step_by_step(tmp_path):
     assert weights[1::2] == per_batch
     assert per_batch == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0])
     # the weight multiplies the KL term only
-    z, a, y = torch.randn(3, 4), torch.randn(3, 4), torch.tensor([0, 1, 2])
+    z, a, y = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 2])
     half, kl = dml_loss(z, [a], y, kl_weight=0.5)
-    assert half.item() == pytest.approx((task_loss(z, y) + 0.5 * kl).item(), rel=1e-6)
+    assert half.item() == pytest.approx((task_loss(z, y) + 0.5 * kl).item(), rel=1e-12)   # float64, see above
     assert module.method.describe()["kl_warmup"] == 1.0
     with pytest.raises(ConfigError, match="method.kl_warmup"):
         DML(kl_warmup=-1)
