@@ -381,21 +381,55 @@ def test_cached_logits_equal_online_logits_for_random_image_views(tmp_path, cifa
     bank.detach_cache()
 
 
-def test_warm_cache_follows_the_online_run(tmp_path, cifar_dir):
+def test_warm_cache_follows_the_online_run(tmp_path, cifar_dir, monkeypatch):
     """cache=off, then a cold and a warm read_write run, same seed: the cold and warm runs are
     identical (every answer has the stored precision), and both follow the online run."""
-    curves, stats = [], []
+    import timm
+
+    import sskt_lightning.methods.sskt as sskt_mod
+    # A source whose soft labels move when its logits are rounded to fp16: the random net's logits (up to
+    # ~55) give a saturated softmax at T=3, insensitive to rounding; its classifier scaled by 0.1 gives
+    # logits up to ~20 with a spread-out softmax (mean top probability ~0.3)
+    torch.manual_seed(0)
+    net = timm.create_model("cifar_resnet20", num_classes=10)
+    net.fc.weight.data.mul_(0.1)
+    net.fc.bias.data.mul_(0.1)
+    torch.save(net.state_dict(), tmp_path / "source.pth")
+    first_targets, real = [], sskt_mod.sskt_loss
+
+    def spy(task, aux, targets, *args, **kwargs):
+        # each step: the largest source logit, and the loss the same step gives with fp16-rounded targets
+        rounded = real(task, aux, [t.half().float() for t in targets], *args, **kwargs)[0].item()
+        first_targets.append((max(t.abs().max().item() for t in targets), rounded))
+        return real(task, aux, targets, *args, **kwargs)
+
+    monkeypatch.setattr(sskt_mod, "sskt_loss", spy)
+    curves, stats, step0 = [], [], []
     for i, mode in enumerate(["off", "read_write", "read_write", "read_only"]):
         out = tmp_path / f"run{i}"
-        results = run(compose_config(overrides(cifar_dir, tmp_path / "cache", f"method.cache={mode}"), out))
+        first_targets.clear()
+        cfg = compose_config(overrides(cifar_dir, tmp_path / "cache", f"method.cache={mode}",
+                                       f"source.timm.weights={tmp_path / 'source.pth'}"), out)
+        results = run(cfg)
         curves.append(loss_curve(out))
         stats.append(results["method_settings"].get("cache_stats"))
+        step0.append(first_targets[0])
     online, cold, warm, read_only = curves
     assert len(online) == 6 and cold == warm == read_only
-    # step 0 sees the same weights: the cached soft labels give the online loss to fp16 precision;
-    # later steps drift apart slowly (fp16 targets -> slightly different updates), as any
-    # rounding does over training
-    assert warm[0] == pytest.approx(online[0], rel=1e-5)
+    # step 0 sees the same weights: the cached soft labels give the online loss to fp16 precision. Each
+    # cached logit t_k is off by at most d = 2^-11 |t|max; that moves log softmax(t/T) by at most 2d/T,
+    # so the aux term T^2 sum_k q_k (-log p_k) by at most a fraction 2d/T of itself, and the total loss
+    # (task + alpha * aux) by at most that fraction too. Later steps drift apart slowly (fp16 targets ->
+    # slightly different updates), as any rounding does over training.
+    T = cfg.method.temperature
+    fp16_bound = 2 * FP16_REL * step0[0][0] / T
+    assert 1e-3 < fp16_bound < 1e-2                     # the source is neither saturated nor tiny
+    assert warm[0] != online[0]                          # the fp16 soft labels do change the loss ...
+    assert warm[0] == pytest.approx(online[0], rel=fp16_bound)   # ... within what fp16 allows
+    # ... and exactly as the online logits rounded to fp16 do: same weights, batch and kernels on one
+    # machine, so equal up to the float32 text of the CSV (rel 1e-6 ~ 8 ulp; a bfloat16 store, a wrong
+    # view or a wrong temperature is off by far more, though it can stay within the bound above)
+    assert warm[0] == pytest.approx(step0[0][1], rel=1e-6)
     assert np.allclose(warm, online, rtol=1e-2)
     assert stats[0] is None
     assert stats[1]["timm"][0]["hit_rate"] == 0.0 and stats[1]["timm"][0]["written"] == 48   # 2 x 3 x 8
