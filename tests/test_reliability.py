@@ -70,30 +70,70 @@ def train(out, data_dir, *overrides):
 
 # ---------------------------------------------------------------------------- atomic checkpoints
 _WRITER = """
-import sys, torch
+import sys, time, torch
 from sskt_lightning.checkpoints import SafeCheckpointIO
+real_save = torch.save
+
+
+class PausingFile:
+    # the real file object, passed through; once 1 MB of the third checkpoint is in it, says so and waits
+    def __init__(self, f):
+        self.f, self.n = f, 0
+
+    def write(self, b):
+        n = self.f.write(b)
+        self.n += len(b)
+        if self.n > (1 << 20):
+            print("mid-write", flush=True)
+            time.sleep(600)
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
 io, path = SafeCheckpointIO(), sys.argv[1]
-for i in range(1000):
+for i in range(3):
+    torch.save = (lambda obj, f, *a, **k: real_save(obj, PausingFile(f), *a, **k)) if i == 2 else real_save
     print(f"writing {i}", flush=True)
     io.save_checkpoint({"i": i, "w": torch.full((1 << 24,), float(i))}, path)   # 64 MB each
 """
 
 
+def _open_files_in(pid: int, directory: Path) -> list[int]:
+    """Sizes of the files process ``pid`` holds open in ``directory`` (an O_TMPFILE has no name there)."""
+    sizes = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd).startswith(str(directory) + "/"):
+                sizes.append(os.stat(fd).st_size)
+        except OSError:
+            pass
+    return sizes
+
+
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_file_and_no_temp(tmp_path):
     """$TMPDIR on another file system (tmpfs) than the checkpoint: Lightning's own writer then copies
-    across file systems and a kill leaves a truncated or empty last.ckpt."""
+    across file systems and a kill leaves a truncated or empty last.ckpt. The writer pauses with over
+    1 MB of its third checkpoint written and says so: the kill lands mid-write on any machine, with no
+    sleep to guess."""
     path = tmp_path / "ckpts" / "last.ckpt"
     other_fs = Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else tmp_path
     tmpdir = Path(tempfile.mkdtemp(dir=other_fs, prefix="sskt-test-"))
     proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True,
                             env={**ENV, "TMPDIR": str(tmpdir)})
     with proc.stdout, sigkilled_at_exit(proc):
+        lines = []
         for line in proc.stdout:          # two complete writes, then kill while the third is written
-            if line.strip() == "writing 2":
+            lines.append(line.strip())
+            if lines[-1] == "mid-write":
                 break
-        time.sleep(0.1)
+        assert lines == ["writing 0", "writing 1", "writing 2", "mid-write"], lines
+        if Path(f"/proc/{proc.pid}/fd").is_dir():   # the half-written file is open, over 1 MB, unnamed
+            assert [n for n in _open_files_in(proc.pid, path.parent) if n > (1 << 20)]
+        os.kill(proc.pid, signal.SIGKILL)
     obj = torch.load(path, weights_only=True)
-    assert obj["i"] in (1, 2) and torch.equal(obj["w"], torch.full((1 << 24,), float(obj["i"])))
+    assert obj["i"] == 1 and torch.equal(obj["w"], torch.full((1 << 24,), 1.0))   # the previous checkpoint
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]   # no stray temporary file
     leftovers = list(tmpdir.iterdir())
     shutil.rmtree(tmpdir, ignore_errors=True)
