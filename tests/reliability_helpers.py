@@ -13,18 +13,23 @@ import torch
 
 
 class Stall(L.Callback):
-    """At batch `batch` of epoch `epoch`, write `ready` and sleep: the test then kills the process.
-    It does not change what the run computes, so the resumed run may leave it out."""
+    """At batch `batch` of epoch `epoch`, write `ready` and wait until the test signals or kills the
+    process: a SIGTERM (Lightning's handler sets a flag: the wait ends and Lightning stops after this
+    batch), a SIGINT (KeyboardInterrupt ends the sleep) or a SIGKILL. `seconds` is only a hang guard
+    (the tests always signal), never a window the test must hit. It does not change what the run
+    computes, so the resumed run may leave it out."""
 
     affects_training = False
 
-    def __init__(self, ready: str, epoch: int = 1, batch: int = 3, seconds: float = 300.0):
+    def __init__(self, ready: str, epoch: int = 1, batch: int = 3, seconds: float = 3600.0):
         self.ready, self.epoch, self.batch, self.seconds = Path(ready), epoch, batch, seconds
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
             self.ready.write_text(f"epoch {trainer.current_epoch} batch {batch_idx}")
-            time.sleep(self.seconds)
+            end = time.monotonic() + self.seconds
+            while time.monotonic() < end and not trainer._signal_connector.received_sigterm:
+                time.sleep(0.05)
 
 
 class DecreasingValAcc(L.Callback):

@@ -41,7 +41,7 @@ TIMM_SOURCE = ["source=[timm]", "source.timm.name=cifar_resnet20", "source.timm.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def cli(*args, cwd=None, timeout=180):
+def cli(*args, cwd=None, timeout=None):   # no wall-clock limit: pytest-timeout (pyproject.toml) is the hang guard
     return subprocess.run([sys.executable, "-m", "sskt_lightning.train", *args], capture_output=True, text=True,
                           timeout=timeout, env=ENV, cwd=cwd)
 
@@ -477,15 +477,16 @@ def test_a_signal_stops_the_run_non_zero_with_a_failed_record(tmp_path, cifar_di
     proc = subprocess.Popen(
         [sys.executable, "-m", "sskt_lightning.train", *SMOKE, "method=scratch", f"paths.data_dir={cifar_dir}",
          f"hydra.run.dir={out}", "trainer.max_epochs=3", "+callbacks.stall._target_=reliability_helpers.Stall",
-         f"+callbacks.stall.ready={ready}", "+callbacks.stall.epoch=1", "+callbacks.stall.batch=0",
-         "+callbacks.stall.seconds=2"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+         f"+callbacks.stall.ready={ready}", "+callbacks.stall.epoch=1", "+callbacks.stall.batch=0"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # the run stalls at epoch 1 batch 0 until signalled (reliability_helpers.Stall): no window to hit and no
+    # wall-clock limit; the hang guard is pytest-timeout's (pyproject.toml)
     with sigkilled_at_exit(proc):
-        deadline = time.time() + 120
         while not ready.exists():
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
             time.sleep(0.05)
         proc.send_signal(sig)
-        err = proc.communicate(timeout=120)[1]
+        err = proc.communicate()[1]
     assert proc.returncode == code, err[-3000:]
     assert f"interrupted ({how}" in err and f"resume={out / 'checkpoints' / 'last.ckpt'}" in err
     results = json.loads((out / "results.json").read_text())
@@ -521,7 +522,7 @@ def test_help_and_cfg_do_not_import_torch():
              "('torch', 'lightning', 'timm') if m in sys.modules))); sys.argv = ['train'] + sys.argv[1:]; "
              "runpy.run_module('sskt_lightning.train', run_name='__main__')")
     for flag in (["--cfg", "job"], ["--help"]):
-        proc = subprocess.run([sys.executable, "-c", probe, *flag], capture_output=True, text=True, timeout=120,
+        proc = subprocess.run([sys.executable, "-c", probe, *flag], capture_output=True, text=True,
                               env=ENV)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "HEAVY []" in proc.stdout, proc.stdout[-500:]

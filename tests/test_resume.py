@@ -66,11 +66,9 @@ def _killed_run(out: Path, data_dir, method: list[str]) -> None:
             [sys.executable, "-m", "sskt_lightning.train", *COMMON, *method, f"paths.data_dir={data_dir}",
              f"hydra.run.dir={out}", "+callbacks.stall._target_=reliability_helpers.Stall",
              f"+callbacks.stall.ready={ready}"], env=env, stdout=subprocess.DEVNULL, stderr=err)
-        with sigkilled_at_exit(proc):
-            deadline = time.time() + 120
-            while not ready.exists():
+        with sigkilled_at_exit(proc):   # waits for the Stall's file, however slow the machine
+            while not ready.exists():       # (hang guard: pytest-timeout's, pyproject.toml)
                 assert proc.poll() is None, log.read_text()[-3000:]
-                assert time.time() < deadline, "the run never reached epoch 1"
                 time.sleep(0.1)
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "results.json").exists()
