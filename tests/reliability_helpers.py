@@ -59,3 +59,17 @@ class BreakBatchNormInEval(L.Callback):
     def on_validation_start(self, trainer, module):
         bn = next(m for m in module.target.modules() if isinstance(m, torch.nn.BatchNorm2d))
         bn.running_var.fill_(-1.0)
+
+
+class LearningRateFrom(L.Callback):
+    """From epoch `epoch` on, every optimizer's learning rate is `lr`: a run that diverges after a good
+    first epoch (so epoch 0's checkpoint is on disk when it fails)."""
+
+    def __init__(self, lr: float, epoch: int = 1):
+        self.lr, self.epoch = lr, epoch
+
+    def on_train_epoch_start(self, trainer, module):
+        if trainer.current_epoch >= self.epoch:
+            for opt in trainer.optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = self.lr

@@ -246,18 +246,33 @@ def test_a_checkpoint_served_over_http_is_downloaded_checked_and_resumed(tmp_pat
 
 
 # ---------------------------------------------------------------------------- non-finite losses
+@pytest.mark.parametrize("when", ["from_the_start", "after_epoch_0"])
 def test_huge_learning_rate_stops_the_run_with_exit_2_and_a_failed_results_json(tmp_path, cifar_dir,
-                                                                               monkeypatch, capsys):
+                                                                               monkeypatch, capsys, when):
+    """from_the_start: the user's command (optim.optimizer.lr=1e6) dies in epoch 0, before any checkpoint.
+    after_epoch_0: a good epoch 0, then lr 1e6 from epoch 1 (reliability_helpers.LearningRateFrom), with
+    the guard checked only at epoch end and before saves (log_every_n_steps > the epoch's steps): epoch
+    0's last.ckpt must be on disk, and neither it nor any other checkpoint may hold non-finite weights."""
     out = tmp_path / "run"
+    lr = (["optim.optimizer.lr=1e6"] if when == "from_the_start" else
+          ["+callbacks.blow._target_=reliability_helpers.LearningRateFrom", "+callbacks.blow.lr=1e6",
+           "+callbacks.blow.epoch=1", "trainer.log_every_n_steps=50"])
     code, err = main_in_process(monkeypatch, capsys, *SMOKE, "method=scratch", f"paths.data_dir={cifar_dir}",
-                                "optim.optimizer.lr=1e6", "trainer.max_epochs=3", "trainer.limit_train_batches=4",
+                                *lr, "trainer.max_epochs=3", "trainer.limit_train_batches=4",
                                 f"hydra.run.dir={out}")
     assert code == 2, err[-3000:]
-    assert "non-finite" in err and "training step" in err and "optim.optimizer.lr" in err
+    assert "non-finite" in err and "optim.optimizer.lr" in err
     assert "Traceback" not in err
     failed = json.loads((out / "results.json").read_text())
     assert failed["status"] == "failed" and failed["error_type"] == "NonFiniteError" and "test_acc" not in failed
-    for ckpt in (out / "checkpoints").glob("*.ckpt") if (out / "checkpoints").exists() else []:
+    ckpts = sorted((out / "checkpoints").glob("*.ckpt")) if (out / "checkpoints").exists() else []
+    if when == "from_the_start":   # dead in epoch 0: nothing was saved, so nothing non-finite could be
+        assert ckpts == [], ckpts
+        assert "training step" in err
+        return
+    last = out / "checkpoints" / "last.ckpt"
+    assert last in ckpts and torch.load(last, weights_only=True)["epoch"] == 0   # epoch 0's, not overwritten
+    for ckpt in ckpts:
         sd = torch.load(ckpt, weights_only=True)["state_dict"]
         assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point()), ckpt
 
