@@ -2,6 +2,7 @@
 served over HTTP) never run code, non-finite losses stop the run (every method family), values
 that cannot be right and environment problems are refused with one clear message, a sweep with a
 failed job exits non-zero, and the command line answers --help / --cfg without importing torch."""
+import csv
 import errno
 import functools
 import http.server
@@ -242,7 +243,16 @@ def test_a_checkpoint_served_over_http_is_downloaded_checked_and_resumed(tmp_pat
     res = train(tmp_path / "b", cifar_dir, "method=scratch", "optim=maxl", "trainer.max_epochs=2",
                 f"resume={url}/last.ckpt")
     assert res["status"] == "ok" and res["epochs"] == 2
-    assert (tmp_path / "b" / "resume_download.ckpt").is_file()
+    download = tmp_path / "b" / "resume_download.ckpt"
+    assert download.read_bytes() == (served / "last.ckpt").read_bytes()
+    # resumed, not a fresh 2-epoch run: run b trained epoch 1 only (its metrics have no epoch-0 training
+    # row), starting from the served checkpoint's step count
+    rows = list(csv.DictReader(open(tmp_path / "b" / "csv" / "metrics.csv")))
+    trained = sorted({r["epoch"] for r in rows if r.get("train/loss_epoch")})
+    assert trained == ["1"], trained
+    served_step = torch.load(served / "last.ckpt", weights_only=True)["global_step"]
+    first_step = min(int(r["step"]) for r in rows if r.get("train/loss"))
+    assert served_step > 0 and first_step >= served_step, (first_step, served_step)
 
 
 # ---------------------------------------------------------------------------- non-finite losses
