@@ -20,11 +20,41 @@ def options(group):
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("group,option", [(g, o) for g in ("model", "data", "method", "trainer", "logger")
-                                          for o in options(g)])
+def _flat(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def file_values(group, option):
+    """The leaf values conf/<group>/<option>.yaml sets, read with OmegaConf alone (not Hydra): its
+    defaults' values first (same group), then its own (which win)."""
+    from omegaconf import OmegaConf
+    raw = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml"), resolve=False)
+    values = {}
+    for parent in raw.pop("defaults", []):
+        if parent != "_self_":
+            values.update(file_values(group, parent))
+    values.update(_flat(raw))
+    return values
+
+
+GROUPS = ("model", "data", "method", "trainer", "logger")
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_config_option_composes(group, option, tmp_path):
+    from omegaconf import OmegaConf
     cfg = compose_config([f"{group}={option}"], tmp_path)
-    assert cfg[group] is not None
+    # the composed group is exactly what the picked file says (not the group's default, not another
+    # option), and that differs from every other option of the group, so the check can tell them apart
+    expected = file_values(group, option)
+    assert _flat(OmegaConf.to_container(cfg[group], resolve=False)) == expected
+    assert all(file_values(group, other) != expected for other in options(group) if other != option)
 
 
 def test_canonical_call_composes_with_both_paper_sources(tmp_path):
