@@ -10,6 +10,7 @@ import pytest
 
 from sskt_lightning import protocol as P
 from sskt_lightning.errors import ConfigError
+from sskt_lightning.train import CONFIG_DIR
 
 SMALL_SOURCE = ["source=[timm]", "source.timm.name=cifar_resnet20", "source.timm.num_classes=10",
                 "source.timm.pretrained=false"]
@@ -223,12 +224,18 @@ def test_hydra_optuna_sweeper_runs_a_search_config(tmp_path, cifar_dir):
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "sskt_lightning.train", "hparams_search=scratch", "method=scratch",
            "hydra.sweeper.n_trials=2", "data=cifar10", f"paths.data_dir={cifar_dir}", "model=resnet20", "trainer=smoke",
-           "data.batch_size=8", "data.num_workers=0", "data.val_size=16", f"hydra.sweep.dir={sweep}"]
+           "data.batch_size=8", "data.num_workers=0", "data.val_size=20", f"hydra.sweep.dir={sweep}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert set(best["best_params"]) == {"optim.optimizer.lr", "optim.optimizer.weight_decay"}
     runs = [json.loads((sweep / str(k) / "results.json").read_text()) for k in range(2)]
-    cfg = compose_config(["method=scratch"], tmp_path / "c")
-    if "optimized_metric" in cfg:         # train.main returns the validation metric (never a test number)
-        assert best["best_value"] in [r["best_val_acc"] for r in runs] + [r.get("last_val_acc") for r in runs]
+    # train.main returns the metric cfg.optimized_metric names (a validation number, never test), and the
+    # sweeper (direction: maximize) reports the best trial's
+    cfg = compose_config(["hparams_search=scratch", "method=scratch"], tmp_path / "c")
+    search = yaml.safe_load((Path(CONFIG_DIR) / "hparams_search" / "scratch.yaml").read_text())
+    assert cfg.optimized_metric == "best_val_acc" and search["hydra"]["sweeper"]["direction"] == "maximize"
+    # data.val_size=20 makes the validation number (2/20) differ from the test number (2/16), so a
+    # sweeper fed test_acc would fail here
+    assert all(r["best_val_acc"] != r["test_acc"] for r in runs), runs
+    assert best["best_value"] == max(r[cfg.optimized_metric] for r in runs), (best, runs)
