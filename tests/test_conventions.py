@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -108,7 +107,14 @@ def test_callbacks_none_keeps_the_reliability_callbacks(tmp_path, cifar_dir):
     assert res["status"] == "ok" and res["tags"] == ["smoke", "none"]
     assert (out / "checkpoints" / "last.ckpt").is_file() and not list((out / "checkpoints").glob("best-*"))
     assert res["checkpoints"]["best"] is None
-    assert res["best_val_acc"] is not None and res["best_val_epoch"] in (0, 1)
+    # the best validation number is the largest val/acc of the log, at its (first) epoch
+    import csv
+    val = [(int(r["epoch"]), float(r["val/acc"])) for r in csv.DictReader((out / "csv" / "metrics.csv").open())
+           if r.get("val/acc")]
+    assert [e for e, _ in val] == [0, 1]
+    top = max(a for _, a in val)
+    assert res["best_val_acc"] == pytest.approx(top, rel=1e-6)   # the CSV's float32 text: one rounding
+    assert res["best_val_epoch"] == next(e for e, a in val if a == top)
     assert res["train_images_per_s"] > 0
     assert (out / "weights_digest_rank0.json").is_file()
     header = (out / "csv" / "metrics.csv").read_text().splitlines()[0]
@@ -228,13 +234,14 @@ def test_wandb_without_a_key_stops_before_anything_is_built(tmp_path, monkeypatc
 def test_wandb_without_a_key_on_the_command_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "NETRC"))}
     env.update(HOME=str(tmp_path), OMP_NUM_THREADS="1")
-    start = time.perf_counter()
+    # no wall-clock limit (pytest-timeout is the hang guard): that the key is checked before anything is
+    # read or built shows as the W&B error (not the missing data's) and no W&B directory in the run dir
     proc = subprocess.run([sys.executable, "-m", "sskt_lightning.train", "logger=many", "method=scratch",
                            f"hydra.run.dir={tmp_path / 'run'}", f"paths.data_dir={tmp_path / 'none'}"],
-                          capture_output=True, text=True, timeout=120, env=env)
+                          capture_output=True, text=True, env=env)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "wandb login" in proc.stderr and "WANDB_API_KEY" in proc.stderr and "Traceback" not in proc.stderr
-    assert time.perf_counter() - start < 60
+    assert "not found" not in proc.stderr and not (tmp_path / "run" / "wandb").exists()
 
 
 # ---------------------------------------------------------------------------- the terminal
