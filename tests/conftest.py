@@ -26,3 +26,31 @@ def cifar_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     write_cifar10(root, n_train=80, n_test=24)
     return root
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No network, as on our offline machines, whatever the machine running the tests: every DNS lookup
+    fails at once. Records the events that make an offline failure slow instead of wall-clock time:
+    ``lookups`` (each host a download tried) and ``sleeps`` (each ``time.sleep`` of the test's own
+    thread: a retry back-off; recorded, not slept)."""
+    import socket
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    events = SimpleNamespace(lookups=[], sleeps=[])
+    main, real_sleep = threading.get_ident(), time.sleep
+
+    def fail(host, *args, **kwargs):
+        events.lookups.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known (test: offline)")
+
+    def sleep(seconds):
+        if threading.get_ident() != main:
+            return real_sleep(seconds)
+        events.sleeps.append(seconds)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fail)
+    monkeypatch.setattr(time, "sleep", sleep)
+    return events

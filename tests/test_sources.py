@@ -1,5 +1,4 @@
 """Frozen sources: weights from files of every supported format, the input adapter, offline errors."""
-import time
 
 import pytest
 import torch
@@ -103,12 +102,26 @@ def test_input_adapter_same_size_three_channels_is_pure_renormalisation():
     assert torch.allclose(adapter(x), x * 0.5 + 0.5, atol=1e-6)
 
 
-def test_offline_hub_weights_fail_fast_with_the_fix():
-    start = time.perf_counter()
+def test_offline_hub_weights_fail_fast_with_the_fix(offline, monkeypatch, tmp_path):
+    # fast as events, not seconds (a wall-clock limit fails on a loaded machine): offline, the hub is asked
+    # in its offline mode (HF_HUB_OFFLINE: it answers from its cache at once instead of retrying for a
+    # minute) and nothing sleeps for a back-off. Empty caches: weights cached on this machine must not
+    # make the test pass.
+    import timm
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch"))
+    asked_offline, real = [], timm.create_model
+
+    def spy(*args, **kwargs):
+        asked_offline.append(constants.HF_HUB_OFFLINE)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", spy)
     spec = SourceSpec.from_config("imagenet_resnet18", {"name": "resnet18.tv_in1k", "pretrained": True})
     with pytest.raises(WeightsError) as err:
         build_source(spec, DATA)
-    assert time.perf_counter() - start < 30
+    assert asked_offline == [True] and offline.sleeps == [], (asked_offline, offline.sleeps)
     msg = str(err.value)
     assert "source.imagenet_resnet18.weights=" in msg and "pretrained=false" in msg
 
