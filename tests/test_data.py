@@ -331,6 +331,8 @@ def test_normalize_by_hand():
     out = normalize(x, mean=(0.5, 0.2), std=(0.25, 0.5))
     expected = torch.tensor([[[[(0 - 0.5) / 0.25, (0.2 - 0.5) / 0.25]], [[(1 - 0.2) / 0.5, (0.4 - 0.2) / 0.5]]]])
     assert out.dtype == torch.float32
+    # float32, two exactly rounded elementwise ops: within 1 ulp of the double expectation on any CPU;
+    # allclose's default rtol 1e-5 plus atol 1e-6 is ~80 ulp of these values (|x| <= 2)
     assert torch.allclose(out, expected, atol=1e-6)
 
 
@@ -412,6 +414,7 @@ def test_on_after_batch_transfer(cifar_root):
     assert out[0].dtype == torch.float32 and torch.equal(out[1], batch[1]) and torch.equal(out[2], batch[2])
     mean = torch.tensor(dm.mean).view(1, 3, 1, 1)
     std = torch.tensor(dm.std).view(1, 3, 1, 1)
+    # elementwise float32 ops only (no reduction, no transcendental): rtol 1e-5 + atol 1e-6 holds on any CPU
     assert torch.allclose(out[0], (batch[0].float() / 255 - mean) / std, atol=1e-6)
     dm.trainer = SimpleNamespace(training=True)
     torch.manual_seed(0)
