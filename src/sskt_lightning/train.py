@@ -159,6 +159,7 @@ def _run(cfg: DictConfig) -> dict:
     from sskt_lightning.atomic import atomic_write_text, remove_stale_temps
     from sskt_lightning.callbacks import (
         BestValidation,
+        EpochMetricsOnEveryRank,
         QuietFrozenSources,
         RunState,
         ThroughputMeter,
@@ -208,7 +209,9 @@ def _run(cfg: DictConfig) -> dict:
     # the always-on callbacks around the group's (README, "Reliability"); Lightning runs the
     # checkpoint callbacks last in any case
     quiet = [QuietFrozenSources()] if extras.get("quiet_known_noise", True) else []
-    callbacks = [RunState(), *quiet, *instantiate_callbacks(cfg), best, last, meter]
+    # EpochMetricsOnEveryRank first: under DDP every process computes the epoch's values before any
+    # callback (the progress bar) reads them on rank 0 alone
+    callbacks = [EpochMetricsOnEveryRank(), RunState(), *quiet, *instantiate_callbacks(cfg), best, last, meter]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[SafeCheckpointIO()],
                           default_root_dir=str(output_dir), **extra)
     dm.split_batch_across(trainer.world_size)   # data.batch_size is global
