@@ -54,3 +54,23 @@ class BreakBatchNormInEval(L.Callback):
     def on_validation_start(self, trainer, module):
         bn = next(m for m in module.target.modules() if isinstance(m, torch.nn.BatchNorm2d))
         bn.running_var.fill_(-1.0)
+
+
+def main_in_process(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """``python -m sskt_lightning.train *args`` in this process: (exit code, stderr)."""
+    import sys
+
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from sskt_lightning import train as train_mod
+    monkeypatch.setattr(sys, "argv", ["train", *args, "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"])
+    code = 0
+    try:
+        train_mod.main()
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None     # later in-process runs must not see this job's overrides
+    return code, capsys.readouterr().err

@@ -114,7 +114,11 @@ def run(cfg: DictConfig) -> dict:
     try:
         return _run(cfg)
     except Exception as err:
-        record_failure(cfg, err)
+        full = _disk_full(cfg, err)
+        if full is not None:   # a write outside atomic_write (the CSV log, a logger's files): one clear error
+            _note_unrecorded(full, record_failure(cfg, full))
+            raise full from None
+        _note_unrecorded(err, record_failure(cfg, err))
         raise
     except BaseException as err:        # SystemExit, KeyboardInterrupt: not a finished run either
         from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -129,6 +133,30 @@ def run(cfg: DictConfig) -> dict:
             raise
         record_failure(cfg, stop)
         raise stop from None
+
+
+def _disk_full(cfg: DictConfig, err: Exception):
+    """An OutputError for a full disk hidden in ``err`` (an OSError ENOSPC anywhere in its chain that
+    no writer of ours explained), else None."""
+    if isinstance(err, SSKTError):
+        return None
+    from sskt_lightning.atomic import explain_os_error, is_disk_full
+    found = is_disk_full(err)
+    if found is None:
+        return None
+    where = found.filename or Path(OmegaConf.select(cfg, "paths.output_dir", default=".") or ".") / "(a log file)"
+    return explain_os_error(found, where, "writing")
+
+
+def _note_unrecorded(err: BaseException, problem: str | None) -> None:
+    if problem:
+        err.unrecorded = problem   # printed with the error: the run directory holds no record of it
+
+
+def _message(err: BaseException) -> str:
+    """The error as the command line prints it, with a word when failed.txt could not be written."""
+    problem = getattr(err, "unrecorded", None)
+    return f"{err}" + (f"\n(failed.txt and results.json could not be written either: {problem})" if problem else "")
 
 
 def _run(cfg: DictConfig) -> dict:
@@ -297,9 +325,10 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
-def record_failure(cfg: DictConfig, err: BaseException) -> None:
+def record_failure(cfg: DictConfig, err: BaseException) -> str | None:
     """``failed.txt`` (line 1: the error on one line; then the traceback for unexpected errors) and
-    ``results.json`` with ``status: failed`` in the run directory, both atomic; never raises."""
+    ``results.json`` with ``status: failed`` in the run directory, both atomic; never raises.
+    Returns why they could not be written (a full disk, a removed directory), or None."""
     from sskt_lightning.atomic import atomic_write_text
     out = Path(OmegaConf.select(cfg, "paths.output_dir", default=".") or ".")
     detail = "" if isinstance(err, SSKTError) else "\n\n" + "".join(traceback.format_exception(err))
@@ -320,12 +349,16 @@ def record_failure(cfg: DictConfig, err: BaseException) -> None:
             atomic_write_text(out / RESULTS, json.dumps(failure, indent=2, default=str))
     except Exception as write_err:   # e.g. the run directory itself is the problem
         log.error("could not record the failure in %s: %s", out, write_err)
+        unrecorded = str(write_err)
+    else:
+        unrecorded = None
     try:
         wandb = sys.modules.get("wandb")
         if wandb is not None and getattr(wandb, "run", None) is not None:
             wandb.finish(exit_code=1)
     except Exception as wandb_err:   # never raises: the run's own error is the one to report
         log.error("could not close the W&B run: %s", wandb_err)
+    return unrecorded
 
 
 def _finished_results(path: Path) -> bool:
@@ -393,7 +426,7 @@ def _hydra_main(cfg: DictConfig) -> float:
         if multirun:  # one failed job must not end the sweep; the summary at the end lists it
             log.error("job failed: %s; the sweep goes on.", _one_line(err))
             return math.nan
-        print(f"\nerror: {err}\n", file=sys.stderr)
+        print(f"\nerror: {_message(err)}\n", file=sys.stderr)
         sys.exit(2)
     except Exception as err:
         if multirun:
