@@ -93,3 +93,12 @@ def test_a_new_dataset_keeps_its_fixed_format(toy):
     with pytest.raises(ConfigError, match="skip_bad_images.*imagefolder"):
         ImageDataModule("toy", skip_bad_images=True)
     assert ImageDataModule("toy", val_size=8, labels_per_class=2, unlabeled=True).num_unlabeled == 32 - 8
+
+
+def test_data_info_comes_from_the_data_module(toy):
+    dm = ImageDataModule("toy", val_size=8)
+    assert dm.data_info == {"name": "toy", "num_classes": 4, "in_chans": 1, "image_size": [8, 8], "mean": [0.25],
+                            "std": [0.125], "multi_label": False, "metric": "acc", "class_names": ["a", "b", "c", "d"]}
+    from sskt_lightning.data import data_info_of
+    from sskt_lightning.train import data_info_of as old_name   # the entry point's name for it, kept
+    assert data_info_of(dm) == old_name(dm) == dm.data_info

@@ -98,7 +98,7 @@ class Protocol:
 
 
 def config_dir() -> Path:
-    from sskt_lightning.train import CONFIG_DIR
+    from sskt_lightning.compose import CONFIG_DIR
     return Path(CONFIG_DIR)
 
 

@@ -49,11 +49,11 @@ def __getattr__(name: str):
 
 
 def data_info_of(dm) -> dict:
-    """What the model needs to know about the data (and what a checkpoint records of it)."""
-    return {"name": dm.name, "num_classes": int(dm.num_classes), "in_chans": int(dm.in_chans),
-            "image_size": list(dm.image_size), "mean": list(dm.mean), "std": list(dm.std),
-            "multi_label": bool(getattr(dm, "multi_label", False)), "metric": dm.metric,
-            "class_names": list(dm.class_names)}
+    """:func:`sskt_lightning.data.data_info_of` (what the model needs to know about the data), under
+    its old name here; the data module is where it lives (and nothing in the package imports this
+    entry point)."""
+    from sskt_lightning.data.datamodule import data_info_of as info_of
+    return info_of(dm)
 
 
 def _task_overrides() -> list[str]:

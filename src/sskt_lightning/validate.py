@@ -28,7 +28,7 @@ _NO_RUN_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", 
 # ---------------------------------------------------------------------------- config groups
 def _config_dir() -> Path:
     # one definition of where the configs live
-    from sskt_lightning.train import CONFIG_DIR
+    from sskt_lightning.compose import CONFIG_DIR
     return Path(CONFIG_DIR)
 
 

@@ -3,7 +3,7 @@
 The datasets are the entries of :data:`DATASETS` (:mod:`sskt_lightning.data.specs`)."""
 
 from sskt_lightning.data.augment import BatchAugment, normalize
-from sskt_lightning.data.datamodule import METRICS, ImageDataModule, IndexedImages, collate_batch
+from sskt_lightning.data.datamodule import METRICS, ImageDataModule, IndexedImages, collate_batch, data_info_of
 from sskt_lightning.data.formats import (
     VOC_CLASSES,
     ImageArrays,
@@ -27,7 +27,7 @@ from sskt_lightning.data.views import TaskSplit, class_lookup, make_task_split, 
 
 __all__ = [
     "BatchAugment", "normalize",
-    "DATASET_STATS", "METRICS", "ImageDataModule", "IndexedImages", "collate_batch",
+    "DATASET_STATS", "METRICS", "ImageDataModule", "IndexedImages", "collate_batch", "data_info_of",
     "MULTI_LABEL_DATASETS", "READERS", "VOC_CLASSES", "ImageArrays", "ensure_available",
     "read_cifar10", "read_cifar100", "read_fashion_mnist", "read_imagefolder", "read_stl10", "read_voc2007",
     "DATASETS", "DatasetSpec", "dataset_spec",

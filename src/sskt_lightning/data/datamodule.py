@@ -137,6 +137,15 @@ def _class_ids(classes: Sequence[int | str] | None, names: Sequence[str], datase
     return [names.index(c) if isinstance(c, str) and c in names else int(c) for c in classes]
 
 
+def data_info_of(dm) -> dict:
+    """What the model needs to know about the data (and what a checkpoint records of it), from a data
+    module (:class:`ImageDataModule`, or any object with its properties): its ``data_info``."""
+    return {"name": dm.name, "num_classes": int(dm.num_classes), "in_chans": int(dm.in_chans),
+            "image_size": list(dm.image_size), "mean": list(dm.mean), "std": list(dm.std),
+            "multi_label": bool(getattr(dm, "multi_label", False)), "metric": dm.metric,
+            "class_names": list(dm.class_names)}
+
+
 def _with_unlabeled_split() -> str:
     return " / ".join(n for n, spec in DATASETS.items() if spec.unlabeled_split)
 
@@ -305,6 +314,11 @@ class ImageDataModule(L.LightningDataModule):
         return self._test_arrays
 
     # ------------------------------------------------------------------ properties
+
+    @property
+    def data_info(self) -> dict:
+        """What the model needs to know about the data (see :func:`data_info_of`); loads the data."""
+        return data_info_of(self)
 
     @property
     def num_classes(self) -> int:
