@@ -476,10 +476,6 @@ def _pm(mean: float, std: float, digits: int = 2) -> str:
     return DASH if math.isnan(mean) else f"{mean:.{digits}f} ± {_fmt(std, digits)}"
 
 
-def _signed(x: float, digits: int = 2) -> str:
-    return DASH if math.isnan(x) else f"{x:+.{digits}f}"
-
-
 def _count(x: float) -> str:
     return DASH if x is None or (isinstance(x, float) and math.isnan(x)) else str(int(x))
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -213,7 +212,3 @@ def check_output_dir(path: str | Path) -> Path:
         raise OutputError(f"Cannot write the run directory: {problem}. Choose a writable one with "
                           "hydra.run.dir=<dir> (hydra.sweep.dir for -m).")
     return path
-
-
-def print_error(err: BaseException) -> None:
-    print(f"\nerror: {err}\n", file=sys.stderr)
