@@ -71,3 +71,16 @@ def test_sources_found():
     names = {_module_name(p) for p in SOURCES}
     assert {"sskt_lightning.validate", "sskt_lightning.options", "sskt_lightning.cache.__main__",
             "sskt_lightning.data.datamodule"} <= names
+
+
+REPORT_LAYERS = ["common", "loading", "statistics", "tables", "figures", "cli"]
+
+
+@pytest.mark.parametrize("part", REPORT_LAYERS)
+def test_report_parts_import_only_the_parts_before_them(part):
+    """sskt_lightning.report's rooms are layered (no circle inside the package either)."""
+    path = PACKAGE / "report" / f"{part}.py"
+    used = {m.split(".")[2] for _, m in imported_modules(path) if m.startswith("sskt_lightning.report.")}
+    later = used - set(REPORT_LAYERS[: REPORT_LAYERS.index(part)])
+    assert not later, f"report/{part}.py imports report parts {sorted(later)}, which do not come before it"
+    assert {p.stem for p in (PACKAGE / "report").glob("*.py")} == {*REPORT_LAYERS, "__init__", "__main__"}
