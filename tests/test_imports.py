@@ -84,3 +84,15 @@ def test_report_parts_import_only_the_parts_before_them(part):
     later = used - set(REPORT_LAYERS[: REPORT_LAYERS.index(part)])
     assert not later, f"report/{part}.py imports report parts {sorted(later)}, which do not come before it"
     assert {p.stem for p in (PACKAGE / "report").glob("*.py")} == {*REPORT_LAYERS, "__init__", "__main__"}
+
+
+def test_the_entry_point_is_built_from_small_helpers():
+    """train._run reads as the steps of a run (as lightning-hydra-template's train()), each built by
+    a helper: no function of the entry point grows back into a 126-line room of a dozen jobs."""
+    tree = ast.parse((PACKAGE / "train.py").read_text())
+    sizes = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    assert sizes["_run"] <= 40 and max(sizes.values()) <= 60, sizes
+    run_body = ast.unparse(next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_run"))
+    for helper in ("start_run", "build_data", "build_module", "build_callbacks", "build_loggers", "build_trainer",
+                   "fit_and_test", "build_results", "publish_results"):
+        assert f"{helper}(" in run_body, helper
