@@ -3,7 +3,13 @@
 Hydra composes ``conf/train.yaml`` with the config groups; this file only wires the pieces: checks
 (:mod:`sskt_lightning.validate`) -> data module -> TransferModule -> Trainer (callbacks, loggers,
 safe checkpoint I/O) -> fit -> test on the last epoch's weights -> ``results.json`` in the run
-directory. A failure writes ``failed.txt`` and a ``results.json`` with ``"status": "failed"``.
+directory, one helper a step (``start_run``, ``build_data``, ``build_module``, ``build_callbacks``,
+``build_trainer``, ``fit_and_test``, ``build_results``, ...). A failure writes ``failed.txt`` and a
+``results.json`` with ``"status": "failed"`` (:func:`run`, the one wrapper that records it).
+
+Nothing in the package imports this module (``tests/test_imports.py``): what other modules need
+lives where it belongs (``CONFIG_DIR`` in :mod:`sskt_lightning.compose`, ``data_info_of`` in
+:mod:`sskt_lightning.data`).
 
 Only the standard library, Hydra and OmegaConf are imported at the top: ``--help`` and ``--cfg``
 answer without loading torch, Lightning or timm.
