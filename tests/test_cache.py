@@ -642,3 +642,21 @@ def test_a_store_with_impossible_meta_or_missing_files_is_damaged(tmp_path, caps
     capsys.readouterr()
     assert cache_cli(["info", f"paths.cache_dir={tmp_path}"]) == 0      # listed as damaged, not a traceback
     assert f"{store.path.name}  damaged" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EACCES"])
+def test_a_store_whose_meta_cannot_be_written_is_a_cache_error_and_leaves_nothing(tmp_path, monkeypatch, code):
+    """meta.json is written through sskt_lightning.atomic (fsync, rename); when that fails the
+    error names the cache's own fixes (not the run directory's) and no half-made store remains."""
+    import errno
+
+    from sskt_lightning import atomic
+
+    def refuse(src, dst):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(atomic.os, "replace", refuse)      # only the atomic write of meta.json renames so
+    with pytest.raises(CacheError, match=r"meta.json.*paths.cache_dir.*method.cache=read_only or off") as err:
+        make_store(tmp_path)
+    assert os.strerror(getattr(errno, code)) in str(err.value) and "hydra.run.dir" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []

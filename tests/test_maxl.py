@@ -60,7 +60,7 @@ def batch(num_classes=3, n=6, size=6, dtype=torch.float64, seed=1):
     return x, torch.arange(n) % num_classes
 
 
-def focal(p, q):   # the formula of METHODS.md, written out independently of the package
+def focal(p, q):   # the formula of docs/methods.md (MAXL), written out independently of the package
     return -(q * (1 - p) ** 2 * torch.log(p)).sum(1).mean()
 
 

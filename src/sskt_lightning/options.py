@@ -337,7 +337,7 @@ def data_info_from(data) -> tuple[dict, dict | None]:
             raise ConfigError(f"data= as a dict is a data_info ({', '.join(required)}, ...); it lacks {missing}. "
                               "Pass the data module instead.")
         return dict(data), None
-    from sskt_lightning.train import data_info_of
+    from sskt_lightning.data.datamodule import data_info_of
     if not all(hasattr(data, k) for k in ("num_classes", "in_chans", "image_size", "mean", "std", "class_names")):
         raise ConfigError(f"data= takes a data module of this project (ImageDataModule, e.g. from data_module()) "
                           f"or a data_info dict, not {type(data).__name__}.")

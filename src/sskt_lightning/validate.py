@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +27,7 @@ _NO_RUN_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", 
 # ---------------------------------------------------------------------------- config groups
 def _config_dir() -> Path:
     # one definition of where the configs live
-    from sskt_lightning.train import CONFIG_DIR
+    from sskt_lightning.compose import CONFIG_DIR
     return Path(CONFIG_DIR)
 
 
@@ -213,7 +212,3 @@ def check_output_dir(path: str | Path) -> Path:
         raise OutputError(f"Cannot write the run directory: {problem}. Choose a writable one with "
                           "hydra.run.dir=<dir> (hydra.sweep.dir for -m).")
     return path
-
-
-def print_error(err: BaseException) -> None:
-    print(f"\nerror: {err}\n", file=sys.stderr)

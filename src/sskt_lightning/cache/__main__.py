@@ -82,7 +82,7 @@ def _open_run_stores(cfg, mode: str, device):
     from sskt_lightning.cache.keys import cache_mode, current_compute, data_streams, open_stores
     from sskt_lightning.errors import ConfigError
     from sskt_lightning.module import TransferModule
-    from sskt_lightning.train import data_info_of
+    from sskt_lightning.data.datamodule import data_info_of
 
     cache_mode(mode, cfg.method.get("source_bn", "eval"))       # refuses source_bn=train
     if cfg.method.name not in ("sskt", "kd") or not cfg.get("source"):
