@@ -6,6 +6,7 @@ Nothing here names a method: what a method needs (sources, an unlabeled stream) 
 class (``needs_sources``, ``accepts_unlabeled``)."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from hydra.utils import get_class
@@ -26,9 +27,19 @@ def packaged_methods() -> list[str]:
     return sorted(p.stem for p in METHOD_DIR.glob("*.yaml"))
 
 
-def method_config(name: str, extra: list[str] = (), tmp: Path | str = "/tmp/contract-compose") -> dict:
+def method_config(name: str, extra: list[str] = ()) -> dict:
+    """The composed ``cfg.method`` of ``method=<name>`` (a fresh copy; composed once per name)."""
+    import copy
+    return copy.deepcopy(_composed_method(name, tuple(extra)))
+
+
+@functools.lru_cache(maxsize=None)
+def _composed_method(name: str, extra: tuple[str, ...]) -> dict:
+    import tempfile
+
     from omegaconf import OmegaConf
-    return OmegaConf.to_container(compose_config([f"method={name}", *extra], tmp).method, resolve=True)
+    cfg = compose_config([f"method={name}", *extra], Path(tempfile.gettempdir()) / "contract-compose")
+    return OmegaConf.to_container(cfg.method, resolve=True)
 
 
 def method_class(name: str, extra: list[str] = ()):

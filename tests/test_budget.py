@@ -106,6 +106,7 @@ def test_val_per_class_is_balanced_disjoint_and_seeded(cifar_dir):
         dm_of(cifar_dir, val_per_class=9)
 
 
+@pytest.mark.slow
 def test_sizes_are_in_results_json(tmp_path, cifar_dir):
     cfg = compose_config(["data=cifar10", f"paths.data_dir={cifar_dir}", "model=resnet20", "method=scratch",
                           "trainer=smoke", "data.batch_size=8", "data.num_workers=0", "data.labels_per_class=2",

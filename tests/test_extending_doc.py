@@ -71,6 +71,7 @@ def test_the_example_refuses_bad_values_before_reading_data(example_method, tmp_
                             *extra, "method.smoothing=1.5"], tmp_path / "bad"))
 
 
+@pytest.mark.slow
 def test_the_example_trains_and_checkpoints(example_method, cifar_dir, tmp_path):
     name, extra = example_method
     results = check_trains_and_checkpoints(name, cifar_dir, tmp_path, extra)

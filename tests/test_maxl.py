@@ -268,6 +268,7 @@ def train(tmp_path, data_dir, *overrides):
     return run(cfg), tmp_path
 
 
+@pytest.mark.slow
 def test_maxl_trains_end_to_end(tmp_path, cifar_dir):
     results, out = train(tmp_path, cifar_dir)
     assert json.loads((out / "results.json").read_text()) == results
@@ -283,6 +284,7 @@ def test_maxl_trains_end_to_end(tmp_path, cifar_dir):
     assert sd["method.aux_head.fc.weight"].shape[0] == 50
 
 
+@pytest.mark.slow
 def test_maxl_first_order_alternating_by_epoch(tmp_path, cifar_dir):
     results, out = train(tmp_path, cifar_dir, "method.meta=first_order", "method.alternate=epoch",
                          "trainer.max_epochs=2", "method.lr_inner=0.01", "method.psi=2")

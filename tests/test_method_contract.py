@@ -53,6 +53,7 @@ def test_bad_values_are_refused_before_any_data_is_read(name, tmp_path):
     check_bad_values_are_refused(name, tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*RANDOM weights")
 @pytest.mark.parametrize("name", METHODS)
 def test_trains_a_few_steps_and_checkpoints(name, cifar_dir, tmp_path):
@@ -83,6 +84,7 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path, cifar_dir, v
 # ----------------------------------------------------------------------------- schedules
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*RANDOM weights")
 @pytest.mark.parametrize("name", METHODS)
 def test_step_schedules_step_per_training_step(tmp_path, cifar_dir, name, monkeypatch):
@@ -125,6 +127,7 @@ class _Stop(Exception):
     pass
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*RANDOM weights")
 def test_a_seed_fixes_data_and_target_init_for_every_method(tmp_path, cifar_dir, monkeypatch):
     """Through train.run itself: the labelled and validation subsets and the target's initial weights

@@ -4,7 +4,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from sskt_lightning.report import main as report_main
+
+pytestmark = pytest.mark.slow   # every test here runs sweeps through subprocesses
 
 SMALL_SOURCE = ["source=[timm]", "source.timm.name=cifar_resnet20", "source.timm.num_classes=10",
                 "source.timm.pretrained=false"]

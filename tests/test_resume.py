@@ -76,6 +76,7 @@ def _csv_rows(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_a_resumed_run_names_its_non_finite_step_as_the_whole_run_counts(tmp_path, cifar_dir, monkeypatch):
     """Killed in epoch 1, resumed from epoch 0's checkpoint, a loss gone NaN at the first resumed
     step is step (epoch 0's steps + 1) of the run, not step 1 (the guard's count restarted)."""
@@ -92,6 +93,7 @@ def test_a_resumed_run_names_its_non_finite_step_as_the_whole_run_counts(tmp_pat
         _run(out, cifar_dir, *SCRATCH, f"resume={out / 'checkpoints' / 'last.ckpt'}")
 
 
+@pytest.mark.slow
 def test_last_ckpt_is_the_last_epoch_when_the_best_is_earlier(tmp_path, cifar_dir):
     """Lightning's save_last writes `last` only with a new best; here the best is epoch 0."""
     import lightning as L
@@ -118,6 +120,7 @@ def test_last_ckpt_is_the_last_epoch_when_the_best_is_earlier(tmp_path, cifar_di
     assert tested["test/acc"] == res["test_acc"]
 
 
+@pytest.mark.slow
 def test_resume_into_a_fresh_directory_writes_complete_results(tmp_path, cifar_dir):
     """Also: a run may be extended (a larger trainer.max_epochs) when its learning-rate schedule does
     not depend on the number of epochs (optim=maxl: x0.5 every 50 epochs)."""
@@ -152,6 +155,7 @@ def _refused(tmp_path, data_dir, resume, *overrides) -> str:
     return str(info.value)
 
 
+@pytest.mark.slow
 def test_missing_truncated_empty_and_foreign_resume_files_are_refused(tmp_path, trained):
     root, ckpt = trained
     data = root / "data"
@@ -170,6 +174,7 @@ def test_missing_truncated_empty_and_foreign_resume_files_are_refused(tmp_path, 
     assert "not a training checkpoint of this project" in msg and str(foreign) in msg
 
 
+@pytest.mark.slow
 def test_mismatched_resume_names_what_differs(tmp_path, trained):
     root, ckpt = trained
     data = root / "data"
@@ -185,6 +190,7 @@ def test_mismatched_resume_names_what_differs(tmp_path, trained):
 TRAINED = ["method=scratch", "trainer.max_epochs=1", "trainer.deterministic=false"]   # as `trained` ran
 
 
+@pytest.mark.slow
 def test_resume_with_another_config_is_refused_naming_every_key(tmp_path, trained):
     """seed, the split and the learning rate are the experiment: a resume must not change them (the
     split would validate on trained images, the lr override would be ignored by the restored
@@ -209,6 +215,7 @@ def test_resume_with_another_config_is_refused_naming_every_key(tmp_path, traine
         assert key not in msg, msg
 
 
+@pytest.mark.slow
 def test_refused_resume_in_its_own_directory_keeps_its_config_yaml(tmp_path, trained):
     """The run directory's config.yaml is what the refusal tells the user to resume with: a refused
     resume into that directory must not overwrite it with the refused config."""
@@ -225,6 +232,7 @@ def test_refused_resume_in_its_own_directory_keeps_its_config_yaml(tmp_path, tra
     assert (run_dir / "config.yaml").read_text() == before
 
 
+@pytest.mark.slow
 def test_longer_run_is_refused_when_the_schedule_depends_on_max_epochs(tmp_path, trained):
     """optim=sgd decays at fractions of trainer.max_epochs: a larger max_epochs moves the decays."""
     from sskt_lightning.errors import ConfigError
@@ -238,6 +246,7 @@ def test_longer_run_is_refused_when_the_schedule_depends_on_max_epochs(tmp_path,
 
 
 
+@pytest.mark.slow
 def test_resumed_run_logs_into_the_same_wandb_run(tmp_path, cifar_dir, monkeypatch):
     """Killed and resumed: one W&B run (the id is kept in the checkpoint), not two."""
     monkeypatch.setenv("WANDB_MODE", "offline")
