@@ -87,10 +87,13 @@ def check_config_is_the_constructor(name: str, extra: list[str] = ()) -> None:
     assert packaged["name"] == cls.name == name.split("/")[-1], (packaged["name"], cls.name, name)
     assert Method.registry[cls.name] is cls                       # registered by its class attribute
     options = {k: v for k, v in packaged.items() if k not in ("_target_", "name")}
-    assert list(options) and set(options) == set(cls.option_names()) or not options and not cls.option_names()
+    where = f"{name}.yaml vs {cls.__name__}.__init__"
+    assert set(options) == set(cls.option_names()), f"{where}: keys {sorted(options)} vs {cls.option_names()}"
     typed = method_options(cls)
     assert typed.config == name and {f.name for f in dataclasses.fields(typed)} == set(options)
-    assert dataclasses.asdict(typed()) == options
+    defaults = dataclasses.asdict(typed())
+    differ = {k: (options[k], defaults[k]) for k in options if options[k] != defaults[k]}
+    assert not differ, f"{where}: (yaml, constructor) defaults differ: {differ}"
     cls.check_options(packaged)                                    # the packaged values are valid
 
 
