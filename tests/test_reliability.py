@@ -269,6 +269,9 @@ def test_a_non_finite_term_is_named_with_its_step(tmp_path, cifar_dir, monkeypat
         train(tmp_path, cifar_dir, f"method={method}", *extra)
     msg = str(info.value)
     assert "training step 1" in msg and term in msg and "Usual causes" in msg
+    described = {"aux_timm": "SSKT's auxiliary loss of source 'timm'", "peer1_loss": "DML peer 1's loss",
+                 "gen_loss": "MAXL's label-generator loss", "kd_loss": "the KD term"}[term]
+    assert f"{term} ({described})" in msg, msg         # the method's class describes its own terms
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 
@@ -340,6 +343,27 @@ def test_guard_names_the_first_step_and_term_across_changing_term_sets():
     assert "at training step 3" in msg and "aux_a (SSKT's auxiliary loss of source 'a')" in msg
     assert "gen_loss" not in msg.split("still finite then")[0].split("in aux_a")[0]
     assert "still finite then: ['task_loss', 'gen_loss']" in msg and "Detected at step 4, at the test" in msg
+
+
+def test_a_method_names_its_own_loss_terms_and_the_running_method_comes_first():
+    """The guard asks the method class what a term is (Method.describe_term / loss_terms): a new
+    method's terms are described with no edit to guard.py, and the running method is asked first
+    ('aux_loss' is MAXL's in a MAXL run, a source's aux term in an SSKT run)."""
+    from sskt_lightning.guard import NonFiniteGuard
+    from sskt_lightning.methods import MAXL, SSKT, Method
+
+    class Mine(Method):   # not registered (no name): known only to the guard it is given to
+        loss_terms = {"x_loss": "my method's own term"}
+    nan = torch.tensor(float("nan"))
+    for method, key, expected in [(Mine, "x_loss", "x_loss (my method's own term)"),
+                                  (MAXL, "aux_loss", "aux_loss (MAXL's auxiliary loss)"),
+                                  (SSKT, "aux_loss", "aux_loss (SSKT's auxiliary loss of source 'loss')"),
+                                  (None, "x_loss", "in x_loss. Detected")]:
+        guard = NonFiniteGuard(method)
+        guard.update({"loss": nan, key: nan})
+        with pytest.raises(NonFiniteError) as info:
+            guard.check("at the test")
+        assert expected in str(info.value), str(info.value)      # (None: an unknown term, just its key)
 
 
 def test_a_checkpoint_of_non_finite_weights_is_refused(tmp_path, cifar_dir):

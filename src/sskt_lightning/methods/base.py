@@ -79,7 +79,16 @@ class Method(nn.Module):
     tap_stages = False             # ... and every stage's output
     no_compiled_target: str | None = None   # why compile.target cannot serve this method (None: it can)
 
+    # the loss terms this method logs (log_train keys) -> what they are: the non-finite guard names them
+    loss_terms: ClassVar[dict[str, str]] = {}
+
     registry: ClassVar[dict[str, type[Method]]] = {}   # name -> class, filled by subclassing
+
+    @classmethod
+    def describe_term(cls, key: str) -> str | None:
+        """What the logged term ``key`` is, for the non-finite guard's message (None: not this
+        method's); override for terms named by pattern (``aux_<source>``, ``peer<k>_loss``)."""
+        return cls.loss_terms.get(key)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

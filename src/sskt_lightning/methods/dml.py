@@ -106,6 +106,10 @@ class DML(Method):
         self.peers = nn.ModuleList()
         self.peer_names: list[str] = []
 
+    @classmethod
+    def describe_term(cls, key):
+        return f"DML peer {key[4:-5]}'s loss" if key.startswith("peer") and key.endswith("_loss") else None
+
     # ------------------------------------------------------------------ set-up
     def setup(self, module):
         info = module.data_info

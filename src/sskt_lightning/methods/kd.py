@@ -36,6 +36,7 @@ def _names_preview(names, limit: int = 6) -> str:
 class KD(SourceCacheOptions, Method):
     name = "kd"
     needs_sources = True
+    loss_terms = {"kd_loss": "the KD term"}
 
     def __init__(self, alpha: float = 0.9, temperature: float = 4.0, cache: str = "off",
                  cache_budget_gb: float = 16.0, cache_topk: int | None = None):

@@ -179,6 +179,9 @@ def virtual_sgd_rules(optimizer, named_params: Mapping[str, torch.Tensor]) -> di
 class MAXL(Method):
     name = "maxl"
     automatic_optimization = False
+    loss_terms = {"primary_loss": "MAXL's primary (focal) loss", "aux_loss": "MAXL's auxiliary loss",
+                  "gen_loss": "MAXL's label-generator loss", "gen_entropy": "MAXL's generator entropy",
+                  "meta_objective": "MAXL's meta objective, which the generator steps on"}
     tap_pooled = True
     no_compiled_target = ("MAXL's meta step differentiates the target twice (second order), which "
                           "torch.compile does not support")

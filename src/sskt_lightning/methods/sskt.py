@@ -48,6 +48,10 @@ class SSKT(SourceCacheOptions, Method):
         self.tap_stages = aux_head == "transfer_module"
         self.heads = nn.ModuleList()
 
+    @classmethod
+    def describe_term(cls, key):
+        return f"SSKT's auxiliary loss of source {key[4:]!r}" if key.startswith("aux_") else None
+
     def setup(self, module):
         if len(module.sources) == 0:
             raise ConfigError("method=sskt needs at least one source: e.g. source=[imagenet_resnet50] "
