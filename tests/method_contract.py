@@ -43,6 +43,12 @@ def _composed_method(name: str, extra: tuple[str, ...]) -> dict:
 
 
 def method_class(name: str, extra: list[str] = ()):
+    """The class ``method=<name>`` builds (at collection: the packaged yaml's ``_target_``, read
+    without composing)."""
+    path = METHOD_DIR / f"{name}.yaml"
+    if not extra and path.is_file():
+        from omegaconf import OmegaConf
+        return get_class(OmegaConf.load(path)["_target_"])
     return get_class(method_config(name, extra)["_target_"])
 
 
