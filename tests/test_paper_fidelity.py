@@ -194,6 +194,7 @@ def test_reference_adapter_errors(options, data, match):
         build_source(spec, data)
 
 
+@pytest.mark.slow
 def test_paper_configs_use_the_reference_adapter(tmp_path):
     for row in PAPER:
         cfg = compose_config([f"experiment=paper/{row}"], tmp_path)
