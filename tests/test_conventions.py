@@ -365,7 +365,7 @@ def test_processes_started_by_a_cluster_launcher_must_share_one_run_dir():
 
 @pytest.mark.slow
 def test_submitit_slurm_launcher_composes_for_a_ddp_sweep():
-    """What README's SLURM sweep command composes to (no cluster here: the launcher config only)."""
+    """What the SLURM sweep command of docs/multi-gpu-and-clusters.md composes to (no cluster here: the launcher config only)."""
     proc = subprocess.run([sys.executable, "-m", "sskt_lightning.train", "--cfg", "hydra",
                            "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",
                            "hydra.launcher.tasks_per_node=4", "hydra.launcher.gpus_per_node=4", "trainer=ddp",
