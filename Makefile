@@ -1,10 +1,10 @@
-# Two commands do everything: `make train` and `make test`. Each sets up what it needs first.
+# Two commands do everything: `make train` and `make test` (`make test-fast`: the quick loop). Each sets up what it needs first.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install data train test benchmark clean
+.PHONY: install data train test test-fast benchmark clean
 
 install: $(STAMP)
 
@@ -28,6 +28,11 @@ train: install data
 
 test: install data
 	$(PY) -m pytest -q
+
+# The quick loop while editing: everything but the end-to-end runs (marked slow) and the wheel
+# check (marked install); `make test` still runs all of them.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not install"
 
 benchmark: install data
 	$(PY) experiments/fashion_transfer/benchmark.py

@@ -73,3 +73,23 @@ class LearningRateFrom(L.Callback):
             for opt in trainer.optimizers:
                 for group in opt.param_groups:
                     group["lr"] = self.lr
+
+
+def main_in_process(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """``python -m sskt_lightning.train *args`` in this process: (exit code, stderr)."""
+    import sys
+
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from sskt_lightning import train as train_mod
+    monkeypatch.setattr(sys, "argv", ["train", *args, "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"])
+    code = 0
+    try:
+        train_mod.main()
+    except SystemExit as exit_:
+        code = exit_.code
+    finally:
+        GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None     # later in-process runs must not see this job's overrides
+    return code, capsys.readouterr().err

@@ -1,12 +1,11 @@
 """Training budgets in steps, whatever the number of labels: data.steps_per_epoch, the unlabeled
-stream sized by its ratio, data.val_per_class, step-based schedules for every method, and one seed
-fixing the labelled subset, the validation subset and the target's initialisation for every method."""
+stream sized by its ratio, data.val_per_class, the warm-up cosine schedule. (Step-based schedules for
+every method, and one seed fixing the labelled subset, the validation subset and the target's
+initialisation for every method: test_method_contract.py, over conf/method/.)"""
 import math
 
-import lightning as L
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import sskt_lightning.train as train_mod
@@ -15,9 +14,6 @@ from sskt_lightning.data import ImageDataModule
 from sskt_lightning.data.datamodule import CyclingSampler
 from sskt_lightning.errors import ConfigError
 from sskt_lightning.optim import warmup_cosine
-
-SMALL_SOURCE = ["source=[timm]", "source.timm.name=cifar_resnet20", "source.timm.num_classes=10",
-                "source.timm.pretrained=false"]
 
 
 def dm_of(root, **kw):
@@ -110,6 +106,7 @@ def test_val_per_class_is_balanced_disjoint_and_seeded(cifar_dir):
         dm_of(cifar_dir, val_per_class=9)
 
 
+@pytest.mark.slow
 def test_sizes_are_in_results_json(tmp_path, cifar_dir):
     cfg = compose_config(["data=cifar10", f"paths.data_dir={cifar_dir}", "model=resnet20", "method=scratch",
                           "trainer=smoke", "data.batch_size=8", "data.num_workers=0", "data.labels_per_class=2",
@@ -117,53 +114,6 @@ def test_sizes_are_in_results_json(tmp_path, cifar_dir):
     results = train_mod.run(cfg)
     # 20 labelled, 30 validation; the unlabeled stream is off (its pool of 30 unused): 0
     assert (results["num_train"], results["num_val"], results["num_unlabeled"]) == (20, 30, 0)
-
-
-# ----------------------------------------------------------------------------- one seed, every method
-
-
-class _Stop(Exception):
-    pass
-
-
-@pytest.mark.filterwarnings("ignore:.*RANDOM weights")
-def test_a_seed_fixes_data_and_target_init_for_every_method(tmp_path, cifar_dir, monkeypatch):
-    """Through train.run itself: the labelled and validation subsets and the target's initial weights
-    are the same for scratch, sskt (+ unlabeled), kd, dml and maxl at one seed."""
-    seen = {}
-
-    class Probe(train_mod.TransferModule):
-        def __init__(self, config, data_info):
-            super().__init__(config, data_info)
-            seen["target"] = {k: v.clone() for k, v in self.target.state_dict().items()}
-            raise _Stop
-
-    def split_of(dm_self, *a, **k):
-        out = original_setup(dm_self, *a, **k)
-        seen["split"] = (dm_self.train_indices.tolist(), dm_self.val_indices.tolist())
-        return out
-
-    original_setup = ImageDataModule.setup
-    monkeypatch.setattr(ImageDataModule, "setup", split_of)
-    monkeypatch.setattr(train_mod, "TransferModule", Probe)
-    base = ["data=cifar10", f"paths.data_dir={cifar_dir}", "model=resnet20", "trainer=smoke", "data.batch_size=8",
-            "data.num_workers=0", "data.labels_per_class=2", "data.val_per_class=2", "seed=5", *SMALL_SOURCE]
-    methods = {"scratch": ["method=scratch"], "sskt": ["method=sskt"],
-               "sskt_unlabeled": ["method=sskt", "method.unlabeled=true", "data.unlabeled=true"],
-               "kd": ["method=kd"], "dml": ["method=dml"], "maxl": ["method=maxl"]}
-    got = {}
-    for name, overrides in methods.items():
-        with pytest.raises(_Stop):
-            train_mod.run(compose_config([*base, *overrides], tmp_path / name))
-        got[name] = (seen["split"], seen["target"])
-    split0, target0 = got["scratch"]
-    for name, (split, target) in got.items():
-        assert split == split0, name
-        assert target.keys() == target0.keys() and all(torch.equal(target[k], target0[k]) for k in target0), name
-    with pytest.raises(_Stop):   # another seed: another subset, another initialisation
-        train_mod.run(compose_config([*base, "seed=6", "method=scratch"], tmp_path / "other"))
-    assert seen["split"] != split0
-    assert any(not torch.equal(seen["target"][k], target0[k]) for k in target0 if target0[k].is_floating_point())
 
 
 # ----------------------------------------------------------------------------- schedules
@@ -180,32 +130,6 @@ def test_warmup_cosine_by_hand():
     expected = [0.1, 0.2] + [0.2 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 10)]
     assert lrs == pytest.approx(expected)
     assert warmup_cosine(opt, total_steps=10, warmup=3).lr_lambdas[0](2) == pytest.approx(1.0)
-
-
-@pytest.mark.parametrize("method", ["scratch", "dml", "maxl"])
-def test_step_schedules_step_per_training_step_for_every_method(tmp_path, cifar_dir, method):
-    """optim=sgd_cosine: 2 epochs of 3 steps -> every multi-task / peer scheduler stepped 6 times,
-    with automatic (scratch) and manual (dml, maxl) optimization; MAXL's generator stays per epoch."""
-    cfg = compose_config(["data=cifar10", f"paths.data_dir={cifar_dir}", "model=resnet20", f"method={method}",
-                          "trainer=cpu", "trainer.max_epochs=2", "trainer.limit_val_batches=1", "data.batch_size=4",
-                          "data.num_workers=0", "data.val_size=8", "data.steps_per_epoch=3", "optim=sgd_cosine",
-                          "optim.scheduler.warmup=2"], tmp_path)
-    dm = instantiate(cfg.data)
-    dm.setup("fit")
-    module = train_mod.TransferModule(OmegaConf.to_container(cfg, resolve=True), train_mod.data_info_of(dm))
-    trainer = L.Trainer(accelerator="cpu", max_epochs=2, limit_val_batches=0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, datamodule=dm)
-    configs = trainer.lr_scheduler_configs
-    step_based = [c for c in configs if c.interval == "step"]
-    assert len(step_based) == {"scratch": 1, "dml": 2, "maxl": 1}[method]
-    for c in step_based:
-        assert c.scheduler.last_epoch == 6
-        factor = 0.5 * (1 + math.cos(math.pi * 4 / 4))                          # step 6 of 6: the end
-        assert c.scheduler.get_last_lr()[0] == pytest.approx(0.1 * factor, abs=1e-12)
-    if method == "maxl":
-        (gen,) = [c for c in configs if c.interval == "epoch"]
-        assert gen.scheduler.last_epoch == 2
 
 
 def test_step_interval_needs_a_trainer():

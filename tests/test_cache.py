@@ -308,6 +308,7 @@ def expected_rows(idx, view):
     return (idx[:, None] * 10 + view[:, None] + np.arange(7) / 8).astype(np.float16)
 
 
+@pytest.mark.slow
 def test_two_concurrent_writers_share_one_store(tmp_path):
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
@@ -323,6 +324,7 @@ def test_two_concurrent_writers_share_one_store(tmp_path):
     assert np.array_equal(rows, expected_rows(idx, view))
 
 
+@pytest.mark.slow
 def test_a_writer_killed_mid_commit_leaves_no_trusted_entry(tmp_path):
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
@@ -358,6 +360,7 @@ def data_and_module(cfg):
     return dm, TransferModule(OmegaConf.to_container(cfg, resolve=True), data_info_of(dm))
 
 
+@pytest.mark.slow
 def test_cached_logits_equal_online_logits_for_random_image_views(tmp_path, cifar_dir):
     """Built by the CLI (every view of every image), then random (image, view) pairs looked up
     through the source bank equal the source run online on those views, to fp16 precision."""
@@ -381,6 +384,7 @@ def test_cached_logits_equal_online_logits_for_random_image_views(tmp_path, cifa
     bank.detach_cache()
 
 
+@pytest.mark.slow
 def test_warm_cache_follows_the_online_run(tmp_path, cifar_dir, monkeypatch):
     """cache=off, then a cold and a warm read_write run, same seed: the cold and warm runs are
     identical (every answer has the stored precision), and both follow the online run."""
@@ -436,6 +440,7 @@ def test_warm_cache_follows_the_online_run(tmp_path, cifar_dir, monkeypatch):
     assert stats[2]["timm"][0]["hit_rate"] == 1.0 and stats[3]["timm"][0]["hit_rate"] == 1.0
 
 
+@pytest.mark.slow
 def test_same_seed_runs_with_other_settings_hit_the_cache_completely(tmp_path, cifar_dir):
     """The views are the data module's, not the global RNG's: a run whose heads draw other random
     initial weights (transfer module vs linear) still sees exactly the (image, view) pairs the first
@@ -447,6 +452,7 @@ def test_same_seed_runs_with_other_settings_hit_the_cache_completely(tmp_path, c
     assert other["method_settings"]["cache_stats"]["timm"][0]["hit_rate"] == 1.0
 
 
+@pytest.mark.slow
 def test_changed_source_fills_its_own_store_and_says_why(tmp_path, cifar_dir, caplog):
     args = overrides(cifar_dir, tmp_path / "cache", "method.cache=read_write")
     run(compose_config(args, tmp_path / "a"))
@@ -457,6 +463,7 @@ def test_changed_source_fills_its_own_store_and_says_why(tmp_path, cifar_dir, ca
     assert "differs in source.weights_sha256)" in caplog.text        # and in nothing else
 
 
+@pytest.mark.slow
 def test_sskt_unlabeled_stream_and_kd_teacher_use_the_cache(tmp_path, cifar_dir):
     unlabeled = ["data.labels_per_class=2", "data.unlabeled=true", "method.unlabeled=true",
                  "method.cache=read_write"]
@@ -479,6 +486,7 @@ def test_cache_refuses_a_source_in_train_mode_before_training(tmp_path, cifar_di
 
 
 # ------------------------------------------------------------------------------------ CLI
+@pytest.mark.slow
 def test_build_resumes_and_info_and_clear(tmp_path, cifar_dir, capsys, monkeypatch):
     args = overrides(cifar_dir, tmp_path / "cache", "data.augment_pad=0", "data.augment_flip=true")
     calls = {"n": 0}
@@ -555,6 +563,7 @@ def test_source_signature_is_the_one_before_a_dtype_conversion():
     assert module[0].signature() == before
 
 
+@pytest.mark.slow
 def test_a_store_built_by_the_cli_is_found_by_a_bf16_true_run(tmp_path, cifar_dir):
     """``cache build`` at bf16-true hashes the fp32 source and casts it after; training opens its
     stores in ``on_fit_start``, after Lightning's precision plugin converted the module: one key."""
@@ -597,6 +606,7 @@ def test_a_store_that_would_not_fit_the_disk_is_refused_at_creation(tmp_path, mo
     assert os.stat(store.path / FILLED).st_blocks > 0              # the flags are allocated, not a hole
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_writing_with_one_warning_and_the_run_goes_on(tmp_path, cifar_dir, monkeypatch, caplog,
                                                                         capsys):
     """ENOSPC while committing: the store stops storing (one warning), lookups go on, misses run
@@ -624,6 +634,7 @@ def test_a_full_disk_stops_writing_with_one_warning_and_the_run_goes_on(tmp_path
 
 
 # ------------------------------------------------------------------------------------ damaged stores
+@pytest.mark.slow
 def test_damaged_meta_is_a_cache_error_naming_clear_and_clear_removes_it(tmp_path, capsys):
     from sskt_lightning.cache.keys import explain_new_store
     labels = {"source": "s", "dataset": "d", "split": "train"}
@@ -658,6 +669,7 @@ def _edit_meta(path, **fields):
     (path / META).write_text(json.dumps(meta))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage, why", [
     (lambda p: _edit_meta(p, num_classes=-5), "whole number of classes >= 1, got -5"),
     (lambda p: _edit_meta(p, num_classes="ten"), "whole number of classes >= 1, got 'ten'"),
@@ -676,3 +688,21 @@ def test_a_store_with_impossible_meta_or_missing_files_is_damaged(tmp_path, caps
     capsys.readouterr()
     assert cache_cli(["info", f"paths.cache_dir={tmp_path}"]) == 0      # listed as damaged, not a traceback
     assert f"{store.path.name}  damaged" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("code", ["ENOSPC", "EACCES"])
+def test_a_store_whose_meta_cannot_be_written_is_a_cache_error_and_leaves_nothing(tmp_path, monkeypatch, code):
+    """meta.json is written through sskt_lightning.atomic (fsync, rename); when that fails the
+    error names the cache's own fixes (not the run directory's) and no half-made store remains."""
+    import errno
+
+    from sskt_lightning import atomic
+
+    def refuse(src, dst):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(atomic.os, "replace", refuse)      # only the atomic write of meta.json renames so
+    with pytest.raises(CacheError, match=r"meta.json.*paths.cache_dir.*method.cache=read_only or off") as err:
+        make_store(tmp_path)
+    assert os.strerror(getattr(errno, code)) in str(err.value) and "hydra.run.dir" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []

@@ -43,6 +43,7 @@ def _losses(out):
     return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
 
 
+@pytest.mark.slow
 def test_compiled_sskt_run_follows_the_eager_run_and_writes_the_same_checkpoint_keys(tmp_path, cifar_dir):
     """Target, transfer-module heads and source compiled (CPU inductor): the loss curve agrees with
     the eager run (the same first loss to rounding, then a drift under 1 %), and the checkpoint has the eager network's keys (no _orig_mod)."""

@@ -58,6 +58,7 @@ def test_every_option_of_the_new_groups_composes_and_its_targets_import(group, o
         assert cfg.logger.csv._target_ == "sskt_lightning.runlog.RunCSVLogger"
 
 
+@pytest.mark.slow
 def test_what_each_option_selects(tmp_path):
     default = compose_config([], tmp_path)
     assert list(default.callbacks) == ["model_checkpoint", "progress_bar"]
@@ -98,6 +99,7 @@ def test_callbacks_group_instantiates_and_the_progress_bar_yields_to_enable_prog
 
 
 # ---------------------------------------------------------------------------- runs
+@pytest.mark.slow
 def test_callbacks_none_keeps_the_reliability_callbacks(tmp_path, cifar_dir):
     """No best-*.ckpt, no lr rows; still last.ckpt, best_val_acc, images/s; `+callbacks.<name>` works."""
     out = tmp_path / "run"
@@ -121,6 +123,7 @@ def test_callbacks_none_keeps_the_reliability_callbacks(tmp_path, cifar_dir):
     assert "lr-SGD" not in header and "val/acc" in header
 
 
+@pytest.mark.slow
 def test_default_run_logs_the_learning_rate_once_per_epoch_with_its_epoch(tmp_path, cifar_dir):
     import csv
     out = tmp_path / "run"
@@ -132,6 +135,7 @@ def test_default_run_logs_the_learning_rate_once_per_epoch_with_its_epoch(tmp_pa
     assert res["checkpoints"]["best"].startswith("checkpoints/best-epoch")
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_after_patience(tmp_path, cifar_dir):
     # the monitored score falls after epoch 0 (test helper): patience 1 stops after epoch 1 of 5
     res = run(compose_config([*SMOKE, f"paths.data_dir={cifar_dir}", "method=scratch", "trainer.max_epochs=5",
@@ -142,6 +146,7 @@ def test_early_stopping_stops_after_patience(tmp_path, cifar_dir):
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_many_loggers_offline(tmp_path, cifar_dir, monkeypatch):
     """CSV, W&B (offline) and TensorBoard all write into the run directory, without any network."""
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -153,6 +158,7 @@ def test_many_loggers_offline(tmp_path, cifar_dir, monkeypatch):
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
 
 
+@pytest.mark.slow
 def test_debug_fast_dev_run_and_profiler(tmp_path, cifar_dir, capsys):
     res = run(compose_config(["data=cifar10", "model=resnet20", "data.batch_size=8", "data.val_size=16",
                               f"paths.data_dir={cifar_dir}", "method=scratch", "trainer=cpu",
@@ -231,6 +237,7 @@ def test_wandb_without_a_key_stops_before_anything_is_built(tmp_path, monkeypatc
     check_loggers(compose_config(["logger=csv"], tmp_path))      # no W&B, no check
 
 
+@pytest.mark.slow
 def test_wandb_without_a_key_on_the_command_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "NETRC"))}
     env.update(HOME=str(tmp_path), OMP_NUM_THREADS="1")
@@ -263,6 +270,7 @@ NOISE = {"litlogger tip": "Tip: For seamless cloud", "_pytree deprecation": "isi
          "log_every_n_steps on short epochs": "is smaller than the logging interval"}
 
 
+@pytest.mark.slow
 def test_terminal_is_one_header_a_progress_bar_and_no_known_noise(tmp_path, cifar_dir):
     from conventions_helpers import UNRELATED
     quiet = _cli(tmp_path, cifar_dir, name="quiet")
@@ -362,8 +370,9 @@ def test_processes_started_by_a_cluster_launcher_must_share_one_run_dir():
     assert cluster_launch({"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "sskt"}) is None   # one task: nothing to share
 
 
+@pytest.mark.slow
 def test_submitit_slurm_launcher_composes_for_a_ddp_sweep():
-    """What README's SLURM sweep command composes to (no cluster here: the launcher config only)."""
+    """What the SLURM sweep command of docs/multi-gpu-and-clusters.md composes to (no cluster here: the launcher config only)."""
     proc = subprocess.run([sys.executable, "-m", "sskt_lightning.train", "--cfg", "hydra",
                            "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",
                            "hydra.launcher.tasks_per_node=4", "hydra.launcher.gpus_per_node=4", "trainer=ddp",

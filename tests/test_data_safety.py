@@ -75,6 +75,7 @@ def test_hostile_cifar_batch_is_refused_and_never_run(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_hostile_cifar_batch_through_the_cli(tmp_path):
     marker = tmp_path / "marker"
     batch = _hostile_cifar(tmp_path / "data", marker)

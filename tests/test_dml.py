@@ -224,6 +224,7 @@ def test_a_peer_weights_file_holding_a_tensor_is_a_weights_error(tmp_path):
 
 
 # ---------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_two_peer_run_end_to_end(tmp_path, cifar_dir, monkeypatch):
     initial = []
 

@@ -39,6 +39,7 @@ def rows(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*RANDOM weights")
 @pytest.mark.parametrize("method", sorted(CASES))
 def test_epoch_means_of_every_loss_term_and_the_lr_of_every_optimizer(method, tmp_path, cifar_dir):
@@ -62,6 +63,7 @@ def test_epoch_means_of_every_loss_term_and_the_lr_of_every_optimizer(method, tm
             assert logged == [pytest.approx(per_epoch[epoch], rel=1e-6)], (name, epoch)
 
 
+@pytest.mark.slow
 def test_a_run_shorter_than_the_logging_interval_still_logs_its_losses(tmp_path, cifar_dir):
     """The issue's case: log_every_n_steps=50, a few steps: no step row at all, but the epoch means."""
     cfg = compose_config([*BASE, f"paths.data_dir={cifar_dir}", "method=scratch",

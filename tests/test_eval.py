@@ -65,6 +65,7 @@ def test_eval_reproduces_the_runs_test_score_and_the_hand_computed_one(trained, 
     assert result["loss"] == pytest.approx(loss, rel=1e-5)     # float32: ~80 ulp, as above
 
 
+@pytest.mark.slow
 def test_an_sskt_checkpoint_evaluates_without_its_sources(trained, tmp_path):
     """Only the target is rebuilt: the source's weights file may be gone by evaluation time."""
     import shutil
@@ -150,6 +151,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]
 
 
+@pytest.mark.slow
 def test_command_line_errors_name_the_option_without_a_traceback(tmp_path):
     for args, expected in ((["split=test"], "ckpt_path is required"),
                            ([f"ckpt_path={tmp_path / 'missing.ckpt'}"], "does not exist")):

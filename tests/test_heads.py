@@ -3,7 +3,7 @@ import pytest
 import timm
 import torch
 
-from sskt_lightning.heads import LinearHead, TransferModule, build_head, transfer_module_sizes
+from sskt_lightning.heads import LinearHead, TransferHead, build_head, transfer_module_sizes
 from sskt_lightning.nets.factory import TappedNet, create_network, resolve_model_name, stage_modules
 from sskt_lightning.errors import ConfigError
 
@@ -38,7 +38,7 @@ def test_transfer_module_reference_sizes():
 
 
 def test_transfer_module_averages_branch_vectors():
-    tm = TransferModule([4, 8], num_classes=3, out_dim=6, mid_dim=2).eval()
+    tm = TransferHead([4, 8], num_classes=3, out_dim=6, mid_dim=2).eval()
     feats = [torch.randn(2, 4, 8, 8), torch.randn(2, 8, 4, 4)]
     from sskt_lightning.nets.factory import NetOutput
     vectors = [b(f) for b, f in zip(tm.branches, feats)]
@@ -50,6 +50,17 @@ def test_transfer_module_averages_branch_vectors():
     convs = [m for m in tm.branches[0].modules() if isinstance(m, torch.nn.Conv2d)]
     assert [(c.kernel_size, c.stride, c.in_channels, c.out_channels) for c in convs] == [
         ((1, 1), (1, 1), 4, 2), ((3, 3), (2, 2), 2, 2), ((1, 1), (1, 1), 2, 6)]
+
+
+def test_transfer_head_keeps_its_checkpoint_keys_and_its_own_name():
+    """The head class was renamed (TransferModule -> TransferHead, the LightningModule's name); the
+    state-dict keys checkpoints store are those of its attributes and stay as they were."""
+    from sskt_lightning import heads
+    keys = list(TransferHead([4, 8], num_classes=3, out_dim=6, mid_dim=2, conv_bias=True).state_dict())
+    bn = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+    assert keys == [f"branches.{b}.{c}.{k}" for b in (0, 1) for c in (0, 1, 2)
+                    for k in ["0.weight", "0.bias", *(f"1.{n}" for n in bn)]] + ["fc.weight", "fc.bias"]
+    assert not hasattr(heads, "TransferModule")
 
 
 def test_hooks_do_not_accumulate_outside_forward():

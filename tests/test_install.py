@@ -222,20 +222,17 @@ def test_wheel_in_a_fresh_venv_composes_trains_evaluates_and_reports(tmp_path):
 
 
 def _readme_example() -> str:
-    """The code block of README's 'Use the module in your own Lightning script' section."""
-    text = (ROOT / "README.md").read_text().split("## Use the module in your own Lightning script", 1)[1]
+    """The code block of the 'Use the module in your own Lightning script' section of docs/python-api.md
+    (the README's reference moved into docs/)."""
+    text = (ROOT / "docs" / "python-api.md").read_text().split("## Use the module in your own Lightning script", 1)[1]
     text = text.split("\n## ", 1)[0]
-    lines, block = text.splitlines(), []
-    start = next(i for i, line in enumerate(lines) if line.startswith("    "))
-    for line in lines[start:]:
-        if line and not line.startswith("    "):
-            break
-        block.append(line[4:])
-    return "\n".join(block)
+    lines = text.splitlines()
+    start = lines.index("```python") + 1
+    return "\n".join(lines[start:lines.index("```", start)])
 
 
 def test_readme_library_example_runs(tmp_path, monkeypatch):
-    """The README's own code, made tiny and offline by replacing a few literals (each must be there)."""
+    """The documented code (docs/python-api.md), made tiny and offline by replacing a few literals (each must be there)."""
     from data_fixtures import write_cifar10
     code = _readme_example()
     for old, new in [
@@ -245,13 +242,13 @@ def test_readme_library_example_runs(tmp_path, monkeypatch):
         ('max_epochs=10, accelerator="auto"', 'max_epochs=1, accelerator="cpu", limit_train_batches=2, '
          'limit_val_batches=2, limit_test_batches=2, enable_progress_bar=False'),
     ]:
-        assert old in code, f"README example changed: {old!r} not found"
+        assert old in code, f"docs/python-api.md example changed: {old!r} not found"
         code = code.replace(old, new)
     write_cifar10(tmp_path / "data", n_train=80, n_test=24)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     with pytest.warns(UserWarning, match="RANDOM weights"):
-        exec(compile(code, "README.md", "exec"), namespace)
+        exec(compile(code, "docs/python-api.md", "exec"), namespace)
     tested = namespace["trainer"].callback_metrics
     assert 0.0 <= float(tested["test/acc"]) <= 1.0
     assert list((tmp_path / "lightning_logs").rglob("last.ckpt"))

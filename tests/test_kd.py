@@ -121,6 +121,7 @@ def test_zero_or_several_teachers_are_refused(tmp_path, sources, found):
     assert found in str(err.value) and "source=[checkpoint]" in str(err.value)
 
 
+@pytest.mark.slow
 def test_checkpoint_teacher_with_other_class_names_is_refused(tmp_path, data_dir):
     # the teacher learned CIFAR-10 with classes 0 and 1 swapped: 10 classes, other names per logit
     swap = "data.label_map=[1,0,2,3,4,5,6,7,8,9]"
@@ -170,6 +171,7 @@ def test_teacher_unchanged_and_in_eval_mode_while_the_target_learns(tmp_path, da
 
 
 # ---------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_kd_from_a_checkpoint_of_this_project_end_to_end(tmp_path, data_dir, scratch_ckpt):
     results, out = train(tmp_path, data_dir, "method=kd", "source=[checkpoint]",
                          f"source.checkpoint.weights={scratch_ckpt}")

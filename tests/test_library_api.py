@@ -106,6 +106,7 @@ def test_unknown_or_invalid_options_name_the_fix(make, match):
         make()
 
 
+@pytest.mark.slow
 def test_the_options_module_and_the_package_stay_light():
     code = ("import sys, sskt_lightning.options, sskt_lightning\n"
             "assert 'torch' not in sys.modules and 'lightning' not in sys.modules, 'heavy import'\n"
@@ -118,6 +119,7 @@ def test_the_options_module_and_the_package_stay_light():
         sskt_lightning.nosuch  # noqa: B018
 
 
+@pytest.mark.slow
 def test_a_typed_module_trains_checkpoints_and_is_evaluated_like_a_cli_run(tmp_path, cifar_dir):
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint

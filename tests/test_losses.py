@@ -1,4 +1,4 @@
-"""Loss values against numbers computed by hand (METHODS.md formulas)."""
+"""Loss values against numbers computed by hand (the formulas of docs/methods.md)."""
 import math
 
 import pytest

@@ -60,7 +60,7 @@ def batch(num_classes=3, n=6, size=6, dtype=torch.float64, seed=1):
     return x, torch.arange(n) % num_classes
 
 
-def focal(p, q):   # the formula of METHODS.md, written out independently of the package
+def focal(p, q):   # the formula of docs/methods.md (MAXL), written out independently of the package
     return -(q * (1 - p) ** 2 * torch.log(p)).sum(1).mean()
 
 
@@ -192,16 +192,17 @@ def test_first_order_graph_reaches_only_the_generator():
 def test_second_order_falls_back_to_first_order_under_ddp():
     """(A real 2-process gloo run is too slow for this suite; the fallback logic is checked here.)"""
     method, module = tiny_maxl(2)
-    ddp = SimpleNamespace(_ddp_kwargs={"find_unused_parameters": True})
-    module._trainer = SimpleNamespace(world_size=2, strategy=ddp)
+    ddp = SimpleNamespace(model=SimpleNamespace(find_unused_parameters=True))   # the DDP-wrapped model
+    module.trainer = SimpleNamespace(world_size=2, strategy=ddp)
     with pytest.warns(UserWarning, match="first_order"):
         method._resolve_meta(module)
     assert method.meta == "first_order" and method.describe()["meta"] == "first_order"
     assert method.describe()["requested_meta"] == "second_order"
-    module._trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(_ddp_kwargs={}))
+    module.trainer = SimpleNamespace(world_size=2, strategy=SimpleNamespace(
+        model=SimpleNamespace(find_unused_parameters=False)))
     with pytest.raises(ConfigError, match="ddp_find_unused_parameters_true"):
         method._resolve_meta(module)
-    module._trainer = SimpleNamespace(world_size=1)
+    module.trainer = SimpleNamespace(world_size=1)
     method._resolve_meta(module)
     assert method.meta == "second_order"
 
@@ -267,6 +268,7 @@ def train(tmp_path, data_dir, *overrides):
     return run(cfg), tmp_path
 
 
+@pytest.mark.slow
 def test_maxl_trains_end_to_end(tmp_path, cifar_dir):
     results, out = train(tmp_path, cifar_dir)
     assert json.loads((out / "results.json").read_text()) == results
@@ -282,6 +284,7 @@ def test_maxl_trains_end_to_end(tmp_path, cifar_dir):
     assert sd["method.aux_head.fc.weight"].shape[0] == 50
 
 
+@pytest.mark.slow
 def test_maxl_first_order_alternating_by_epoch(tmp_path, cifar_dir):
     results, out = train(tmp_path, cifar_dir, "method.meta=first_order", "method.alternate=epoch",
                          "trainer.max_epochs=2", "method.lr_inner=0.01", "method.psi=2")

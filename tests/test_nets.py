@@ -257,6 +257,7 @@ def test_features_only_with_out_indices_and_one_channel(name):
     assert net.pretrained_cfg["input_size"] == (1, 32, 32)
 
 
+@pytest.mark.slow
 def test_package_import_is_light_and_nets_register_on_their_import():
     """`import sskt_lightning` loads neither torch nor timm (the command line starts fast), so it
     registers nothing; `import sskt_lightning.nets` (or anything that builds a net) registers them."""

@@ -38,6 +38,7 @@ def small_run(name, tmp_path, *extra):
     return cfg, run(cfg), sources
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*RANDOM weights")
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_paper_experiment_runs_a_few_steps(name, tmp_path):
@@ -48,6 +49,7 @@ def test_paper_experiment_runs_a_few_steps(name, tmp_path):
     assert settings["source_bn"] == "train" and settings["tm_width"] == "reference" and settings["tm_bias"]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*RANDOM weights")
 def test_paper_maxl_column_runs_a_few_steps(tmp_path):
     cfg, results, _ = small_run("cifar10_resnet20", tmp_path, "method=paper/maxl", "method.psi=10",

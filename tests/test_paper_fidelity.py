@@ -18,7 +18,7 @@ from torch import nn
 import sskt_lightning  # noqa: F401  (registers cifar_* with timm)
 from sskt_lightning.compose import compose_config
 from sskt_lightning.errors import ConfigError
-from sskt_lightning.heads import MLPHead, TransferModule, build_head, transfer_module_sizes
+from sskt_lightning.heads import MLPHead, TransferHead, build_head, transfer_module_sizes
 from sskt_lightning.methods.maxl import MAXL, VirtualSGD, virtual_sgd_rules
 from sskt_lightning.nets.cifar_resnet import ZeroPadShortcut
 from sskt_lightning.nets.factory import TappedNet, create_network
@@ -133,7 +133,7 @@ def test_paper_configs_build_the_reference_heads(row, channels, o, tmp_path):
     size = 224 if row.startswith("voc") else 32
     target = TappedNet(create_network(cfg.model.name, 20, image_size=size, **cfg.model.kwargs), tap_stages=True)
     head = build_head(method.aux_head, target, 1000, method.tm_out, method.tm_mid, method.tm_width, method.tm_bias)
-    assert isinstance(head, TransferModule) and target.stage_channels == channels
+    assert isinstance(head, TransferHead) and target.stage_channels == channels
     assert n_params(head) == reference_tm_params(channels, o, o // 2, 1000)
     assert method.source_bn == "train" and method.aux_loss == "ce"
     assert (method.alpha, method.temperature) == (0.1, 3.0)
@@ -194,6 +194,7 @@ def test_reference_adapter_errors(options, data, match):
         build_source(spec, data)
 
 
+@pytest.mark.slow
 def test_paper_configs_use_the_reference_adapter(tmp_path):
     for row in PAPER:
         cfg = compose_config([f"experiment=paper/{row}"], tmp_path)

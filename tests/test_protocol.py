@@ -139,6 +139,7 @@ def test_spec_and_command_line(tmp_path):
         P.protocol_from_args(["--out", str(tmp_path / "o"), "--spec", str(spec)])
 
 
+@pytest.mark.slow
 def test_an_incomplete_protocol_exits_non_zero_and_names_what_is_missing(tmp_path, monkeypatch, capsys):
     """A failed final run or a method whose every trial failed: the report is still written, but the
     command must not end with 0 as if the comparison were complete."""
@@ -213,6 +214,7 @@ def test_tiny_protocol_end_to_end_and_resume(tmp_path, cifar_dir):
     assert " min] " not in again.stdout          # no run was launched (the runner logs each finished run)
 
 
+@pytest.mark.slow
 def test_hydra_optuna_sweeper_runs_a_search_config(tmp_path, cifar_dir):
     """`hparams_search=<method>` with hydra-optuna-sweeper 1.3 / optuna 2.10 (in-memory study):
     the trials run and the best parameters are written; the value optimised is train.main's return

@@ -113,6 +113,7 @@ def _open_files_in(pid: int, directory: Path) -> list[int]:
     return sizes
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_file_and_no_temp(tmp_path):
     """$TMPDIR on another file system (tmpfs) than the checkpoint: Lightning's own writer then copies
     across file systems and a kill leaves a truncated or empty last.ckpt. The writer pauses with over
@@ -159,6 +160,7 @@ def test_full_disk_during_a_checkpoint_write_keeps_the_previous_file(tmp_path, m
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
+@pytest.mark.slow
 def test_full_disk_in_a_run_is_one_clear_message_and_exit_2(tmp_path, cifar_dir, monkeypatch, capsys):
     """Through the command line's own code path (in-process): no traceback, results.json says failed."""
     real_save = torch.save
@@ -222,6 +224,7 @@ def test_hostile_checkpoint_served_over_http_never_runs(tmp_path, cifar_dir, htt
     assert marker.exists()
 
 
+@pytest.mark.slow
 def test_hostile_local_files_never_run_as_resume_or_source(tmp_path, cifar_dir):
     marker = tmp_path / "PWNED"
     evil = tmp_path / "evil.ckpt"
@@ -235,6 +238,7 @@ def test_hostile_local_files_never_run_as_resume_or_source(tmp_path, cifar_dir):
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_served_over_http_is_downloaded_checked_and_resumed(tmp_path, cifar_dir, http_dir):
     served, url = http_dir
     # optim=maxl: a schedule that does not depend on max_epochs, so the resume may extend the run
@@ -256,6 +260,7 @@ def test_a_checkpoint_served_over_http_is_downloaded_checked_and_resumed(tmp_pat
 
 
 # ---------------------------------------------------------------------------- non-finite losses
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["from_the_start", "after_epoch_0"])
 def test_huge_learning_rate_stops_the_run_with_exit_2_and_a_failed_results_json(tmp_path, cifar_dir,
                                                                                monkeypatch, capsys, when):
@@ -291,6 +296,7 @@ def _nan_like(t):
     return t * float("nan")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,patch,term", [
     ("sskt", "sskt", "aux_timm"),
     ("dml", "dml", "peer1_loss"),
@@ -328,9 +334,13 @@ def test_a_non_finite_term_is_named_with_its_step(tmp_path, cifar_dir, monkeypat
         train(tmp_path, cifar_dir, f"method={method}", *extra)
     msg = str(info.value)
     assert "training step 1" in msg and term in msg and "Usual causes" in msg
+    described = {"aux_timm": "SSKT's auxiliary loss of source 'timm'", "peer1_loss": "DML peer 1's loss",
+                 "gen_loss": "MAXL's label-generator loss", "kd_loss": "the KD term"}[term]
+    assert f"{term} ({described})" in msg, msg         # the method's class describes its own terms
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 
+@pytest.mark.slow
 def test_maxl_first_order_meta_objective_is_guarded_at_its_own_step(tmp_path, cifar_dir, monkeypatch):
     """meta=first_order steps the generator on a finite-difference objective that gen_loss does not
     contain: a NaN there was seen only a step later (through the NaN generator's labels)."""
@@ -346,6 +356,7 @@ def test_maxl_first_order_meta_objective_is_guarded_at_its_own_step(tmp_path, ci
     assert "gen_loss" in str(info.value).split("still finite then:")[1]
 
 
+@pytest.mark.slow
 def test_guard_stops_at_the_first_logging_interval_not_at_the_epochs_end(tmp_path, cifar_dir, monkeypatch):
     """A NaN from step 1 with log_every_n_steps=1 stops the run at step 1 of a 4-step epoch."""
     import sskt_lightning.methods.sskt as sskt_mod
@@ -362,6 +373,7 @@ def test_guard_stops_at_the_first_logging_interval_not_at_the_epochs_end(tmp_pat
     assert "Detected at step 1, at a logging interval" in msg and "aux_timm" in msg
 
 
+@pytest.mark.slow
 def test_non_finite_validation_outputs_stop_the_run(tmp_path, cifar_dir):
     """Finite weights but NaN eval-mode outputs: the accuracy of argmax(NaN logits) looked plausible
     and the run ended ok. It must stop with the cause and a failed results.json."""
@@ -396,6 +408,27 @@ def test_guard_names_the_first_step_and_term_across_changing_term_sets():
     assert "at training step 3" in msg and "aux_a (SSKT's auxiliary loss of source 'a')" in msg
     assert "gen_loss" not in msg.split("still finite then")[0].split("in aux_a")[0]
     assert "still finite then: ['task_loss', 'gen_loss']" in msg and "Detected at step 4, at the test" in msg
+
+
+def test_a_method_names_its_own_loss_terms_and_the_running_method_comes_first():
+    """The guard asks the method class what a term is (Method.describe_term / loss_terms): a new
+    method's terms are described with no edit to guard.py, and the running method is asked first
+    ('aux_loss' is MAXL's in a MAXL run, a source's aux term in an SSKT run)."""
+    from sskt_lightning.guard import NonFiniteGuard
+    from sskt_lightning.methods import MAXL, SSKT, Method
+
+    class Mine(Method):   # not registered (no name): known only to the guard it is given to
+        loss_terms = {"x_loss": "my method's own term"}
+    nan = torch.tensor(float("nan"))
+    for method, key, expected in [(Mine, "x_loss", "x_loss (my method's own term)"),
+                                  (MAXL, "aux_loss", "aux_loss (MAXL's auxiliary loss)"),
+                                  (SSKT, "aux_loss", "aux_loss (SSKT's auxiliary loss of source 'loss')"),
+                                  (None, "x_loss", "in x_loss. Detected")]:
+        guard = NonFiniteGuard(method)
+        guard.update({"loss": nan, key: nan})
+        with pytest.raises(NonFiniteError) as info:
+            guard.check("at the test")
+        assert expected in str(info.value), str(info.value)      # (None: an unknown term, just its key)
 
 
 def test_a_checkpoint_of_non_finite_weights_is_refused(tmp_path, cifar_dir):
@@ -438,6 +471,7 @@ def test_impossible_values_are_refused_before_any_data_is_read(tmp_path, overrid
         run(cfg)
 
 
+@pytest.mark.slow
 def test_a_refused_rerun_keeps_the_finished_runs_results(tmp_path, cifar_dir):
     """A typo in a command re-run into a finished run's directory is refused before anything starts;
     it must not replace that run's results.json with a failure (it did)."""
@@ -477,6 +511,7 @@ def test_a_step_budget_is_refused_for_methods_with_several_optimizers(tmp_path, 
 
 
 # ---------------------------------------------------------------------------- environment errors
+@pytest.mark.slow
 def test_unknown_source_lists_the_available_ones_without_a_traceback(tmp_path):
     proc = cli("source=[nosuch]", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2
@@ -484,6 +519,7 @@ def test_unknown_source_lists_the_available_ones_without_a_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_output_path_under_a_file_is_one_clear_message(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("x")
@@ -492,6 +528,7 @@ def test_output_path_under_a_file_is_one_clear_message(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,code,how", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")])
 def test_a_signal_stops_the_run_non_zero_with_a_failed_record(tmp_path, cifar_dir, sig, code, how):
     """SIGTERM (a scheduler's preemption or time limit) and Ctrl-C: Lightning stops after the batch;
@@ -520,12 +557,14 @@ def test_a_signal_stops_the_run_non_zero_with_a_failed_record(tmp_path, cifar_di
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0   # epoch 0's, intact
 
 
+@pytest.mark.slow
 def test_a_missing_resume_file_is_one_clear_message(tmp_path, cifar_dir, monkeypatch, capsys):
     code, err = main_in_process(monkeypatch, capsys, *SMOKE, "method=scratch", f"paths.data_dir={cifar_dir}",
                                 "resume=/nonexistent/last.ckpt", f"hydra.run.dir={tmp_path / 'run'}")
     assert code == 2 and "resume=/nonexistent/last.ckpt: no such file" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_read_only_output_directory_is_refused(tmp_path, monkeypatch):
     import tempfile
 
@@ -542,6 +581,7 @@ def test_read_only_output_directory_is_refused(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------- the command line
+@pytest.mark.slow
 def test_help_and_cfg_do_not_import_torch():
     probe = ("import atexit, sys, runpy; atexit.register(lambda: print('HEAVY', sorted(m for m in "
              "('torch', 'lightning', 'timm') if m in sys.modules))); sys.argv = ['train'] + sys.argv[1:]; "

@@ -528,6 +528,7 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+@pytest.mark.slow
 def test_plots_are_valid_pngs(tree, tmp_path):
     results = report.load_results([tree])
     summary = report.summarise(results)
@@ -547,6 +548,7 @@ def test_plot_val_curves_without_any_curve(tmp_path):
     assert w > 100 and h > 100
 
 
+@pytest.mark.slow
 def test_main_writes_everything(tree, tmp_path, capsys):
     out = tmp_path / "out"
     assert report.main([str(tree), "--out", str(out)]) == 0
@@ -582,6 +584,7 @@ def test_main_missing_dir_exits_2(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_module_runs(tree, tmp_path):
     import subprocess
     import sys

@@ -1,7 +1,8 @@
-"""Resume continues the same run: a run killed with SIGKILL mid-epoch and resumed from its
-last.ckpt ends with the same results and bit-identical weights as an uninterrupted run (scratch and
-SSKT, SSKT with an unlabeled stream; deterministic, CPU); the CSV log continues; last.ckpt is the last epoch even when the best
-validation epoch is earlier; a resume into a fresh directory works; bad resume files are refused."""
+"""Resume continues the same run (that a run killed with SIGKILL mid-epoch and resumed from its
+last.ckpt ends with the same results, log and bit-identical weights as an uninterrupted run is
+checked for every method in test_method_contract.py, with the helpers here): the non-finite guard
+counts steps as the whole run does; last.ckpt is the last epoch even when the best validation epoch
+is earlier; a resume into a fresh directory works; bad resume files are refused."""
 import csv
 import json
 import os
@@ -25,15 +26,8 @@ TESTS = Path(__file__).parent
 COMMON = ["data=cifar10", "model=resnet20", "trainer=cpu", "trainer.max_epochs=3", "trainer.deterministic=true",
           "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=2", "data.batch_size=8",
           "data.val_size=16", "data.num_workers=0"]
-METHODS = {
-    "scratch": ["method=scratch"],
-    "sskt": ["method=sskt", "method.aux_head=linear", "source=[timm]", "source.timm.name=cifar_resnet20",
-             "source.timm.pretrained=false", "source.timm.num_classes=10"],
-}
-METHODS["sskt_unlabeled"] = [*METHODS["sskt"], "method.unlabeled=true", "data.unlabeled=true",
-                             "data.labels_per_class=4"]   # a second, unlabeled stream
-# the protocol's regime: a step budget (both streams cycle across epochs)
-METHODS["sskt_unlabeled_steps"] = [*METHODS["sskt_unlabeled"], "data.steps_per_epoch=5"]
+SCRATCH = ["method=scratch"]
+# every method (and its variants) is killed and resumed in test_method_contract.py, with these helpers
 COMPARED = ("test_acc", "best_val_acc", "best_val_epoch", "last_val_acc", "epochs", "extra", "status")
 
 
@@ -80,12 +74,13 @@ def _csv_rows(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_a_resumed_run_names_its_non_finite_step_as_the_whole_run_counts(tmp_path, cifar_dir, monkeypatch):
     """Killed in epoch 1, resumed from epoch 0's checkpoint, a loss gone NaN at the first resumed
     step is step (epoch 0's steps + 1) of the run, not step 1 (the guard's count restarted)."""
     from sskt_lightning.errors import NonFiniteError
     out = tmp_path / "killed"
-    _killed_run(out, cifar_dir, METHODS["scratch"])
+    _killed_run(out, cifar_dir, SCRATCH)
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     done = ckpt["global_step"]
     assert done > 0 and ckpt["guard_step"] == done                  # scratch: one optimizer step per batch
@@ -93,27 +88,10 @@ def test_a_resumed_run_names_its_non_finite_step_as_the_whole_run_counts(tmp_pat
     real = module_mod.task_loss
     monkeypatch.setattr(module_mod, "task_loss", lambda *a, **k: real(*a, **k) * float("nan"))
     with pytest.raises(NonFiniteError, match=rf"at training step {done + 1} \(epoch 1\)"):
-        _run(out, cifar_dir, *METHODS["scratch"], f"resume={out / 'checkpoints' / 'last.ckpt'}")
+        _run(out, cifar_dir, *SCRATCH, f"resume={out / 'checkpoints' / 'last.ckpt'}")
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path, cifar_dir, method):
-    ref = _run(tmp_path / "ref", cifar_dir, *METHODS[method])
-    assert ref["epochs"] == 3 and ref["status"] == "ok"
-
-    out = tmp_path / "killed"
-    _killed_run(out, cifar_dir, METHODS[method])
-    resumed = _run(out, cifar_dir, *METHODS[method], f"resume={out / 'checkpoints' / 'last.ckpt'}")
-
-    assert {k: resumed[k] for k in COMPARED} == {k: ref[k] for k in COMPARED}
-    a, b = _weights(tmp_path / "ref" / "checkpoints" / "last.ckpt"), _weights(out / "checkpoints" / "last.ckpt")
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
-    # the log continues: the rows of epoch 0 written before the kill, then epochs 1-2, as uninterrupted
-    assert _csv_rows(out / "csv" / "metrics.csv") == _csv_rows(tmp_path / "ref" / "csv" / "metrics.csv")
-
-
+@pytest.mark.slow
 def test_last_ckpt_is_the_last_epoch_when_the_best_is_earlier(tmp_path, cifar_dir):
     """Lightning's save_last writes `last` only with a new best; here the best is epoch 0."""
     import lightning as L
@@ -140,6 +118,7 @@ def test_last_ckpt_is_the_last_epoch_when_the_best_is_earlier(tmp_path, cifar_di
     assert tested["test/acc"] == res["test_acc"]
 
 
+@pytest.mark.slow
 def test_resume_into_a_fresh_directory_writes_complete_results(tmp_path, cifar_dir):
     """Also: a run may be extended (a larger trainer.max_epochs) when its learning-rate schedule does
     not depend on the number of epochs (optim=maxl: x0.5 every 50 epochs)."""
@@ -174,6 +153,7 @@ def _refused(tmp_path, data_dir, resume, *overrides) -> str:
     return str(info.value)
 
 
+@pytest.mark.slow
 def test_missing_truncated_empty_and_foreign_resume_files_are_refused(tmp_path, trained):
     root, ckpt = trained
     data = root / "data"
@@ -192,6 +172,7 @@ def test_missing_truncated_empty_and_foreign_resume_files_are_refused(tmp_path, 
     assert "not a training checkpoint of this project" in msg and str(foreign) in msg
 
 
+@pytest.mark.slow
 def test_mismatched_resume_names_what_differs(tmp_path, trained):
     root, ckpt = trained
     data = root / "data"
@@ -207,6 +188,7 @@ def test_mismatched_resume_names_what_differs(tmp_path, trained):
 TRAINED = ["method=scratch", "trainer.max_epochs=1", "trainer.deterministic=false"]   # as `trained` ran
 
 
+@pytest.mark.slow
 def test_resume_with_another_config_is_refused_naming_every_key(tmp_path, trained):
     """seed, the split and the learning rate are the experiment: a resume must not change them (the
     split would validate on trained images, the lr override would be ignored by the restored
@@ -231,6 +213,7 @@ def test_resume_with_another_config_is_refused_naming_every_key(tmp_path, traine
         assert key not in msg, msg
 
 
+@pytest.mark.slow
 def test_refused_resume_in_its_own_directory_keeps_its_config_yaml(tmp_path, trained):
     """The run directory's config.yaml is what the refusal tells the user to resume with: a refused
     resume into that directory must not overwrite it with the refused config."""
@@ -247,6 +230,7 @@ def test_refused_resume_in_its_own_directory_keeps_its_config_yaml(tmp_path, tra
     assert (run_dir / "config.yaml").read_text() == before
 
 
+@pytest.mark.slow
 def test_longer_run_is_refused_when_the_schedule_depends_on_max_epochs(tmp_path, trained):
     """optim=sgd decays at fractions of trainer.max_epochs: a larger max_epochs moves the decays."""
     from sskt_lightning.errors import ConfigError
@@ -260,10 +244,11 @@ def test_longer_run_is_refused_when_the_schedule_depends_on_max_epochs(tmp_path,
 
 
 
+@pytest.mark.slow
 def test_resumed_run_logs_into_the_same_wandb_run(tmp_path, cifar_dir, monkeypatch):
     """Killed and resumed: one W&B run (the id is kept in the checkpoint), not two."""
     monkeypatch.setenv("WANDB_MODE", "offline")
-    method = [*METHODS["scratch"], "logger=wandb"]
+    method = [*SCRATCH, "logger=wandb"]
     out = tmp_path / "killed"
     _killed_run(out, cifar_dir, method)
     assert len(list((out / "wandb").glob("offline-run-*"))) == 1

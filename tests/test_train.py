@@ -84,6 +84,7 @@ def check_run_dir(results, out):
     assert 0.0 <= results["test_acc"] <= 1.0
 
 
+@pytest.mark.slow
 def test_scratch_trains_and_writes_its_run_dir(tmp_path, cifar_dir):
     results, out = train(tmp_path, cifar_dir, "method=scratch")
     check_run_dir(results, out)
@@ -91,6 +92,7 @@ def test_scratch_trains_and_writes_its_run_dir(tmp_path, cifar_dir):
     assert results["train_images_per_s"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("aux_head,aux_loss", [("transfer_module", "ce"), ("linear", "kd")])
 def test_sskt_with_a_checkpoint_of_this_project_as_source(tmp_path, cifar_dir, aux_head, aux_loss):
     first, src_dir = train(tmp_path / "src", cifar_dir, "method=scratch", "model=resnet32")
@@ -105,6 +107,7 @@ def test_sskt_with_a_checkpoint_of_this_project_as_source(tmp_path, cifar_dir, a
     assert any(k.startswith("method.heads.0.") for k in ckpt_keys)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision,dtype", [("64-true", torch.float64), ("bf16-true", torch.bfloat16)])
 def test_true_precisions_feed_every_network_its_own_dtype(tmp_path, cifar_dir, precision, dtype):
     """trainer.precision=*-true converts the module (target, heads, sources) to ``dtype``; the images
@@ -117,6 +120,7 @@ def test_true_precisions_feed_every_network_its_own_dtype(tmp_path, cifar_dir, p
     assert {v.dtype for k, v in state.items() if v.is_floating_point()} == {dtype}
 
 
+@pytest.mark.slow
 def test_images_kept_on_the_device_train_exactly_as_loaded_batches(tmp_path, cifar_dir):
     """data.on_device=true (the images gathered on the device from their indices): the same run,
     bit for bit, as the default path, with SSKT's unlabeled stream too."""
@@ -130,6 +134,7 @@ def test_images_kept_on_the_device_train_exactly_as_loaded_batches(tmp_path, cif
     assert "train/loss" in curves[0] and curves[0] == curves[1]
 
 
+@pytest.mark.slow
 def test_sources_bit_identical_after_training_and_heads_learn(tmp_path, cifar_dir):
     from sskt_lightning.module import TransferModule
     import lightning as L
@@ -166,6 +171,7 @@ def test_sskt_without_sources_is_refused(tmp_path, cifar_dir):
         train(tmp_path, cifar_dir, "method=sskt", "source=[]")
 
 
+@pytest.mark.slow
 def test_canonical_call_offline_stops_fast_with_the_fix(tmp_path):
     # "fast" as events, not seconds (a wall-clock limit fails on a loaded machine, or where a failed DNS
     # lookup takes long): the run stops at the missing data, before it builds a source or fetches its
@@ -188,6 +194,7 @@ def test_canonical_call_offline_stops_fast_with_the_fix(tmp_path):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["stl10", "imagefolder", "fashion_mnist"])
 def test_scratch_and_sskt_on_every_on_disk_format(tmp_path, fmt):
     import data_fixtures as fx
@@ -218,6 +225,7 @@ def _nothing():
     return contextlib.nullcontext()
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_keeps_its_metrics_in_the_run_dir(tmp_path, cifar_dir, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     results, out = train(tmp_path, cifar_dir, "method=scratch", "logger=wandb", "logger.wandb.tags=[test]")

@@ -21,6 +21,7 @@ def build(tmp_path, data_dir, *extra):
     return cfg, dm, TransferModule(OmegaConf.to_container(cfg, resolve=True), data_info_of(dm))
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*RANDOM weights")
 def test_unlabeled_images_reach_only_the_aux_loss(tmp_path, cifar_dir):
     cfg, dm, module = build(tmp_path, cifar_dir)
@@ -57,6 +58,7 @@ def test_unlabeled_stream_has_the_labeled_stream_length(tmp_path, cifar_dir):
     assert len(loaders["unlabeled"]) == len(loaders["labeled"])
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*RANDOM weights")
 def test_unlabeled_sskt_runs_end_to_end(tmp_path, cifar_dir, monkeypatch):
     # through run(), as a user runs it: every training step's auxiliary loss must see the labeled images
@@ -101,6 +103,7 @@ def test_aux_kl_is_the_soft_cross_entropy_minus_the_targets_entropy():
     assert aux_kl(t, t, T).item() == pytest.approx(0.0, abs=1e-12)    # reaches zero when the head copies the source
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:.*RANDOM weights")
 def test_sskt_logs_the_aux_kl_per_source(tmp_path, cifar_dir):
     import csv

@@ -114,7 +114,7 @@ def main(argv=None):
     from two_stage import COARSE_MAP, source_overrides, sskt_overrides, target_overrides
 
     from sskt_lightning.compose import compose_config
-    from sskt_lightning.data.datamodule import DATASET_STATS, IMAGENET_MEAN, IMAGENET_STD
+    from sskt_lightning.data.specs import DATASET_STATS, IMAGENET_MEAN, IMAGENET_STD
     from sskt_lightning.data.formats import read_fashion_mnist
     from sskt_lightning.sources import FrozenSource, InputAdapter, SourceSpec, build_source
     from sskt_lightning.train import run

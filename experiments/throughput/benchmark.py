@@ -81,7 +81,7 @@ def bare_loop(data_dir: str, val: int, batch: int, epochs: int, threads: int, de
     import torch.nn.functional as F
 
     from sskt_lightning.data.augment import BatchAugment, normalize
-    from sskt_lightning.data.datamodule import DATASET_STATS
+    from sskt_lightning.data.specs import DATASET_STATS
     from sskt_lightning.data.formats import read_cifar10
     from sskt_lightning.nets.factory import create_network
     from sskt_lightning.optim import multistep_by_fraction

@@ -14,14 +14,14 @@ __version__ = "0.1.0"
 _LAZY = {
     "TransferModule": "sskt_lightning.module",
     "ImageDataModule": "sskt_lightning.data",
-    **{name: "sskt_lightning.options" for name in (
-        "ModelOptions", "ScratchOptions", "SSKTOptions", "KDOptions", "DMLOptions", "MAXLOptions",
-        "SourceOptions", "OptimOptions", "data_module")},
+    "data_module": "sskt_lightning.options",
 }
+# ModelOptions, SourceOptions, OptimOptions and each method's <Class>Options (SSKTOptions, KDOptions,
+# ...) come from sskt_lightning.options
 
 
 def __dir__():
-    return sorted([*globals(), "nets", *_LAZY])
+    return sorted([*globals(), "nets", *_LAZY, "ModelOptions", "SourceOptions", "OptimOptions"])
 
 
 def __getattr__(name: str):
@@ -30,4 +30,6 @@ def __getattr__(name: str):
         return importlib.import_module("sskt_lightning.nets")
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name.endswith("Options") and not name.startswith("_"):
+        return getattr(importlib.import_module("sskt_lightning.options"), name)
     raise AttributeError(f"module 'sskt_lightning' has no attribute {name!r}")

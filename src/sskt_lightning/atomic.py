@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
@@ -56,12 +57,50 @@ def remove_stale_temps(directory: str | Path) -> list[Path]:
     return removed
 
 
-def explain_os_error(err: OSError, path: str | Path, what: str = "writing") -> OutputError:
-    """An :class:`OutputError` that says what failed on which file and what to do."""
+def os_error_in(err: BaseException) -> OSError | None:
+    """The OSError behind ``err``: itself, or one in its ``__cause__`` / ``__context__`` chain.
+
+    torch.save hides a full disk that way: the write's ``OSError: [Errno 28]`` becomes the context
+    of the ``RuntimeError: ... inline_container.cc ... unexpected pos`` its zip writer raises while
+    closing."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def free_bytes(path: str | Path) -> int | None:
+    """Free space on the file system holding ``path`` (its nearest existing parent), or None."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def explain_os_error(err: OSError, path: str | Path, what: str = "writing",
+                     needed: int | None = None) -> OutputError:
+    """An :class:`OutputError` that says what failed on which file and what to do; for a full disk,
+    also the directory, how much the write needed (``needed`` bytes, when the writer knows) and how
+    much is free there."""
     path = Path(path)
     if err.errno in _FULL:
-        fix = ("the disk is full: free space, or write the run elsewhere "
-               "(hydra.run.dir=<dir on another disk>, or hydra.sweep.dir for -m)")
+        free = free_bytes(path.parent)
+        space = [f"it needed about {_mib(needed)}" if needed else None,
+                 f"{_mib(free)} free there now" if free is not None else None]
+        space_text = ", ".join(x for x in space if x)
+        fix = (f"the disk holding {str(path.parent)!r} is full" + (f" ({space_text})" if space_text else "")
+               + ": free space, or write the run elsewhere (hydra.run.dir=<dir on another disk>, or "
+               "hydra.sweep.dir for -m)")
     elif err.errno in _READ_ONLY:
         fix = ("the directory is read-only (or not yours): choose a writable run directory with "
                "hydra.run.dir=<dir> (hydra.sweep.dir for -m)")
@@ -72,6 +111,12 @@ def explain_os_error(err: OSError, path: str | Path, what: str = "writing") -> O
         fix = "check the run directory (hydra.run.dir) is a writable directory"
     return OutputError(f"Could not finish {what} {str(path)!r} ({os.strerror(err.errno) if err.errno else err}); "
                        f"{fix}. Any previous version of the file is intact.")
+
+
+def is_disk_full(err: BaseException) -> OSError | None:
+    """The full-disk OSError (ENOSPC, EDQUOT, EFBIG) behind ``err``, if that is what it is."""
+    found = os_error_in(err)
+    return found if found is not None and found.errno in _FULL and not isinstance(found, OutputError) else None
 
 
 def _open_tmpfile(directory: Path) -> tuple[int, str | None]:
@@ -105,8 +150,13 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], what: str = "writing") -> Path:
-    """Replace ``path`` atomically by what ``write(file)`` writes into a binary file object."""
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], what: str = "writing",
+                 needed: int | None = None) -> Path:
+    """Replace ``path`` atomically by what ``write(file)`` writes into a binary file object.
+
+    A write that fails for the file system (an OSError, also one that ``write`` wrapped in another
+    exception, as torch.save does) raises :class:`OutputError` naming the file, the fix and, for a
+    full disk, the space: ``needed`` (bytes, when the caller knows the size) and what is free."""
     path = Path(path)
     directory = path.parent
     tmp: str | None = None
@@ -129,10 +179,11 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], what: str 
         tmp = None
         _fsync_dir(directory)
         return path
-    except OSError as err:
-        if isinstance(err, OutputError):
+    except Exception as err:
+        os_err = os_error_in(err)
+        if isinstance(err, OutputError) or os_err is None:
             raise
-        raise explain_os_error(err, path, what) from None
+        raise explain_os_error(os_err, path, what, needed) from None
     finally:
         if tmp is not None:
             with suppress(OSError):
@@ -140,7 +191,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], what: str 
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    return atomic_write(path, lambda f: f.write(data))
+    return atomic_write(path, lambda f: f.write(data), needed=len(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -150,4 +201,17 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save(obj, path)``, atomically (streamed to the temporary file, not held in memory)."""
     import torch
-    return atomic_write(path, lambda f: torch.save(obj, f), what="saving the checkpoint")
+    return atomic_write(path, lambda f: torch.save(obj, f), what="saving the checkpoint",
+                        needed=tensor_bytes(obj))
+
+
+def tensor_bytes(obj: Any) -> int:
+    """The bytes of the tensors in a (nested) checkpoint: about the size torch.save writes."""
+    import torch
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0

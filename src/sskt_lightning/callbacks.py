@@ -1,7 +1,8 @@
 """Callbacks of our own.
 
 Always on (train.py adds them whatever ``callbacks=`` says; the run's guarantees rest on them):
-:class:`RunState` (random states in every checkpoint, CSV flushed before it), :class:`BestValidation`
+:class:`EpochMetricsOnEveryRank` (first: under DDP no callback reads epoch values on one process
+alone), :class:`RunState` (random states in every checkpoint, CSV flushed before it), :class:`BestValidation`
 (results.json's best validation score), :class:`ThroughputMeter` (images/s) and
 :class:`QuietFrozenSources`; ``last.ckpt`` at every epoch's end is a Lightning ``ModelCheckpoint``
 built in train.py. The non-finite guard lives in the module itself.
@@ -19,6 +20,29 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor as _LearningRateMonitor
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+
+
+def compute_epoch_metrics(trainer) -> None:
+    """Under DDP, make every process compute (and cache) the values logged with ``on_epoch=True``.
+
+    Lightning computes them lazily, on the first read of ``trainer.progress_bar_metrics`` /
+    ``callback_metrics`` after the epoch's last batch, and a value logged with ``sync_dist=True``
+    (or a torchmetrics metric) is then reduced over processes: a collective. Lightning's progress
+    bars read them in ``on_train_epoch_end`` on rank 0 only (Lightning issue 21264), before the
+    trainer computes them on every rank, so rank 0 entered an all-reduce the others never did
+    (gloo: "Received data size doesn't match expected size", NCCL: a hang). Reading them here, on
+    every rank at the same point, runs the reductions everywhere; later reads hit the cache."""
+    if trainer.world_size > 1:
+        trainer.progress_bar_metrics   # computes every epoch-level value (log, pbar and callback)
+
+
+class EpochMetricsOnEveryRank(L.Callback):
+    """Always on, FIRST among the callbacks: at each training epoch's end every process computes the
+    epoch's logged values (:func:`compute_epoch_metrics`) before any other callback can read them
+    on rank 0 alone (Lightning's own progress bars, a user's ``rank_zero_only`` callback)."""
+
+    def on_train_epoch_end(self, trainer, module):
+        compute_epoch_metrics(trainer)
 
 
 class ThroughputMeter(L.Callback):
@@ -312,6 +336,10 @@ class RunProgressBar(RichProgressBar):
         self._images += int(x.shape[0]) * trainer.world_size
         self._batches_done = batch_idx + 1
         super().on_train_batch_end(trainer, module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer, module):
+        compute_epoch_metrics(trainer)   # on every rank: the bar reads them on rank 0 only
+        super().on_train_epoch_end(trainer, module)
 
     def configure_columns(self, trainer) -> list:
         # Lightning's batches/s column gives way to images/s (in the metrics)

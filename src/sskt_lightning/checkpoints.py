@@ -97,9 +97,22 @@ def prepare_resume(resume: str, output_dir: Path) -> tuple[Path, dict]:
     return path, obj
 
 
+def _uses_sources(method: Mapping) -> bool:
+    """Whether the method of a recorded config takes sources (its class's ``needs_sources``); a
+    class that cannot be imported here counts as taking them (its sources are compared)."""
+    target = method.get("_target_")
+    if not target:
+        return False
+    from hydra.utils import get_class
+    try:
+        cls = get_class(str(target))
+    except Exception:
+        return True
+    return bool(getattr(cls, "needs_sources", True))
+
+
 def _describe_sources(config: Mapping) -> list[str]:
-    method = config.get("method") or {}
-    if method.get("name") not in ("sskt", "kd"):
+    if not _uses_sources(config.get("method") or {}):
         return []
     return sorted((config.get("source") or {}).keys())
 

@@ -32,7 +32,6 @@ from sskt_lightning.errors import ConfigError, SSKTError, WeightsError
 from sskt_lightning.losses import task_loss
 from sskt_lightning.metrics import primary_metric
 from sskt_lightning.nets.factory import create_network
-from sskt_lightning.train import data_info_of
 
 SPLITS = ("test", "val")
 DATA_TARGETS = ("sskt_lightning.data.ImageDataModule", "sskt_lightning.data.datamodule.ImageDataModule")
@@ -206,6 +205,7 @@ def evaluate(cfg: DictConfig) -> dict:
     else:                                     # the checkpoint's: arguments only
         dm = recorded_data_module(data, ckpt_path, user_data_dir=bool(cfg.get("data_dir")))
     dm.setup("test")
+    from sskt_lightning.data.datamodule import data_info_of
     info = data_info_of(dm)
     check_data_fits(info, trained)
 

@@ -5,7 +5,8 @@ Every method passes its loss terms to ``TransferModule.log_train`` (``loss``, ``
 ...), automatic and manual optimization alike. :meth:`NonFiniteGuard.update` records, on the device
 and without a host sync, the first step at which each term was non-finite; :meth:`check` (one sync)
 runs at logging intervals, at every epoch end and before every checkpoint save, and raises
-:class:`~sskt_lightning.errors.NonFiniteError` naming the step, the term and the usual causes.
+:class:`~sskt_lightning.errors.NonFiniteError` naming the step, the term and the usual causes. A
+method says what its own terms are (``Method.loss_terms`` / ``Method.describe_term``).
 """
 from __future__ import annotations
 
@@ -20,26 +21,27 @@ CAUSES = ("Usual causes: a learning rate too high for this model and batch size 
           "(method.temperature), an overflow in reduced precision (trainer.precision=16-mixed: try "
           "bf16-mixed or 32-true), or corrupt input data.")
 
-_TERM_NAMES = {"loss": "the total loss", "task_loss": "the task loss", "kd_loss": "the KD term",
-               "primary_loss": "MAXL's primary (focal) loss", "aux_loss": "MAXL's auxiliary loss",
-               "gen_loss": "MAXL's label-generator loss", "gen_entropy": "MAXL's generator entropy",
-               "meta_objective": "MAXL's meta objective, which the generator steps on"}
+_TERM_NAMES = {"loss": "the total loss", "task_loss": "the task loss"}   # every method's
 
 
-def describe_term(key: str) -> str:
+def describe_term(key: str, method=None) -> str:
+    """``key (what it is)``: the common terms here, a method's own from its class
+    (``Method.describe_term``: the running method's first, else any registered method's)."""
     if key in _TERM_NAMES:
         return f"{key} ({_TERM_NAMES[key]})"
-    if key.startswith("aux_"):
-        return f"{key} (SSKT's auxiliary loss of source {key[4:]!r})"
-    if key.startswith("peer") and key.endswith("_loss"):
-        return f"{key} (DML peer {key[4:-5]}'s loss)"
+    from sskt_lightning.methods import Method
+    for cls in [*([method] if method is not None else []), *Method.registry.values()]:
+        what = cls.describe_term(key)
+        if what:
+            return f"{key} ({what})"
     return key
 
 
 class NonFiniteGuard:
     """First non-finite step of each logged term, kept on the device."""
 
-    def __init__(self):
+    def __init__(self, method=None):
+        self.method = method   # the run's method (class or instance): it names its own loss terms
         self.step = 0   # training steps seen (calls of update)
         # per set of logged keys: the first step each was non-finite (-1: never), one device tensor
         self.first_bad: dict[tuple[str, ...], torch.Tensor] = {}
@@ -95,7 +97,7 @@ class NonFiniteGuard:
             raise NonFiniteError(
                 f"Training stopped: the loss went non-finite (NaN or inf) at training step {step}"
                 f"{f' (epoch {epoch})' if epoch is not None else ''}, in "
-                f"{', '.join(describe_term(k) for k in culprits)}"
+                f"{', '.join(describe_term(k, self.method) for k in culprits)}"
                 f"{f'; still finite then: {finite}' if finite else ''}. Detected at step {self.step}, {where} "
                 f"(the guard checks at logging intervals, epoch ends and before every checkpoint). {CAUSES} "
                 "No checkpoint with non-finite values was written; results.json records the failure.")

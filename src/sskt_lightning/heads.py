@@ -4,10 +4,11 @@ Three forms:
   * :class:`LinearHead` - ``Linear(feature_dim, K)`` on the pooled penultimate feature (SSKT);
   * :class:`MLPHead` - ``Linear(f, f)``-ReLU-``Linear(f, K)`` on the pooled feature (the MAXL
     reference's auxiliary head);
-  * :class:`TransferModule` - one branch on the output of every stage of the target, each
-    Conv1x1(c->m)-BN-ReLU, Conv3x3/s2(m->m)-BN-ReLU, Conv1x1(m->o)-BN-ReLU, global average pool;
-    the branch vectors are averaged (as the reference code does) and fed to ``Linear(o, K)``
-    (METHODS.md, SSKT).
+  * :class:`TransferHead` - the paper's "transfer module" (``aux_head=transfer_module``; not the
+    LightningModule :class:`~sskt_lightning.module.TransferModule`): one branch on the output of
+    every stage of the target, each Conv1x1(c->m)-BN-ReLU, Conv3x3/s2(m->m)-BN-ReLU,
+    Conv1x1(m->o)-BN-ReLU, global average pool; the branch vectors are averaged (as the reference
+    code does) and fed to ``Linear(o, K)`` (experiments/paper/README.md, "Transfer module").
 
 Transfer-module sizes (:func:`transfer_module_sizes`): ``width="auto"`` (default) gives
 o = min(final width, 1000), m = o // 2; ``width="reference"`` gives the SSKT reference code's sizes:
@@ -62,7 +63,7 @@ class MLPHead(nn.Module):
         return self.fc2(self.act(self.fc1(out.pooled)))
 
 
-class TransferModule(nn.Module):
+class TransferHead(nn.Module):
     uses = "stages"
 
     def __init__(self, stage_channels: list[int], num_classes: int, out_dim: int, mid_dim: int,
@@ -110,5 +111,5 @@ def build_head(kind: str, target, num_classes: int, out_dim: int | None = None,
         return MLPHead(target.num_features, num_classes)
     if kind == "transfer_module":
         o, m = transfer_module_sizes(target.num_features, out_dim, mid_dim, width)
-        return TransferModule(target.stage_channels, num_classes, o, m, conv_bias=conv_bias)
+        return TransferHead(target.stage_channels, num_classes, o, m, conv_bias=conv_bias)
     raise ConfigError(f"Unknown aux_head {kind!r}: choose one of {list(HEAD_KINDS)}.")

@@ -1,4 +1,4 @@
-"""Every loss of the harness, as plain functions of logits (the formulas of METHODS.md).
+"""Every loss of the harness, as plain functions of logits (docs/methods.md, "The formulas", writes them out).
 
 Notation: ``a`` student logits (B, K), ``t`` teacher/source logits (B, K), ``T`` temperature.
 """

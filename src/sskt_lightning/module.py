@@ -104,7 +104,7 @@ class TransferModule(L.LightningModule):
         extras = self.method.extra_eval_names()   # e.g. DML peers, evaluated beside the target
         self.extra_val_metrics = torch.nn.ModuleDict({n: primary_metric(data_info) for n in extras})
         self.extra_test_metrics = torch.nn.ModuleDict({n: primary_metric(data_info) for n in extras})
-        self.guard = NonFiniteGuard()   # every loss term logged by log_train, checked without per-step syncs
+        self.guard = NonFiniteGuard(type(self.method))   # every term log_train logs, checked without per-step syncs
         self._eval_bad: torch.Tensor | None = None   # a non-finite eval loss this evaluation (on the device)
 
     # ------------------------------------------------------------------ training

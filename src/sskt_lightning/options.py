@@ -11,11 +11,13 @@ free-form dicts or Hydra override strings.
 Each call builds the config the command line would build: the packaged config groups are composed
 (``model=``, ``method=``, ``source=[...]``, ``optim=``, ``data=``) and the options given are set on
 them, then checked like a command line (:func:`sskt_lightning.validate.validate_config`). The
-method dataclasses carry the packaged method configs' defaults (a test keeps them equal). A
+method dataclasses are made from the method classes' constructors (:func:`method_options`), whose
+defaults the packaged method configs carry (a test over ``conf/method/`` keeps them equal). A
 misspelt option is a :class:`~sskt_lightning.errors.ConfigError` that names the valid ones. The
 result is a plain dict, so checkpoints stay loadable with ``torch.load(weights_only=True)``.
 
-This module imports only the standard library, Hydra and OmegaConf.
+This module imports only the standard library, Hydra and OmegaConf; the method options import the
+methods (and torch) when first used.
 """
 from __future__ import annotations
 
@@ -24,14 +26,15 @@ import difflib
 import functools
 import inspect
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 from omegaconf import OmegaConf, open_dict
 
 from sskt_lightning.errors import ConfigError
 
-__all__ = ["ModelOptions", "ScratchOptions", "SSKTOptions", "KDOptions", "DMLOptions", "MAXLOptions",
-           "SourceOptions", "OptimOptions", "MethodOptions", "build_config", "data_module", "data_info_from"]
+# and one <Class>Options per method (SSKTOptions, KDOptions, ...: module __getattr__, made on first use)
+__all__ = ["ModelOptions", "SourceOptions", "OptimOptions", "MethodOptions", "method_options", "build_config",
+           "data_module", "data_info_from"]
 
 
 def _unknown(where: str, given: Sequence[str], known: Sequence[str]) -> ConfigError:
@@ -40,21 +43,25 @@ def _unknown(where: str, given: Sequence[str], known: Sequence[str]) -> ConfigEr
     return ConfigError(f"{where}: unknown option(s) {', '.join(hints)}; known: {', '.join(known)}.")
 
 
+def _refuse_unknown(cls):
+    """A dataclass whose constructor turns an unknown keyword into a :class:`ConfigError`."""
+    init, known = cls.__init__, [f.name for f in dataclasses.fields(cls)]
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        unknown = [k for k in kwargs if k not in known]
+        if unknown:
+            raise _unknown(cls.__name__, unknown, known)
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
 def _options(cls=None, *, kw_only: bool = True):
     """``@dataclass`` whose constructor turns an unknown keyword into a :class:`ConfigError`."""
     def wrap(cls):
-        cls = dataclasses.dataclass(cls, kw_only=kw_only)
-        init, known = cls.__init__, [f.name for f in dataclasses.fields(cls)]
-
-        @functools.wraps(init)
-        def __init__(self, *args, **kwargs):
-            unknown = [k for k in kwargs if k not in known]
-            if unknown:
-                raise _unknown(cls.__name__, unknown, known)
-            init(self, *args, **kwargs)
-
-        cls.__init__ = __init__
-        return cls
+        return _refuse_unknown(dataclasses.dataclass(cls, kw_only=kw_only))
     return wrap if cls is None else wrap(cls)
 
 
@@ -73,75 +80,93 @@ class ModelOptions:
 
 
 # --------------------------------------------------------------------------------------- methods
-@_options
-class ScratchOptions:
-    """``method=scratch``: the target on its own task."""
-    config: ClassVar[str] = "scratch"
+class MethodOptions:
+    """Base of the typed options of every method: ``<Class>Options`` (``SSKTOptions``,
+    ``KDOptions``, ``DMLOptions``, ``MAXLOptions``, ``ScratchOptions``, and one for each method added
+    later) is a dataclass made from the method class's constructor: one keyword field per argument,
+    with its default (the packaged ``conf/method/<name>.yaml`` carries the same defaults; a test
+    over ``conf/method/`` keeps them equal). ``config``: the method config it sets
+    (``method=<config>``). Built on first use (:func:`method_options`), so importing this module
+    does not import torch."""
+    config: ClassVar[str]
+    method_class: ClassVar[type]
 
 
-@dataclasses.dataclass(kw_only=True)
-class _CacheOptions:
-    """The soft-label cache's settings, shared by the methods whose frozen networks it serves."""
-    cache: str = "off"                    # off | read_write | read_only (README, "Soft-label cache")
-    cache_budget_gb: float = 16.0         # per store: fp16 logits if they fit, else top-k
-    cache_topk: int | None = None         # null: as the budget allows
+def _fresh(value: Any) -> Any:
+    """A new copy of a default for every options object: tuples as lists, mappings as dicts."""
+    if isinstance(value, (list, tuple)):
+        return [_fresh(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _fresh(v) for k, v in value.items()}
+    return value
 
 
-@_options
-class SSKTOptions(_CacheOptions):
-    """``method=sskt`` (see README, Methods): ``L = L_task + alpha * sum_s L_aux(head_s, source_s)``."""
-    config: ClassVar[str] = "sskt"
-    alpha: float = 0.1
-    temperature: float = 3.0
-    aux_loss: str = "ce"                  # ce | kd | kd_reference | focal
-    aux_head: str = "transfer_module"     # transfer_module | linear
-    tm_out: int | None = None
-    tm_mid: int | None = None
-    tm_width: str = "auto"                # auto | reference
-    tm_bias: bool = False
-    source_bn: str = "eval"               # eval | train
-    unlabeled: bool = False               # needs a data module with unlabeled=True
+def _doc(method_cls, params) -> str:
+    summary = inspect.getdoc(method_cls) or ""
+    if summary == inspect.getdoc(method_cls.__mro__[1]):   # inherited: say nothing
+        summary = ""
+    module = inspect.getmodule(method_cls)
+    if not summary and module is not None and module.__doc__:
+        summary = module.__doc__.strip()
+    paragraphs = summary.split("\n\n")
+    summary = paragraphs[0]
+    for more in paragraphs[1:3]:   # a paragraph that announces a formula: keep the formula
+        if not summary.rstrip().endswith(":"):
+            break
+        summary += "\n\n" + more
+    lines = [f"    {p.name}: {p.annotation if p.annotation is not p.empty else 'Any'}"
+             + ("" if p.default is p.empty else f" = {_fresh(p.default)!r}") for p in params]
+    return (f"``method={method_cls.name}`` (:class:`{method_cls.__module__}.{method_cls.__qualname__}`; "
+            f"``conf/method/{method_cls.name}.yaml``).\n\n{summary}\n\nOptions (the constructor's "
+            "arguments, ``method.<option>=`` on the command line)::\n\n" + "\n".join(lines or ["    (none)"]))
 
 
-@_options
-class KDOptions(_CacheOptions):
-    """``method=kd``: ``(1 - alpha) * CE + alpha * T^2 * KL(teacher || student)``; one source, the teacher."""
-    config: ClassVar[str] = "kd"
-    alpha: float = 0.9
-    temperature: float = 4.0
+_MADE: dict[type, type] = {}
 
 
-@_options
-class DMLOptions:
-    """``method=dml``: the target and ``peers`` (model configs: name, pretrained, kwargs, weights)."""
-    config: ClassVar[str] = "dml"
-    peers: list = dataclasses.field(default_factory=lambda: [
-        {"name": "resnet20", "pretrained": False, "kwargs": {}, "weights": None}])
-    update: str = "sequential"            # sequential | simultaneous
-    temperature: float = 1.0
-    kl_warmup: float = 0                  # epochs over which the KL weight ramps from 0 to 1; 0: off
+def method_options(method_cls) -> type:
+    """The options dataclass of a :class:`~sskt_lightning.methods.Method` subclass, made from its
+    constructor's signature (its one source of truth): ``method_options(SSKT)`` is ``SSKTOptions``."""
+    if method_cls in _MADE:
+        return _MADE[method_cls]
+    params = [p for p in inspect.signature(method_cls.__init__).parameters.values()
+              if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    fields = []
+    for p in params:
+        kind = p.annotation if p.annotation is not p.empty else Any
+        if p.default is p.empty:
+            fields.append((p.name, kind))
+        elif isinstance(p.default, (list, tuple, Mapping)):
+            fields.append((p.name, kind, dataclasses.field(default_factory=functools.partial(_fresh, p.default))))
+        else:
+            fields.append((p.name, kind, dataclasses.field(default=p.default)))
+    name = f"{method_cls.__name__}Options"
+    cls = dataclasses.make_dataclass(name, fields, bases=(MethodOptions,), kw_only=True, namespace={
+        "config": method_cls.name, "method_class": method_cls, "__doc__": _doc(method_cls, params),
+        "__module__": __name__, "__qualname__": name})
+    _MADE[method_cls] = _refuse_unknown(cls)
+    return cls
 
 
-@_options
-class MAXLOptions:
-    """``method=maxl`` (see ``conf/method/maxl.yaml`` for every option)."""
-    config: ClassVar[str] = "maxl"
-    psi: Union[int, list] = 5
-    aux_head: str = "linear"              # linear | mlp
-    generator: dict = dataclasses.field(default_factory=lambda: {"name": None, "pretrained": False, "kwargs": {}})
-    generator_optim: dict = dataclasses.field(default_factory=lambda: {
-        "lr": 1.0e-3, "momentum": 0.0, "weight_decay": 5.0e-4, "nesterov": False, "step_size": 50, "gamma": 0.5})
-    lr_inner: float | None = None
-    lr_inner_decay: dict | None = None
-    inner_update: str = "optimizer"       # optimizer | plain
-    entropy_weight: float = 0.2
-    focal_gamma: float = 2.0
-    meta: str = "second_order"            # second_order | first_order
-    fd_eps: float = 0.01
-    alternate: str = "step"               # step | epoch
+def _method_classes() -> dict[str, type]:
+    """``<Class>Options`` name -> method class, for every method of ``sskt_lightning.methods``."""
+    from sskt_lightning.methods import Method
+    return {f"{c.__name__}Options": c for c in Method.registry.values()
+            if c.__module__.startswith("sskt_lightning.methods.")}
 
 
-MethodOptions = Union[ScratchOptions, SSKTOptions, KDOptions, DMLOptions, MAXLOptions]
+def __getattr__(name: str):
+    if name.endswith("Options") and not name.startswith("_"):
+        classes = _method_classes()
+        if name in classes:
+            made = method_options(classes[name])
+            globals()[name] = made
+            return made
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_method_classes()])
 
 
 # --------------------------------------------------------------------------------- sources, optim
@@ -236,10 +261,10 @@ def build_config(*, method: MethodOptions | str, model: ModelOptions | str = "re
             raise ConfigError(f"sources= takes SourceOptions or source config names, not {type(s).__name__}.")
     if isinstance(method, str):
         method_name, method_values = _choose("method", method), {}
-    elif dataclasses.is_dataclass(method) and hasattr(type(method), "config"):
+    elif dataclasses.is_dataclass(method) and isinstance(method, MethodOptions):
         method_name, method_values = type(method).config, dataclasses.asdict(method)
     else:
-        raise ConfigError(f"method= takes SSKTOptions, KDOptions, DMLOptions, MAXLOptions, ScratchOptions or a "
+        raise ConfigError(f"method= takes {', '.join(sorted(_method_classes(), key=lambda n: (n != 'SSKTOptions', n)))} or a "
                           f"method config name (e.g. 'paper/sskt'), not {type(method).__name__}.")
 
     model_group = model.name if model.name in _group_options("model") else "timm"
@@ -337,7 +362,7 @@ def data_info_from(data) -> tuple[dict, dict | None]:
             raise ConfigError(f"data= as a dict is a data_info ({', '.join(required)}, ...); it lacks {missing}. "
                               "Pass the data module instead.")
         return dict(data), None
-    from sskt_lightning.train import data_info_of
+    from sskt_lightning.data.datamodule import data_info_of
     if not all(hasattr(data, k) for k in ("num_classes", "in_chans", "image_size", "mean", "std", "class_names")):
         raise ConfigError(f"data= takes a data module of this project (ImageDataModule, e.g. from data_module()) "
                           f"or a data_info dict, not {type(data).__name__}.")

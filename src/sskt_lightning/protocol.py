@@ -98,7 +98,7 @@ class Protocol:
 
 
 def config_dir() -> Path:
-    from sskt_lightning.train import CONFIG_DIR
+    from sskt_lightning.compose import CONFIG_DIR
     return Path(CONFIG_DIR)
 
 
@@ -496,7 +496,7 @@ def compute_seconds(out: Path) -> dict[str, float]:
 
 
 def write_protocol_report(proto: Protocol, selected: dict, log=print) -> Path | None:
-    """``DIR/report/``: the final runs' report (report.py), with the search summary appended."""
+    """``DIR/report/``: the final runs' report (sskt_lightning.report), with the search summary appended."""
     import pandas as pd
 
     from sskt_lightning import report

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sskt_lightning import weights as W
-from sskt_lightning.data.datamodule import IMAGENET_MEAN, IMAGENET_STD
+from sskt_lightning.data.specs import IMAGENET_MEAN, IMAGENET_STD
 from sskt_lightning.errors import ConfigError, WeightsError
 from sskt_lightning.nets.factory import _classifier, _replace_classifier, create_network
 

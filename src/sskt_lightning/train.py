@@ -3,7 +3,13 @@
 Hydra composes ``conf/train.yaml`` with the config groups; this file only wires the pieces: checks
 (:mod:`sskt_lightning.validate`) -> data module -> TransferModule -> Trainer (callbacks, loggers,
 safe checkpoint I/O) -> fit -> test on the last epoch's weights -> ``results.json`` in the run
-directory. A failure writes ``failed.txt`` and a ``results.json`` with ``"status": "failed"``.
+directory, one helper a step (``start_run``, ``build_data``, ``build_module``, ``build_callbacks``,
+``build_trainer``, ``fit_and_test``, ``build_results``, ...). A failure writes ``failed.txt`` and a
+``results.json`` with ``"status": "failed"`` (:func:`run`, the one wrapper that records it).
+
+Nothing in the package imports this module (``tests/test_imports.py``): what other modules need
+lives where it belongs (``CONFIG_DIR`` in :mod:`sskt_lightning.compose`, ``data_info_of`` in
+:mod:`sskt_lightning.data`).
 
 Only the standard library, Hydra and OmegaConf are imported at the top: ``--help`` and ``--cfg``
 answer without loading torch, Lightning or timm.
@@ -49,11 +55,11 @@ def __getattr__(name: str):
 
 
 def data_info_of(dm) -> dict:
-    """What the model needs to know about the data (and what a checkpoint records of it)."""
-    return {"name": dm.name, "num_classes": int(dm.num_classes), "in_chans": int(dm.in_chans),
-            "image_size": list(dm.image_size), "mean": list(dm.mean), "std": list(dm.std),
-            "multi_label": bool(getattr(dm, "multi_label", False)), "metric": dm.metric,
-            "class_names": list(dm.class_names)}
+    """:func:`sskt_lightning.data.data_info_of` (what the model needs to know about the data), under
+    its old name here; the data module is where it lives (and nothing in the package imports this
+    entry point)."""
+    from sskt_lightning.data.datamodule import data_info_of as info_of
+    return info_of(dm)
 
 
 def _task_overrides() -> list[str]:
@@ -114,7 +120,11 @@ def run(cfg: DictConfig) -> dict:
     try:
         return _run(cfg)
     except Exception as err:
-        record_failure(cfg, err)
+        full = _disk_full(cfg, err)
+        if full is not None:   # a write outside atomic_write (the CSV log, a logger's files): one clear error
+            _note_unrecorded(full, record_failure(cfg, full))
+            raise full from None
+        _note_unrecorded(err, record_failure(cfg, err))
         raise
     except BaseException as err:        # SystemExit, KeyboardInterrupt: not a finished run either
         from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -131,113 +141,206 @@ def run(cfg: DictConfig) -> dict:
         raise stop from None
 
 
+def _disk_full(cfg: DictConfig, err: Exception):
+    """An OutputError for a full disk hidden in ``err`` (an OSError ENOSPC anywhere in its chain that
+    no writer of ours explained), else None."""
+    if isinstance(err, SSKTError):
+        return None
+    from sskt_lightning.atomic import explain_os_error, is_disk_full
+    found = is_disk_full(err)
+    if found is None:
+        return None
+    where = found.filename or Path(OmegaConf.select(cfg, "paths.output_dir", default=".") or ".") / "(a log file)"
+    return explain_os_error(found, where, "writing")
+
+
+def _note_unrecorded(err: BaseException, problem: str | None) -> None:
+    if problem:
+        err.unrecorded = problem   # printed with the error: the run directory holds no record of it
+
+
+def _message(err: BaseException) -> str:
+    """The error as the command line prints it, with a word when failed.txt could not be written."""
+    problem = getattr(err, "unrecorded", None)
+    return f"{err}" + (f"\n(failed.txt and results.json could not be written either: {problem})" if problem else "")
+
+
 def _run(cfg: DictConfig) -> dict:
+    """One run, each step a helper (as lightning-hydra-template's ``train()``): the checks and the
+    run directory, the data, the module (with a resume checked against it), callbacks, loggers and
+    the trainer, fit and test, the results. :func:`run` records a failure of any step."""
+    output_dir = start_run(cfg)
+    resume_path, resume_obj = load_resume(cfg, output_dir)
+    if (cfg.get("extras") or {}).get("quiet_known_noise", True):
+        from sskt_lightning.extras import quiet_known_noise
+        quiet_known_noise()
+    dm = build_data(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    data_info = data_info_of(dm)
+    module = build_module(config, data_info)
+    keep_through_epoch = wandb_run_id = None
+    if resume_obj is not None:
+        keep_through_epoch, wandb_run_id = check_resume(cfg, resume_obj, module)
+        resume_obj = None                      # Lightning reads the (verified) file itself
+    # after the resume checks: a refused resume leaves the run directory's config.yaml as it was
+    from sskt_lightning.atomic import atomic_write_text
+    atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(config))
+    sources = list(module.sources.sources) if module.method.needs_sources else []
+    group = group_name(cfg, sources, uses_sources=module.method.needs_sources)
+
+    loggers = build_loggers(cfg, output_dir, group, config, keep_through_epoch, wandb_run_id)
+    callbacks, watch = build_callbacks(cfg, output_dir / "checkpoints")
+    trainer = build_trainer(cfg, module, callbacks, loggers, output_dir)
+    dm.split_batch_across(trainer.world_size)   # data.batch_size is global
+    outcome = fit_and_test(cfg, trainer, module, dm, resume_path, watch, output_dir / "checkpoints")
+    results = build_results(cfg, module, dm, data_info, trainer, outcome, watch, group, sources, output_dir)
+    if trainer.is_global_zero:
+        publish_results(results, trainer, output_dir)
+    return results
+
+
+def start_run(cfg: DictConfig) -> Path:
+    """What refuses a run before anything is read (the config, the loggers' credentials, the run
+    directory), then the run directory made ready: an earlier run's ``failed.txt`` /
+    ``results.json`` removed (no longer true), the header logged, stale temporary files of writers
+    killed mid-write removed. Returns the run directory."""
     from sskt_lightning.validate import check_output_dir, validate_config
     validate_config(cfg)                       # before any data is read
     check_loggers(cfg)                         # W&B credentials, logger packages: before anything is built
     output_dir = check_output_dir(cfg.paths.output_dir)
     for name in (FAILED, RESULTS):             # from an earlier run in this directory: no longer true
         (output_dir / name).unlink(missing_ok=True)
-    extras = cfg.get("extras") or {}
-    from sskt_lightning.extras import (
-        header,
-        print_config_tree,
-        quiet_known_noise,
-        rank_from_env,
-    )
-    if rank_from_env() == 0:
-        if extras.get("header", True):
-            uses = _uses_sources(cfg)
-            srcs = list(cfg.get("source") or []) if uses else []
-            log.info(header(cfg, output_dir, _choices(), srcs, logger_names(cfg)))
-        if extras.get("print_config"):
-            print_config_tree(cfg)
+    _log_header(cfg, output_dir)
+    from sskt_lightning.atomic import remove_stale_temps
+    for d in (output_dir, output_dir / "checkpoints"):
+        remove_stale_temps(d)                  # left by a writer killed mid-write
+    return output_dir
 
+
+def _log_header(cfg: DictConfig, output_dir: Path) -> None:
+    """The run's header (and, with ``extras.print_config``, the config tree), on rank 0 only."""
+    from sskt_lightning.extras import header, print_config_tree, rank_from_env
+    extras = cfg.get("extras") or {}
+    if rank_from_env() != 0:
+        return
+    if extras.get("header", True):
+        uses = _uses_sources(cfg)
+        srcs = list(cfg.get("source") or []) if uses else []
+        log.info(header(cfg, output_dir, _choices(), srcs, logger_names(cfg)))
+    if extras.get("print_config"):
+        print_config_tree(cfg)
+
+
+def load_resume(cfg: DictConfig, output_dir: Path) -> tuple[Path | None, dict | None]:
+    """``(path, checkpoint)`` of ``resume=`` (read with ``weights_only=True`` and checked before
+    anything trains), or ``(None, None)``."""
+    if not cfg.get("resume"):
+        return None, None
+    from sskt_lightning.checkpoints import prepare_resume
+    return prepare_resume(str(cfg.resume), output_dir)
+
+
+def build_data(cfg: DictConfig):
+    """The seeded data module, its data read now: missing files fail here, before any weights are
+    fetched."""
     import lightning as L
     from hydra.utils import instantiate
-
-    from sskt_lightning.atomic import atomic_write_text, remove_stale_temps
-    from sskt_lightning.callbacks import (
-        BestValidation,
-        QuietFrozenSources,
-        RunState,
-        ThroughputMeter,
-        last_checkpoint,
-    )
-    from sskt_lightning.checkpoints import (
-        SafeCheckpointIO,
-        check_resume_fits,
-        prepare_resume,
-    )
-    module_cls = globals().get("TransferModule") or __getattr__("TransferModule")
-
-    ckpt_dir = output_dir / "checkpoints"
-    for d in (output_dir, ckpt_dir):
-        remove_stale_temps(d)                  # left by a writer killed mid-write
-    resume_path = resume_obj = None
-    if cfg.get("resume"):                      # checked (weights_only=True) before anything trains
-        resume_path, resume_obj = prepare_resume(str(cfg.resume), output_dir)
-
-    if extras.get("quiet_known_noise", True):
-        quiet_known_noise()
     L.seed_everything(cfg.seed, workers=True)
     dm = instantiate(cfg.data)
-    dm.setup("fit")  # reads the data now: missing files fail here, before any weights are fetched
-    data_info = data_info_of(dm)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    module = module_cls(config, data_info)
-    keep_through_epoch = wandb_run_id = None
-    if resume_obj is not None:
-        check_resume_fits(resume_obj, module, cfg.resume)
-        keep_through_epoch = int(resume_obj["epoch"])
-        wandb_run_id = RunState.stored_wandb_run_id(resume_obj)   # the same W&B run continues
-        resume_obj = None                      # Lightning reads the (verified) file itself
-    # after the resume checks: a refused resume leaves the run directory's config.yaml as it was
-    atomic_write_text(output_dir / "config.yaml", OmegaConf.to_yaml(config))
-    sources = list(module.sources.sources) if module.method.needs_sources else []
-    group = group_name(cfg, sources, uses_sources=module.method.needs_sources)
+    dm.setup("fit")
+    return dm
 
-    last, meter, best = last_checkpoint(ckpt_dir), ThroughputMeter(), BestValidation("val/acc", "max")
-    loggers = build_loggers(cfg, output_dir, group, config, keep_through_epoch, wandb_run_id)
+
+def build_module(config: dict, data_info: dict):
+    """The :class:`~sskt_lightning.module.TransferModule` of the resolved config (``train.TransferModule``:
+    tests may replace it)."""
+    module_cls = globals().get("TransferModule") or __getattr__("TransferModule")
+    return module_cls(config, data_info)
+
+
+def check_resume(cfg: DictConfig, resume_obj: dict, module) -> tuple[int, str | None]:
+    """Refuse a checkpoint that does not fit ``module``; ``(the epoch it ends, its W&B run id)``: the
+    CSV log keeps its rows through that epoch and the same W&B run continues."""
+    from sskt_lightning.callbacks import RunState
+    from sskt_lightning.checkpoints import check_resume_fits
+    check_resume_fits(resume_obj, module, cfg.resume)
+    return int(resume_obj["epoch"]), RunState.stored_wandb_run_id(resume_obj)
+
+
+class Watchers:
+    """The always-on callbacks :func:`build_results` reads: the last checkpoint, the best validation
+    value, the throughput."""
+
+    def __init__(self, ckpt_dir: Path):
+        from sskt_lightning.callbacks import BestValidation, ThroughputMeter, last_checkpoint
+        self.last, self.meter = last_checkpoint(ckpt_dir), ThroughputMeter()
+        self.best = BestValidation("val/acc", "max")
+
+
+def build_callbacks(cfg: DictConfig, ckpt_dir: Path) -> tuple[list, Watchers]:
+    """The always-on callbacks around the ``callbacks`` group's (README, "Reliability"); Lightning
+    runs the checkpoint callbacks last in any case."""
+    from sskt_lightning.callbacks import EpochMetricsOnEveryRank, QuietFrozenSources, RunState
+    watch = Watchers(ckpt_dir)
+    quiet = [QuietFrozenSources()] if (cfg.get("extras") or {}).get("quiet_known_noise", True) else []
+    # EpochMetricsOnEveryRank first: under DDP every process computes the epoch's values before any
+    # callback (the progress bar) reads them on rank 0 alone
+    return [EpochMetricsOnEveryRank(), RunState(), *quiet, *instantiate_callbacks(cfg), watch.best, watch.last,
+            watch.meter], watch
+
+
+def build_trainer(cfg: DictConfig, module, callbacks: list, loggers: list, output_dir: Path):
+    """``cfg.trainer`` with the callbacks, loggers and the safe checkpoint I/O."""
+    from hydra.utils import instantiate
+
+    from sskt_lightning.checkpoints import SafeCheckpointIO
     extra = {}
     if cfg.trainer.get("strategy") == "ddp":
         # several optimizers stepped in one step (DML, MAXL): each backward touches only some
         # parameters, which DDP must be told about
         from lightning.pytorch.strategies import DDPStrategy
         extra["strategy"] = DDPStrategy(find_unused_parameters=not module.automatic_optimization)
-    # the always-on callbacks around the group's (README, "Reliability"); Lightning runs the
-    # checkpoint callbacks last in any case
-    quiet = [QuietFrozenSources()] if extras.get("quiet_known_noise", True) else []
-    callbacks = [RunState(), *quiet, *instantiate_callbacks(cfg), best, last, meter]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[SafeCheckpointIO()],
-                          default_root_dir=str(output_dir), **extra)
-    dm.split_batch_across(trainer.world_size)   # data.batch_size is global
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, plugins=[SafeCheckpointIO()],
+                       default_root_dir=str(output_dir), **extra)
+
+
+def fit_and_test(cfg: DictConfig, trainer, module, dm, resume_path: Path | None, watch: Watchers,
+                 ckpt_dir: Path) -> dict:
+    """Fit (from ``resume_path`` if given), make sure ``last.ckpt`` holds the final weights, then test
+    them (unless ``test=false``). Returns ``wall`` (fit seconds), ``val`` (the last validation
+    value), ``tested`` (the test metrics; empty without test) and ``last_path``."""
     import time
     start = time.perf_counter()
     # Lightning reads the verified file through SafeCheckpointIO (weights_only=True, local only)
     trainer.fit(module, datamodule=dm, ckpt_path=str(resume_path) if resume_path else None)
     wall = time.perf_counter() - start
     last_path = ckpt_dir / "last.ckpt"
-    if last._last_global_step_saved != trainer.global_step or not last_path.is_file():
+    if watch.last._last_global_step_saved != trainer.global_step or not last_path.is_file():
         trainer.save_checkpoint(last_path, weights_only=False)   # a full checkpoint (resumable), e.g. when a step
         # budget ends mid-epoch or under fast_dev_run: the weights test measures are on disk
     val_hist = trainer.callback_metrics.get("val/acc")  # the last validation (before test resets it)
     # last epoch's weights = last.ckpt; test=false (a search trial) never reads the test split
     tested = trainer.test(module, datamodule=dm, verbose=False)[0] if cfg.get("test", True) else {}
+    return {"wall": wall, "val": val_hist, "tested": tested, "last_path": last_path}
 
-    results = {
+
+def build_results(cfg: DictConfig, module, dm, data_info: dict, trainer, outcome: dict, watch: Watchers,
+                  group: str, sources: list[str], output_dir: Path) -> dict:
+    """The content of ``results.json`` (``outcome``: :func:`fit_and_test`'s)."""
+    tested, val_hist = outcome["tested"], outcome["val"]
+    return {
         "status": "ok",
         "method": module.method.name, "model": module.model_name, "data": data_info["name"],
         "sources": sources, "seed": int(cfg.seed), "epochs": int(trainer.current_epoch),
         "group": group, "tags": [str(x) for x in (cfg.get("tags") or [])], "test_metric": data_info["metric"],
         "test_acc": float(tested["test/acc"]) if tested else None,
-        "best_val_acc": best.best,
-        "best_val_epoch": best.epoch,
+        "best_val_acc": watch.best.best,
+        "best_val_epoch": watch.best.epoch,
         "last_val_acc": float(val_hist) if val_hist is not None else None,
-        "wall_time_s": round(wall, 2), "train_images_per_s": meter.images_per_second,
+        "wall_time_s": round(outcome["wall"], 2), "train_images_per_s": watch.meter.images_per_second,
         "num_train": dm.num_train, "num_val": dm.num_val, "num_test": dm.num_test, "num_unlabeled": dm.num_unlabeled,
         "metrics_csv": "csv/metrics.csv",
-        "checkpoints": {"last": _rel(str(last_path), output_dir),
+        "checkpoints": {"last": _rel(str(outcome["last_path"]), output_dir),
                         "best": _rel(_best_checkpoint_path(trainer), output_dir)},
         "resumed_from": str(cfg.resume) if cfg.get("resume") else None,
         "method_settings": module.method.describe(),
@@ -245,18 +348,21 @@ def _run(cfg: DictConfig) -> dict:
         "overrides": _task_overrides(),
         "extra": {k.replace("/", "_"): float(v) for k, v in tested.items() if k != "test/acc"},
     }
-    if trainer.is_global_zero:
-        atomic_write_text(output_dir / RESULTS, json.dumps(results, indent=2))
-        # W&B: the results as the run's summary, then close the run (not under fast_dev_run, where
-        # Lightning replaced the loggers and no W&B run was started)
-        for lg in (lg for lg in trainer.loggers if is_wandb(lg)):
-            lg.experiment.summary.update({k: v for k, v in results.items() if not isinstance(v, (dict, list))})
-            lg.experiment.save(str(output_dir / RESULTS), base_path=str(output_dir), policy="now")
-            lg.experiment.finish()
-        log.info("results: test %s %s (last epoch), best val %.4f -> %s", results["test_metric"],
-                 "not run (test=false)" if results["test_acc"] is None else f"{results['test_acc']:.4f}",
-                 float("nan") if results["best_val_acc"] is None else results["best_val_acc"], output_dir)
-    return results
+
+
+def publish_results(results: dict, trainer, output_dir: Path) -> None:
+    """``results.json`` (atomic), W&B's run summary (then the W&B run is closed), the log line."""
+    from sskt_lightning.atomic import atomic_write_text
+    atomic_write_text(output_dir / RESULTS, json.dumps(results, indent=2))
+    # W&B: the results as the run's summary, then close the run (not under fast_dev_run, where
+    # Lightning replaced the loggers and no W&B run was started)
+    for lg in (lg for lg in trainer.loggers if is_wandb(lg)):
+        lg.experiment.summary.update({k: v for k, v in results.items() if not isinstance(v, (dict, list))})
+        lg.experiment.save(str(output_dir / RESULTS), base_path=str(output_dir), policy="now")
+        lg.experiment.finish()
+    log.info("results: test %s %s (last epoch), best val %.4f -> %s", results["test_metric"],
+             "not run (test=false)" if results["test_acc"] is None else f"{results['test_acc']:.4f}",
+             float("nan") if results["best_val_acc"] is None else results["best_val_acc"], output_dir)
 
 
 def _uses_sources(cfg: DictConfig) -> bool:
@@ -294,9 +400,10 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
-def record_failure(cfg: DictConfig, err: BaseException) -> None:
+def record_failure(cfg: DictConfig, err: BaseException) -> str | None:
     """``failed.txt`` (line 1: the error on one line; then the traceback for unexpected errors) and
-    ``results.json`` with ``status: failed`` in the run directory, both atomic; never raises."""
+    ``results.json`` with ``status: failed`` in the run directory, both atomic; never raises.
+    Returns why they could not be written (a full disk, a removed directory), or None."""
     from sskt_lightning.atomic import atomic_write_text
     out = Path(OmegaConf.select(cfg, "paths.output_dir", default=".") or ".")
     detail = "" if isinstance(err, SSKTError) else "\n\n" + "".join(traceback.format_exception(err))
@@ -317,12 +424,16 @@ def record_failure(cfg: DictConfig, err: BaseException) -> None:
             atomic_write_text(out / RESULTS, json.dumps(failure, indent=2, default=str))
     except Exception as write_err:   # e.g. the run directory itself is the problem
         log.error("could not record the failure in %s: %s", out, write_err)
+        unrecorded = str(write_err)
+    else:
+        unrecorded = None
     try:
         wandb = sys.modules.get("wandb")
         if wandb is not None and getattr(wandb, "run", None) is not None:
             wandb.finish(exit_code=1)
     except Exception as wandb_err:   # never raises: the run's own error is the one to report
         log.error("could not close the W&B run: %s", wandb_err)
+    return unrecorded
 
 
 def _finished_results(path: Path) -> bool:
@@ -390,7 +501,7 @@ def _hydra_main(cfg: DictConfig) -> float:
         if multirun:  # one failed job must not end the sweep; the summary at the end lists it
             log.error("job failed: %s; the sweep goes on.", _one_line(err))
             return math.nan
-        print(f"\nerror: {err}\n", file=sys.stderr)
+        print(f"\nerror: {_message(err)}\n", file=sys.stderr)
         sys.exit(2)
     except Exception as err:
         if multirun:

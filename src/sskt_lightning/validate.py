@@ -4,15 +4,15 @@
   (``source=[nosuch]`` lists the available ones, as ``model=nosuch`` does) and an output directory
   that cannot be written (under a file, read-only), which Hydra would otherwise meet with a traceback.
 * :func:`validate_config` checks the composed config: unknown top-level keys (``++resum=...``),
-  values that cannot be right (temperature <= 0, negative alpha, KD's alpha > 1, a non-positive
-  learning rate or epoch count, a non-integer seed), required options left unset
+  values that cannot be right (a non-positive learning rate or epoch count, a non-integer seed;
+  the method's options through its class's own check, ``Method.check_options``: temperature <= 0,
+  negative alpha, KD's alpha > 1, ...), required options left unset
   (``source.checkpoint.weights``), the metric a sweeper optimises, and a writable run directory.
 """
 from __future__ import annotations
 
 import difflib
 import os
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +28,7 @@ _NO_RUN_FLAGS = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", 
 # ---------------------------------------------------------------------------- config groups
 def _config_dir() -> Path:
     # one definition of where the configs live
-    from sskt_lightning.train import CONFIG_DIR
+    from sskt_lightning.compose import CONFIG_DIR
     return Path(CONFIG_DIR)
 
 
@@ -162,27 +162,16 @@ def validate_config(cfg: DictConfig) -> None:
     if lr is not None and (not _is_number(lr) or lr <= 0):
         raise ConfigError(f"optim.optimizer.lr={lr!r}: the learning rate must be a number > 0.")
 
-    method = cfg.get("method") or {}
-    name = method.get("name")
-    if "temperature" in method and (not _is_number(method.temperature) or method.temperature <= 0):
-        raise ConfigError(f"method.temperature={method.temperature!r}: must be > 0 (softmax(z / T) "
-                          "divides by it); common values 1-4.")
-    if "alpha" in method:
-        alpha = method.alpha
-        hi = 1.0 if name == "kd" else float("inf")
-        if not _is_number(alpha) or alpha < 0 or alpha > hi:
-            valid = "[0, 1] (KD mixes (1 - alpha) * CE + alpha * KD)" if name == "kd" else ">= 0"
-            raise ConfigError(f"method.alpha={alpha!r}: must lie in {valid}.")
-    gen_lr = (method.get("generator_optim") or {}).get("lr") if "generator_optim" in method else None
-    if gen_lr is not None and (not _is_number(gen_lr) or gen_lr <= 0):
-        raise ConfigError(f"method.generator_optim.lr={gen_lr!r}: the learning rate must be a number > 0.")
-
     metric = cfg.get("optimized_metric")
     if metric is not None and (not isinstance(metric, str) or metric.startswith("test")):
         raise ConfigError(f"optimized_metric={metric!r}: a sweeper must optimise a validation number "
                           "(best_val_acc or last_val_acc), never a test one.")
 
     method_cls = _method_class(cfg)
+    name = (cfg.get("method") or {}).get("name")
+    if method_cls is not None and hasattr(method_cls, "check_options"):
+        # the method's own checks (its constructor: temperature > 0, alpha's range, cache mode, ...)
+        method_cls.check_options(OmegaConf.to_container(cfg.method, resolve=True))
     check_step_budget(method_cls, max_steps, name)
     from sskt_lightning.compiling import check_compile_options
     check_compile_options(cfg.get("compile"), method_cls)
@@ -213,7 +202,3 @@ def check_output_dir(path: str | Path) -> Path:
         raise OutputError(f"Cannot write the run directory: {problem}. Choose a writable one with "
                           "hydra.run.dir=<dir> (hydra.sweep.dir for -m).")
     return path
-
-
-def print_error(err: BaseException) -> None:
-    print(f"\nerror: {err}\n", file=sys.stderr)

@@ -76,17 +76,20 @@ def _open_run_stores(cfg, mode: str, device):
     ``train.run`` builds them (same seed, same order), so even random-weight sources match;
     keyed for computing on ``device`` with this process's TF32 settings."""
     import lightning as L
-    from hydra.utils import instantiate
+    from hydra.utils import get_class, instantiate
     from omegaconf import OmegaConf
 
     from sskt_lightning.cache.keys import cache_mode, current_compute, data_streams, open_stores
     from sskt_lightning.errors import ConfigError
     from sskt_lightning.module import TransferModule
-    from sskt_lightning.train import data_info_of
+    from sskt_lightning.data.datamodule import data_info_of
 
     cache_mode(mode, cfg.method.get("source_bn", "eval"))       # refuses source_bn=train
-    if cfg.method.name not in ("sskt", "kd") or not cfg.get("source"):
-        raise ConfigError(f"the cache holds the soft labels of the sources of method=sskt or method=kd "
+    method_cls = get_class(cfg.method._target_)
+    if not getattr(method_cls, "soft_label_cache", False) or not cfg.get("source"):
+        from sskt_lightning.methods import Method
+        served = " or ".join(f"method={n}" for n, c in sorted(Method.registry.items()) if c.soft_label_cache)
+        raise ConfigError(f"the cache holds the soft labels of the sources of {served} "
                           f"(got method={cfg.method.name} with source={list(cfg.get('source') or [])}): give "
                           "e.g. method=sskt source=[imagenet_resnet50] (source.<name>.weights=... offline).")
     L.seed_everything(cfg.seed, verbose=False)

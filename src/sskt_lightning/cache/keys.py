@@ -245,20 +245,19 @@ def data_streams(datamodule) -> dict[str, StreamData]:
             for stream, (split, images) in getter().items()}
 
 
-def attach(module, mode: str, budget_gb: float = 16.0, topk: int | None = None, temperature: float = 1.0) -> None:
-    """Give ``module.sources`` its stores for this run (from ``on_fit_start``); ``temperature``:
-    the T at which the method softens the sources' logits."""
-    mode = cache_mode(mode, getattr(module.method, "source_bn", "eval"))
-    if mode == "off" or len(module.sources) == 0:
+def attach(bank, mode: str, *, datamodule, precision, cache_dir, device, budget_gb: float = 16.0,
+           topk: int | None = None, temperature: float = 1.0, source_bn: str = "eval") -> None:
+    """Give the source bank ``bank`` its stores for this run: the values are the run's, passed by
+    the method at ``on_fit_start`` (the trainer's data module and precision, ``paths.cache_dir``,
+    the device the sources run on); ``temperature``: the T at which the method softens the
+    sources' logits."""
+    mode = cache_mode(mode, source_bn)
+    if mode == "off" or len(bank) == 0:
         return
-    trainer = module.trainer
-    dm = getattr(trainer, "datamodule", None)
-    if dm is None:
+    if datamodule is None:
         raise ConfigError("method.cache needs the run's data module (trainer.fit(module, datamodule=...)).")
-    paths = module.cfg.get("paths") or {}
-    cache_dir = paths.get("cache_dir")
     if not cache_dir:
         raise ConfigError("method.cache is on but paths.cache_dir is not set (conf/paths/default.yaml).")
-    stores = open_stores(module.sources, data_streams(dm), dm.augment, trainer.precision, cache_dir, mode,
-                         budget_gb, topk, compute=current_compute(module.device))
-    module.sources.attach_cache(stores, write=mode == "read_write", temperature=temperature)
+    stores = open_stores(bank, data_streams(datamodule), datamodule.augment, precision, cache_dir, mode,
+                         budget_gb, topk, compute=current_compute(device))
+    bank.attach_cache(stores, write=mode == "read_write", temperature=temperature)

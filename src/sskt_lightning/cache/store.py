@@ -46,7 +46,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sskt_lightning.errors import CacheError
+from sskt_lightning.atomic import atomic_write_text
+from sskt_lightning.errors import CacheError, OutputError
 
 if TYPE_CHECKING:   # torch is imported where tensors are handled: `cache info` starts without it
     import torch
@@ -187,18 +188,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so that readers see the old or the new content, never a part: a temporary
-    file in the same directory, fsync, ``os.replace``, fsync of the directory."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class SoftLabelStore:
@@ -472,7 +461,14 @@ def _publish(path: Path, key: dict, num_images: int, num_views: int, layout: Lay
         with open(tmp / FILLED, "wb") as f:
             _allocate(f, num_images * num_views)      # 1 B an entry, allocated (see _allocate)
             os.fsync(f.fileno())
-        atomic_write_text(tmp / META, json.dumps(meta, indent=1))
+        try:
+            atomic_write_text(tmp / META, json.dumps(meta, indent=1))
+        except OutputError as err:   # its advice is the run directory's; a store has its own
+            cause = err.__context__  # the OSError it explains (raised `from None`: kept as the context)
+            why = os.strerror(cause.errno) if isinstance(cause, OSError) and cause.errno else str(err)
+            raise CacheError(f"cannot create the cache store for {labels or key} under {parent} (writing its "
+                             f"{META}: {why}): free space (python -m sskt_lightning.cache clear), or set "
+                             "paths.cache_dir=/a/writable/disk, or method.cache=read_only or off.") from None
         _fsync_dir(tmp)
         try:
             os.rename(tmp, path)                      # atomic; fails if another process won

@@ -34,27 +34,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from sskt_lightning.data.augment import BatchAugment, normalize
-from sskt_lightning.data.formats import (
-    MULTI_LABEL_DATASETS,
-    READERS,
-    RESIZABLE_DATASETS,
-    ImageArrays,
-    ensure_available,
-)
+from sskt_lightning.data.formats import ImageArrays
+from sskt_lightning.data.specs import DATASETS, DatasetSpec, dataset_spec, ensure_available
 from sskt_lightning.data.views import TaskSplit, check_multi_label_views, make_task_split
 from sskt_lightning.errors import ConfigError
 from sskt_lightning.metrics import METRICS  # acc (single-label); map, reference_image_ap (multi-label)
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-DATASET_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
-    "fashion_mnist": ((0.2860,), (0.3530,)),
-    "imagefolder": (IMAGENET_MEAN, IMAGENET_STD),
-    "voc2007": (IMAGENET_MEAN, IMAGENET_STD),
-}
-GRAY_STATS = ((0.5,), (0.5,))
 UNLABELED_SOURCES = ("auto", "split", "pool")
 
 AUGMENT_SEED_OFFSET = 10_007                           # the augmentation generators' seeds: seed + this + stream
@@ -152,6 +137,19 @@ def _class_ids(classes: Sequence[int | str] | None, names: Sequence[str], datase
     return [names.index(c) if isinstance(c, str) and c in names else int(c) for c in classes]
 
 
+def data_info_of(dm) -> dict:
+    """What the model needs to know about the data (and what a checkpoint records of it), from a data
+    module (:class:`ImageDataModule`, or any object with its properties): its ``data_info``."""
+    return {"name": dm.name, "num_classes": int(dm.num_classes), "in_chans": int(dm.in_chans),
+            "image_size": list(dm.image_size), "mean": list(dm.mean), "std": list(dm.std),
+            "multi_label": bool(getattr(dm, "multi_label", False)), "metric": dm.metric,
+            "class_names": list(dm.class_names)}
+
+
+def _with_unlabeled_split() -> str:
+    return " / ".join(n for n, spec in DATASETS.items() if spec.unlabeled_split)
+
+
 class ImageDataModule(L.LightningDataModule):
     """One image-classification dataset with its task view; see the module docstring for batches.
 
@@ -172,8 +170,7 @@ class ImageDataModule(L.LightningDataModule):
                  steps_per_epoch: int | None = None, val_per_class: int | None = None,
                  on_device: bool = False) -> None:
         super().__init__()  # no save_hyperparameters: checkpoints stay loadable with weights_only=True
-        if name not in READERS:
-            raise ConfigError(f"data.name={name!r} is not a known dataset; choose one of {sorted(READERS)}.")
+        spec = dataset_spec(name)   # a ConfigError for an unknown name
         if unlabeled_source not in UNLABELED_SOURCES:
             raise ConfigError(f"data.unlabeled_source must be one of {UNLABELED_SOURCES}, got {unlabeled_source!r}.")
         if batch_size < 1 or unlabeled_ratio <= 0:
@@ -184,17 +181,19 @@ class ImageDataModule(L.LightningDataModule):
             raise ConfigError(f"data.steps_per_epoch must be an integer >= 1 (batches per epoch, whatever the "
                               f"number of labels) or null (one pass over the labelled images), got "
                               f"{steps_per_epoch!r}.")
-        multi = name in MULTI_LABEL_DATASETS
+        multi = spec.multi_label
         if metric is not None and (metric not in METRICS or (metric == "acc") == multi):
             fits = [m for m in METRICS if (m == "acc") != multi]
             raise ConfigError(f"data.metric={metric!r} does not fit {name} ({'multi' if multi else 'single'}-label "
                               f"data); choose one of {fits} (or null for {fits[0]}).")
-        if skip_bad_images and name != "imagefolder":
-            raise ConfigError(f"data.skip_bad_images=true applies to imagefolder data only, not {name}.")
+        if skip_bad_images and "skip_bad_images" not in spec.options:
+            takers = [n for n, s in DATASETS.items() if "skip_bad_images" in s.options]
+            raise ConfigError(f"data.skip_bad_images=true applies to {' / '.join(takers)} data only, not {name}.")
         if multi:
             check_multi_label_views(name, classes=classes, label_map=label_map, class_names=class_names,
                                     labels_per_class=labels_per_class, val_per_class=val_per_class)
         self.metric_arg = metric
+        self.spec: DatasetSpec = spec   # what this dataset is (data.specs.DATASETS)
         self.name, self.data_dir, self.download = name, str(data_dir), bool(download)
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or 2 * batch_size)
@@ -225,14 +224,12 @@ class ImageDataModule(L.LightningDataModule):
         return ["train", "test"] + (["unlabeled"] if self._unlabeled_kind() == "split" else [])
 
     def _read(self, split: str, classes: list[str] | None = None) -> ImageArrays:
-        reader = READERS[self.name]
-        if self.name == "voc2007":
-            size = {} if self.image_size_arg is None else {"image_size": self.image_size_arg}
-            return reader(self.data_dir, split, self.download, **size)
-        if self.name != "imagefolder":
-            return reader(self.data_dir, split, self.download)
-        return reader(self.data_dir, split, self.download, image_size=self.image_size_arg,
-                      in_chans=self.in_chans_arg or 3, classes=classes, skip_bad_images=self.skip_bad_images)
+        """One split through the spec's reader, with the ``data.*`` options it takes (those left
+        unset keep the reader's defaults); ``classes``: the train split's class names (test split)."""
+        given = {"image_size": self.image_size_arg, "in_chans": self.in_chans_arg or None, "classes": classes,
+                 "skip_bad_images": self.skip_bad_images}
+        options = {k: given[k] for k in self.spec.options if given[k] is not None}
+        return self.spec.reader(self.data_dir, split, self.download, **options)
 
     def setup(self, stage: str | None = None) -> None:
         """Read the train and test splits once and build the task view (idempotent)."""
@@ -257,42 +254,42 @@ class ImageDataModule(L.LightningDataModule):
         self._split = split
 
     def _check_fixed_format(self, train: ImageArrays) -> None:
-        """image_size / in_chans only resize imagefolder (and voc2007: size) data; elsewhere they must match."""
-        if self.name == "imagefolder":
-            return
+        """data.image_size / data.in_chans convert the images of a dataset whose reader takes them
+        (the spec's options); for any other they must match the images as they are."""
         size, chans = tuple(train.images.shape[2:]), train.images.shape[1]
         wanted = self.image_size_arg
         wanted = None if wanted is None else tuple(wanted) if isinstance(wanted, list) else (wanted, wanted)
-        resized = self.name in RESIZABLE_DATASETS
-        if (wanted is not None and wanted != size and not resized) or (self.in_chans_arg not in (None, chans)):
-            raise ConfigError(f"{self.name} images are {chans}×{size[0]}×{size[1]}; data.image_size / data.in_chans "
-                              f"can only resize imagefolder data (voc2007: image_size only; adapt inputs in the "
-                              f"model instead).")
+        if (wanted is not None and wanted != size and not self.spec.resizable) or (
+                self.in_chans_arg not in (None, chans) and not self.spec.free_channels):
+            resizable = [n for n, s in DATASETS.items() if s.resizable]
+            free = [n for n, s in DATASETS.items() if s.free_channels]
+            raise ConfigError(f"{self.name} images are {chans}×{size[0]}×{size[1]}; data.image_size can only resize "
+                              f"{' / '.join(resizable)} data and data.in_chans only convert {' / '.join(free)} "
+                              f"data (adapt inputs in the model instead).")
 
     def _unlabeled_kind(self) -> str:
         if self.unlabeled_source != "auto":
             return self.unlabeled_source
-        return "split" if self.name == "stl10" and self.labels_per_class is None else "pool"
+        return "split" if self.spec.unlabeled_split and self.labels_per_class is None else "pool"
 
     def _unlabeled_pool(self, train: ImageArrays, split: TaskSplit) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(images, indices) of the unlabeled stream; (None, empty) when unlabeled=False."""
         if not self.unlabeled:
             return None, split.unlabeled[:0]
         if self._unlabeled_kind() == "split":
-            if self.name != "stl10":
-                raise ConfigError(f"data.unlabeled_source=split needs a dataset with an unlabeled split (stl10), "
-                                  f"not {self.name}; use pool with data.labels_per_class.")
+            if not self.spec.unlabeled_split:
+                raise ConfigError(f"data.unlabeled_source=split needs a dataset with an unlabeled split "
+                                  f"({_with_unlabeled_split()}), not {self.name}; use pool with data.labels_per_class.")
             images = self._read("unlabeled").images
             return images, torch.arange(len(images))
         if len(split.unlabeled) == 0:
             raise ConfigError("data.unlabeled=true but there is no unlabeled pool: set data.labels_per_class "
-                              "(the rest of the training images become unlabeled) or use stl10's unlabeled split.")
+                              "(the rest of the training images become unlabeled) or use the unlabeled split of "
+                              f"{_with_unlabeled_split()}.")
         return train.images, split.unlabeled
 
     def _stats(self, chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        mean, std = DATASET_STATS[self.name]
-        if self.name == "imagefolder" and chans == 1:
-            mean, std = GRAY_STATS
+        mean, std = self.spec.stats(chans)
         mean, std = tuple(self.mean_arg or mean), tuple(self.std_arg or std)
         if len(mean) != chans or len(std) != chans:
             raise ConfigError(f"data.mean / data.std need {chans} values (one per channel), got {mean} / {std}.")
@@ -317,6 +314,11 @@ class ImageDataModule(L.LightningDataModule):
         return self._test_arrays
 
     # ------------------------------------------------------------------ properties
+
+    @property
+    def data_info(self) -> dict:
+        """What the model needs to know about the data (see :func:`data_info_of`); loads the data."""
+        return data_info_of(self)
 
     @property
     def num_classes(self) -> int:
@@ -348,12 +350,12 @@ class ImageDataModule(L.LightningDataModule):
     @property
     def multi_label(self) -> bool:
         """True for multi-label data (labels are B×K multi-hot rows); known without loading."""
-        return self.name in MULTI_LABEL_DATASETS
+        return self.spec.multi_label
 
     @property
     def metric(self) -> str:
         """The evaluation metric's name (one of `METRICS`): data.metric, else acc / map by label type."""
-        return self.metric_arg or ("map" if self.multi_label else "acc")
+        return self.metric_arg or self.spec.default_metric
 
     @property
     def num_train(self) -> int:

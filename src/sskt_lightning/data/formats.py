@@ -1,6 +1,8 @@
 """Readers for the real on-disk dataset formats, each returning in-memory `ImageArrays`.
 
-Every reader is `read_<name>(root, split, download=False) -> ImageArrays`. File lists, URLs,
+Every reader is `read_<name>(root, split, download=False) -> ImageArrays`, and every
+`locate_<name>(root, split, download)` finds (downloading if allowed) a split's files without
+reading them; `sskt_lightning.data.specs.DATASETS` names them per dataset. File lists, URLs,
 checksums, downloads and parsing come from torchvision.datasets wherever it reads the same files
 into the same uint8 arrays (STL10, the MNIST idx readers, VOCDetection.parse_voc_xml, ImageFolder's
 file listing, download_and_extract_archive). What remains here is what torchvision lacks: a
@@ -57,8 +59,6 @@ VOC_CLASSES = [
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
 ]  # fmt: skip
-MULTI_LABEL_DATASETS = frozenset({"voc2007"})  # labels are N×K multi-hot rows
-RESIZABLE_DATASETS = ("imagefolder", "voc2007")  # readers that take image_size (images differ in size on disk)
 
 
 @dataclass
@@ -282,25 +282,25 @@ def _cifar_files(dataset: type, split: str, title: str) -> list[str]:
     return [name for name, _md5 in (dataset.train_list if split == "train" else dataset.test_list)]
 
 
-def _locate_cifar10(root: Path, split: str, download: bool) -> Path:
+def locate_cifar10(root: Path, split: str, download: bool) -> Path:
     return _ensure_archive("CIFAR-10", CIFAR10, root, _cifar_files(CIFAR10, split, "CIFAR-10"), download)
 
 
-def _locate_cifar100(root: Path, split: str, download: bool) -> Path:
+def locate_cifar100(root: Path, split: str, download: bool) -> Path:
     files = [*_cifar_files(CIFAR100, split, "CIFAR-100"), CIFAR100.meta["filename"]]  # the class names are needed
     return _ensure_archive("CIFAR-100", CIFAR100, root, files, download)
 
 
 def read_cifar10(root: str | Path, split: str = "train", download: bool = False) -> ImageArrays:
     """CIFAR-10 from `<root>/cifar-10-batches-py/` (data_batch_1..5, test_batch, batches.meta)."""
-    folder = _locate_cifar10(Path(root), split, download)
+    folder = locate_cifar10(Path(root), split, download)
     classes = _cifar_classes(folder, CIFAR10, 10, CIFAR10_CLASSES)
     return _cifar_arrays([folder / f for f in _cifar_files(CIFAR10, split, "CIFAR-10")], CIFAR10, "labels", classes)
 
 
 def read_cifar100(root: str | Path, split: str = "train", download: bool = False) -> ImageArrays:
     """CIFAR-100 (fine labels) from `<root>/cifar-100-python/` (train, test, meta)."""
-    folder = _locate_cifar100(Path(root), split, download)
+    folder = locate_cifar100(Path(root), split, download)
     classes = _cifar_classes(folder, CIFAR100, 100, None)
     return _cifar_arrays([folder / split], CIFAR100, "fine_labels", classes)
 
@@ -313,7 +313,7 @@ _STL_IMAGE_BYTES = 3 * 96 * 96
 class _STL10Files(STL10):
     """torchvision's STL10 reader (`.data`: N×3×96×96 uint8, `.labels`: 0-based) without the md5 pass
     over all five files, the 2.7 GB unlabeled one included, that it makes on every load
-    (`_locate_stl10` checks that the split's files are there, the reader that they are whole)."""
+    (`locate_stl10` checks that the split's files are there, the reader that they are whole)."""
 
     def _check_integrity(self) -> bool:
         return True
@@ -324,13 +324,13 @@ def _stl10_files(split: str) -> list[str]:
     return [f"{split}_X.bin"] + ([] if split == "unlabeled" else [f"{split}_y.bin"])
 
 
-def _locate_stl10(root: Path, split: str, download: bool) -> Path:
+def locate_stl10(root: Path, split: str, download: bool) -> Path:
     return _ensure_archive("STL-10", STL10, root, _stl10_files(split), download)
 
 
 def read_stl10(root: str | Path, split: str = "train", download: bool = False) -> ImageArrays:
     """STL-10 from `<root>/stl10_binary/`; split in train/test/unlabeled (unlabeled labels are -1)."""
-    folder = _locate_stl10(Path(root), split, download)
+    folder = locate_stl10(Path(root), split, download)
     x_file, fix = folder / f"{split}_X.bin", f"To fix: extract {STL10.url} again."
     size = x_file.stat().st_size
     if size == 0 or size % _STL_IMAGE_BYTES:
@@ -385,7 +385,7 @@ def _fashion_files(folders: Sequence[Path], prefix: str) -> tuple[Path, Path] | 
     return None
 
 
-def _locate_fashion_mnist(root: Path, split: str, download: bool) -> tuple[Path, Path]:
+def locate_fashion_mnist(root: Path, split: str, download: bool) -> tuple[Path, Path]:
     """(images, labels) idx files of a split: `<root>/FashionMNIST/raw/`, Debian's dir, or download."""
     _check_split(split, ("train", "test"), "Fashion-MNIST")
     prefix = "train" if split == "train" else "t10k"
@@ -458,7 +458,7 @@ def _read_idx(path: Path, reader: Callable[[str], torch.Tensor]) -> torch.Tensor
 
 def read_fashion_mnist(root: str | Path, split: str = "train", download: bool = False) -> ImageArrays:
     """Fashion-MNIST idx files from `<root>/FashionMNIST/raw/`, else Debian's package dir, else download."""
-    image_file, label_file = _locate_fashion_mnist(Path(root), split, download)
+    image_file, label_file = locate_fashion_mnist(Path(root), split, download)
     images, labels = _read_idx(image_file, read_image_file), _read_idx(label_file, read_label_file)
     if images.ndim != 3:
         raise DataError(f"{image_file} holds an array of shape {tuple(images.shape)}, not N×H×W images. To fix: "
@@ -559,7 +559,7 @@ def _imagefolder_tree(root: Path) -> str:
             f"(the test split; val/ is accepted as its name; same class folders in both)")
 
 
-def _locate_imagefolder(root: Path, split: str, download: bool) -> tuple[Path, dict[str, list[Path]]]:
+def locate_imagefolder(root: Path, split: str, download: bool) -> tuple[Path, dict[str, list[Path]]]:
     """(split dir, class -> files); DataNotFoundError when there are no images."""
     _check_split(split, ("train", "test"), "ImageFolder")
     split_dir = _imagefolder_dir(root, split)
@@ -587,7 +587,7 @@ def read_imagefolder(root: str | Path, split: str = "train", download: bool = Fa
     if in_chans not in (1, 3):
         raise ConfigError(f"ImageFolder in_chans must be 1 or 3, got {in_chans}.")
     root = Path(root)
-    split_dir, by_class = _locate_imagefolder(root, split, download)
+    split_dir, by_class = locate_imagefolder(root, split, download)
     if classes is not None and list(classes) != list(by_class):
         raise ConfigError(f"ImageFolder {split_dir} has classes {list(by_class)}, but train/ has {list(classes)}; "
                           f"both splits need the same class folders: {_imagefolder_tree(root)}.")
@@ -647,7 +647,7 @@ def _voc_fix(root: Path) -> str:
             f"{root / VOC_DIR}/), or set paths.data_dir=<dir that contains {VOC_DIR}/> to use a local copy.")
 
 
-def _locate_voc2007(root: Path, split: str, download: bool) -> tuple[list[Path], list[Path]]:
+def locate_voc2007(root: Path, split: str, download: bool) -> tuple[list[Path], list[Path]]:
     """(JPEG paths, annotation paths) of the split, in list-file order, once they are all on disk."""
     _check_split(split, tuple(_VOC_SPLITS), "Pascal VOC 2007")
     image_set, archive = _VOC_SPLITS[split]
@@ -718,35 +718,8 @@ def read_voc2007(root: str | Path, split: str = "train", download: bool = False,
     size = _as_size(image_size)
     if size is None:
         raise ConfigError("Pascal VOC images differ in size; data.image_size must be set (e.g. 224).")
-    image_files, annotations = _locate_voc2007(Path(root), split, download)
+    image_files, annotations = locate_voc2007(Path(root), split, download)
     labels = torch.zeros((len(image_files), len(VOC_CLASSES)), dtype=torch.int64)
     for row, xml_path in enumerate(annotations):
         labels[row, _voc_labels(xml_path)] = 1
     return ImageArrays(_load_images_into(image_files, size), labels, list(VOC_CLASSES))
-
-
-READERS: dict[str, Callable[..., ImageArrays]] = {
-    "cifar10": read_cifar10,
-    "cifar100": read_cifar100,
-    "stl10": read_stl10,
-    "fashion_mnist": read_fashion_mnist,
-    "imagefolder": read_imagefolder,
-    "voc2007": read_voc2007,
-}
-
-_LOCATORS: dict[str, Callable[[Path, str, bool], object]] = {
-    "cifar10": _locate_cifar10,
-    "cifar100": _locate_cifar100,
-    "stl10": _locate_stl10,
-    "fashion_mnist": _locate_fashion_mnist,
-    "imagefolder": _locate_imagefolder,
-    "voc2007": _locate_voc2007,
-}
-
-
-def ensure_available(name: str, root: str | Path, splits: Sequence[str], download: bool = True) -> None:
-    """Check that the files of `splits` are on disk, downloading them if allowed, without reading them."""
-    if name not in _LOCATORS:
-        raise ConfigError(f"unknown dataset {name!r}; choose one of {sorted(_LOCATORS)}.")
-    for split in splits:
-        _LOCATORS[name](Path(root), split, download)

@@ -8,7 +8,10 @@ are seen by DDP.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import difflib
+import inspect
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -23,13 +26,101 @@ def split_batch(batch):
     return batch["labeled"] if isinstance(batch, dict) else batch
 
 
+def trainer_of(module):
+    """The Trainer running ``module`` (Lightning's public ``module.trainer``), or None outside one."""
+    try:
+        return module.trainer
+    except (RuntimeError, AttributeError):
+        return None
+
+
+TEMPERATURE_HINT = " (softmax(z / T) divides by it); common values 1-4"
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_positive(option: str, value, hint: str = "") -> float:
+    """``value`` as a float, or a :class:`ConfigError` naming ``method.<option>``: a number > 0."""
+    from sskt_lightning.errors import ConfigError
+    if not _is_number(value) or value <= 0:
+        raise ConfigError(f"method.{option}={value!r}: must be > 0{hint}.")
+    return float(value)
+
+
+def check_range(option: str, value, low: float = 0.0, high: float = float("inf"), valid: str | None = None) -> float:
+    """``value`` as a float in ``[low, high]``, or a :class:`ConfigError` saying the valid range."""
+    from sskt_lightning.errors import ConfigError
+    if not _is_number(value) or not low <= value <= high:
+        raise ConfigError(f"method.{option}={value!r}: must lie in {valid or f'[{low}, {high}]'}.")
+    return float(value)
+
+
 class Method(nn.Module):
-    name = "base"
-    needs_sources = False          # build cfg.source into module.sources
+    """A transfer method. A new method is a subclass in one file of ``sskt_lightning/methods/`` plus
+    a config ``conf/method/<name>.yaml`` whose ``_target_`` names the class and whose keys are the
+    constructor's arguments (with the same defaults). The harness never tests a method's name: it
+    asks the class for the capabilities below (docs/extending.md).
+
+    The constructor is the one place where a method checks its options' values: it is cheap (no
+    networks: those are built in :meth:`setup`), so :meth:`check_options` can run it when the
+    config is validated, before any data is read."""
+
+    name = "base"                  # method=<name>; a subclass that sets it is registered (``registry``)
+    # ---- capabilities (class attributes; the harness reads these, never the name)
+    needs_sources = False          # build cfg.source into module.sources (frozen teachers)
+    soft_label_cache = False       # the sources' logits may come from the soft-label cache
+                                   # (set by the SourceCacheOptions mixin, with method.cache*)
+    accepts_unlabeled = False      # trains on data.unlabeled=true's second stream (method.unlabeled)
     automatic_optimization = True  # False: the method steps its optimizers via manual_backward
+                                   # (several optimizers: peers, a generator; trainer.max_steps refused)
     tap_pooled = False             # target forward also returns the pooled feature
     tap_stages = False             # ... and every stage's output
     no_compiled_target: str | None = None   # why compile.target cannot serve this method (None: it can)
+
+    # the loss terms this method logs (log_train keys) -> what they are: the non-finite guard names them
+    loss_terms: ClassVar[dict[str, str]] = {}
+
+    registry: ClassVar[dict[str, type[Method]]] = {}   # name -> class, filled by subclassing
+
+    @classmethod
+    def describe_term(cls, key: str) -> str | None:
+        """What the logged term ``key`` is, for the non-finite guard's message (None: not this
+        method's); override for terms named by pattern (``aux_<source>``, ``peer<k>_loss``)."""
+        return cls.loss_terms.get(key)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if isinstance(name, str) and name:
+            Method.registry[name] = cls
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """The method's options: its constructor's keyword arguments (``method.<option>``)."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        return [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> Method:
+        """The method built from ``cfg.method`` (less ``_target_`` and ``name``); an unknown option
+        is a :class:`ConfigError` naming the known ones."""
+        from sskt_lightning.errors import ConfigError
+        options = {k: v for k, v in options.items() if k not in ("_target_", "name")}
+        known = cls.option_names()
+        unknown = [k for k in options if k not in known]
+        if unknown:
+            hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else repr(k)
+                     for k in unknown]
+            raise ConfigError(f"method={cls.name}: unknown option(s) {', '.join(hints)}; known: {', '.join(known)}.")
+        return cls(**options)
+
+    @classmethod
+    def check_options(cls, options: Mapping[str, Any]) -> None:
+        """Refuse impossible option values (a :class:`ConfigError` from the constructor) without
+        reading data: builds the method and drops it."""
+        cls.from_options(options)
 
     def setup(self, module: TransferModule) -> None:
         """Build what depends on the target/sources/data (heads, peers). Called once at init."""

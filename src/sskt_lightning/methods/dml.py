@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -44,7 +45,7 @@ from torch import nn
 from sskt_lightning import weights as W
 from sskt_lightning.errors import ConfigError
 from sskt_lightning.losses import dml_loss
-from sskt_lightning.methods.base import Method, split_batch
+from sskt_lightning.methods.base import TEMPERATURE_HINT, Method, check_positive, split_batch, trainer_of
 from sskt_lightning.nets.factory import create_network, resolve_model_name
 
 UPDATES = ("sequential", "simultaneous")
@@ -84,7 +85,8 @@ class DML(Method):
     name = "dml"
     automatic_optimization = False
 
-    def __init__(self, peers: Sequence | Mapping | str = ({"name": "resnet20", "pretrained": False},),
+    def __init__(self, peers: Sequence | Mapping | str = (MappingProxyType(
+                     {"name": "resnet20", "pretrained": False, "kwargs": MappingProxyType({}), "weights": None}),),
                  update: str = "sequential", temperature: float = 1.0, kl_warmup: float = 0.0):
         super().__init__()
         if isinstance(kl_warmup, bool) or not isinstance(kl_warmup, (int, float)) or kl_warmup < 0:
@@ -93,8 +95,7 @@ class DML(Method):
         self.kl_warmup = float(kl_warmup)
         if update not in UPDATES:
             raise ConfigError(f"method.update={update!r}; choose one of {list(UPDATES)}.")
-        if float(temperature) <= 0:
-            raise ConfigError(f"method.temperature={temperature} must be > 0.")
+        temperature = check_positive("temperature", temperature, TEMPERATURE_HINT)
         if isinstance(peers, (Mapping, str)):
             peers = [peers]
         self.peer_specs = [_peer_spec(k, p) for k, p in enumerate(peers or [], start=1)]
@@ -104,6 +105,10 @@ class DML(Method):
         self.update, self.temperature = update, float(temperature)
         self.peers = nn.ModuleList()
         self.peer_names: list[str] = []
+
+    @classmethod
+    def describe_term(cls, key):
+        return f"DML peer {key[4:-5]}'s loss" if key.startswith("peer") and key.endswith("_loss") else None
 
     # ------------------------------------------------------------------ set-up
     def setup(self, module):
@@ -157,10 +162,13 @@ class DML(Method):
     def kl_weight(self, module) -> float:
         """The KL term's weight at this training step: a linear ramp from 0 (first step) to 1 over
         ``kl_warmup`` epochs (``kl_warmup * batches per epoch`` steps), then 1; 1 without a trainer."""
-        trainer = getattr(module, "_trainer", None)
+        trainer = trainer_of(module)
         if self.kl_warmup <= 0 or trainer is None:
             return 1.0
-        step = max(0, trainer.fit_loop.epoch_loop.total_batch_idx)   # 0 on the first training batch
+        # trainer.global_step counts optimizer steps: one per peer and batch, all taken every batch,
+        # so global_step // K is the number of batches trained before this one (0 on the first;
+        # restored with the checkpoint on resume)
+        step = trainer.global_step // max(1, len(trainer.optimizers))
         return min(1.0, step / (self.kl_warmup * max(1, trainer.num_training_batches)))
 
     def peer_loss(self, module, logits: torch.Tensor, others: Sequence[torch.Tensor], labels: torch.Tensor,

@@ -19,7 +19,7 @@ import torch
 
 from sskt_lightning.errors import ConfigError
 from sskt_lightning.losses import kd_loss, kl_divergence
-from sskt_lightning.methods.base import Method, split_batch
+from sskt_lightning.methods.base import TEMPERATURE_HINT, Method, check_positive, check_range, split_batch
 from sskt_lightning.methods.source_cache import SourceCacheOptions
 
 _FIX_COUNT = ("Give one: source=[checkpoint] source.checkpoint.weights=/path/to/teacher.ckpt (a run of "
@@ -36,17 +36,15 @@ def _names_preview(names, limit: int = 6) -> str:
 class KD(SourceCacheOptions, Method):
     name = "kd"
     needs_sources = True
+    loss_terms = {"kd_loss": "the KD term"}
 
     def __init__(self, alpha: float = 0.9, temperature: float = 4.0, cache: str = "off",
                  cache_budget_gb: float = 16.0, cache_topk: int | None = None):
         super().__init__()
+        self.alpha = check_range("alpha", alpha, 0.0, 1.0, "[0, 1] (KD mixes (1 - alpha) * CE + alpha * KD: "
+                                 "L = (1 - alpha) * CE + alpha * T^2 * KL)")
+        self.temperature = check_positive("temperature", temperature, TEMPERATURE_HINT)
         self.init_cache(cache, cache_budget_gb, cache_topk)
-        if not 0.0 <= float(alpha) <= 1.0:
-            raise ConfigError(f"method.alpha={alpha}: the KD weight must lie in [0, 1] "
-                              "(L = (1 - alpha) * CE + alpha * T^2 * KL).")
-        if float(temperature) <= 0:
-            raise ConfigError(f"method.temperature={temperature} must be > 0.")
-        self.alpha, self.temperature = float(alpha), float(temperature)
 
     # ------------------------------------------------------------------ set-up
     def setup(self, module):

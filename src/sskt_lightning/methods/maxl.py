@@ -39,6 +39,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +50,7 @@ from torch.func import functional_call
 from sskt_lightning.errors import ConfigError
 from sskt_lightning.heads import build_head
 from sskt_lightning.losses import focal_from_probs
-from sskt_lightning.methods.base import Method, split_batch
+from sskt_lightning.methods.base import Method, _is_number, split_batch, trainer_of
 from sskt_lightning.nets.factory import create_network, resolve_model_name
 from sskt_lightning.optim import step_decay
 
@@ -57,6 +58,11 @@ META_MODES = ("second_order", "first_order")
 ALTERNATE_MODES = ("step", "epoch")
 AUX_HEADS = ("linear", "mlp")
 INNER_UPDATES = ("optimizer", "plain")
+# g's default: the target's architecture (name null), random weights
+GENERATOR = MappingProxyType({"name": None, "pretrained": False, "kwargs": MappingProxyType({})})
+# g's optimizer, the reference's: plain SGD (no momentum), lr 1e-3, wd 5e-4, x0.5 every 50 epochs
+GENERATOR_OPTIM = MappingProxyType({"lr": 1e-3, "momentum": 0.0, "weight_decay": 5e-4, "nesterov": False,
+                                    "step_size": 50, "gamma": 0.5})
 _NET = "net."   # the target (TappedNet) keeps its classifier under .net
 
 
@@ -173,12 +179,15 @@ def virtual_sgd_rules(optimizer, named_params: Mapping[str, torch.Tensor]) -> di
 class MAXL(Method):
     name = "maxl"
     automatic_optimization = False
+    loss_terms = {"primary_loss": "MAXL's primary (focal) loss", "aux_loss": "MAXL's auxiliary loss",
+                  "gen_loss": "MAXL's label-generator loss", "gen_entropy": "MAXL's generator entropy",
+                  "meta_objective": "MAXL's meta objective, which the generator steps on"}
     tap_pooled = True
     no_compiled_target = ("MAXL's meta step differentiates the target twice (second order), which "
                           "torch.compile does not support")
 
-    def __init__(self, psi: int | Sequence[int] = 5, generator: dict | None = None,
-                 generator_optim: dict | None = None, lr_inner: float | None = None,
+    def __init__(self, psi: int | Sequence[int] = 5, generator: Mapping | None = GENERATOR,
+                 generator_optim: Mapping | None = GENERATOR_OPTIM, lr_inner: float | None = None,
                  entropy_weight: float = 0.2, focal_gamma: float = 2.0, meta: str = "second_order",
                  alternate: str = "step", fd_eps: float = 0.01, aux_head: str = "linear",
                  lr_inner_decay: dict | None = None, inner_update: str = "optimizer"):
@@ -206,14 +215,15 @@ class MAXL(Method):
             raise ConfigError(f"method.fd_eps={fd_eps}: must be positive.")
         self.psi = psi if isinstance(psi, int) else [int(p) for p in psi]
         self.generator_cfg = dict(generator or {})
-        # the reference's: plain SGD (no momentum), lr 1e-3, wd 5e-4, x0.5 every 50 epochs
-        defaults = {"lr": 1e-3, "momentum": 0.0, "weight_decay": 5e-4, "nesterov": False,
-                    "step_size": 50, "gamma": 0.5}
+        defaults = GENERATOR_OPTIM    # keys given override these (generator_optim={lr: 0.01} keeps the rest)
         unknown = set(generator_optim or {}) - set(defaults)
         if unknown:
             raise ConfigError(f"method.generator_optim: unknown keys {sorted(unknown)}; "
                               f"known: {sorted(defaults)}.")
         self.generator_optim_cfg = {**defaults, **(generator_optim or {})}
+        lr = self.generator_optim_cfg["lr"]
+        if not _is_number(lr) or lr <= 0:
+            raise ConfigError(f"method.generator_optim.lr={lr!r}: the learning rate must be a number > 0.")
         self.lr_inner = None if lr_inner is None else float(lr_inner)
         self.lr_inner_decay = self._check_decay(lr_inner_decay, lr_inner)
         self.aux_head_kind, self.inner_update = aux_head, inner_update
@@ -288,10 +298,13 @@ class MAXL(Method):
 
     def _resolve_meta(self, module) -> None:
         """Second-order gradients do not work under DDP: fall back to the first-order form there."""
-        trainer = getattr(module, "_trainer", None)
+        trainer = trainer_of(module)
         world = getattr(trainer, "world_size", 1) if trainer is not None else 1
-        ddp_kwargs = getattr(getattr(trainer, "strategy", None), "_ddp_kwargs", None)
-        if world > 1 and ddp_kwargs is not None and not ddp_kwargs.get("find_unused_parameters", False):
+        # the strategy's wrapped model (set up before the optimizers are configured): a
+        # DistributedDataParallel says whether it detects unused parameters; other wrappers say nothing
+        wrapped = getattr(getattr(trainer, "strategy", None), "model", None)
+        find_unused = getattr(wrapped, "find_unused_parameters", None)
+        if world > 1 and find_unused is False:
             # each of MAXL's two backward passes reaches only one network: DDP must be told
             raise ConfigError("method=maxl under DDP needs unused-parameter detection (the multi-task "
                               "and meta updates each reach only their own network): use trainer=ddp "

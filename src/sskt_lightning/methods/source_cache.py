@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from sskt_lightning.cache.keys import attach, cache_mode
 from sskt_lightning.errors import ConfigError
+from sskt_lightning.methods.base import trainer_of
 
 
 class SourceCacheOptions:
     """Mixed into a :class:`~sskt_lightning.methods.base.Method` whose sources go through
     ``module.sources``: opens the stores at ``on_fit_start``, commits and closes them at
-    ``on_fit_end`` and reports the hit counts in ``describe``."""
+    ``on_fit_end`` and reports the hit counts in ``describe``. Mixing it in is the capability
+    ``soft_label_cache`` (``python -m sskt_lightning.cache`` serves such methods)."""
+
+    soft_label_cache = True
 
     def init_cache(self, cache="off", cache_budget_gb: float = 16.0, cache_topk: int | None = None,
                    source_bn: str = "eval") -> None:
@@ -36,12 +40,18 @@ class SourceCacheOptions:
         return float(getattr(self, "temperature", 1.0))
 
     def on_fit_start(self, module) -> None:
-        attach(module, self.cache, self.cache_budget_gb, self.cache_topk, self.cache_temperature)
+        if self.cache == "off" or len(module.sources) == 0:
+            return
+        trainer = module.trainer
+        attach(module.sources, self.cache, datamodule=trainer.datamodule, precision=trainer.precision,
+               cache_dir=(module.cfg.get("paths") or {}).get("cache_dir"), device=module.device,
+               budget_gb=self.cache_budget_gb, topk=self.cache_topk, temperature=self.cache_temperature,
+               source_bn=getattr(self, "source_bn", "eval"))
 
     def on_fit_end(self, module) -> None:
         if module.sources.cached:
             stats = module.sources.detach_cache()
-            trainer = getattr(module, "_trainer", None)
+            trainer = trainer_of(module)
             if trainer is not None and trainer.world_size > 1:   # every process looked up its own shard
                 import torch.distributed as dist
                 if dist.is_available() and dist.is_initialized():

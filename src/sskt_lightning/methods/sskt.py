@@ -16,13 +16,14 @@ from torch import nn
 from sskt_lightning.errors import ConfigError
 from sskt_lightning.heads import TM_WIDTHS, build_head
 from sskt_lightning.losses import AUX_LOSSES, aux_kl, sskt_loss
-from sskt_lightning.methods.base import Method
+from sskt_lightning.methods.base import TEMPERATURE_HINT, Method, check_positive, check_range
 from sskt_lightning.methods.source_cache import SourceCacheOptions
 
 
 class SSKT(SourceCacheOptions, Method):
     name = "sskt"
     needs_sources = True
+    accepts_unlabeled = True
 
     def __init__(self, alpha: float = 0.1, temperature: float = 3.0, aux_loss: str = "ce",
                  aux_head: str = "transfer_module", source_bn: str = "eval",
@@ -30,12 +31,14 @@ class SSKT(SourceCacheOptions, Method):
                  tm_width: str = "auto", tm_bias: bool = False,
                  cache: str = "off", cache_budget_gb: float = 16.0, cache_topk: int | None = None):
         super().__init__()
+        self.alpha = check_range("alpha", alpha, 0.0, valid=">= 0")
+        self.temperature = check_positive("temperature", temperature, TEMPERATURE_HINT)
         self.init_cache(cache, cache_budget_gb, cache_topk, source_bn)
         if aux_loss not in AUX_LOSSES:
             raise ConfigError(f"method.aux_loss={aux_loss!r}; choose one of {sorted(AUX_LOSSES)}.")
         if aux_head not in ("linear", "transfer_module"):
             raise ConfigError(f"method.aux_head={aux_head!r}; choose 'linear' or 'transfer_module'.")
-        self.alpha, self.temperature, self.aux_loss = float(alpha), float(temperature), aux_loss
+        self.aux_loss = aux_loss
         self.aux_head, self.source_bn, self.unlabeled = aux_head, source_bn, bool(unlabeled)
         self.tm_out, self.tm_mid = tm_out, tm_mid
         if tm_width not in TM_WIDTHS:
@@ -44,6 +47,10 @@ class SSKT(SourceCacheOptions, Method):
         self.tap_pooled = aux_head == "linear"
         self.tap_stages = aux_head == "transfer_module"
         self.heads = nn.ModuleList()
+
+    @classmethod
+    def describe_term(cls, key):
+        return f"SSKT's auxiliary loss of source {key[4:]!r}" if key.startswith("aux_") else None
 
     def setup(self, module):
         if len(module.sources) == 0:
