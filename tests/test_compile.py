@@ -55,7 +55,7 @@ def test_compiled_sskt_run_follows_the_eager_run_and_writes_the_same_checkpoint_
     eager = run(compose_config(base, tmp_path / "eager"))
     compiled = run(compose_config([*base, "compile.target=true", "compile.sources=true"], tmp_path / "compiled"))
     assert eager["status"] == compiled["status"] == "ok"
-    assert eager["compiled"] == [] and compiled["compiled"] == ["TappedNet", "TransferModule", "source timm"]
+    assert eager["compiled"] == [] and compiled["compiled"] == ["TappedNet", "TransferHead", "source timm"]
     a, b = _losses(tmp_path / "eager"), _losses(tmp_path / "compiled")
     assert len(a) == len(b) == 6
     # the same weights: the same loss to float64 rounding (measured: 3e-16 at step 0, 1e-14 by step 5, the
