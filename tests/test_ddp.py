@@ -23,6 +23,7 @@ def train(out, data_dir, trainer, extra=()):
     return json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_cache_counts_are_every_processs(tmp_path, cifar_dir):
     """Under DDP each process looks up its own shard of every batch: results.json's cache_stats sum
     them (they were rank 0's alone, half of the lookups)."""

@@ -72,8 +72,11 @@ def os_error_in(err: BaseException) -> OSError | None:
     return None
 
 
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB"
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"
 
 
 def free_bytes(path: str | Path) -> int | None:
@@ -95,10 +98,9 @@ def explain_os_error(err: OSError, path: str | Path, what: str = "writing",
     path = Path(path)
     if err.errno in _FULL:
         free = free_bytes(path.parent)
-        space = [f"it needed about {_mib(needed)}" if needed else None,
-                 f"{_mib(free)} free there now" if free is not None else None]
-        space_text = ", ".join(x for x in space if x)
-        fix = (f"the disk holding {str(path.parent)!r} is full" + (f" ({space_text})" if space_text else "")
+        space = [f"it needed about {_size(needed)}" if needed else None,
+                 f"{_size(free)} free there now" if free is not None else None]
+        fix = (f"the disk is full ({', '.join([repr(str(path.parent)), *filter(None, space)])})"
                + ": free space, or write the run elsewhere (hydra.run.dir=<dir on another disk>, or "
                "hydra.sweep.dir for -m)")
     elif err.errno in _READ_ONLY:

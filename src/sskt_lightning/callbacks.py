@@ -362,7 +362,7 @@ class RunProgressBar(RichProgressBar):
 
 class QuietFrozenSources(L.Callback):
     """Hides Lightning's "Found N module(s) in eval mode" when those N modules are exactly the
-    frozen sources (eval mode on purpose, README "Sources"); any other module in eval mode still
+    frozen sources (eval mode on purpose, docs/configuration.md, sources); any other module in eval mode still
     warns (the count differs)."""
 
     def on_fit_start(self, trainer, module):

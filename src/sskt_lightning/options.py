@@ -174,7 +174,7 @@ def __dir__():
 class SourceOptions:
     """One source: ``config`` is a source config (``imagenet_resnet50``, ``checkpoint``, ``timm``,
     ``paper/places365_resnet50``, ... as in ``source=[<config>]``); every other field left at
-    ``None`` keeps that config's value (see README, Sources)."""
+    ``None`` keeps that config's value (see docs/configuration.md, sources)."""
     config: str
     name: str | None = None
     pretrained: bool | None = None

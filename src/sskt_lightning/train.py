@@ -278,7 +278,7 @@ class Watchers:
 
 
 def build_callbacks(cfg: DictConfig, ckpt_dir: Path) -> tuple[list, Watchers]:
-    """The always-on callbacks around the ``callbacks`` group's (README, "Reliability"); Lightning
+    """The always-on callbacks around the ``callbacks`` group's (docs/reliability.md); Lightning
     runs the checkpoint callbacks last in any case."""
     from sskt_lightning.callbacks import EpochMetricsOnEveryRank, QuietFrozenSources, RunState
     watch = Watchers(ckpt_dir)
@@ -471,7 +471,7 @@ def launch_problem(cfg: DictConfig, multirun: bool, run_dir_given: bool, env=os.
         return ("trainer=ddp cannot run inside a Hydra multirun (-m) on one machine: Lightning's DDP "
                 "launcher re-runs the command line, i.e. the whole sweep, in every process. Run each job "
                 "as a single run instead, or sweep on a SLURM cluster with hydra/launcher=submitit_slurm "
-                "and hydra.launcher.tasks_per_node=<devices> (see README, 'Multi-GPU').")
+                "and hydra.launcher.tasks_per_node=<devices> (see docs/multi-gpu-and-clusters.md).")
     if launched is not None and not multirun and not run_dir_given:
         launcher, n = launched
         example = "outputs/$SLURM_JOB_ID" if launcher == "SLURM" else "outputs/<run name>"

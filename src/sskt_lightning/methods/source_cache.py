@@ -5,7 +5,7 @@
     method.cache_topk: null        # null: all K logits in fp16 if they fit the budget, else the
                                    # largest top-k that fits; an int forces top-k with that k
 
-See :mod:`sskt_lightning.cache` and the README's "Soft-label cache" section.
+See :mod:`sskt_lightning.cache` and docs/cache.md.
 """
 from __future__ import annotations
 
