@@ -33,7 +33,7 @@ from sskt_lightning.errors import (
 )
 from sskt_lightning.train import run
 
-from reliability_helpers import sigkilled_at_exit
+from reliability_helpers import main_in_process, sigkilled_at_exit
 
 SMOKE = ["trainer=smoke", "data.batch_size=8", "data.val_size=16", "data.num_workers=0", "data=cifar10",
          "model=resnet20"]
@@ -45,24 +45,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def cli(*args, cwd=None, timeout=None):   # no wall-clock limit: pytest-timeout (pyproject.toml) is the hang guard
     return subprocess.run([sys.executable, "-m", "sskt_lightning.train", *args], capture_output=True, text=True,
                           timeout=timeout, env=ENV, cwd=cwd)
-
-
-def main_in_process(monkeypatch, capsys, *args) -> tuple[int, str]:
-    """``python -m sskt_lightning.train *args`` in this process: (exit code, stderr)."""
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
-    from sskt_lightning import train as train_mod
-    monkeypatch.setattr(sys, "argv", ["train", *args, "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"])
-    code = 0
-    try:
-        train_mod.main()
-    except SystemExit as exit_:
-        code = exit_.code
-    finally:
-        GlobalHydra.instance().clear()
-        HydraConfig.instance().cfg = None     # later in-process runs must not see this job's overrides
-    return code, capsys.readouterr().err
 
 
 def train(out, data_dir, *overrides):
