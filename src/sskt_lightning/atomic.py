@@ -111,8 +111,10 @@ def explain_os_error(err: OSError, path: str | Path, what: str = "writing",
                "hydra.run.dir=<dir>")
     else:
         fix = "check the run directory (hydra.run.dir) is a writable directory"
-    return OutputError(f"Could not finish {what} {str(path)!r} ({os.strerror(err.errno) if err.errno else err}); "
-                       f"{fix}. Any previous version of the file is intact.")
+    explained = OutputError(f"Could not finish {what} {str(path)!r} ({os.strerror(err.errno) if err.errno else err}); "
+                            f"{fix}. Any previous version of the file is intact.")
+    explained.errno = err.errno   # the cause's errno, for callers that give their own advice (the cache)
+    return explained
 
 
 def is_disk_full(err: BaseException) -> OSError | None:

@@ -464,8 +464,7 @@ def _publish(path: Path, key: dict, num_images: int, num_views: int, layout: Lay
         try:
             atomic_write_text(tmp / META, json.dumps(meta, indent=1))
         except OutputError as err:   # its advice is the run directory's; a store has its own
-            cause = err.__context__  # the OSError it explains (raised `from None`: kept as the context)
-            why = os.strerror(cause.errno) if isinstance(cause, OSError) and cause.errno else str(err)
+            why = os.strerror(err.errno) if err.errno else str(err)   # the errno of the OSError it explains
             raise CacheError(f"cannot create the cache store for {labels or key} under {parent} (writing its "
                              f"{META}: {why}): free space (python -m sskt_lightning.cache clear), or set "
                              "paths.cache_dir=/a/writable/disk, or method.cache=read_only or off.") from None
