@@ -77,6 +77,9 @@ class ModelOptions:
     name: str = "resnet20"
     pretrained: bool = False
     kwargs: dict = dataclasses.field(default_factory=dict)
+    weights: str | None = None      # model.weights: a local file to start from (fine-tuning)
+    freeze: str | None = None       # model.freeze: None or "backbone" (train the classifier only)
+    ema: float | None = None        # model.ema: the decay of the evaluated weight average (None: off)
 
 
 # --------------------------------------------------------------------------------------- methods
@@ -276,6 +279,8 @@ def build_config(*, method: MethodOptions | str, model: ModelOptions | str = "re
         if model_group == "timm":
             cfg.model.name = model.name
         cfg.model.pretrained, cfg.model.kwargs = bool(model.pretrained), _plain(dict(model.kwargs))
+        cfg.model.weights = None if model.weights is None else str(model.weights)
+        cfg.model.freeze, cfg.model.ema = model.freeze, model.ema
         for key, value in method_values.items():
             cfg.method[key] = _plain(value)
         _set_optim(cfg, optim)
