@@ -211,7 +211,7 @@ def test_on_device_data_gives_the_same_strong_views(cifar_dir):
     host.strong_views = dev.strong_views = True
     batch = _batch(host)
     index_only = {"labeled": batch["labeled"][1:], "unlabeled": batch["unlabeled"][1:]}
-    a, b = host.prepare_batch(batch, augment=True), dev.prepare_batch(index_only, augment=True, split="train")
+    a, b = host.prepare_batch(batch, augment=True), dev.prepare_batch(index_only, augment=True)
     assert torch.equal(a["unlabeled_strong"], b["unlabeled_strong"])
 
 
@@ -291,3 +291,21 @@ def test_the_command_line_refuses_strong_views_without_data_unlabeled(tmp_path, 
                           f"paths.data_dir={cifar_dir}"], tmp_path)
     with pytest.raises(ConfigError, match=r"set data\.unlabeled=true"):
         run(cfg)
+
+
+@pytest.mark.parametrize("c,h,w", [(1, 28, 28), (3, 12, 10)])
+def test_the_batched_rendering_equals_each_images_ops_applied_one_at_a_time(c, h, w):
+    """The batch is rendered op by op over groups of images; the same draw, image by image: crop,
+    op 1, op 2 with their magnitudes mapped into the ranges, then the Cutout box."""
+    x = _images(64, c, h, w)
+    aug = StrongAugment()
+    d = aug.draw(64, _gen(3))
+    out = aug.apply(x, d)
+    cropped = aug.crop.apply(x, d.view)
+    boxes = cutout_boxes(d.cut, h, w)
+    for i in range(64):
+        img = cropped[i:i + 1]
+        for k in range(2):
+            name, low, high = RA_OPS[int(d.ops[i, k])]
+            img = apply_op(name, img, low + (high - low) * float(d.mags[i, k]))
+        assert torch.equal(out[i:i + 1], cutout(img, boxes[i:i + 1])), i

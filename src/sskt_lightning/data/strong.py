@@ -286,22 +286,35 @@ class StrongAugment:
         lo = torch.tensor([r[1] for r in RA_OPS], dtype=torch.float64)
         hi = torch.tensor([r[2] for r in RA_OPS], dtype=torch.float64)
         ops = d.ops.cpu()
-        mags = (lo[ops] + (hi - lo)[ops] * d.mags.cpu()).to(dev, non_blocking=True)
+        mags_host = lo[ops] + (hi - lo)[ops] * d.mags.cpu()
+        mags = mags_host.to(dev, non_blocking=True)
+        geometric = torch.tensor([name in GEOMETRIC for name in OP_NAMES])
         for k in range(self.num_ops):
             column = ops[:, k]
             for o in column.unique().tolist():
                 name = OP_NAMES[o]
-                if name == "Identity":
+                if name == "Identity" or name in GEOMETRIC:
                     continue
-                idx = (column == o).nonzero().squeeze(1)
-                if len(idx) == b:
-                    x = OP_FUNCTIONS[name](x, mags[:, k])
-                    continue
-                idx = idx.to(dev, non_blocking=True)
-                x = x.index_copy(0, idx, OP_FUNCTIONS[name](x.index_select(0, idx), mags[idx, k]))
+                x = self._on(x, (column == o).nonzero().squeeze(1), lambda img, i: OP_FUNCTIONS[name](img, mags[i, k]))
+            # the geometric ops of this round: one gather for all of them (each image its own map)
+            geo = geometric[column].nonzero().squeeze(1)
+            if len(geo):
+                m = torch.zeros(len(geo), 6, dtype=torch.float64)
+                for o in column[geo].unique().tolist():
+                    rows = (column[geo] == o).nonzero().squeeze(1)
+                    m[rows] = affine_params(OP_NAMES[o], mags_host[geo[rows], k], h, w)
+                x = self._on(x, geo, lambda img, i: _affine(img, m))
         if self.cutout > 0:
             x = cutout(x, cutout_boxes(d.cut.cpu(), h, w, self.cutout).to(dev, non_blocking=True), self.fill)
         return x
+
+    @staticmethod
+    def _on(x: torch.Tensor, idx: torch.Tensor, op) -> torch.Tensor:
+        """``x`` with ``op(x[idx], idx)`` in the rows ``idx`` (host indices; all rows: no copy)."""
+        if len(idx) == len(x):
+            return op(x, idx.to(x.device, non_blocking=True))
+        idx = idx.to(x.device, non_blocking=True)
+        return x.index_copy(0, idx, op(x.index_select(0, idx), idx))
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The strong view of every image of ``x``, drawn from ``generator``."""
