@@ -537,7 +537,9 @@ class ImageDataModule(L.LightningDataModule):
         sees: the soft-label cache (`sskt_lightning.cache`) is keyed by them. Each stream draws its
         views from its own generator (after `setup`; torch's global RNG before it). With
         `data.on_device` the batch arrives without images and they are gathered here from the
-        device copy of `split` (default: the one the trainer's stage reads)."""
+        device copy of `split` (default: the one the trainer's stage reads). With `strong_views` on
+        and `augment`, a dict batch also gets `"unlabeled_strong"` (`strong_view` of the unlabeled
+        stream's uint8 images: same images, same order; no view id, nothing caches it)."""
         if isinstance(batch, dict):
             out = {k: self.prepare_batch(v, augment, k, split) for k, v in batch.items()}
             if augment and self.strong_views and "unlabeled" in batch:
