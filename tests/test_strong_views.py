@@ -47,6 +47,11 @@ def test_same_generator_state_same_views_bit_for_bit_another_state_others(shape)
     assert torch.equal(b, a)                        # torch's global RNG plays no part
 
 
+def test_other_channel_counts_are_refused_whatever_the_draw():
+    with pytest.raises(ValueError, match="1- or 3-channel"):
+        StrongAugment()(_images(2, 2, 8, 8), _gen(0))
+
+
 def test_the_draw_covers_every_op_and_magnitudes_stay_in_range():
     d = StrongAugment().draw(4000, _gen(0))
     assert d.ops.shape == (4000, 2) and d.mags.shape == (4000, 2) and d.cut.shape == (4000, 3)

@@ -281,6 +281,8 @@ class StrongAugment:
         if x.ndim != 4 or x.dtype != torch.uint8:
             raise ValueError(f"expected a uint8 B×C×H×W batch, got {x.dtype} of shape {tuple(x.shape)}")
         b, c, h, w = x.shape
+        if c not in (1, 3):   # what torchvision's colour ops (and FixMatch's list) are defined for
+            raise ValueError(f"strong views are defined for 1- or 3-channel images, got {c} channels")
         dev = x.device
         x = self.crop.apply(x, d.view.to(dev, non_blocking=True))
         lo = torch.tensor([r[1] for r in RA_OPS], dtype=torch.float64)
