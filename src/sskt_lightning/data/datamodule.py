@@ -442,7 +442,7 @@ class ImageDataModule(L.LightningDataModule):
             gens[STRONG_GENERATOR].manual_seed(gens[STRONG_GENERATOR].initial_seed())
         elif len(states) != len(gens):
             raise ConfigError(f"The checkpoint holds {len(states)} data sampler states, this data module "
-                              f"has {len(gens)}: it was written by another version of the harness. Start the run afresh "
+            # a checkpoint from before the strong views' generator (4 states): it starts from its seed
                               f"(without resume=), or resume it with the version that wrote it.")
         for gen, state in zip(gens, states):
             gen.set_state(state)
