@@ -245,7 +245,7 @@ def test_the_strong_generator_is_saved_and_an_old_four_state_checkpoint_still_lo
     pending.load_state_dict(old)                          # before setup: applied by setup
     pending.setup("fit")
     assert torch.equal(pending.strong_view(images), _dm(cifar_dir).strong_view(images))
-    with pytest.raises(ConfigError, match="3 data sampler states"):
+    with pytest.raises(ConfigError, match="3 data sampler states, this data module has 5"):
         _dm(cifar_dir).load_state_dict({"generators": state["generators"][:3]})
 
 

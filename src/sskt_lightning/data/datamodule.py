@@ -438,11 +438,11 @@ class ImageDataModule(L.LightningDataModule):
             self._pending_generator_states = list(states)
             return
         if len(states) == STRONG_GENERATOR and len(gens) == STRONG_GENERATOR + 1:
-            # a checkpoint from before the strong views' generator (4 states): that one starts from its seed
+            # a checkpoint from before the strong views' generator (4 states): it starts from its seed
             gens[STRONG_GENERATOR].manual_seed(gens[STRONG_GENERATOR].initial_seed())
         elif len(states) != len(gens):
             raise ConfigError(f"The checkpoint holds {len(states)} data sampler states, this data module "
-            # a checkpoint from before the strong views' generator (4 states): it starts from its seed
+                              f"has {len(gens)}: it was written by another version of the harness. Start the run afresh "
                               f"(without resume=), or resume it with the version that wrote it.")
         for gen, state in zip(gens, states):
             gen.set_state(state)
