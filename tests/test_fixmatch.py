@@ -3,6 +3,8 @@ one training step against the loss computed by hand (float64, from the logits of
 over labeled, weak and strong images), no gradient through the weak view's pseudo-labels, the
 pseudo-label accuracy diagnostic, the errors, and (through the command line) a few steps of each
 policy and of SSKT + FixMatch."""
+import csv
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +16,7 @@ from sskt_lightning.methods.fixmatch import FixMatch
 from sskt_lightning.methods.sskt import SSKT
 from sskt_lightning.nets.factory import TappedNet
 
+from method_contract import SMALL_SOURCE
 from test_sskt import SOURCE_CLASSES, FixedSources, TinyNet, aux_by_hand, ce, log_softmax
 
 C, N, NU = 3, 4, 6          # classes, labeled, unlabeled images per step
@@ -177,3 +180,79 @@ def test_sskt_consistency_options_are_checked():
         SSKT(tau=2)
     assert not getattr(SSKT(), "strong_views", False)               # off by default
     assert SSKT(unlabeled=True, consistency="fixmatch").describe()["threshold"] == "fixed"
+
+
+# ---------------------------------------------------------------------------- through the command line
+UNLABELED = ["data.unlabeled=true", "data.labels_per_class=4"]
+SSKT_FIXMATCH = ["method=sskt", "method.unlabeled=true", "method.consistency=fixmatch", *SMALL_SOURCE]
+
+
+@pytest.mark.slow
+def test_each_policy_runs_a_few_steps_in_one_multirun(tmp_path, cifar_dir):
+    from test_multirun import multirun
+    sweep, _ = multirun(tmp_path, cifar_dir, "data.val_size=16", "method=fixmatch", *UNLABELED,
+                        "method.threshold=fixed,flex,free,soft")
+    results = [json.loads((sweep / str(n) / "results.json").read_text()) for n in range(4)]
+    assert [(r["status"], r["method"], r["method_settings"]["threshold"]) for r in results] == [
+        ("ok", "fixmatch", t) for t in ("fixed", "flex", "free", "soft")]
+    for n, keys in enumerate([[], ["selected", "pool_size", "beta"], ["tau_t", "p_model", "label_hist"],
+                              ["mu_t", "var_t"]]):
+        state = torch.load(sweep / str(n) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        assert sorted(k for k in state if ".policy." in k) == sorted(f"method.consistency.policy.{k}" for k in keys)
+        if keys:
+            assert all(state[f"method.consistency.policy.{k}"].dtype in (torch.float64, torch.int64) for k in keys)
+        with open(sweep / str(n) / "csv" / "metrics.csv", newline="") as f:
+            logged = set(next(csv.reader(f)))
+        assert {"train/unsup_loss_epoch", "train/mask_rate_epoch", "train/threshold_epoch",
+                "train/pseudo_label_acc_epoch"} <= logged
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*RANDOM weights")
+def test_sskt_with_fixmatch_runs_from_the_command_line(tmp_path, cifar_dir):
+    from method_contract import check_trains_and_checkpoints
+    results = check_trains_and_checkpoints("sskt", cifar_dir, tmp_path, [*SSKT_FIXMATCH[1:3], "method.threshold=free",
+                                                                        *UNLABELED])
+    assert results["method_settings"]["consistency"] == "fixmatch"
+    assert results["method_settings"]["threshold"] == "free"
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*RANDOM weights")
+@pytest.mark.parametrize("overrides", [["method=fixmatch", "method.threshold=flex", *UNLABELED],
+                                       [*SSKT_FIXMATCH, "method.threshold=soft", *UNLABELED]],
+                         ids=["fixmatch_flex", "sskt_fixmatch_soft"])
+def test_sigkill_then_resume_with_strong_views_equals_the_uninterrupted_run(tmp_path, cifar_dir, overrides):
+    """As the method contract's resume check (tests/test_method_contract.py), with the policies
+    whose state is a per-sample memory (FlexMatch) and EMAs (SoftMatch), strong views on."""
+    from test_resume import COMPARED, _csv_rows, _killed_run, _run, _weights
+    ref = _run(tmp_path / "ref", cifar_dir, *overrides)
+    assert ref["epochs"] == 3 and ref["status"] == "ok"
+    out = tmp_path / "killed"
+    _killed_run(out, cifar_dir, overrides)
+    resumed = _run(out, cifar_dir, *overrides, f"resume={out / 'checkpoints' / 'last.ckpt'}")
+    assert {k: resumed[k] for k in COMPARED} == {k: ref[k] for k in COMPARED}
+    a, b = _weights(tmp_path / "ref" / "checkpoints" / "last.ckpt"), _weights(out / "checkpoints" / "last.ckpt")
+    assert a.keys() == b.keys() and any(".policy." in k for k in a)
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
+    assert _csv_rows(out / "csv" / "metrics.csv") == _csv_rows(tmp_path / "ref" / "csv" / "metrics.csv")
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*RANDOM weights")
+def test_under_ddp_the_adaptive_policies_keep_the_ranks_in_step(tmp_path, cifar_dir):
+    """Two gloo processes, FreeMatch's statistics all-reduced every step: the run ends, both ranks'
+    weights and every collective agree (tests/test_defaults.py's checks)."""
+    from test_defaults import train
+    digest = "+callbacks.digest._target_=sskt_lightning.callbacks.WeightsDigest"
+    train(tmp_path / "ddp", cifar_dir, ["trainer=ddp_cpu", digest, "method=fixmatch", "method.threshold=free",
+                                        *UNLABELED], trace=tmp_path / "trace")
+    digests = [json.loads((tmp_path / "ddp" / f"weights_digest_rank{r}.json").read_text()) for r in (0, 1)]
+    assert digests[0]["parameters"] == digests[1]["parameters"]
+    assert digests[0]["buffers"] == digests[1]["buffers"]
+    ranks = [(tmp_path / "trace" / f"rank{r}.txt").read_text().splitlines() for r in (0, 1)]
+    assert ranks[0] and ranks[0] == ranks[1]
+    # FreeMatch's statistics (sum of max-probabilities, 10 class sums, 10 histogram counts, the count):
+    # one float64 all-reduce per training step (trainer.limit_train_batches=3)
+    assert ranks[0].count("all_reduce (22,):torch.float64") == 3
