@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from sskt_lightning.errors import SSKTError
 from sskt_lightning.guard import NonFiniteGuard, check_weights_finite
 from sskt_lightning.losses import task_loss
-from sskt_lightning.methods.base import Method
+from sskt_lightning.methods.base import Method, enable_strong_views
 from sskt_lightning.metrics import primary_metric
 from sskt_lightning.nets.factory import TappedNet, create_network, resolve_model_name
 from sskt_lightning.optim import build_optimizer
@@ -141,6 +141,8 @@ class TransferModule(L.LightningModule):
         self.method.on_train_epoch_end(self)
 
     def on_fit_start(self):
+        # a method with the strong_views capability: the data module adds them to each training batch
+        enable_strong_views(self.method, getattr(self.trainer, "datamodule", None))
         self.method.on_fit_start(self)     # e.g. open the soft-label cache
 
     def on_fit_end(self):

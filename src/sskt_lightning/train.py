@@ -178,6 +178,8 @@ def _run(cfg: DictConfig) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)
     data_info = data_info_of(dm)
     module = build_module(config, data_info)
+    from sskt_lightning.methods.base import enable_strong_views
+    enable_strong_views(module.method, dm)     # FixMatch's strong views (a ConfigError without data.unlabeled)
     keep_through_epoch = wandb_run_id = None
     if resume_obj is not None:
         keep_through_epoch, wandb_run_id = check_resume(cfg, resume_obj, module)

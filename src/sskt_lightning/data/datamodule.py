@@ -19,9 +19,17 @@ random draw of the data module comes from the torch.Generators in `self._generat
 `data.seed` and saved in every checkpoint (`state_dict`): 0 and 1 choose the labelled and
 unlabeled images (the one-pass labelled loader draws from generator 0's state; the cycling streams
 are a function of the generators' seeds and the epoch number, see `CyclingSampler`), 2 and 3 draw
-the labelled and unlabeled streams' augmentation views. So a resumed epoch replays exactly, and
+the labelled and unlabeled streams' augmentation views, 4 the unlabeled stream's strong views
+(`strong_views`, below). So a resumed epoch replays exactly, and
 two runs with the same seed see the same images in the same views at every step whatever their
 method or settings: the soft-label cache filled by one run serves the others completely.
+
+Strong views (FixMatch). With `strong_views` on (the harness turns it on for a method whose
+`strong_views` capability is true), every training batch also has `"unlabeled_strong"`: the strong
+view (`sskt_lightning.data.strong.StrongAugment`: its own pad-crop-flip, RandAugment, Cutout) of the
+same uint8 unlabeled images as `batch["unlabeled"]`, in the same order, normalised like them. They
+are drawn from generator 4 alone, so the weak views (and the soft-label cache, which only ever sees
+the weak views with their view ids) are the same with or without them.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 from sskt_lightning.data.augment import BatchAugment, normalize
 from sskt_lightning.data.formats import ImageArrays
+from sskt_lightning.data.strong import StrongAugment
 from sskt_lightning.data.specs import DATASETS, DatasetSpec, dataset_spec, ensure_available
 from sskt_lightning.data.views import TaskSplit, check_multi_label_views, make_task_split
 from sskt_lightning.errors import ConfigError
@@ -44,6 +53,8 @@ UNLABELED_SOURCES = ("auto", "split", "pool")
 
 AUGMENT_SEED_OFFSET = 10_007                           # the augmentation generators' seeds: seed + this + stream
 AUGMENT_GENERATOR = {"labeled": 2, "unlabeled": 3}     # stream -> its augmentation generator in `_generators`
+STRONG_GENERATOR = 4                                   # the unlabeled stream's strong views (`strong_views`)
+STRONG_KEY = "unlabeled_strong"                        # their key in a training batch
 
 
 class IndexedImages(Dataset):
@@ -206,6 +217,8 @@ class ImageDataModule(L.LightningDataModule):
         self.train_part, self.labels_per_class = _plain(train_part), labels_per_class
         self.val_per_class, self.steps_per_epoch = val_per_class, steps_per_epoch
         self.augment = BatchAugment(augment_pad, augment_flip)
+        self.strong_augment = StrongAugment(augment_pad, augment_flip)
+        self.strong_views = False   # the harness turns it on for a method with the strong_views capability
         self.image_size_arg, self.in_chans_arg = _plain(image_size), in_chans
         self.mean_arg, self.std_arg = _plain(mean), _plain(std)
         self.unlabeled, self.unlabeled_ratio, self.unlabeled_source = bool(unlabeled), unlabeled_ratio, unlabeled_source
@@ -248,7 +261,7 @@ class ImageDataModule(L.LightningDataModule):
         self._unlabeled_images, self._unlabeled_idx = self._unlabeled_pool(train, split)
         self._mean, self._std = self._stats(train.images.shape[1])
         self._generators = [torch.Generator().manual_seed(self.seed + k) for k in (0, 1)] + [
-            torch.Generator().manual_seed(self.seed + AUGMENT_SEED_OFFSET + k) for k in (0, 1)]
+            torch.Generator().manual_seed(self.seed + AUGMENT_SEED_OFFSET + k) for k in (0, 1, 2)]
         if self._pending_generator_states is not None:   # load_state_dict came before setup
             self.load_state_dict({"generators": self._pending_generator_states})
         self._split = split
@@ -424,7 +437,10 @@ class ImageDataModule(L.LightningDataModule):
         if gens is None:
             self._pending_generator_states = list(states)
             return
-        if len(states) != len(gens):
+        if len(states) == STRONG_GENERATOR and len(gens) == STRONG_GENERATOR + 1:
+            # a checkpoint from before the strong views' generator (4 states): that one starts from its seed
+            gens[STRONG_GENERATOR].manual_seed(gens[STRONG_GENERATOR].initial_seed())
+        elif len(states) != len(gens):
             raise ConfigError(f"The checkpoint holds {len(states)} data sampler states, this data module "
                               f"has {len(gens)}: it was written by another version of the harness. Start the run afresh "
                               f"(without resume=), or resume it with the version that wrote it.")
@@ -523,12 +539,12 @@ class ImageDataModule(L.LightningDataModule):
         `data.on_device` the batch arrives without images and they are gathered here from the
         device copy of `split` (default: the one the trainer's stage reads)."""
         if isinstance(batch, dict):
-            return {k: self.prepare_batch(v, augment, k, split) for k, v in batch.items()}
-        if self.on_device:
-            index = batch[-1]
-            images = self._device_images(split or self._split_of(stream), index.device)[index]
-            batch = (images, *batch)
-        images, *rest = batch
+            out = {k: self.prepare_batch(v, augment, k, split) for k, v in batch.items()}
+            if augment and self.strong_views and "unlabeled" in batch:
+                out[STRONG_KEY] = self.strong_view(self._images_of(batch["unlabeled"], "unlabeled", split))
+            return out
+        images = self._images_of(batch, stream, split)
+        rest = batch if self.on_device else batch[1:]
         if augment:
             gens = getattr(self, "_generators", None)
             gen = gens[AUGMENT_GENERATOR[stream]] if gens else None
@@ -539,6 +555,20 @@ class ImageDataModule(L.LightningDataModule):
         if images.dtype == torch.uint8:
             images = normalize(images, self.mean, self.std)
         return (images, *rest, view)
+
+    def _images_of(self, batch: tuple, stream: str, split: str | None) -> torch.Tensor:
+        """The uint8 images of one stream's batch (with `data.on_device`, gathered by its indices)."""
+        if self.on_device:
+            index = batch[-1]
+            return self._device_images(split or self._split_of(stream), index.device)[index]
+        return batch[0]
+
+    def strong_view(self, images: torch.Tensor) -> torch.Tensor:
+        """The normalised strong views of uint8 `images` (`StrongAugment`), drawn from generator 4
+        (torch's default CPU generator before `setup`). Never cached: nothing keys them."""
+        gens = getattr(self, "_generators", None)
+        gen = gens[STRONG_GENERATOR] if gens else torch.default_generator
+        return normalize(self.strong_augment(images, generator=gen), self.mean, self.std)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Normalise on the device; augment only while the trainer is training. Under

@@ -57,6 +57,23 @@ def check_range(option: str, value, low: float = 0.0, high: float = float("inf")
     return float(value)
 
 
+def enable_strong_views(method, datamodule) -> None:
+    """Turn ``datamodule.strong_views`` on when ``method`` (its ``strong_views`` capability) trains on
+    FixMatch's strong views: run by the command line and by ``TransferModule.on_fit_start`` (a
+    user's own Trainer), before the first training batch. Never turns it off. A data module without
+    the attribute (the user's own loaders) is left alone: its batches must carry the key themselves.
+    A :class:`ConfigError` when there is no unlabeled stream to augment."""
+    if not getattr(method, "strong_views", False) or datamodule is None or not hasattr(datamodule, "strong_views"):
+        return
+    if not getattr(datamodule, "unlabeled", False):
+        from sskt_lightning.errors import ConfigError
+        name = getattr(method, "name", type(method).__name__)
+        raise ConfigError(f"method={name} trains on strong views of the unlabeled images (FixMatch), but there is "
+                          "no unlabeled stream: set data.unlabeled=true (with data.labels_per_class, or a dataset "
+                          "with an unlabeled split such as stl10).")
+    datamodule.strong_views = True
+
+
 class Method(nn.Module):
     """A transfer method. A new method is a subclass in one file of ``sskt_lightning/methods/`` plus
     a config ``conf/method/<name>.yaml`` whose ``_target_`` names the class and whose keys are the
@@ -73,6 +90,11 @@ class Method(nn.Module):
     soft_label_cache = False       # the sources' logits may come from the soft-label cache
                                    # (set by the SourceCacheOptions mixin, with method.cache*)
     accepts_unlabeled = False      # trains on data.unlabeled=true's second stream (method.unlabeled)
+    strong_views = False           # each training batch also holds "unlabeled_strong": FixMatch's strong
+                                   # view of the unlabeled images (same images and order as "unlabeled";
+                                   # needs data.unlabeled=true). The harness turns the data module's
+                                   # strong_views on before the first batch (enable_strong_views); an
+                                   # instance may set it in its constructor (an option that needs them)
     automatic_optimization = True  # False: the method steps its optimizers via manual_backward
                                    # (several optimizers: peers, a generator; trainer.max_steps refused)
     tap_pooled = False             # target forward also returns the pooled feature
