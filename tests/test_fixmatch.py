@@ -125,7 +125,7 @@ def test_pseudo_label_accuracy_uses_the_pool_labels_of_the_data_module():
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])            # task label per train-split image
     dm = SimpleNamespace(unlabeled=True, num_unlabeled=6, task=SimpleNamespace(train_labels=labels),
                          source_streams=lambda: {"unlabeled": ("train", torch.zeros(10, 3, 6, 6))})
-    method.consistency.on_fit_start(dm)
+    method.attach_data(dm)
     method.training_step(module, b)
     with torch.no_grad():
         z = module.target(torch.cat([b["labeled"][0], b["unlabeled"][0], b["unlabeled_strong"]])).logits
@@ -137,7 +137,7 @@ def test_pseudo_label_accuracy_uses_the_pool_labels_of_the_data_module():
                             source_streams=lambda: {"unlabeled": ("unlabeled", torch.zeros(5, 3, 6, 6))})
     method = FixMatch(tau=0.0)
     module, logged = tiny_module(method)
-    method.consistency.on_fit_start(split)
+    method.attach_data(split)
     method.training_step(module, batch())
     assert "pseudo_label_acc" not in logged
 

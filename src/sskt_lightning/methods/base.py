@@ -154,6 +154,12 @@ class Method(nn.Module):
         """Default: one optimizer (``cfg.optim``) over every trainable parameter of the module."""
         return module.default_optimizers(p for p in module.parameters() if p.requires_grad)
 
+    def attach_data(self, datamodule) -> None:
+        """State whose size depends on the data beyond ``module.data_info`` (FlexMatch's per-sample
+        memory over the unlabeled pool), from the set-up data module: called by the command line
+        before a resumed checkpoint is checked against the module, and again at fit start (a user's
+        own Trainer): must be idempotent."""
+
     def on_fit_start(self, module: TransferModule) -> None:
         """Before the first training step, with the trainer and its data module at hand."""
 

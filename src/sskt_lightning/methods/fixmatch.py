@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from sskt_lightning.errors import ConfigError
-from sskt_lightning.methods.base import Method, trainer_of
+from sskt_lightning.methods.base import Method
 from sskt_lightning.methods.pseudo_labels import PseudoLabelConsistency
 
 NEEDS_STREAM = ("method=fixmatch trains on an unlabeled stream: add data.unlabeled=true (with "
@@ -56,9 +56,8 @@ class FixMatch(Method):
             raise ConfigError(NEEDS_STREAM)
         self.consistency.setup(int(module.data_info["num_classes"]))
 
-    def on_fit_start(self, module):
-        trainer = trainer_of(module)
-        self.consistency.on_fit_start(getattr(trainer, "datamodule", None))
+    def attach_data(self, datamodule):
+        self.consistency.attach_data(datamodule)
 
     def training_step(self, module, batch):
         xu, idxu, xs = unlabeled_parts(batch, "fixmatch")

@@ -110,7 +110,8 @@ class FlexThreshold(PseudoLabelPolicy):
     """FlexMatch's curriculum. ``selected[i]``: the class of unlabeled sample ``i``'s latest
     confident prediction, -1 if it never had one. The memory spans the array the unlabeled indices
     point into (the train split for a ``data.labels_per_class`` pool, the unlabeled split for
-    STL-10), sized from the data module at the start of training (:meth:`size_memory`); indices
+    STL-10), sized from the data module (``Method.attach_data``: the command line calls it before a
+    resume is checked, a user's own Trainer at fit start; :meth:`size_memory`); indices
     outside the pool stay -1 and are not counted as unused: ``pool_size`` is the pool's size.
     Without a data module (a hand-built batch) it grows to the largest index seen + 1."""
 
@@ -134,7 +135,7 @@ class FlexThreshold(PseudoLabelPolicy):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         stored = state_dict.get(prefix + "selected")
-        if stored is not None and stored.shape != self.selected.shape:    # sized at fit start: take the stored size
+        if stored is not None and stored.shape != self.selected.shape:    # not sized yet (a user's Trainer restores before fit start)
             self.selected = torch.empty_like(stored, device=self.selected.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -291,7 +292,7 @@ class PseudoLabelConsistency(nn.Module):
     component that ``method=fixmatch`` and ``method=sskt method.consistency=fixmatch`` hold.
 
     Options are checked at construction (cheap); :meth:`setup` builds the policy once the class
-    count is known, :meth:`on_fit_start` reads what the data module knows (the unlabeled pool's
+    count is known, :meth:`attach_data` reads what the data module knows (the unlabeled pool's
     size for FlexMatch's memory, the pool's labels for the pseudo-label accuracy diagnostic)."""
 
     terms = {"unsup_loss": "the pseudo-label (FixMatch) term, before lambda_u",
@@ -316,7 +317,7 @@ class PseudoLabelConsistency(nn.Module):
         self.policy = build_policy(self.threshold, num_classes, self.tau, self.threshold_ema,
                                    self.fairness_weight, self.flex_warmup)
 
-    def on_fit_start(self, datamodule) -> None:
+    def attach_data(self, datamodule) -> None:
         """Size FlexMatch's memory from the data module's unlabeled stream and look up the pool's
         labels (where the stream is a pool of the train split; STL-10's unlabeled split has none)."""
         if datamodule is None or not getattr(datamodule, "unlabeled", False) or not hasattr(datamodule, "source_streams"):

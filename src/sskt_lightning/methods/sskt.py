@@ -24,7 +24,7 @@ from torch import nn
 from sskt_lightning.errors import ConfigError
 from sskt_lightning.heads import TM_WIDTHS, build_head
 from sskt_lightning.losses import AUX_LOSSES, aux_kl, sskt_loss
-from sskt_lightning.methods.base import TEMPERATURE_HINT, Method, check_positive, check_range, trainer_of
+from sskt_lightning.methods.base import TEMPERATURE_HINT, Method, check_positive, check_range
 from sskt_lightning.methods.pseudo_labels import PseudoLabelConsistency
 from sskt_lightning.methods.source_cache import SourceCacheOptions
 
@@ -94,10 +94,9 @@ class SSKT(SourceCacheOptions, Method):
                 raise ConfigError("method.consistency=fixmatch needs the unlabeled stream: add data.unlabeled=true.")
             self.consistency.setup(int(module.data_info["num_classes"]))
 
-    def on_fit_start(self, module):
-        super().on_fit_start(module)          # the soft-label cache
+    def attach_data(self, datamodule):
         if self.consistency is not None:
-            self.consistency.on_fit_start(getattr(trainer_of(module), "datamodule", None))
+            self.consistency.attach_data(datamodule)
 
     def training_step(self, module, batch):
         stream, strong = "labeled", None
