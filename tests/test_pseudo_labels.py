@@ -228,6 +228,17 @@ def test_no_gradient_reaches_the_weak_view(kind):
     assert zs.grad is not None and zs.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("kind", ["flex", "free", "soft"])
+def test_the_state_stays_float64_when_the_module_is_cast_to_half_precision(kind):
+    pol = build_policy(kind, 3, 0.7)
+    before = {k: v.clone() for k, v in pol.state_dict().items()}
+    pol.half()
+    pol.to(torch.bfloat16)
+    after = pol.state_dict()
+    assert all(after[k].dtype == before[k].dtype and torch.equal(after[k], before[k]) for k in before)
+    assert any(v.dtype == F64 for v in after.values())
+
+
 def test_flex_memory_resizes_when_loaded_and_refuses_another_pool():
     pol = FlexThreshold(3, 0.7)
     pol.size_memory(8, 6)

@@ -81,6 +81,18 @@ class PseudoLabelPolicy(nn.Module):
         super().__init__()
         self.num_classes, self.tau = int(num_classes), float(tau)
 
+    def _apply(self, fn, recurse=True):
+        """Moves to a device as any module, but the float64 state stays float64 through a dtype
+        conversion of the whole module (``trainer.precision=16-true`` / ``bf16-true`` casts every
+        floating buffer): an EMA at decay 0.999 would stall in half precision."""
+        kept = {k: b for k, b in self._buffers.items() if b is not None and b.dtype == STATE}
+        super()._apply(fn, recurse)
+        for key, before in kept.items():
+            after = self._buffers[key]
+            if after.dtype != STATE:
+                self._buffers[key] = before.to(after.device)
+        return self
+
     @torch.no_grad()
     def weights(self, probs: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
