@@ -299,6 +299,23 @@ def build_policy(threshold: str, num_classes: int, tau: float, threshold_ema: fl
     raise ConfigError(f"method.threshold={threshold!r}; choose one of {list(THRESHOLDS)}.")
 
 
+NEEDS_STREAM = ("method=fixmatch trains on an unlabeled stream: add data.unlabeled=true (with "
+                "data.labels_per_class=<n>, the rest of the training images become unlabeled, or a "
+                "dataset with an unlabeled split such as STL-10).")
+
+
+def unlabeled_parts(batch, who: str):
+    """``(x_u, idx_u, x_strong)`` of a two-stream batch with strong views, or a ConfigError."""
+    if not isinstance(batch, dict) or "unlabeled" not in batch:
+        raise ConfigError(NEEDS_STREAM if who == "fixmatch" else
+                          f"{who} needs data.unlabeled=true (a second, unlabeled stream).")
+    if "unlabeled_strong" not in batch:
+        raise ConfigError(f"{who}: the batch has no strong views ('unlabeled_strong'); the harness builds "
+                          "them for a method whose strong_views is true, before the first training batch.")
+    xu, idxu, _ = batch["unlabeled"]
+    return xu, idxu, batch["unlabeled_strong"]
+
+
 class PseudoLabelConsistency(nn.Module):
     """FixMatch's pseudo-label term on the unlabeled stream, with a policy for the weights: the one
     component that ``method=fixmatch`` and ``method=sskt method.consistency=fixmatch`` hold.

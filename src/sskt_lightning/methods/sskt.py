@@ -25,7 +25,7 @@ from sskt_lightning.errors import ConfigError
 from sskt_lightning.heads import TM_WIDTHS, build_head
 from sskt_lightning.losses import AUX_LOSSES, aux_kl, sskt_loss
 from sskt_lightning.methods.base import TEMPERATURE_HINT, Method, check_positive, check_range
-from sskt_lightning.methods.pseudo_labels import PseudoLabelConsistency
+from sskt_lightning.methods.pseudo_labels import PseudoLabelConsistency, unlabeled_parts
 from sskt_lightning.methods.source_cache import SourceCacheOptions
 
 CONSISTENCIES = ("none", "fixmatch")
@@ -101,7 +101,6 @@ class SSKT(SourceCacheOptions, Method):
     def training_step(self, module, batch):
         stream, strong = "labeled", None
         if self.consistency is not None:
-            from sskt_lightning.methods.fixmatch import unlabeled_parts
             _, idxu, strong = unlabeled_parts(batch, "method.consistency=fixmatch")
         if isinstance(batch, dict):
             x, y, idx, view = batch["labeled"]
@@ -145,5 +144,5 @@ class SSKT(SourceCacheOptions, Method):
         return {"alpha": self.alpha, "temperature": self.temperature, "aux_loss": self.aux_loss,
                 "aux_head": self.aux_head, "source_bn": self.source_bn, "unlabeled": self.unlabeled,
                 "tm_width": self.tm_width, "tm_bias": self.tm_bias, **self.describe_cache(),
-                "consistency": self.consistency_name,
-                **(self.consistency.describe() if self.consistency is not None else {})}
+                **({"consistency": self.consistency_name, **self.consistency.describe()}
+                   if self.consistency is not None else {})}
