@@ -90,6 +90,7 @@ class Method(nn.Module):
     soft_label_cache = False       # the sources' logits may come from the soft-label cache
                                    # (set by the SourceCacheOptions mixin, with method.cache*)
     accepts_unlabeled = False      # trains on data.unlabeled=true's second stream (method.unlabeled)
+    requires_unlabeled = False     # ... and cannot train without it (FixMatch): the contract tests add the stream
     strong_views = False           # each training batch also holds "unlabeled_strong": FixMatch's strong
                                    # view of the unlabeled images (same images and order as "unlabeled";
                                    # needs data.unlabeled=true). The harness turns the data module's

@@ -21,7 +21,7 @@ from sskt_lightning.methods.pseudo_labels import NEEDS_STREAM, PseudoLabelConsis
 class FixMatch(Method):
     name = "fixmatch"
     accepts_unlabeled = True
-    requires_unlabeled = True      # not without data.unlabeled=true (the contract tests add it)
+    requires_unlabeled = True
     strong_views = True
     loss_terms = {"task_loss": "the labeled images' cross-entropy", **PseudoLabelConsistency.terms}
 
