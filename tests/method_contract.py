@@ -3,7 +3,7 @@ runs them for each ``conf/method/*.yaml``, tests/test_extending_doc.py for the e
 docs/extending.md (found through ``hydra.searchpath``, with no other file edited).
 
 Nothing here names a method: what a method needs (sources, an unlabeled stream) is asked of its
-class (``needs_sources``, ``accepts_unlabeled``)."""
+class (``needs_sources``, ``accepts_unlabeled``, ``requires_unlabeled``)."""
 from __future__ import annotations
 
 import functools
@@ -52,10 +52,21 @@ def method_class(name: str, extra: list[str] = ()):
     return get_class(method_config(name, extra)["_target_"])
 
 
+# The unlabeled stream of the small test data (80 images: 4 labelled per class, the rest a pool).
+UNLABELED_STREAM = ["data.unlabeled=true", "data.labels_per_class=4"]
+
+
+def requires_unlabeled(cls) -> bool:
+    """The class trains only with data.unlabeled=true's second stream (FixMatch)."""
+    return bool(getattr(cls, "requires_unlabeled", False))
+
+
 def overrides_for(name: str, extra: list[str] = ()) -> list[str]:
-    """``method=<name>`` plus what its class needs: a small random source when it takes sources."""
+    """``method=<name>`` plus what its class needs: a small random source when it takes sources, the
+    unlabeled stream when it cannot train without one."""
     cls = method_class(name, extra)
-    return [f"method={name}", *extra, *(SMALL_SOURCE if cls.needs_sources else [])]
+    return [f"method={name}", *extra, *(SMALL_SOURCE if cls.needs_sources else []),
+            *(UNLABELED_STREAM if requires_unlabeled(cls) else [])]
 
 
 # Options whose effect depends on where a run is in its schedule: a method that has one is also
@@ -70,8 +81,10 @@ def variants(name: str, extra: list[str] = ()) -> dict[str, list[str]]:
     cls = method_class(name, extra)
     base = overrides_for(name, extra)
     out = {name: base}
-    if cls.accepts_unlabeled:
-        out[f"{name}_unlabeled"] = [*base, "method.unlabeled=true", "data.unlabeled=true", "data.labels_per_class=4"]
+    if requires_unlabeled(cls):            # as packaged it has the stream; also under a step budget
+        out[f"{name}_steps"] = [*base, "data.steps_per_epoch=5"]
+    elif cls.accepts_unlabeled:
+        out[f"{name}_unlabeled"] = [*base, "method.unlabeled=true", *UNLABELED_STREAM]
         out[f"{name}_unlabeled_steps"] = [*out[f"{name}_unlabeled"], "data.steps_per_epoch=5"]
     for option, value in SCHEDULED_OPTIONS.items():
         if option in cls.option_names():

@@ -7,7 +7,8 @@ issued alone), and a test with the bar switched off could not see it.
 
 The method list is read from ``conf/method/*.yaml``; what a method needs comes from its config:
 methods that need sources (SSKT, KD) get one random local source with the data's classes (no
-network), and a method with an ``unlabeled`` option also runs with the unlabeled stream on."""
+network), a method with an ``unlabeled`` option also runs with the unlabeled stream on, and a method
+that cannot train without it (``requires_unlabeled``: FixMatch) always has it."""
 import csv
 import json
 import os
@@ -28,10 +29,14 @@ SIZE = ["data.batch_size=8", "data.val_size=16", "trainer.max_epochs=1", "traine
         "trainer.limit_val_batches=2"]
 
 
-def _needs_sources(target: str) -> bool:
+def _capability(target: str, name: str) -> bool:
     import importlib
-    module, _, name = target.rpartition(".")
-    return bool(getattr(getattr(importlib.import_module(module), name), "needs_sources", False))
+    module, _, cls = target.rpartition(".")
+    return bool(getattr(getattr(importlib.import_module(module), cls), name, False))
+
+
+def _needs_sources(target: str) -> bool:
+    return _capability(target, "needs_sources")
 
 
 def _recipes() -> dict[str, list[str]]:
@@ -40,6 +45,8 @@ def _recipes() -> dict[str, list[str]]:
     for path in sorted((config_dir() / "method").glob("*.yaml")):
         cfg = yaml.safe_load(path.read_text())
         overrides = [f"method={path.stem}", *(LOCAL_SOURCE if _needs_sources(cfg["_target_"]) else [])]
+        if _capability(cfg["_target_"], "requires_unlabeled"):
+            overrides += ["data.unlabeled=true", "data.labels_per_class=4"]
         recipes[path.stem] = overrides
         if "unlabeled" in cfg:
             recipes[f"{path.stem}_unlabeled"] = [*overrides, "method.unlabeled=true", "data.unlabeled=true",

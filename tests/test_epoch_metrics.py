@@ -20,6 +20,8 @@ CASES = {
     "sskt": (["method=sskt", *TIMM_SOURCE], 1, ["loss", "task_loss", "aux_timm"], {"target": [0.1]}),
     "kd": (["method=kd", *TIMM_SOURCE, "source.timm.num_classes=10"], 1, ["loss", "task_loss", "kd_loss"],
            {"target": [0.1]}),
+    "fixmatch": (["method=fixmatch", "data.unlabeled=true", "data.labels_per_class=4"], 1,
+                 ["loss", "task_loss", "unsup_loss", "mask_rate", "threshold", "pseudo_label_acc"], {"target": [0.1]}),
     "dml": (["method=dml"], 2, ["loss", "peer1_loss"], {"target": [0.1, 0.004], "peer1": [0.1, 0.004]}),
     "maxl": (["method=maxl", "method.generator.name=resnet20"], 1,
              ["loss", "primary_loss", "aux_loss", "gen_loss"], {"target": [0.1], "generator": [1e-3]}),

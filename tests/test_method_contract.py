@@ -23,8 +23,10 @@ from method_contract import (
     check_config_is_the_constructor,
     check_trains_and_checkpoints,
     method_class,
+    UNLABELED_STREAM,
     overrides_for,
     packaged_methods,
+    requires_unlabeled,
     variants,
 )
 from test_resume import COMMON, COMPARED, _csv_rows, _killed_run, _restore_deterministic_flag, _run, _weights  # noqa: F401
@@ -153,7 +155,9 @@ def test_a_seed_fixes_data_and_target_init_for_every_method(tmp_path, cifar_dir,
     runs = {"scratch": ["method=scratch"]}
     for name in METHODS:
         runs[name] = [f"method={name}"]
-        if method_class(name).accepts_unlabeled:
+        if requires_unlabeled(method_class(name)):       # (FixMatch) the stream, nothing else
+            runs[name] += UNLABELED_STREAM[:1]
+        elif method_class(name).accepts_unlabeled:
             runs[f"{name}_unlabeled"] = [f"method={name}", "method.unlabeled=true", "data.unlabeled=true"]
     assert len(runs) >= 6, runs
     got = {}

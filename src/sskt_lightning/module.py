@@ -142,7 +142,10 @@ class TransferModule(L.LightningModule):
 
     def on_fit_start(self):
         # a method with the strong_views capability: the data module adds them to each training batch
-        enable_strong_views(self.method, getattr(self.trainer, "datamodule", None))
+        datamodule = getattr(self.trainer, "datamodule", None)
+        enable_strong_views(self.method, datamodule)
+        if datamodule is not None:
+            self.method.attach_data(datamodule)   # idempotent (the command line called it already)
         self.method.on_fit_start(self)     # e.g. open the soft-label cache
 
     def on_fit_end(self):

@@ -180,6 +180,7 @@ def _run(cfg: DictConfig) -> dict:
     module = build_module(config, data_info)
     from sskt_lightning.methods.base import enable_strong_views
     enable_strong_views(module.method, dm)     # FixMatch's strong views (a ConfigError without data.unlabeled)
+    module.method.attach_data(dm)              # state sized by the data, before a resume is checked against it
     keep_through_epoch = wandb_run_id = None
     if resume_obj is not None:
         keep_through_epoch, wandb_run_id = check_resume(cfg, resume_obj, module)

@@ -90,6 +90,7 @@ class Method(nn.Module):
     soft_label_cache = False       # the sources' logits may come from the soft-label cache
                                    # (set by the SourceCacheOptions mixin, with method.cache*)
     accepts_unlabeled = False      # trains on data.unlabeled=true's second stream (method.unlabeled)
+    requires_unlabeled = False     # ... and cannot train without it (FixMatch): the contract tests add the stream
     strong_views = False           # each training batch also holds "unlabeled_strong": FixMatch's strong
                                    # view of the unlabeled images (same images and order as "unlabeled";
                                    # needs data.unlabeled=true). The harness turns the data module's
@@ -153,6 +154,12 @@ class Method(nn.Module):
     def configure_optimizers(self, module: TransferModule):
         """Default: one optimizer (``cfg.optim``) over every trainable parameter of the module."""
         return module.default_optimizers(p for p in module.parameters() if p.requires_grad)
+
+    def attach_data(self, datamodule) -> None:
+        """State whose size depends on the data beyond ``module.data_info`` (FlexMatch's per-sample
+        memory over the unlabeled pool), from the set-up data module: called by the command line
+        before a resumed checkpoint is checked against the module, and again at fit start (a user's
+        own Trainer): must be idempotent."""
 
     def on_fit_start(self, module: TransferModule) -> None:
         """Before the first training step, with the trainer and its data module at hand."""
