@@ -94,6 +94,8 @@ class TransferModule(L.LightningModule):
         if cfg.get("channels_last"):   # every network of the run: target, heads / peers / generator, sources
             for part in (self.target, self.method, self.sources):
                 part.to(memory_format=torch.channels_last)
+        from sskt_lightning.averaging import build_average
+        self.ema = build_average(cfg.model, self.target)   # model.ema: None (off), or the evaluated average
         self.compiled: list[str] = []
         if cfg.get("compile"):
             from sskt_lightning.compiling import compile_networks
@@ -141,9 +143,13 @@ class TransferModule(L.LightningModule):
         self.method.on_train_epoch_end(self)
 
     def on_fit_start(self):
+        if self.ema is not None:           # updated after every step of the target's optimizer
+            self.ema.attach(self.target, self.trainer.optimizers)
         self.method.on_fit_start(self)     # e.g. open the soft-label cache
 
     def on_fit_end(self):
+        if self.ema is not None:
+            self.ema.detach()
         self.method.on_fit_end(self)
 
     def log_train(self, parts: Mapping[str, torch.Tensor], logits=None, labels=None,
@@ -243,9 +249,25 @@ class TransferModule(L.LightningModule):
 
     def on_validation_start(self):
         self._broadcast_buffers()
+        self._evaluate_average()
 
     def on_test_start(self):
         self._broadcast_buffers()
+        self._evaluate_average()
+
+    def _evaluate_average(self) -> None:
+        """model.ema: evaluate the average of the target's weights (raw weights back at the end)."""
+        if self.ema is not None and self.ema.updates:
+            self.ema.broadcast_buffers()   # under DDP: rank 0's, as _broadcast_buffers for the target's
+            self.ema.swap_in(self.target)
+
+    def on_validation_end(self):
+        if self.ema is not None:
+            self.ema.swap_out(self.target)
+
+    def on_test_end(self):
+        if self.ema is not None:
+            self.ema.swap_out(self.target)
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, "val")
@@ -296,7 +318,10 @@ class TransferModule(L.LightningModule):
         so they stay out of every checkpoint."""
         self.check_finite("before saving a checkpoint")
         sd = checkpoint["state_dict"]
-        check_weights_finite(((k, v) for k, v in sd.items() if not k.startswith(SOURCES_PREFIX)),
+        if self.ema is not None:   # state_dict: the average (what is evaluated); raw weights under "ema"
+            self.ema.export(checkpoint, self.target, "target.")
+        raw = (checkpoint.get("ema") or {}).get("raw_state_dict") or {}
+        check_weights_finite(((k, v) for k, v in [*sd.items(), *raw.items()] if not k.startswith(SOURCES_PREFIX)),
                              f"at epoch {self.current_epoch}, step {self.global_step}")
         for key in [k for k in sd if k.startswith(SOURCES_PREFIX)]:
             del sd[key]
@@ -304,6 +329,8 @@ class TransferModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint):
         self.guard.step = self.guard.checked_through = int(checkpoint.get("guard_step", 0))
+        if self.ema is not None:   # the average from state_dict, the raw weights back into it
+            self.ema.restore(checkpoint, self.target, "target.")
         sd = checkpoint["state_dict"]
         for key, value in self.sources.state_dict(prefix=SOURCES_PREFIX).items():
             sd.setdefault(key, value)
