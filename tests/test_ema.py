@@ -135,7 +135,7 @@ class RecordRaw(L.Callback):
 
     def on_validation_end(self, trainer, module):
         if not trainer.sanity_checking:
-            self.val.append(float(trainer.callback_metrics["val/acc"]))
+            self.val.append((float(trainer.callback_metrics["val/acc"]), float(trainer.callback_metrics["val/loss"])))
 
 
 @pytest.mark.slow
@@ -181,7 +181,8 @@ def test_validation_test_checkpoint_and_eval_use_the_average(tmp_path, cifar_dir
     val = evaluate(compose_config([f"ckpt_path={ckpt_path}", "trainer=smoke", "split=val"], tmp_path / "e2",
                                   config_name="eval"))
     assert val["acc"] == pytest.approx(res["last_val_acc"], abs=1e-6)
-    assert recorder.val[-1] == pytest.approx(res["last_val_acc"], abs=1e-6)
+    assert recorder.val[-1][0] == pytest.approx(res["last_val_acc"], abs=1e-6)
+    assert val["loss"] == pytest.approx(recorder.val[-1][1], rel=1e-5)      # validation ran on the average
     # ... and not the raw weights': the test loss, by hand, of the average and of the raw network
     dm = train_mod.build_data(compose_config([*SMALL, f"paths.data_dir={cifar_dir}", "method=scratch"], tmp_path / "d"))
     dm.setup("test")
