@@ -208,8 +208,8 @@ class TargetAverage:
         raw = {}
         for name, w, e in zip(names, live, average):
             key = prefix + name
-            if key in sd:
-                raw[key], sd[key] = w, e
+            if key in sd:   # on the module's device (after fit Lightning moves the module to the CPU)
+                raw[key], sd[key] = w, e.to(device=sd[key].device)
         checkpoint[CHECKPOINT_KEY] = {"decay": self.decay, "warmup": self.warmup, "updates": self.updates,
                                       "raw_state_dict": raw}
 
