@@ -192,10 +192,15 @@ def test_validation_test_checkpoint_and_eval_use_the_average(tmp_path, cifar_dir
         with torch.no_grad():
             batches = [(net(b[0]), b[1]) for b in map(dm.prepare_batch, dm.test_dataloader())]
         logits, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
-        return torch.nn.functional.cross_entropy(logits, labels).item()
+        acc = (logits.argmax(1) == labels).double().mean().item()
+        return torch.nn.functional.cross_entropy(logits, labels).item(), acc
 
-    assert test_loss(ckpt["state_dict"]) == pytest.approx(res["extra"]["test_loss"], rel=1e-5)
-    assert abs(test_loss({**ckpt["state_dict"], **raw}) - res["extra"]["test_loss"]) > 1e-3
+    assert test_loss(ckpt["state_dict"])[0] == pytest.approx(res["extra"]["test_loss"], rel=1e-5)
+    raw_loss, raw_acc = test_loss({**ckpt["state_dict"], **raw})
+    assert abs(raw_loss - res["extra"]["test_loss"]) > 1e-3
+    # the run also tested the raw weights, paired: results.json's extra
+    assert res["extra"]["test_raw_loss"] == pytest.approx(raw_loss, rel=1e-5)
+    assert res["extra"]["test_raw_acc"] == pytest.approx(raw_acc, abs=1e-6)
 
 
 @pytest.mark.slow

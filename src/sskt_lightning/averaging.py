@@ -25,7 +25,9 @@ evaluation rank 0's averaged buffers are broadcast, as the module does for the t
 Validation, test, ``checkpoints/*.ckpt`` (``state_dict``: the network ``sskt-eval``, a source or a
 DML peer read from the file get) and so ``results.json`` and the report use the average. The raw
 weights and the average's state stay in the checkpoint under ``"ema"`` (``decay``, ``warmup``,
-``updates``, ``raw_state_dict``): a resume continues both exactly.
+``updates``, ``raw_state_dict``): a resume continues both exactly. The test also scores the raw
+weights, paired (``test/raw_acc``, ``test/raw_loss``; results.json's ``extra``), so one run says
+what the average changed.
 
 The average is kept outside the module's registered children: DDP, the optimizers, the model
 summary and ``module.state_dict()`` never see it; it lives on the target's device, in float32 or the
@@ -188,6 +190,11 @@ class TargetAverage:
         for t, e in zip(live, _tensors(self.averaged.module)):
             t.detach().copy_(e)
         return True
+
+    def raw_forward(self, target: torch.nn.Module, x):
+        """While evaluating the average: the target's output with its raw weights (nothing copied)."""
+        from torch.func import functional_call
+        return functional_call(target, dict(zip(_names(target), self._live)), (x,))
 
     def swap_out(self, target: torch.nn.Module) -> None:
         """The target's raw weights back, bit for bit."""

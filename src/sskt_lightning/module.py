@@ -106,6 +106,8 @@ class TransferModule(L.LightningModule):
         extras = self.method.extra_eval_names()   # e.g. DML peers, evaluated beside the target
         self.extra_val_metrics = torch.nn.ModuleDict({n: primary_metric(data_info) for n in extras})
         self.extra_test_metrics = torch.nn.ModuleDict({n: primary_metric(data_info) for n in extras})
+        # model.ema: the raw weights are tested too (test/raw_acc, test/raw_loss: paired with the average's)
+        self.raw_test_metric = primary_metric(data_info) if self.ema is not None else None
         self.guard = NonFiniteGuard(type(self.method))   # every term log_train logs, checked without per-step syncs
         self._eval_bad: torch.Tensor | None = None   # a non-finite eval loss this evaluation (on the device)
 
@@ -236,6 +238,11 @@ class TransferModule(L.LightningModule):
         for name, extra_logits in self.method.extra_eval_logits(self, x).items():
             extras[name].update(extra_logits, y.int() if self.multi_label else y)
             self.log(f"{stage}/{name}_acc", extras[name], on_epoch=True, batch_size=bs)
+        if stage == "test" and self.ema is not None and self.ema.evaluating:
+            raw_logits = self.ema.raw_forward(self.target, x).logits
+            self.raw_test_metric.update(raw_logits, y.int() if self.multi_label else y)
+            self.log("test/raw_acc", self.raw_test_metric, on_epoch=True, batch_size=bs)
+            self.log("test/raw_loss", self.task_loss(raw_logits, y), on_epoch=True, sync_dist=True, batch_size=bs)
 
     def _broadcast_buffers(self) -> None:
         """Under DDP, give every process rank 0's BatchNorm statistics before evaluating.
