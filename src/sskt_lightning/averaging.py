@@ -13,7 +13,8 @@ already averaged) is ``ema = d_n * ema + (1 - d_n) * weights`` with ``d_n = deca
 ``model.ema_warmup=true`` (the default) ``d_n = min(decay, (1 + n) / (10 + n))`` - the rule of
 TensorFlow's ``ExponentialMovingAverage(num_updates=n)``: without it a decay of 0.999 over a
 300-step run keeps 0.999^299 = 74 % of the first step's weights in the average; with it the warm-up
-is over after (10 decay - 1) / (1 - decay) updates (8990 for 0.999), so long runs are unchanged.
+is over after (10 decay - 1) / (1 - decay) updates (8990 for 0.999), so long runs are unchanged;
+during it the average's mean age is a tenth of the steps taken (30 steps of a 300-step run).
 
 Buffers (BatchNorm statistics) are averaged as the parameters are (``use_buffers=True``: torch's
 documented alternative to ``update_bn``, and what Lightning's ``WeightAveraging`` and timm's
