@@ -1,7 +1,8 @@
 """Evaluate a checkpoint: ``python -m sskt_lightning.eval ckpt_path=<ckpt> [data=<dataset>] [split=val]``.
 
 The checkpoint (read with ``torch.load(weights_only=True)`` through :mod:`sskt_lightning.weights`)
-says everything about the network: its architecture (``model_name`` and ``model.kwargs``), its
+says everything about the network (its ``state_dict``: with ``model.ema``, the average of the weights,
+which ``eval.json``'s ``weights`` names): its architecture (``model_name`` and ``model.kwargs``), its
 classes and the input statistics it was trained with (``data_info``). Only the target network is
 rebuilt: frozen sources, auxiliary heads and peers are not needed to evaluate it (and a source's
 hub weights are never fetched). The data is the checkpoint's own data config unless ``data=``
@@ -27,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sskt_lightning import weights as W
 from sskt_lightning.atomic import atomic_write_text
+from sskt_lightning.averaging import describe_checkpoint
 from sskt_lightning.compose import CONFIG_DIR
 from sskt_lightning.errors import ConfigError, SSKTError, WeightsError
 from sskt_lightning.losses import task_loss
@@ -224,6 +226,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "model": hp["model_name"], "method": (hp["config"].get("method") or {}).get("name"),
         "trained_on": trained.get("name"), "seed": (hp["config"].get("seed")),
         "epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step"),
+        "weights": describe_checkpoint(ckpt),   # "raw", or "ema(0.999, warmup)": model.ema's average
     }
     if trainer.is_global_zero:
         out = Path(cfg.paths.output_dir)

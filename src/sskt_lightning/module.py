@@ -94,6 +94,8 @@ class TransferModule(L.LightningModule):
         if cfg.get("channels_last"):   # every network of the run: target, heads / peers / generator, sources
             for part in (self.target, self.method, self.sources):
                 part.to(memory_format=torch.channels_last)
+        from sskt_lightning.averaging import build_average
+        self.ema = build_average(cfg.model, self.target)   # model.ema: None (off), or the evaluated average
         self.compiled: list[str] = []
         if cfg.get("compile"):
             from sskt_lightning.compiling import compile_networks
@@ -104,6 +106,8 @@ class TransferModule(L.LightningModule):
         extras = self.method.extra_eval_names()   # e.g. DML peers, evaluated beside the target
         self.extra_val_metrics = torch.nn.ModuleDict({n: primary_metric(data_info) for n in extras})
         self.extra_test_metrics = torch.nn.ModuleDict({n: primary_metric(data_info) for n in extras})
+        # model.ema: the raw weights are tested too (test/raw_acc, test/raw_loss: paired with the average's)
+        self.raw_test_metric = primary_metric(data_info) if self.ema is not None else None
         self.guard = NonFiniteGuard(type(self.method))   # every term log_train logs, checked without per-step syncs
         self._eval_bad: torch.Tensor | None = None   # a non-finite eval loss this evaluation (on the device)
 
@@ -146,9 +150,13 @@ class TransferModule(L.LightningModule):
         enable_strong_views(self.method, datamodule)
         if datamodule is not None:
             self.method.attach_data(datamodule)   # idempotent (the command line called it already)
+        if self.ema is not None:           # updated after every step of the target's optimizer
+            self.ema.attach(self.target, self.trainer.optimizers)
         self.method.on_fit_start(self)     # e.g. open the soft-label cache
 
     def on_fit_end(self):
+        if self.ema is not None:
+            self.ema.detach()
         self.method.on_fit_end(self)
 
     def log_train(self, parts: Mapping[str, torch.Tensor], logits=None, labels=None,
@@ -235,6 +243,11 @@ class TransferModule(L.LightningModule):
         for name, extra_logits in self.method.extra_eval_logits(self, x).items():
             extras[name].update(extra_logits, y.int() if self.multi_label else y)
             self.log(f"{stage}/{name}_acc", extras[name], on_epoch=True, batch_size=bs)
+        if stage == "test" and self.ema is not None and self.ema.evaluating:
+            raw_logits = self.ema.raw_forward(self.target, x).logits
+            self.raw_test_metric.update(raw_logits, y.int() if self.multi_label else y)
+            self.log("test/raw_acc", self.raw_test_metric, on_epoch=True, batch_size=bs)
+            self.log("test/raw_loss", self.task_loss(raw_logits, y), on_epoch=True, sync_dist=True, batch_size=bs)
 
     def _broadcast_buffers(self) -> None:
         """Under DDP, give every process rank 0's BatchNorm statistics before evaluating.
@@ -248,9 +261,25 @@ class TransferModule(L.LightningModule):
 
     def on_validation_start(self):
         self._broadcast_buffers()
+        self._evaluate_average()
 
     def on_test_start(self):
         self._broadcast_buffers()
+        self._evaluate_average()
+
+    def _evaluate_average(self) -> None:
+        """model.ema: evaluate the average of the target's weights (raw weights back at the end)."""
+        if self.ema is not None and self.ema.updates:
+            self.ema.broadcast_buffers()   # under DDP: rank 0's, as _broadcast_buffers for the target's
+            self.ema.swap_in(self.target)
+
+    def on_validation_end(self):
+        if self.ema is not None:
+            self.ema.swap_out(self.target)
+
+    def on_test_end(self):
+        if self.ema is not None:
+            self.ema.swap_out(self.target)
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, "val")
@@ -301,7 +330,10 @@ class TransferModule(L.LightningModule):
         so they stay out of every checkpoint."""
         self.check_finite("before saving a checkpoint")
         sd = checkpoint["state_dict"]
-        check_weights_finite(((k, v) for k, v in sd.items() if not k.startswith(SOURCES_PREFIX)),
+        if self.ema is not None:   # state_dict: the average (what is evaluated); raw weights under "ema"
+            self.ema.export(checkpoint, self.target, "target.")
+        raw = (checkpoint.get("ema") or {}).get("raw_state_dict") or {}
+        check_weights_finite(((k, v) for k, v in [*sd.items(), *raw.items()] if not k.startswith(SOURCES_PREFIX)),
                              f"at epoch {self.current_epoch}, step {self.global_step}")
         for key in [k for k in sd if k.startswith(SOURCES_PREFIX)]:
             del sd[key]
@@ -309,6 +341,8 @@ class TransferModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint):
         self.guard.step = self.guard.checked_through = int(checkpoint.get("guard_step", 0))
+        if self.ema is not None:   # the average from state_dict, the raw weights back into it
+            self.ema.restore(checkpoint, self.target, "target.")
         sd = checkpoint["state_dict"]
         for key, value in self.sources.state_dict(prefix=SOURCES_PREFIX).items():
             sd.setdefault(key, value)

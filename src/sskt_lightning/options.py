@@ -80,6 +80,7 @@ class ModelOptions:
     weights: str | None = None      # model.weights: a local file to start from (fine-tuning)
     freeze: str | None = None       # model.freeze: None or "backbone" (train the classifier only)
     ema: float | None = None        # model.ema: the decay of the evaluated weight average (None: off)
+    ema_warmup: bool = True         # model.ema_warmup: decay min(ema, (1 + n) / (10 + n)) at update n
 
 
 # --------------------------------------------------------------------------------------- methods
@@ -281,6 +282,7 @@ def build_config(*, method: MethodOptions | str, model: ModelOptions | str = "re
         cfg.model.pretrained, cfg.model.kwargs = bool(model.pretrained), _plain(dict(model.kwargs))
         cfg.model.weights = None if model.weights is None else str(model.weights)
         cfg.model.freeze, cfg.model.ema = model.freeze, model.ema
+        cfg.model.ema_warmup = bool(model.ema_warmup)
         for key, value in method_values.items():
             cfg.method[key] = _plain(value)
         _set_optim(cfg, optim)

@@ -337,6 +337,7 @@ def build_results(cfg: DictConfig, module, dm, data_info: dict, trainer, outcome
         "sources": sources, "seed": int(cfg.seed), "epochs": int(trainer.current_epoch),
         "group": group, "tags": [str(x) for x in (cfg.get("tags") or [])], "test_metric": data_info["metric"],
         "test_acc": float(tested["test/acc"]) if tested else None,
+        "weights": module.ema.label if getattr(module, "ema", None) is not None else "raw",   # evaluated (model.ema)
         "best_val_acc": watch.best.best,
         "best_val_epoch": watch.best.epoch,
         "last_val_acc": float(val_hist) if val_hist is not None else None,
