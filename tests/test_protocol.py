@@ -241,3 +241,48 @@ def test_hydra_optuna_sweeper_runs_a_search_config(tmp_path, cifar_dir):
     # sweeper fed test_acc would fail here
     assert all(r["best_val_acc"] != r["test_acc"] for r in runs), runs
     assert best["best_value"] == max(r[cfg.optimized_metric] for r in runs), (best, runs)
+
+
+def test_method_flags_unlabeled_reference_search_only_and_a_named_space():
+    assert P.method_spec("sskt_unlabeled", ["method=sskt", "method.unlabeled=true", "data.unlabeled=true"]).unlabeled
+    assert not P.method_spec("sskt", ["method=sskt", "data.unlabeled=true", "data.unlabeled=false"]).unlabeled
+    assert not P.method_spec("scratch").unlabeled and P.method_spec("scratch", unlabeled=True).unlabeled
+    ref = P.method_spec("finetuned_source", {"overrides": ["method=scratch", "model.weights=/s.ckpt"],
+                                             "reference": True, "final": False, "space": "scratch"})
+    assert (ref.reference, ref.final, ref.space, ref.unlabeled) == (True, False, "scratch", False)
+    assert P.method_spec("x", ["method=sskt"], space="sskt_unlabeled").space == "sskt_unlabeled"
+    with pytest.raises(ConfigError, match="search space 'nosuch'.*does not exist"):
+        P.method_spec("x", ["method=sskt"], space="nosuch")
+    with pytest.raises(ConfigError, match="reference must be true or false"):
+        P.method_spec("x", {"overrides": ["method=sskt"], "reference": "yes"})
+    with pytest.raises(ConfigError, match="unknown keys"):
+        P.method_spec("x", {"overrides": ["method=sskt"], "labels": 3})
+    # the run's protocol.json carries the flags the report reads
+    job = P.Job(ref, "final", Path("/r"), 0, {})
+    side = job.sidecar(P.Protocol(out=Path("/o"), setting=[], methods=[ref]), 1.0)
+    assert side["reference"] is True and side["unlabeled"] is False
+
+
+def test_a_method_may_join_a_protocol_but_not_change(tmp_path):
+    P._check_identity(tiny_protocol(tmp_path))
+    more = [P.method_spec("scratch"), P.method_spec("sskt"), P.method_spec("kd_x", ["method=kd"], space="kd")]
+    P._check_identity(tiny_protocol(tmp_path, methods=more))                  # a method joins: recorded
+    assert set(json.loads((tmp_path / "proto" / P.PROTOCOL_FILE).read_text())["methods"]) == {"scratch", "sskt", "kd_x"}
+    P._check_identity(tiny_protocol(tmp_path, methods=[P.method_spec("sskt")]))   # a subset resumes
+    with pytest.raises(ConfigError, match="overrides or search space of method.*kd_x"):
+        P._check_identity(tiny_protocol(tmp_path, methods=[P.method_spec("kd_x", ["method=kd", "method.alpha=1"])]))
+    # the report-only flags are not the identity: marking a method a reference later is fine
+    P._check_identity(tiny_protocol(tmp_path, methods=[P.method_spec("sskt", reference=True, final=False)]))
+
+
+def test_a_search_only_method_runs_no_final_and_is_not_missing(tmp_path):
+    spec = P.method_spec("scratch", final=False)
+    proto = tiny_protocol(tmp_path, methods=[spec], trials=1)
+    search = P.Search(proto, spec)
+    search.ask_round(0)
+    fake_results(search.trial_dir(0), last_val=0.5, test=0.5)
+    selected = P.run_protocol(proto, log=lambda line: None)
+    assert selected["scratch"]["trial"] == 0
+    assert not (proto.out / "scratch" / "final").exists() and P.missing(proto, selected) == []
+    report_md = (proto.out / "report" / "report.md").read_text()
+    assert "scratch (search only)" in report_md
