@@ -16,7 +16,7 @@ from sskt_lightning.report.common import DEFAULT_BASELINE, METHOD_ORDER, ReportE
 
 # overrides that say which method (variant) runs, not in which setting: not part of the setting
 _VARIANT_PREFIXES = ("method=", "method.", "source=", "source.", "sources=", "optim", "data.unlabeled",
-                     "hparams_search")
+                     "hparams_search", "model.weights", "model.freeze")   # (fine-tuning: a method variant)
 _IDENTITY = ("data=", "model=", "method=", "sources=")
 
 
