@@ -178,8 +178,8 @@ CSV_COLUMNS = ["data", "model", "setting", "name", "method", "sources", "n", "se
                "test_mean", "test_std", "best_val_mean", "best_val_std", "baseline", "n_paired", "gain_mean",
                "gain_std", "gain_ci_low", "gain_ci_high", "wins", "unlabeled", "reference", "same_unl_best",
                "same_unl_best_val", "same_unl_n_paired", "same_unl_gain_mean", "same_unl_gain_std",
-               "same_unl_gain_ci_low", "same_unl_gain_ci_high", "same_unl_wins", "params", "num_train", "num_val", "num_unlabeled",
-               "wall_time_s_mean", "train_images_per_s_mean", "group"]
+               "same_unl_gain_ci_low", "same_unl_gain_ci_high", "same_unl_wins", "params", "num_train", "num_val",
+               "num_unlabeled", "wall_time_s_mean", "train_images_per_s_mean", "group"]
 
 
 def to_csv(summary: pd.DataFrame) -> str:
