@@ -331,7 +331,13 @@ def test_benchmark_plan_counts_the_runs_and_follows_the_policy_selection(tmp_pat
     # softmatch wins: its finals join
     (proto / "softmatch" / P.SELECTED_FILE).write_text(json.dumps({"value": 0.9, "trial": 0, "params": {}}))
     B.main(argv)
-    assert f"{1 + 6 + 6 + 14 * 6 - 6 + 5 * 13} runs to do" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"{1 + 6 + 6 + 14 * 6 - 6 + 5 * 13} runs to do" in out and "WARNING" not in out
+    # a directory holding another protocol (e.g. records made under another checkout path) is flagged
+    (proto / P.PROTOCOL_FILE).write_text(json.dumps({"setting": ["data=other"], "methods": {
+        "scratch": {"overrides": ["method=scratch"]}, "kd": {"overrides": ["method=kd"]}}}))
+    B.main(argv)
+    assert "holds another protocol (its setting differs; method kd's overrides differ)" in capsys.readouterr().out
 
 
 def test_benchmark_methods_use_the_interface_names_and_flags(monkeypatch):
