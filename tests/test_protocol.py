@@ -410,3 +410,48 @@ def test_make_train_gains_the_fixmatch_and_freematch_rows(tmp_path, capsys):
     assert "method=fixmatch data.unlabeled=true" in fix and "threshold" not in fix
     assert "method=fixmatch method.threshold=free data.unlabeled=true" in free
     assert set(T.ROWS) == {"scratch", "sskt", "sskt+unlabeled", "fixmatch", "freematch"}
+
+
+def test_benchmark_runs_the_policies_first_then_the_winner_and_sskt_fixmatch_with_it(tmp_path, monkeypatch):
+    """The orchestration, with the training replaced: step 1 searches the four policies (finals only for
+    fixmatch and freematch) beside the other methods; step 2 adds the winner's finals and sskt_fixmatch
+    with the winning policy."""
+    B = _experiment("benchmark")
+    values = {"fixmatch": 0.70, "freematch": 0.72, "flexmatch": 0.75, "softmatch": 0.60}
+    calls, stages = [], []
+
+    def fake_protocol(proto, log=print):
+        calls.append({m.name: m for m in proto.methods})
+        for m in proto.methods:
+            if m.name in values:
+                (proto.out / m.name).mkdir(parents=True, exist_ok=True)
+                (proto.out / m.name / P.SELECTED_FILE).write_text(json.dumps({"value": values[m.name]}))
+        (proto.out / "report").mkdir(parents=True, exist_ok=True)
+        (proto.out / "report" / "report.md").write_text("\n".join(proto.notes))
+        return {m.name: {"trial": 0, "value": 0.5, "params": {}} for m in proto.methods}
+
+    monkeypatch.setattr(B.P, "run_protocol", fake_protocol)
+    monkeypatch.setattr(B, "missing_spaces", lambda methods: [])
+    monkeypatch.setattr(B, "SPACES", {m: "scratch" for m in B.SPACES})      # (spaces other branches add)
+    monkeypatch.setattr(B, "train_source", lambda out, *a, **k: out / "checkpoints" / "last.ckpt")
+    monkeypatch.setattr(B, "train_stage", lambda setting, out_dir, extra, seeds, *a: stages.append((out_dir.name,
+                                                                                                     extra, seeds)))
+    argv = ["--labels", "5", "--setting", "disjoint", "--out", str(tmp_path / "o"), "--results", str(tmp_path / "r"),
+            "--ema", "0.999"]
+    B.main(argv)
+    assert len(calls) == 2
+    first, second = calls
+    assert "sskt_fixmatch" not in first and set(second) == set(B.METHODS)
+    assert [m for m, s in first.items() if not s.final] == ["flexmatch", "softmatch"]
+    assert [m for m, s in second.items() if not s.final] == ["softmatch"]      # flexmatch won on validation
+    assert "method.threshold=flex" in second["sskt_fixmatch"].overrides
+    # the stages: born-again teachers and the fine-tuned source (model.weights=<the disjoint source>), seeds 100, 0-4
+    src = (tmp_path / "o" / "source_disjoint" / "checkpoints" / "last.ckpt").resolve()
+    assert stages == [("teachers", ["method=scratch"], [100, 0, 1, 2, 3, 4]),
+                      ("finetuned", ["method=scratch", f"model.weights={src}"], [100, 0, 1, 2, 3, 4])]
+    report_md = (tmp_path / "r" / "labels5_disjoint_ema0.999" / "report.md").read_text()
+    assert "model.ema=0.999" in report_md and "policy: flex" in report_md
+    # resumed: the winner is known from the start, so its finals are in the first step already
+    calls.clear()
+    B.main(argv)
+    assert len(calls) == 2 and [m for m, s in calls[0].items() if not s.final] == ["softmatch"]

@@ -226,9 +226,14 @@ def protocol(args, cell: Cell, methods: list[str], policy: str, winner: str | No
             else f"classes {s.target_classes} (the source saw only {s.source_classes})")
     notes = [f"Setting: {s.name}: targets on {what}; source: ResNet-20 on the first half of the training images.",
              f"EMA of the weights: {'model.ema=' + str(args.ema) if args.ema is not None else 'off'}, "
-             "the same for every method.",
-             f"sskt_fixmatch's pseudo-label policy: {policy} (the policy with the best validation score "
-             "among the searched ones)."]
+             "the same for every method."]
+    if "sskt_fixmatch" in methods:
+        notes.append(f"sskt_fixmatch's pseudo-label policy: {policy} ("
+                     + ("the searched policy with the best validation score)." if args.sskt_policy == "auto"
+                        else "--sskt-policy)."))
+    if any(m in POLICIES for m in methods):
+        notes.append("FixMatch's policies: searched alike; final runs for fixmatch, freematch and the one with the "
+                     f"best selected validation score ({winner or 'not known yet'}); the others: search only.")
     return P.Protocol(
         out=cell.proto_out, setting=cell.target,
         methods=specs(methods, cell.source_ckpt, cell.teachers, cell.finetuned, policy, winner),
