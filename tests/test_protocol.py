@@ -241,3 +241,217 @@ def test_hydra_optuna_sweeper_runs_a_search_config(tmp_path, cifar_dir):
     # sweeper fed test_acc would fail here
     assert all(r["best_val_acc"] != r["test_acc"] for r in runs), runs
     assert best["best_value"] == max(r[cfg.optimized_metric] for r in runs), (best, runs)
+
+
+def test_method_flags_unlabeled_reference_search_only_and_a_named_space():
+    assert P.method_spec("sskt_unlabeled", ["method=sskt", "method.unlabeled=true", "data.unlabeled=true"]).unlabeled
+    assert not P.method_spec("sskt", ["method=sskt", "data.unlabeled=true", "data.unlabeled=false"]).unlabeled
+    assert not P.method_spec("scratch").unlabeled and P.method_spec("scratch", unlabeled=True).unlabeled
+    ref = P.method_spec("finetuned_source", {"overrides": ["method=scratch", "model.weights=/s.ckpt"],
+                                             "reference": True, "final": False, "space": "scratch"})
+    assert (ref.reference, ref.final, ref.space, ref.unlabeled) == (True, False, "scratch", False)
+    assert P.method_spec("x", ["method=sskt"], space="sskt_unlabeled").space == "sskt_unlabeled"
+    with pytest.raises(ConfigError, match="search space 'nosuch'.*does not exist"):
+        P.method_spec("x", ["method=sskt"], space="nosuch")
+    with pytest.raises(ConfigError, match="reference must be true or false"):
+        P.method_spec("x", {"overrides": ["method=sskt"], "reference": "yes"})
+    with pytest.raises(ConfigError, match="unknown keys"):
+        P.method_spec("x", {"overrides": ["method=sskt"], "labels": 3})
+    # the run's protocol.json carries the flags the report reads
+    job = P.Job(ref, "final", Path("/r"), 0, {})
+    side = job.sidecar(P.Protocol(out=Path("/o"), setting=[], methods=[ref]), 1.0)
+    assert side["reference"] is True and side["unlabeled"] is False
+
+
+def test_a_method_may_join_a_protocol_but_not_change(tmp_path):
+    P._check_identity(tiny_protocol(tmp_path))
+    more = [P.method_spec("scratch"), P.method_spec("sskt"), P.method_spec("kd_x", ["method=kd"], space="kd")]
+    P._check_identity(tiny_protocol(tmp_path, methods=more))                  # a method joins: recorded
+    assert set(json.loads((tmp_path / "proto" / P.PROTOCOL_FILE).read_text())["methods"]) == {"scratch", "sskt", "kd_x"}
+    P._check_identity(tiny_protocol(tmp_path, methods=[P.method_spec("sskt")]))   # a subset resumes
+    with pytest.raises(ConfigError, match="overrides or search space of method.*kd_x"):
+        P._check_identity(tiny_protocol(tmp_path, methods=[P.method_spec("kd_x", ["method=kd", "method.alpha=1"])]))
+    # the report-only flags are not the identity: marking a method a reference later is fine
+    P._check_identity(tiny_protocol(tmp_path, methods=[P.method_spec("sskt", reference=True, final=False)]))
+
+
+def test_a_search_only_method_runs_no_final_and_is_not_missing(tmp_path):
+    spec = P.method_spec("scratch", final=False)
+    proto = tiny_protocol(tmp_path, methods=[spec], trials=1)
+    search = P.Search(proto, spec)
+    search.ask_round(0)
+    fake_results(search.trial_dir(0), last_val=0.5, test=0.5)
+    selected = P.run_protocol(proto, log=lambda line: None)
+    assert selected["scratch"]["trial"] == 0
+    assert not (proto.out / "scratch" / "final").exists() and P.missing(proto, selected) == []
+    report_md = (proto.out / "report" / "report.md").read_text()
+    assert "scratch (search only)" in report_md
+
+
+# ----------------------------------------------------------------------------- the Fashion-MNIST benchmark
+
+
+def _experiment(name: str):
+    import importlib.util
+    folder = Path(__file__).resolve().parents[1] / "experiments" / "fashion_transfer"
+    sys.path.insert(0, str(folder))
+    try:
+        spec = importlib.util.spec_from_file_location(f"_bench_{name}", folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module             # (its dataclasses look their module up)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
+    return module
+
+
+def test_benchmark_plan_counts_the_runs_and_follows_the_policy_selection(tmp_path, capsys):
+    B = _experiment("benchmark")
+    argv = ["--plan", "--labels", "5", "--setting", "coarse", "--out", str(tmp_path)]
+    B.main(argv)
+    out = capsys.readouterr().out
+    # source 1 + born-again teachers 6 + fine-tuned sources 6 (seeds 100, 0-4) + 14 methods x 6 trials
+    # + finals 5 x (10 methods + fixmatch + freematch) + up to 5 for a winning flexmatch / softmatch
+    assert f"{1 + 6 + 6 + 14 * 6 + 5 * 12 + 5} runs to do" in out and "labels5 " not in out
+    assert "flexmatch         search 6/6 to do, finals 0/0 to do (+5 finals if it wins" in out
+    # scratch's search done; freematch won the policy selection (ties go to freematch): no extra finals
+    proto = tmp_path / "labels5" / "protocol"
+    for k in range(6):
+        fake_results(proto / "scratch" / "search" / f"trial_{k:03d}", 0.5, 0.5)
+    for name, value in [("fixmatch", 0.8), ("freematch", 0.8), ("flexmatch", 0.7), ("softmatch", 0.75)]:
+        (proto / name).mkdir(parents=True)
+        (proto / name / P.SELECTED_FILE).write_text(json.dumps({"value": value, "trial": 0, "params": {}}))
+    assert B.policy_winner(proto, list(B.POLICIES)) == "freematch"
+    assert B.policy_winner(proto, ["fixmatch", "softmatch"]) == "fixmatch"
+    assert B.policy_winner(proto, []) is None
+    B.main(argv)
+    out = capsys.readouterr().out
+    assert f"{1 + 6 + 6 + 14 * 6 - 6 + 5 * 12} runs to do" in out
+    assert "flexmatch         search 6/6 to do, finals 0/0 to do (search only: lost the policy selection)" in out
+    # softmatch wins: its finals join
+    (proto / "softmatch" / P.SELECTED_FILE).write_text(json.dumps({"value": 0.9, "trial": 0, "params": {}}))
+    B.main(argv)
+    out = capsys.readouterr().out
+    assert f"{1 + 6 + 6 + 14 * 6 - 6 + 5 * 13} runs to do" in out and "WARNING" not in out
+    # a directory holding another protocol (e.g. records made under another checkout path) is flagged
+    (proto / P.PROTOCOL_FILE).write_text(json.dumps({"setting": ["data=other"], "methods": {
+        "scratch": {"overrides": ["method=scratch"]}, "kd": {"overrides": ["method=kd"]}}}))
+    B.main(argv)
+    assert "holds another protocol (its setting differs; method kd's overrides differ)" in capsys.readouterr().out
+
+
+def test_benchmark_methods_use_the_interface_names_and_flags(monkeypatch):
+    B = _experiment("benchmark")
+    src, teachers, ft = Path("/s/last.ckpt"), Path("/b/labels5/teachers"), Path("/b/labels5/finetuned")
+    ov = {m: B.method_overrides(m, src, teachers, ft, policy="soft") for m in B.METHODS + B.OPTIONAL}
+    assert ov["fixmatch"] == ["method=fixmatch", "method.threshold=fixed", "data.unlabeled=true"]
+    assert ov["freematch"] == ["method=fixmatch", "method.threshold=free", "data.unlabeled=true"]
+    assert "source.checkpoint.weights=/b/labels5/finetuned/seed_{seed}/checkpoints/last.ckpt" in ov["kd_unlabeled"]
+    assert {"method=kd", "method.unlabeled=true"} <= set(ov["kd_unlabeled"])
+    assert {"method=dml", "method.unlabeled=true"} <= set(ov["dml_unlabeled"])
+    assert {"method=sskt", "method.consistency=fixmatch", "method.threshold=soft", "method.unlabeled=true",
+            "source.checkpoint.weights=/s/last.ckpt"} <= set(ov["sskt_fixmatch"])
+    assert ov["finetuned_source"] == ["method=scratch", "model.weights=/s/last.ckpt"]
+    assert ov["linear_probe"][-1] == "model.freeze=backbone"
+    unlabeled = {m for m, o in ov.items() if P.uses_unlabeled(o)}
+    assert unlabeled == {"sskt_unlabeled", "fixmatch", "freematch", "flexmatch", "softmatch", "kd_unlabeled",
+                         "dml_unlabeled", "sskt_fixmatch"}
+    # every method on the unlabeled stream searches a space of its own (with the stream's knobs)
+    assert {B.SPACES[m] for m in unlabeled} == {"sskt_unlabeled", "fixmatch", "kd_unlabeled", "dml_unlabeled",
+                                                "sskt_fixmatch"}
+    dists = P.search_space("sskt_fixmatch")[0]
+    assert {"method.tau", "method.lambda_u", "data.unlabeled_ratio", "method.alpha", "method.aux_loss"} <= set(dists)
+    # finals: the policies other than fixmatch / freematch only when they win; references marked
+    monkeypatch.setattr(B, "SPACES", {m: "scratch" for m in B.SPACES})      # (spaces other branches add)
+    specs = {s.name: s for s in B.specs(B.METHODS, src, teachers, ft, "soft", winner="softmatch")}
+    assert [m for m, s in specs.items() if not s.final] == ["flexmatch"]
+    assert [m for m, s in specs.items() if s.reference] == ["finetuned_source"]
+    assert {m for m, s in specs.items() if s.unlabeled} == unlabeled
+    assert not B.specs(["softmatch"], src, teachers, ft, "free", winner=None)[0].final
+    assert B.missing_spaces(["scratch"]) == []
+
+
+def test_benchmark_settings_compose_and_the_coarse_one_resumes_the_recorded_benchmark(tmp_path):
+    from omegaconf import OmegaConf
+
+    from sskt_lightning.compose import compose_config
+    B = _experiment("benchmark")
+    argv = B.argparse.Namespace(setting=["coarse", "disjoint"], labels=[5], out=tmp_path, ema=0.999, epochs=15,
+                                model="resnet20", steps_per_epoch=20)
+    coarse, disjoint = B.cells(argv)
+    assert disjoint.root == tmp_path / "labels5_disjoint_ema0.999" and coarse.root == tmp_path / "labels5_ema0.999"
+    assert coarse.target[-1] == disjoint.target[-1] == "model.ema=0.999"
+    # the coarse setting without EMA is exactly what the recorded benchmark ran (so its runs resume)
+    recorded = Path(__file__).resolve().parents[1] / "experiments/fashion_transfer/benchmark_runs/labels5/protocol"
+    argv.ema = None
+    assert B.cells(argv)[0].target == json.loads((recorded / P.PROTOCOL_FILE).read_text())["setting"]
+    # disjoint: the source on classes 0-4 of the first half, the targets on 5-9 of the second half
+    T = _experiment("two_stage")
+    src = compose_config(T.source_overrides(3, "resnet20", 0, B.SETTINGS["disjoint"].source_classes), tmp_path / "s")
+    tgt = compose_config([*disjoint.target, "seed=0"], tmp_path / "t")
+    assert list(src.data.classes) == [0, 1, 2, 3, 4] and list(src.data.train_part) == [0, 2]
+    assert list(tgt.data.classes) == [5, 6, 7, 8, 9] and list(tgt.data.train_part) == [1, 2]
+    assert tgt.data.label_map is None and tgt.data.labels_per_class == 5 and tgt.model.ema == 0.999
+    assert OmegaConf.select(compose_config(coarse.target, tmp_path / "c"), "data.label_map") is not None
+    for m in ["scratch", "kd", "dml", "maxl", "sskt", "sskt_unlabeled", "finetuned_source"]:   # on this branch
+        compose_config([*disjoint.target, *P._format(B.method_overrides(m, Path("/s.ckpt"), disjoint.teachers), 1),
+                        "seed=1"],
+                       tmp_path / m)
+
+
+def test_make_train_gains_the_fixmatch_and_freematch_rows(tmp_path, capsys):
+    T = _experiment("two_stage")
+    T.main(["--dry-run", "--out", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 + 5 and "data.train_part=[0,2]" in lines[0]
+    targets = {ln.split("hydra.run.dir=")[1]: ln for ln in lines[1:]}
+    fix = targets[str((tmp_path / "target_fixmatch").resolve())]
+    free = targets[str((tmp_path / "target_freematch").resolve())]
+    assert "method=fixmatch data.unlabeled=true" in fix and "threshold" not in fix
+    assert "method=fixmatch method.threshold=free data.unlabeled=true" in free
+    assert set(T.ROWS) == {"scratch", "sskt", "sskt+unlabeled", "fixmatch", "freematch"}
+
+
+def test_benchmark_runs_the_policies_first_then_the_winner_and_sskt_fixmatch_with_it(tmp_path, monkeypatch):
+    """The orchestration, with the training replaced: step 1 searches the four policies (finals only for
+    fixmatch and freematch) beside the other methods; step 2 adds the winner's finals and sskt_fixmatch
+    with the winning policy."""
+    B = _experiment("benchmark")
+    values = {"fixmatch": 0.70, "freematch": 0.72, "flexmatch": 0.75, "softmatch": 0.60}
+    calls, stages = [], []
+
+    def fake_protocol(proto, log=print):
+        calls.append({m.name: m for m in proto.methods})
+        for m in proto.methods:
+            if m.name in values:
+                (proto.out / m.name).mkdir(parents=True, exist_ok=True)
+                (proto.out / m.name / P.SELECTED_FILE).write_text(json.dumps({"value": values[m.name]}))
+        (proto.out / "report").mkdir(parents=True, exist_ok=True)
+        (proto.out / "report" / "report.md").write_text("\n".join(proto.notes))
+        return {m.name: {"trial": 0, "value": 0.5, "params": {}} for m in proto.methods}
+
+    monkeypatch.setattr(B.P, "run_protocol", fake_protocol)
+    monkeypatch.setattr(B, "missing_spaces", lambda methods: [])
+    monkeypatch.setattr(B, "SPACES", {m: "scratch" for m in B.SPACES})      # (spaces other branches add)
+    monkeypatch.setattr(B, "train_source", lambda out, *a, **k: out / "checkpoints" / "last.ckpt")
+    monkeypatch.setattr(B, "train_stage", lambda setting, out_dir, extra, seeds, *a: stages.append((out_dir.name,
+                                                                                                     extra, seeds)))
+    argv = ["--labels", "5", "--setting", "disjoint", "--out", str(tmp_path / "o"), "--results", str(tmp_path / "r"),
+            "--ema", "0.999"]
+    B.main(argv)
+    assert len(calls) == 2
+    first, second = calls
+    assert "sskt_fixmatch" not in first and set(second) == set(B.METHODS)
+    assert [m for m, s in first.items() if not s.final] == ["flexmatch", "softmatch"]
+    assert [m for m, s in second.items() if not s.final] == ["softmatch"]      # flexmatch won on validation
+    assert "method.threshold=flex" in second["sskt_fixmatch"].overrides
+    # the stages: born-again teachers and the fine-tuned source (model.weights=<the disjoint source>), seeds 100, 0-4
+    src = (tmp_path / "o" / "source_disjoint" / "checkpoints" / "last.ckpt").resolve()
+    assert stages == [("teachers", ["method=scratch"], [100, 0, 1, 2, 3, 4]),
+                      ("finetuned", ["method=scratch", f"model.weights={src}"], [100, 0, 1, 2, 3, 4])]
+    report_md = (tmp_path / "r" / "labels5_disjoint_ema0.999" / "report.md").read_text()
+    assert "model.ema=0.999" in report_md and "policy: flex" in report_md
+    # resumed: the winner is known from the start, so its finals are in the first step already
+    calls.clear()
+    B.main(argv)
+    assert len(calls) == 2 and [m for m, s in calls[0].items() if not s.final] == ["softmatch"]

@@ -601,3 +601,85 @@ def test_method_colours_do_not_depend_on_which_methods_are_present():
     b = report._method_colors(["kd", "dml", "sskt", "zeta"])
     assert a["sskt"] == b["sskt"]
     assert len(set(b.values())) == 4
+
+
+def same_unlabeled_runs(root: Path) -> Path:
+    """One protocol setting, seeds 0-2 (test %, best val %): FreeMatch is the best on validation among
+    the methods on the unlabeled images but FixMatch is the best on test; a reference that uses them
+    has the highest validation of all."""
+    runs = {  # name: (method, unlabeled, reference, tests, vals)
+        "scratch": ("scratch", False, False, [70, 72, 71], [70, 72, 71]),
+        "fixmatch": ("fixmatch", True, False, [85, 86, 84], [79, 80, 81]),
+        "freematch": ("fixmatch", True, False, [82, 82, 83], [87, 88, 89]),
+        "sskt_fixmatch": ("sskt", True, False, [90, 91, 87], [85, 86, 87]),
+        "oracle": ("scratch", True, True, [99, 99, 99], [99, 99, 99]),
+    }
+    job = 0
+    for name, (method, unl, ref, tests, vals) in runs.items():
+        for seed, (t, v) in enumerate(zip(tests, vals)):
+            run = write_run(root, job, None, method=method, seed=seed, test_acc=t / 100, best_val_acc=v / 100)
+            (run / "protocol.json").write_text(json.dumps({
+                "name": name, "setting": "5 labels", "phase": "final", "seed": seed, "params": {},
+                "unlabeled": unl, "reference": ref}))
+            job += 1
+    return root
+
+
+def test_gain_over_the_best_method_on_the_same_unlabeled_images_is_chosen_on_validation(tmp_path):
+    summary = report.summarise(report.load_results([same_unlabeled_runs(tmp_path)])).set_index("name")
+    # references last; within the rest the method order (scratch, sskt, fixmatch), then the name
+    assert list(summary.index) == ["scratch", "sskt_fixmatch", "fixmatch", "freematch", "oracle"]
+    assert summary["reference"].tolist() == [False, False, False, False, True]
+    # the comparator: highest mean best-val among the OTHER unlabeled non-reference methods
+    # (never oracle, a reference; never chosen by test: fixmatch has the best test but val 80)
+    assert summary["same_unl_best"].to_dict() == {"scratch": "freematch", "sskt_fixmatch": "freematch",
+                                                  "fixmatch": "freematch", "freematch": "sskt_fixmatch",
+                                                  "oracle": "freematch"}
+    s = summary.loc["sskt_fixmatch"]
+    # gains 90-82, 91-82, 87-83 = 8, 9, 4: mean 7, std sqrt((1 + 4 + 9) / 2) = sqrt(7)
+    half = 4.3027 * math.sqrt(7) / math.sqrt(3)                        # t(0.975, 2) = 4.3027
+    assert s["same_unl_gain_mean"] == pytest.approx(7.0) and s["same_unl_gain_std"] == pytest.approx(math.sqrt(7))
+    assert (s["same_unl_gain_ci_low"], s["same_unl_gain_ci_high"]) == pytest.approx((7 - half, 7 + half))
+    assert s["same_unl_wins"] == 3 and s["same_unl_n_paired"] == 3 and s["same_unl_best_val"] == pytest.approx(88.0)
+    # freematch against sskt_fixmatch: -8, -9, -4; fixmatch against freematch: 3, 4, 1
+    assert summary.loc["freematch", "same_unl_gain_mean"] == pytest.approx(-7.0)
+    assert summary.loc["freematch", "same_unl_wins"] == 0
+    assert summary.loc["fixmatch", "same_unl_gain_mean"] == pytest.approx(8 / 3)
+    # the gain over scratch is still there (sskt_fixmatch 20, 19, 16), though the reference oracle is a
+    # method=scratch run too: a reference is never the baseline
+    assert s["gain_mean"] == pytest.approx(55 / 3) and s["baseline"] == "scratch"
+    md = report.to_markdown(report.summarise(report.load_results([tmp_path])))
+    lines = table_lines(md, "5 labels")
+    header = cells(lines[0])
+    rows = {cells(ln)[0]: dict(zip(header, cells(ln))) for ln in lines[1:]}
+    assert list(rows) == ["scratch", "sskt_fixmatch", "fixmatch", "freematch", "oracle (reference)"]
+    sf = rows["sskt_fixmatch"]
+    assert sf[report.tables.SAME_UNL_HEADER] == "freematch: +7.00 ± 2.65"
+    assert sf["95 % CI (same unlabeled)"] == f"[+{7 - half:.2f}, +{7 + half:.2f}]" == "[+0.43, +13.57]"
+    assert sf["wins (same unlabeled)"] == "3/3" and sf["unlabeled images"] == "yes"
+    assert rows["scratch"]["unlabeled images"] == "no"
+    assert "never chosen as the best method" in md and "chosen on validation, never on test" in md
+    csv_rows = list(csv.DictReader(io.StringIO(report.to_csv(report.summarise(report.load_results([tmp_path]))))))
+    by_name = {r["name"]: r for r in csv_rows}
+    assert by_name["sskt_fixmatch"]["same_unl_best"] == "freematch" and by_name["oracle"]["reference"] == "True"
+    assert float(by_name["sskt_fixmatch"]["same_unl_gain_mean"]) == pytest.approx(7.0)
+
+
+def test_unlabeled_runs_are_recognised_from_their_overrides_without_a_protocol(tmp_path):
+    """Plain runs (no protocol.json): data.unlabeled=true among the overrides marks them (the last wins);
+    with a single unlabeled group there is no OTHER method to compare with."""
+    summary = report.summarise(report.load_results([variant_runs(tmp_path)])).set_index("name")
+    unl = [n for n in summary.index if summary.loc[n, "unlabeled"]]
+    assert len(unl) == 1 and "data.unlabeled=true" in unl[0]
+    assert summary.loc[unl[0], "same_unl_best"] == "" and summary.loc[unl[0], "same_unl_n_paired"] == 0
+    # every other group is compared with it: scratch 70-90, 72-91, 69-88, 75-92, 71-90 = mean -18.8
+    assert summary.loc["scratch", "same_unl_best"] == unl[0]
+    assert summary.loc["scratch", "same_unl_gain_mean"] == pytest.approx(-18.8)
+    assert report.statistics._uses_unlabeled({"overrides": ["data.unlabeled=true", "data.unlabeled=false"]}) is False
+    assert report.statistics._uses_unlabeled({"unlabeled": True, "overrides": []}) is True
+
+
+def test_markdown_header_lines_are_added_to_the_conventions(tree):
+    md = report.to_markdown(report.summarise(report.load_results([tree])), header=["EMA: off for every method"])
+    assert "- EMA: off for every method" in md.split("## ")[0]
+    assert "unlabeled images" not in md.split("## ")[1]     # no column when no method uses them

@@ -35,8 +35,13 @@ trials before its round, so a resumed protocol asks exactly what an uninterrupte
 
 Method names in ``--methods`` / the spec: ``NAME`` runs ``method=NAME``; a spec maps a name to its
 overrides (``sskt_unlabeled: [method=sskt, method.unlabeled=true, data.unlabeled=true, ...]``;
-``{seed}`` in an override is replaced by the run's seed) and optionally its search space (default:
-``hparams_search/<name>.yaml``, else ``hparams_search/<method>.yaml``).
+``{seed}`` in an override is replaced by the run's seed) and optionally its search space (``space:``,
+default: ``hparams_search/<name>.yaml``, else ``hparams_search/<method>.yaml``) and flags for the
+report: ``unlabeled`` (default: whether the overrides say ``data.unlabeled=true``; the report pairs each
+method with the best OTHER method on the same unlabeled images, chosen on validation), ``reference``
+(not a comparable method, e.g. the fine-tuned source: marked, never "best", never the baseline) and
+``final: false`` (search only: the selection is made, no final seeds run). A method may join an existing
+protocol directory (its identity records it); a method's overrides or search space may not change.
 """
 from __future__ import annotations
 
@@ -71,6 +76,12 @@ class MethodSpec:
     name: str
     overrides: list[str]
     space: str            # the hparams_search config's name
+    unlabeled: bool = False   # trains on the setting's unlabeled images (data.unlabeled=true): the report's
+                              # "best method that uses the same unlabeled images" is chosen among these
+    reference: bool = False   # not a comparable method (other training data or architecture, e.g. the
+                              # fine-tuned source): shown and marked in the report, never chosen as "best"
+    final: bool = True        # False: search only (selected.json, no final seeds; e.g. a policy that
+                              # lost the selection on validation)
 
 
 @dataclass
@@ -88,11 +99,12 @@ class Protocol:
     batch: int = 1                        # trials of one method asked (and run) together
     setting_name: str = ""
     baseline: str = "scratch"
+    notes: list[str] = field(default_factory=list)    # lines for the report's header (e.g. EMA on/off)
 
     def identity(self) -> dict:
         """What must not change when a protocol resumes (the rest - jobs, threads - may)."""
         return {"setting": self.setting, "methods": {m.name: {"overrides": m.overrides, "space": m.space}
-                                                     for m in self.methods},
+                                                     for m in self.methods},     # (flags: report only)
                 "trials": self.trials, "search_seed": self.search_seed, "metric": self.metric,
                 "sampler_seed": self.sampler_seed, "batch": self.batch}
 
@@ -114,24 +126,50 @@ def _space_name(name: str, overrides: list[str]) -> str:
                       f"(or name one with `space:` in the spec); available: {known}.")
 
 
-def method_spec(name: str, value: Any = None) -> MethodSpec:
-    """A method from the spec: ``name``, ``name: [overrides]`` or ``name: {overrides, space}``."""
+SPEC_KEYS = ("overrides", "space", "unlabeled", "reference", "final")
+
+
+def uses_unlabeled(overrides: list[str]) -> bool:
+    """Do these overrides turn the unlabeled stream on (the last ``data.unlabeled=`` wins)?"""
+    values = [o.split("=", 1)[1].strip().lower() for o in overrides if o.lstrip("+").startswith("data.unlabeled=")]
+    return bool(values) and values[-1] in ("true", "1", "yes", "on")
+
+
+def method_spec(name: str, value: Any = None, *, space: str | None = None, unlabeled: bool | None = None,
+                reference: bool = False, final: bool = True) -> MethodSpec:
+    """A method from the spec: ``name``, ``name: [overrides]`` or ``name: {overrides, space, unlabeled,
+    reference, final}`` (keywords give the same from Python). ``unlabeled`` defaults to whether the
+    overrides say ``data.unlabeled=true``; ``space`` to ``hparams_search/<name>.yaml``, else
+    ``hparams_search/<method>.yaml``."""
+    flags = {"space": space, "unlabeled": unlabeled, "reference": reference, "final": final}
     if value is None:
-        overrides, space = [f"method={name}"], None
+        overrides = [f"method={name}"]
     elif isinstance(value, (list, tuple)):
-        overrides, space = [str(v) for v in value], None
+        overrides = [str(v) for v in value]
     elif isinstance(value, dict):
-        unknown = set(value) - {"overrides", "space"}
+        unknown = set(value) - set(SPEC_KEYS)
         if unknown:
             raise ConfigError(f"protocol spec: method {name!r} has unknown keys {sorted(unknown)}; "
-                              f"known: overrides, space.")
-        overrides, space = [str(v) for v in value.get("overrides") or [f"method={name}"]], value.get("space")
+                              f"known: {', '.join(SPEC_KEYS)}.")
+        overrides = [str(v) for v in value.get("overrides") or [f"method={name}"]]
+        for key in ("unlabeled", "reference", "final"):
+            if key in value and not isinstance(value[key], bool):
+                raise ConfigError(f"protocol spec: method {name!r}: {key} must be true or false, got {value[key]!r}.")
+        flags.update({k: value[k] for k in ("space", "unlabeled", "reference", "final") if value.get(k) is not None})
     else:
         raise ConfigError(f"protocol spec: method {name!r} must map to a list of overrides or "
-                          f"{{overrides: [...], space: NAME}}, got {value!r}.")
+                          f"{{overrides: [...], space: NAME, unlabeled: BOOL, reference: BOOL, final: BOOL}}, "
+                          f"got {value!r}.")
     if not any(o.startswith("method=") for o in overrides):
         raise ConfigError(f"protocol spec: method {name!r} needs a method=... override among {overrides}.")
-    return MethodSpec(name, overrides, space or _space_name(name, overrides))
+    space = flags["space"]
+    if space is not None and not (config_dir() / "hparams_search" / f"{space}.yaml").is_file():
+        known = sorted(p.stem for p in (config_dir() / "hparams_search").glob("*.yaml"))
+        raise ConfigError(f"protocol: method {name!r} names search space {space!r}, but "
+                          f"conf/hparams_search/{space}.yaml does not exist; available: {known}.")
+    unl = uses_unlabeled(overrides) if flags["unlabeled"] is None else bool(flags["unlabeled"])
+    return MethodSpec(name, overrides, space or _space_name(name, overrides), unlabeled=unl,
+                      reference=bool(flags["reference"]), final=bool(flags["final"]))
 
 
 def search_space(space: str) -> tuple[dict, dict, dict]:
@@ -229,7 +267,8 @@ class Job:
 
     def sidecar(self, proto: Protocol, elapsed: float | None) -> dict:
         return {"name": self.method.name, "setting": proto.setting_name, "phase": self.phase, "trial": self.trial,
-                "seed": self.seed, "params": self.params, "elapsed_s": elapsed}
+                "seed": self.seed, "params": self.params, "elapsed_s": elapsed,
+                "unlabeled": self.method.unlabeled, "reference": self.method.reference}
 
 
 # ------------------------------------------------------------------------------------------ the search
@@ -418,6 +457,8 @@ def run_protocol(proto: Protocol, log=print) -> dict:
                     continue
                 log(f"{name}: selected trial {selected[name]['trial']} ({proto.metric} "
                     f"{100 * selected[name]['value']:.2f}): {selected[name]['params']}")
+                if not search.method.final:
+                    continue     # search only: its selection is what is asked (e.g. the policy comparison)
                 queue += [Job(search.method, "final", search.dir / "final" / f"seed_{s}", s, selected[name]["params"])
                           for s in proto.seeds if run_state(search.dir / "final" / f"seed_{s}") == "todo"]
             queue = _interleave(queue)
@@ -443,7 +484,7 @@ def missing(proto: Protocol, selected: dict) -> list[str]:
         if selected.get(m.name) is None:
             lines.append(f"{m.name}: every search trial failed (their failed.txt: {proto.out / m.name / 'search'})")
             continue
-        for s in proto.seeds:
+        for s in (proto.seeds if m.final else []):
             run_dir = proto.out / m.name / "final" / f"seed_{s}"
             if run_state(run_dir) == "failed":
                 why = (_read(run_dir / "results.json") or {}).get("error")
@@ -477,12 +518,17 @@ def _check_identity(proto: Protocol) -> None:
     if saved is None:
         _write(path, {**ident, "seeds": proto.seeds, "setting_name": proto.setting_name})
         return
-    differ = sorted(k for k in ident if saved.get(k) != ident[k])
+    differ = sorted(k for k in ident if k != "methods" and saved.get(k) != ident[k])
+    saved_methods = saved.get("methods") if isinstance(saved.get("methods"), dict) else {}
+    changed = sorted(n for n, m in ident["methods"].items() if n in saved_methods and saved_methods[n] != m)
+    if changed:
+        differ.append(f"overrides or search space of method(s) {', '.join(changed)}")
     if differ:
         raise ConfigError(f"protocol: {proto.out} holds a protocol with other {', '.join(differ)} "
                           f"(see {path}); resume it with the same settings or use another --out.")
-    if saved.get("seeds") != proto.seeds:
-        _write(path, {**saved, "seeds": proto.seeds})
+    added = {n: m for n, m in ident["methods"].items() if n not in saved_methods}
+    if saved.get("seeds") != proto.seeds or added:      # a method may join a protocol (e.g. after a selection)
+        _write(path, {**saved, "methods": {**saved_methods, **added}, "seeds": proto.seeds})
 
 
 def compute_seconds(out: Path) -> dict[str, float]:
@@ -508,7 +554,8 @@ def write_protocol_report(proto: Protocol, selected: dict, log=print) -> Path | 
     for m in proto.methods:
         sel = selected.get(m.name) or _read(proto.out / m.name / SELECTED_FILE)
         n_fail = sum(run_state(Path(d)) == "failed" for d in (proto.out / m.name / "search").glob("trial_*"))
-        rows.append({"method": m.name, "search space": f"hparams_search/{m.space}.yaml",
+        rows.append({"method": m.name + (" (reference)" if m.reference else "") +
+                     ("" if m.final else " (search only)"), "search space": f"hparams_search/{m.space}.yaml",
                      "trials (failed)": f"{proto.trials} ({n_fail})",
                      f"selected: search {proto.metric} (%)": report._fmt(100 * sel["value"]) if sel else "–",
                      "trial": sel["trial"] if sel else "–",
@@ -527,7 +574,8 @@ def write_protocol_report(proto: Protocol, selected: dict, log=print) -> Path | 
         return None
     baseline = f"name={proto.baseline}" if proto.baseline else report.DEFAULT_BASELINE
     paths = report.write_report(results, out, baseline=baseline, failures=failures,
-                                title=f"Protocol: {proto.setting_name or proto.out.name}", appendix=search_md)
+                                title=f"Protocol: {proto.setting_name or proto.out.name}", appendix=search_md,
+                                header=proto.notes)
     log(paths["md"].read_text())
     return paths["md"]
 

@@ -26,6 +26,12 @@ per run), ``<metric>.png`` (per group: seeds and mean ± std), ``gains.png`` (pa
   Reported: mean gain, its sample std (ddof=1), the 95 % confidence interval
   ``mean ± t(0.975, n-1) · std / sqrt(n)`` (t quantiles from a table, no scipy) and the number of
   seeds where the group beats the baseline.
+* **The same unlabeled images.** A run that trains on the setting's unlabeled images (its
+  protocol.json's ``unlabeled``, else ``data.unlabeled=true`` among its overrides) is a candidate
+  comparator: every group is also paired with the best OTHER such group of its setting, "best" being
+  the highest mean best-val (validation, never test); rows marked ``reference`` (protocol.json: e.g.
+  the fine-tuned source, other training data) are shown with "(reference)", never chosen as that
+  comparator nor as the baseline.
 * **Failures are shown, not dropped.** A job directory with ``failed.txt`` and no results, or a
   results.json whose ``status`` is ``failed``, is listed beside the table with its reason.
 

@@ -15,9 +15,9 @@ from sskt_lightning.report.figures import plot_gains, plot_test_acc, plot_val_cu
 
 def write_report(results: Sequence[dict], out_dir: str | Path, metric: str = "test_acc", plots: bool = True,
                  baseline: str = DEFAULT_BASELINE, failures: Sequence[dict] = (),
-                 title: str | None = "Results", appendix: str = "") -> dict[str, Path]:
+                 title: str | None = "Results", appendix: str = "", header: Sequence[str] = ()) -> dict[str, Path]:
     """Write report.md (``appendix`` at its end), report.csv, runs.csv and (unless ``plots`` is false)
-    the PNGs into ``out_dir``, each atomically.
+    the PNGs into ``out_dir``, each atomically; ``header``: lines added to the conventions at the top.
 
     Returns name -> path. Raises :class:`ReportError` on empty ``results`` (naming the failures when
     every job failed) or a group that mixes ``test_metric``.
@@ -29,7 +29,8 @@ def write_report(results: Sequence[dict], out_dir: str | Path, metric: str = "te
     for line in baseline_warnings(summary, baseline):
         print(line, file=sys.stderr)
     paths = {"md": out / "report.md", "csv": out / "report.csv", "runs_csv": out / "runs.csv"}
-    _write(paths["md"], to_markdown(summary, title=title, failures=failures, baseline=baseline) + appendix)
+    _write(paths["md"], to_markdown(summary, title=title, failures=failures, baseline=baseline,
+                                         header=header) + appendix)
     _write(paths["csv"], to_csv(summary))
     _write(paths["runs_csv"], runs_frame(results, metric).drop(columns=["extra"]).to_csv(index=False,
                                                                                           lineterminator="\n"))

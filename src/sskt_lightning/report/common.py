@@ -7,7 +7,10 @@ from pathlib import Path
 from sskt_lightning.errors import SSKTError
 
 
-METHOD_ORDER = ("scratch", "kd", "dml", "maxl", "sskt")
+# table order by the run's method (``method=``); the benchmark's rows share these: finetuned_source and
+# linear_probe are method=scratch, kd_unlabeled method=kd, dml_unlabeled method=dml, freematch / flexmatch /
+# softmatch method=fixmatch, sskt_unlabeled and sskt_fixmatch method=sskt (within a method: by name)
+METHOD_ORDER = ("scratch", "kd", "dml", "maxl", "sskt", "fixmatch")
 RESULTS_NAME, FAILED_NAME, PROTOCOL_NAME = "results.json", "failed.txt", "protocol.json"
 DASH = "–"  # an undefined std (one seed) or a missing number
 DEFAULT_BASELINE = "method=scratch"

@@ -16,7 +16,7 @@ from sskt_lightning.report.common import DEFAULT_BASELINE, METHOD_ORDER, ReportE
 
 # overrides that say which method (variant) runs, not in which setting: not part of the setting
 _VARIANT_PREFIXES = ("method=", "method.", "source=", "source.", "sources=", "optim", "data.unlabeled",
-                     "hparams_search")
+                     "hparams_search", "model.weights", "model.freeze")   # (fine-tuning: a method variant)
 _IDENTITY = ("data=", "model=", "method=", "sources=")
 
 
@@ -64,6 +64,15 @@ def _setting_of(r: dict) -> str:
 
 def _variant_tokens(r: dict) -> frozenset:
     return frozenset(t for t in _tokens(r) if t.startswith(_VARIANT_PREFIXES) and not t.startswith("method="))
+
+
+def _uses_unlabeled(r: dict) -> bool:
+    """Does the run train on the setting's unlabeled images? A protocol run's ``unlabeled`` (its
+    protocol.json), else its overrides (the last ``data.unlabeled=`` wins)."""
+    if isinstance(r.get("unlabeled"), bool):
+        return r["unlabeled"]
+    values = [t.split("=", 1)[1].lower() for t in _tokens(r) if t.startswith("data.unlabeled=")]
+    return bool(values) and values[-1] in ("true", "1", "yes", "on")
 
 
 def _is_fraction_metric(name: str) -> bool:
@@ -119,12 +128,13 @@ def runs_frame(results: Sequence[dict], metric: str = "test_acc") -> pd.DataFram
             "num_train": _num(r.get("num_train")), "num_val": _num(r.get("num_val")),
             "num_unlabeled": _num(r.get("num_unlabeled")),
             "params": _params_str(r.get("params")), "extra": r.get("extra") or {},
+            "unlabeled": _uses_unlabeled(r), "reference": r.get("reference") is True,
             "path": r.get("_path", ""), "dir": r.get("_dir", ""),
         })
     df = pd.DataFrame(rows, columns=["data", "model", "method", "sources", "group", "setting", "given_name",
                                      "variant", "seed", "test_metric", "test", "val", "wall_time_s",
                                      "train_images_per_s", "num_train", "num_val", "num_unlabeled", "params",
-                                     "extra", "path", "dir"])
+                                     "extra", "unlabeled", "reference", "path", "dir"])
     df["name"] = _names(df)
     if scale != 1.0 and ((df["test"] > 100).any() or (df["val"] > 100).any()):
         print(f"report: warning: '{metric}' values above 1; expected fractions in [0, 1]", file=sys.stderr)
@@ -251,6 +261,7 @@ def summarise(results: Sequence[dict], metric: str = "test_acc", baseline: str =
             "val_mean": g["val"].mean(), "val_std": g["val"].std(ddof=1),
             "num_train": g["num_train"].median(), "num_val": g["num_val"].median(),
             "num_unlabeled": g["num_unlabeled"].median(), "params": first["params"],
+            "unlabeled": bool(g["unlabeled"].any()), "reference": bool(g["reference"].any()),
             "wall_time_s_mean": g["wall_time_s"].mean(), "train_images_per_s_mean": g["train_images_per_s"].mean(),
             "test_values": tested["test"].tolist(), "by_seed": tested.set_index("seed")["test"],
             "extra": {k: _extra_stats(k, col) for k, col in extra.items() if col.notna().any()},
@@ -259,9 +270,9 @@ def summarise(results: Sequence[dict], metric: str = "test_acc", baseline: str =
     if summary.empty:
         return summary
     summary = summary.iloc[sorted(range(len(summary)), key=lambda i: (
-        summary["data"][i], summary["model"][i], summary["setting"][i], _method_rank(summary["method"][i]),
-        summary["name"][i]))].reset_index(drop=True)
-    return _add_gains(summary, baseline)
+        summary["data"][i], summary["model"][i], summary["setting"][i], bool(summary["reference"][i]),
+        _method_rank(summary["method"][i]), summary["name"][i]))].reset_index(drop=True)
+    return _add_same_unlabeled_gains(_add_gains(summary, baseline))
 
 
 def _extra_stats(key: str, col: pd.Series) -> dict:
@@ -278,7 +289,7 @@ def _add_gains(summary: pd.DataFrame, baseline: str) -> pd.DataFrame:
     for _, row in summary.iterrows():
         same = summary[(summary["data"] == row["data"]) & (summary["model"] == row["model"])
                        & (summary["setting"] == row["setting"])]
-        base = same[[_matches(baseline, b) for _, b in same.iterrows()]]
+        base = same[[_matches(baseline, b) and not b["reference"] for _, b in same.iterrows()]]   # never a reference
         gain = {"n_paired": 0, "gain_mean": math.nan, "gain_std": math.nan, "gain_ci_low": math.nan,
                 "gain_ci_high": math.nan, "wins": math.nan, "gains": [], "paired_seeds": []}
         note, name, issue = "", "", ""   # issue: why this row has no pair (no_common_seed | none | ambiguous)
@@ -298,6 +309,45 @@ def _add_gains(summary: pd.DataFrame, baseline: str) -> pd.DataFrame:
         cols["baseline_issue"].append(issue)
         for k, v in gain.items():
             cols[k].append(v)
+    for k, v in cols.items():
+        summary[k] = v
+    return summary
+
+
+SAME_UNLABELED_COLUMNS = ("same_unl_best", "same_unl_best_val", "same_unl_n_paired", "same_unl_gain_mean",
+                          "same_unl_gain_std", "same_unl_gain_ci_low", "same_unl_gain_ci_high", "same_unl_wins")
+
+
+def best_same_unlabeled(part: pd.DataFrame, exclude: Any = None) -> Any:
+    """The index of the best method that uses the setting's unlabeled images, chosen WITHOUT the test
+    split: the highest mean validation score (``val_mean``, best val over the final seeds) among the
+    groups of ``part`` that use unlabeled images and are not references, ``exclude`` (a row index)
+    left out; ties: the earlier row. None when there is no candidate with a validation score."""
+    pool = part[part["unlabeled"] & ~part["reference"] & part["val_mean"].notna()]
+    pool = pool.drop(index=exclude, errors="ignore") if exclude is not None else pool
+    if pool.empty:
+        return None
+    return pool["val_mean"].idxmax()     # the first of equal maxima
+
+
+def _add_same_unlabeled_gains(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per group, the seed-paired gain over the best OTHER method that uses the same unlabeled images
+    (:func:`best_same_unlabeled`: selected on validation, references excluded)."""
+    cols = {k: [] for k in SAME_UNLABELED_COLUMNS}
+    for i, row in summary.iterrows():
+        same = summary[(summary["data"] == row["data"]) & (summary["model"] == row["model"])
+                       & (summary["setting"] == row["setting"])]
+        best = best_same_unlabeled(same, exclude=i)
+        gain = {"n_paired": 0, "gain_mean": math.nan, "gain_std": math.nan, "gain_ci_low": math.nan,
+                "gain_ci_high": math.nan, "wins": math.nan}
+        if best is not None:
+            gain.update(paired_gain(row["by_seed"], summary.loc[best, "by_seed"]))
+            if gain["n_paired"] == 0:
+                gain["wins"] = math.nan
+        cols["same_unl_best"].append("" if best is None else summary.loc[best, "name"])
+        cols["same_unl_best_val"].append(math.nan if best is None else summary.loc[best, "val_mean"])
+        for k in ("n_paired", "gain_mean", "gain_std", "gain_ci_low", "gain_ci_high", "wins"):
+            cols[f"same_unl_{k}"].append(gain[k])
     for k, v in cols.items():
         summary[k] = v
     return summary

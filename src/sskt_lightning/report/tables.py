@@ -12,6 +12,8 @@ from sskt_lightning.report.common import DASH, DEFAULT_BASELINE
 
 
 _METRIC_LABEL = {"acc": "acc", "map": "mAP"}
+REFERENCE_MARK = "(reference)"
+SAME_UNL_HEADER = "gain over the best other method on the same unlabeled images (points)"
 
 
 def _fmt(x: Any, digits: int = 2) -> str:
@@ -46,7 +48,7 @@ def _setting_title(data: str, model: str, setting: str) -> str:
 def _table(part: pd.DataFrame, title: str) -> pd.DataFrame:
     has_gain = part["n_paired"].gt(0).any()
     table = pd.DataFrame({
-        "method": part["name"],
+        "method": [f"{n} {REFERENCE_MARK}" if ref else n for n, ref in zip(part["name"], part["reference"])],
         "sources": part["sources"].replace("", DASH),
         "n": part["n"], "seeds": part["seeds"].map(_seeds_str),
         title: [_pm(m, s) for m, s in zip(part["test_mean"], part["test_std"])],
@@ -61,6 +63,16 @@ def _table(part: pd.DataFrame, title: str) -> pd.DataFrame:
         table["95 % CI"] = [DASH if math.isnan(lo) else f"[{lo:+.2f}, {hi:+.2f}]"
                             for lo, hi in zip(part["gain_ci_low"], part["gain_ci_high"])]
         table["wins"] = [DASH if n == 0 else f"{int(w)}/{n}" for w, n in zip(part["wins"], part["n_paired"])]
+    if part["unlabeled"].any():
+        table["unlabeled images"] = ["yes" if u else "no" for u in part["unlabeled"]]
+        table[SAME_UNL_HEADER] = [
+            DASH if not best else (f"{best}: " + (DASH if math.isnan(m) else f"{m:+.2f} ± {_fmt(s)}"))
+            for best, m, s in zip(part["same_unl_best"], part["same_unl_gain_mean"], part["same_unl_gain_std"])]
+        table["95 % CI (same unlabeled)"] = [DASH if math.isnan(lo) else f"[{lo:+.2f}, {hi:+.2f}]"
+                                             for lo, hi in zip(part["same_unl_gain_ci_low"],
+                                                               part["same_unl_gain_ci_high"])]
+        table["wins (same unlabeled)"] = [DASH if n == 0 else f"{int(w)}/{n}"
+                                          for w, n in zip(part["same_unl_wins"], part["same_unl_n_paired"])]
     if part["params"].astype(bool).any():
         table["selected on validation"] = [_short_params(p) or DASH for p in part["params"]]
     table["train / val / unlabeled"] = [" / ".join(_count(x) for x in t)
@@ -111,8 +123,9 @@ def baseline_warnings(summary: pd.DataFrame, baseline: str) -> list[str]:
 
 
 def to_markdown(summary: pd.DataFrame, title: str | None = "Results", failures: Sequence[dict] = (),
-                baseline: str = DEFAULT_BASELINE) -> str:
-    """The report as markdown: the conventions, one table per setting, extras, failed jobs."""
+                baseline: str = DEFAULT_BASELINE, header: Sequence[str] = ()) -> str:
+    """The report as markdown: the conventions (plus the lines of ``header``, e.g. what every run
+    shared), one table per setting, extras, failed jobs."""
     head = _metric_title(summary)
     lines = [f"# {title}", ""] if title else []
     lines += [
@@ -129,6 +142,16 @@ def to_markdown(summary: pd.DataFrame, title: str | None = "Results", failures: 
         "- Accuracies and mAP in percent; train / val / unlabeled are the split sizes; wall time is the "
         "mean per run.",
     ]
+    if len(summary) and summary["unlabeled"].any():
+        lines.append(
+            "- gain over the best other method on the same unlabeled images: seed-paired as above, against "
+            "the method (named in the cell) with the highest mean best-val among the OTHER methods of the "
+            "setting that train on its unlabeled images, references excluded: chosen on validation, never "
+            "on test.")
+    if len(summary) and summary["reference"].any():
+        lines.append(f"- {REFERENCE_MARK}: a reference, not a comparable method (other training data or "
+                     "architecture, e.g. the source network fine-tuned); never chosen as the best method.")
+    lines += [f"- {h}" for h in header]
     for (data, model, setting), part in summary.groupby(["data", "model", "setting"], sort=False):
         lines += ["", f"## {_setting_title(data, model, setting)}", ""]
         why = _no_gains_reason(part, baseline)
@@ -153,8 +176,10 @@ def to_markdown(summary: pd.DataFrame, title: str | None = "Results", failures: 
 
 CSV_COLUMNS = ["data", "model", "setting", "name", "method", "sources", "n", "seeds", "test_metric", "metric", "unit",
                "test_mean", "test_std", "best_val_mean", "best_val_std", "baseline", "n_paired", "gain_mean",
-               "gain_std", "gain_ci_low", "gain_ci_high", "wins", "params", "num_train", "num_val", "num_unlabeled",
-               "wall_time_s_mean", "train_images_per_s_mean", "group"]
+               "gain_std", "gain_ci_low", "gain_ci_high", "wins", "unlabeled", "reference", "same_unl_best",
+               "same_unl_best_val", "same_unl_n_paired", "same_unl_gain_mean", "same_unl_gain_std",
+               "same_unl_gain_ci_low", "same_unl_gain_ci_high", "same_unl_wins", "params", "num_train", "num_val",
+               "num_unlabeled", "wall_time_s_mean", "train_images_per_s_mean", "group"]
 
 
 def to_csv(summary: pd.DataFrame) -> str:
@@ -162,7 +187,8 @@ def to_csv(summary: pd.DataFrame) -> str:
     for undefined numbers; extras add ``extra:<name>_mean`` / ``_std`` columns."""
     out = summary.rename(columns={"val_mean": "best_val_mean", "val_std": "best_val_std"}).reindex(columns=CSV_COLUMNS)
     out["seeds"] = out["seeds"].map(_seeds_str)
-    out["wins"] = pd.to_numeric(out["wins"], errors="coerce").astype("Int64")
+    for col in ("wins", "same_unl_wins"):
+        out[col] = pd.to_numeric(out[col], errors="coerce").astype("Int64")
     for k in sorted({k for e in summary.get("extra", []) for k in e}):
         for stat in ("mean", "std"):
             out[f"extra:{k}_{stat}"] = [e.get(k, {}).get(stat, math.nan) for e in summary["extra"]]
