@@ -72,7 +72,7 @@ def test_training_step_loss_matches_hand_computation():
     t = torch.tensor(TEACHER, dtype=F64, requires_grad=True)
     y = torch.tensor([0, 2])
     logged = {}
-    fake = SimpleNamespace(target=lambda x: NetOutput(z), sources=lambda x, idx, view: [t], multi_label=False,
+    fake = SimpleNamespace(target=lambda x: NetOutput(z), sources=lambda x, idx, view, stream="labeled": [t], multi_label=False,
                            task_loss=lambda logits, labels: task_loss(logits, labels),
                            log_train=lambda parts, logits, labels: logged.update(parts))
     method = KD(alpha=0.9, temperature=4.0)
