@@ -83,7 +83,7 @@ def test_training_step_loss_matches_hand_computation():
     assert logged["kd_loss"].item() == pytest.approx(16 * HAND_KL, rel=REL)
     loss.backward()
     assert z.grad is not None and t.grad is None        # teacher logits detached
-    assert method.describe() == {"alpha": 0.9, "temperature": 4.0}
+    assert method.describe() == {"alpha": 0.9, "temperature": 4.0, "loss": "kd", "unlabeled": False}
 
 
 def test_multi_label_targets_use_bce_as_the_task_term():
