@@ -177,7 +177,7 @@ def test_kd_from_a_checkpoint_of_this_project_end_to_end(tmp_path, data_dir, scr
                          f"source.checkpoint.weights={scratch_ckpt}")
     assert json.loads((out / "results.json").read_text()) == results
     assert results["method"] == "kd" and results["sources"] == ["checkpoint"]
-    assert results["method_settings"] == {"alpha": 0.9, "temperature": 4.0}
+    assert results["method_settings"] == {"alpha": 0.9, "temperature": 4.0, "loss": "kd", "unlabeled": False}
     assert 0.0 <= results["test_acc"] <= 1.0
     with open(out / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
