@@ -210,3 +210,14 @@ def test_fine_tune_run_records_the_file_and_its_hash(tmp_path, project_ckpt):
     backbone = [k for k in start if k.startswith("target.net.") and not k.startswith("target.net.fc.")]
     assert backbone and all(torch.equal(start[k], end[k]) for k in backbone)
     assert not torch.equal(start["target.net.fc.weight"], end["target.net.fc.weight"])
+
+
+def test_the_python_api_takes_weights_and_freeze(tmp_path):
+    """``TransferModule.from_options(model=ModelOptions(..., weights=, freeze=))``: the same as the CLI keys."""
+    from sskt_lightning.options import ModelOptions, ScratchOptions
+    net = random_net()
+    path = save(net, tmp_path / "w.safetensors")
+    module = TransferModule.from_options(data=CIFAR10_INFO, method=ScratchOptions(),
+                                         model=ModelOptions("resnet20", weights=str(path), freeze="backbone"))
+    assert_same(module.target.net.state_dict(), net.state_dict())
+    assert {n for n, p in module.target.net.named_parameters() if p.requires_grad} == set(CLASSIFIER)
