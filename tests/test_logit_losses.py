@@ -169,3 +169,23 @@ def test_a_top_k_cache_serves_the_softmax_losses(method):
     module, detached = _module_with_stores(Layout("topk", 100, 10))
     method._check_raw_logits(module)
     assert detached == []
+
+
+@pytest.mark.parametrize("name,by_hand", [("dist", dist_by_hand), ("lskd", lskd_by_hand)])
+def test_sskt_training_step_with_the_new_aux_losses(name, by_hand):
+    """SSKT's step with aux_loss=dist / lskd: the task term plus alpha times each source's term, by
+    hand from the linear heads' outputs (test_sskt's tiny float64 SSKT)."""
+    from test_sskt import tiny_sskt
+    alpha, T = 0.3, 2.0
+    method, module, logged, batch = tiny_sskt(name, alpha, T)
+    loss = method.training_step(module, batch)
+    with torch.no_grad():
+        out = module.target(batch[0])
+        task = torch.nn.functional.cross_entropy(out.logits, batch[1]).item()
+        terms = {}
+        for (key, t), head in zip(module.sources.sources.items(), method.heads):
+            a = out.pooled @ head.fc.weight.T + head.fc.bias
+            terms[key] = by_hand(a.tolist(), t.tolist(), T)
+    assert loss.item() == pytest.approx(task + alpha * sum(terms.values()), rel=REL)
+    for key, term in terms.items():
+        assert logged[f"aux_{key}"].item() == pytest.approx(term, rel=REL)
