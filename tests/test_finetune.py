@@ -89,6 +89,15 @@ def test_weights_from_a_checkpoint_of_this_project(tmp_path, project_ckpt):
     assert want and len(want) == len(create_network("cifar_resnet20", 10).state_dict())
     module = module_for(tmp_path, f"model.weights={ckpt}")
     assert_same(module.target.net.state_dict(), want)
+    # the same classes, named alike: no warning; other names with the same count: kept, with a warning
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        module_for(tmp_path, f"model.weights={ckpt}")
+    other = {**CIFAR10_INFO, "class_names": [f"c{i}" for i in range(10)]}
+    cfg = compose_config(["model=resnet20", "method=scratch", f"model.weights={ckpt}"], tmp_path / "cfg2")
+    with pytest.warns(UserWarning, match=r"classifier is kept .* other class names"):
+        TransferModule(OmegaConf.to_container(cfg, resolve=True), other)
     # a checkpoint says its architecture: another model.name is refused with the fix
     with pytest.raises(ConfigError, match=r"checkpoint of a cifar_resnet20 target.*builds cifar_resnet32.*"
                                           r"set model.name=cifar_resnet20"):

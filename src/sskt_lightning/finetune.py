@@ -21,6 +21,7 @@ freeze: ``model.weights`` or ``model.pretrained=true``.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -126,6 +127,11 @@ def build_target(model_name: str, model_cfg: Mapping, data_info: Mapping) -> tup
     # the file's weights replace the hub's: no download
     net = create_network(model_name, num_classes, data_info["in_chans"], pretrained=False, **kwargs)
     replaced = load_target_weights(net, sd, what, model_name)
+    names, ours = info.get("class_names"), data_info.get("class_names")
+    if not replaced and names is not None and ours is not None and list(map(str, names)) != list(map(str, ours)):
+        warnings.warn(f"{what}: its classifier is kept (same class count, {num_classes}) but was trained on other "
+                      f"class names ({list(names)[:3]}... vs the data's {list(ours)[:3]}...): its outputs start "
+                      "out mapped to the wrong classes until training re-learns them.", stacklevel=2)
     settings = {"weights": str(weights), "weights_sha256": file_sha256(Path(weights).expanduser()),
                 "classifier": "replaced" if replaced else "from the file"}
     if freeze:
