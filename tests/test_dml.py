@@ -252,3 +252,71 @@ def test_two_peer_run_end_to_end(tmp_path, cifar_dir, monkeypatch):
     for prefix in ("target.", "method.peers.0."):
         weights = [k for k in final if k.startswith(prefix) and k.endswith("weight")]
         assert weights and any(not torch.equal(initial[0][k], final[k]) for k in weights), prefix
+
+
+# ---------------------------------------------------------------------------- the unlabeled stream
+def test_dml_loss_task_term_on_the_labeled_rows_kl_on_all():
+    """2 labeled + 1 unlabeled rows, one partner, T = 2, by hand: CE over the 2 labeled rows, T^2 KL
+    averaged over all 3 rows."""
+    z = [[2.0, 0.0, -1.0], [0.0, 1.0, 0.0], [0.5, -1.0, 2.0]]
+    a = [[1.0, 0.5, 0.0], [0.0, 0.0, 3.0], [2.0, 1.0, -1.0]]
+    T = 2.0
+
+    def softmax(row, temp=1.0):
+        e = [math.exp(v / temp) for v in row]
+        return [v / sum(e) for v in e]
+    ce = (-math.log(softmax(z[0])[0]) - math.log(softmax(z[1])[2])) / 2
+    kl = sum(sum(q * (math.log(q) - math.log(p)) for p, q in zip(softmax(zr, T), softmax(ar, T)))
+             for zr, ar in zip(z, a)) / 3 * T * T
+    total, term = dml_loss(torch.tensor(z, dtype=torch.float64), [torch.tensor(a, dtype=torch.float64)],
+                           torch.tensor([0, 2]), T)
+    assert term.item() == pytest.approx(kl, rel=1e-12)
+    assert total.item() == pytest.approx(ce + kl, rel=1e-12)
+
+
+def dict_batches(n=16, bs=8, n_u=4):
+    g = torch.Generator().manual_seed(0)
+    x, xu = torch.randn(n, 3, 32, 32, generator=g), torch.randn(n, 3, 32, 32, generator=g)
+
+    class Both(torch.utils.data.Dataset):
+        def __len__(self):
+            return n // bs
+
+        def __getitem__(self, i):
+            s = slice(i * bs, (i + 1) * bs)
+            u = slice(i * n_u, (i + 1) * n_u)
+            return {"labeled": (x[s], torch.arange(bs) % 10, torch.arange(bs), torch.zeros(bs, dtype=torch.long)),
+                    "unlabeled": (xu[u], torch.arange(n_u), torch.zeros(n_u, dtype=torch.long))}
+    return DataLoader(Both(), batch_size=None)
+
+
+def test_unlabeled_stream_reaches_every_peer_and_changes_the_training(tmp_path):
+    """Every peer's forward sees the 8 labeled + 4 unlabeled images; the weights after a step differ
+    from a run that ignores the stream (the KL term on the unlabeled images has a gradient)."""
+    finals = {}
+    for unlabeled in (True, False):
+        module = dml_module(tmp_path, f"method.unlabeled={str(unlabeled).lower()}")
+        rows = {0: [], 1: []}
+        for k, net in enumerate(cohort(module)):
+            net.register_forward_pre_hook(lambda m, args, k=k: rows[k].append(args[0].shape[0]))
+        fit(module, dict_batches(n=8))
+        expected = 12 if unlabeled else 8
+        assert rows[0] and rows[1] and set(rows[0]) == set(rows[1]) == {expected}
+        finals[unlabeled] = snapshot(module.target)
+    assert any(not torch.equal(finals[True][k], finals[False][k]) for k in finals[True])
+
+
+def test_dml_unlabeled_without_the_stream_is_refused(tmp_path):
+    module = dml_module(tmp_path, "method.unlabeled=true")
+    with pytest.raises(ConfigError, match=r"method.unlabeled=true needs data.unlabeled=true"):
+        fit(module, batches())
+
+
+@pytest.mark.slow
+def test_dml_with_the_unlabeled_stream_end_to_end(tmp_path, cifar_dir):
+    cfg = compose_config(["data=cifar10", f"paths.data_dir={cifar_dir}", "model=resnet20", *SMOKE, "method=dml",
+                          "method.unlabeled=true", "data.unlabeled=true", "data.labels_per_class=4"], tmp_path)
+    results = run(cfg)
+    assert results["status"] == "ok" and results["num_unlabeled"] > 0
+    assert results["method_settings"]["unlabeled"] is True
+    assert 0.0 <= results["extra"]["test_peer1_acc"] <= 1.0

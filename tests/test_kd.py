@@ -72,7 +72,7 @@ def test_training_step_loss_matches_hand_computation():
     t = torch.tensor(TEACHER, dtype=F64, requires_grad=True)
     y = torch.tensor([0, 2])
     logged = {}
-    fake = SimpleNamespace(target=lambda x: NetOutput(z), sources=lambda x, idx, view: [t], multi_label=False,
+    fake = SimpleNamespace(target=lambda x: NetOutput(z), sources=lambda x, idx, view, stream="labeled": [t], multi_label=False,
                            task_loss=lambda logits, labels: task_loss(logits, labels),
                            log_train=lambda parts, logits, labels: logged.update(parts))
     method = KD(alpha=0.9, temperature=4.0)
@@ -83,7 +83,7 @@ def test_training_step_loss_matches_hand_computation():
     assert logged["kd_loss"].item() == pytest.approx(16 * HAND_KL, rel=REL)
     loss.backward()
     assert z.grad is not None and t.grad is None        # teacher logits detached
-    assert method.describe() == {"alpha": 0.9, "temperature": 4.0}
+    assert method.describe() == {"alpha": 0.9, "temperature": 4.0, "loss": "kd", "unlabeled": False}
 
 
 def test_multi_label_targets_use_bce_as_the_task_term():
@@ -177,7 +177,7 @@ def test_kd_from_a_checkpoint_of_this_project_end_to_end(tmp_path, data_dir, scr
                          f"source.checkpoint.weights={scratch_ckpt}")
     assert json.loads((out / "results.json").read_text()) == results
     assert results["method"] == "kd" and results["sources"] == ["checkpoint"]
-    assert results["method_settings"] == {"alpha": 0.9, "temperature": 4.0}
+    assert results["method_settings"] == {"alpha": 0.9, "temperature": 4.0, "loss": "kd", "unlabeled": False}
     assert 0.0 <= results["test_acc"] <= 1.0
     with open(out / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -186,3 +186,80 @@ def test_kd_from_a_checkpoint_of_this_project_end_to_end(tmp_path, data_dir, scr
         assert values and all(v >= 0 for v in values), key
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert not any(k.startswith("sources.") for k in ckpt)   # the teacher is not saved
+
+
+# ---------------------------------------------------------------------------- the unlabeled stream
+ZU, TU = [[0.5, -1.0, 2.0]], [[2.0, 1.0, -1.0]]   # one unlabeled image: student and teacher logits
+
+
+def _kl_row(z, t, T):
+    p = [math.exp(v / T) / sum(math.exp(u / T) for u in z) for v in z]
+    q = [math.exp(v / T) / sum(math.exp(u / T) for u in t) for v in t]
+    return sum(q[k] * (math.log(q[k]) - math.log(p[k])) for k in range(len(q)))
+
+
+def _fake_module(z, t, seen, logged):
+    def target(x):
+        seen["x"] = x
+        return NetOutput(z[:len(x)])
+
+    def sources(x, idx, view, stream="labeled"):
+        seen.update(stream=stream, idx=idx.tolist(), view=view.tolist())
+        return [t[:len(x)]]
+    return SimpleNamespace(target=target, sources=sources, multi_label=False,
+                           task_loss=lambda logits, labels: task_loss(logits, labels),
+                           log_train=lambda parts, logits, labels: logged.update(parts, logits=logits))
+
+
+def test_unlabeled_kd_term_on_both_streams_task_term_on_the_labeled():
+    """L = (1 - alpha) CE(labeled) + alpha T^2 KL averaged over the 2 labeled + 1 unlabeled images
+    (each image weighted alike); the teacher labels the concatenated batch with its stream segments."""
+    z = torch.tensor(Z + ZU, dtype=F64, requires_grad=True)
+    t = torch.tensor(TEACHER + TU, dtype=F64)
+    seen, logged = {}, {}
+    batch = {"labeled": (torch.zeros(2, 3, 4, 4), torch.tensor([0, 2]), torch.tensor([5, 6]), torch.tensor([0, 1])),
+             "unlabeled": (torch.ones(1, 3, 4, 4), torch.tensor([9]), torch.tensor([3]))}
+    loss = KD(alpha=0.9, temperature=4.0, unlabeled=True).training_step(_fake_module(z, t, seen, logged), batch)
+    kl = (2 * HAND_KL + _kl_row(ZU[0], TU[0], 4.0)) / 3      # HAND_KL: the mean of the 2 labeled rows
+    assert loss.item() == pytest.approx(0.1 * HAND_CE + 0.9 * 16 * kl, rel=REL)
+    assert logged["task_loss"].item() == pytest.approx(HAND_CE, rel=REL)
+    assert logged["kd_loss"].item() == pytest.approx(16 * kl, rel=REL)
+    assert logged["logits"].shape[0] == 2                     # accuracy on the labeled images only
+    assert seen["stream"] == [("labeled", 2), ("unlabeled", 1)]
+    assert seen["idx"] == [5, 6, 9] and seen["view"] == [0, 1, 3] and seen["x"].shape[0] == 3
+    assert torch.equal(seen["x"][2], torch.ones(3, 4, 4))
+    # without method.unlabeled the stream is not used: the labeled images only
+    seen.clear()
+    KD(alpha=0.9, temperature=4.0).training_step(_fake_module(z, t, seen, logged), batch)
+    assert seen["stream"] == "labeled" and seen["x"].shape[0] == 2
+    assert logged["loss"].item() == pytest.approx(HAND_LOSS, rel=REL)
+
+
+def test_unlabeled_without_the_stream_is_refused():
+    z, t = torch.tensor(Z, dtype=F64), torch.tensor(TEACHER, dtype=F64)
+    batch = (torch.zeros(2, 3, 4, 4), torch.tensor([0, 2]), torch.arange(2), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ConfigError, match=r"method.unlabeled=true needs data.unlabeled=true"):
+        KD(unlabeled=True).training_step(_fake_module(z, t, {}, {}), batch)
+
+
+@pytest.mark.slow
+def test_kd_with_the_unlabeled_stream_and_lskd_through_the_cache_end_to_end(tmp_path, data_dir):
+    """A tiny CLI run: KD with LS-KD on both streams, the teacher's logits from the soft-label cache
+    (fp16: every logit, which LS-KD needs); a second run reads them all back."""
+    args = ["method=kd", *TIMM_TEACHER, "method.unlabeled=true", "data.unlabeled=true", "data.labels_per_class=4",
+            "method.loss=lskd", "method.cache=read_write", f"paths.cache_dir={tmp_path / 'cache'}"]
+    results, out = train(tmp_path / "a", data_dir, *args)
+    settings = results["method_settings"]
+    assert results["status"] == "ok" and results["num_unlabeled"] > 0
+    assert settings["unlabeled"] is True and settings["loss"] == "lskd"
+    # the pool's streams share one image array, so one store: 8 labeled + 8 unlabeled lookups per step
+    (store,) = settings["cache_stats"]["timm"]
+    assert store["written"] == store["misses"] > 0 and store["misses"] % 16 == 0
+    again, _ = train(tmp_path / "b", data_dir, *args)
+    assert all(s["hit_rate"] == 1.0 for s in again["method_settings"]["cache_stats"]["timm"])
+    with open(out / "csv" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert any(r.get("train/kd_loss_epoch") for r in rows)
+    # a top-k store cannot serve LS-KD: refused before the first step
+    with pytest.raises(ConfigError, match="z-scores the sources' raw logits"):
+        train(tmp_path / "c", data_dir, *args, "method.cache_topk=3", f"paths.cache_dir={tmp_path / 'cache3'}")

@@ -40,12 +40,55 @@ def focal(a: torch.Tensor, t: torch.Tensor, T: float = 1.0, gamma: float = 2.0) 
     return focal_from_probs(log_p.exp(), F.softmax(t, dim=1), gamma, log_p=log_p)
 
 
+def _pearson(a: torch.Tensor, b: torch.Tensor, dim: int, eps: float = 1e-8) -> torch.Tensor:
+    """Pearson correlation along ``dim``: the cosine similarity of the mean-centred vectors (as
+    hunto/DIST_KD's ``pearson_correlation``, eps 1e-8 added to the norms' product)."""
+    a = a - a.mean(dim, keepdim=True)
+    b = b - b.mean(dim, keepdim=True)
+    return (a * b).sum(dim) / (a.norm(dim=dim) * b.norm(dim=dim) + eps)
+
+
+def dist_loss(a: torch.Tensor, t: torch.Tensor, T: float = 1.0, beta: float = 1.0,
+              gamma: float = 1.0) -> torch.Tensor:
+    """DIST (Huang et al., NeurIPS 2022; hunto/DIST_KD): with ``p_s = softmax(a/T)``, ``p_t = softmax(t/T)``,
+    ``beta * T^2 * (1 - mean_b rho(p_s[b, :], p_t[b, :])) + gamma * T^2 * (1 - mean_k rho(p_s[:, k], p_t[:, k]))``
+    with ``rho`` the Pearson correlation. The first (inter-class) term matches each sample's
+    ranking over the classes, the second (intra-class) each class's ranking over the batch: the
+    loss depends on which samples share the batch. beta = gamma = 1 (the paper's defaults)."""
+    p_s, p_t = F.softmax(a / T, dim=1), F.softmax(t / T, dim=1)
+    inter = 1 - _pearson(p_s, p_t, dim=1).mean()
+    intra = 1 - _pearson(p_s, p_t, dim=0).mean()
+    return (T * T) * (beta * inter + gamma * intra)
+
+
+def standardize_logits(z: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Each row z-scored: ``(z - mean_k z) / (eps + std_k z)``, std with Bessel's correction
+    (``torch.std``), as sunshangquan/logit-standardization-KD's ``normalize``."""
+    return (z - z.mean(dim=1, keepdim=True)) / (eps + z.std(dim=1, keepdim=True))
+
+
+def lskd_loss(a: torch.Tensor, t: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """Logit-standardised KD (Sun et al., CVPR 2024): :func:`kl_divergence` of the z-scored logits,
+    ``T^2 * KL(softmax(n(t)/T) || softmax(n(a)/T))`` with ``n`` = :func:`standardize_logits`; invariant
+    to a per-sample shift and (positive) scale of either side's logits. Needs the raw logits of the
+    teacher: a top-k soft-label cache store (which rebuilds a tail for one temperature) cannot
+    serve it (:data:`NEEDS_RAW_LOGITS`)."""
+    return kl_divergence(standardize_logits(a), standardize_logits(t), T)
+
+
 AUX_LOSSES = {
     "ce": soft_cross_entropy,
     "kd": kl_divergence,
     "kd_reference": kl_divergence_reference,
     "focal": focal,
+    "dist": dist_loss,
+    "lskd": lskd_loss,
 }
+# The losses that read the teacher's logits themselves rather than its softmax at the method's
+# temperature: a soft-label cache must hold every logit (fp16 layout), not a top-k rebuild.
+NEEDS_RAW_LOGITS = frozenset({"lskd"})
+# method=kd's method.loss choices: the distillation term D(student, teacher, T)
+KD_LOSSES = {"kd": kl_divergence, "dist": dist_loss, "lskd": lskd_loss}
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, multi_label: bool = False) -> torch.Tensor:
@@ -67,20 +110,28 @@ def sskt_loss(task: torch.Tensor, aux_logits: list[torch.Tensor], source_logits:
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, alpha: float,
-            T: float, multi_label: bool = False) -> torch.Tensor:
+            T: float, multi_label: bool = False, loss: str = "kd") -> torch.Tensor:
     """Hinton KD: ``(1 - alpha) * CE(z, y) + alpha * T^2 * KL(softmax_T(z_t) || softmax_T(z))``
-    (BCE as the task term for multi-label data; the distillation term is the same)."""
-    return ((1 - alpha) * task_loss(student, labels, multi_label)
-            + alpha * kl_divergence(student, teacher.detach(), T))
+    (BCE as the task term for multi-label data; the distillation term is the same).
+
+    ``loss`` picks the distillation term from :data:`KD_LOSSES` (``kd``: the KL above; ``dist``,
+    ``lskd``). ``student``/``teacher`` may hold more rows than ``labels``: the first
+    ``len(labels)`` are the labeled images (task term), the distillation term averages over all
+    rows (labeled and unlabeled images alike)."""
+    n = labels.shape[0]
+    return ((1 - alpha) * task_loss(student[:n], labels, multi_label)
+            + alpha * KD_LOSSES[loss](student, teacher.detach(), T))
 
 
 def dml_loss(logits: torch.Tensor, others: list[torch.Tensor], labels: torch.Tensor,
              T: float = 1.0, multi_label: bool = False, kl_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """DML, peer k: ``L_task(z_k, y) + w * mean_{l != k} T^2 KL(softmax_T(z_l) || softmax_T(z_k))``,
     the partners' logits ``others`` detached, ``w = kl_weight`` (1 in the paper; DML's ``kl_warmup``
-    ramps it from 0); returns the total and the (unweighted) mimicry (KL) term."""
+    ramps it from 0); returns the total and the (unweighted) mimicry (KL) term. ``logits`` (and each
+    of ``others``) may hold more rows than ``labels``: the first ``len(labels)`` are the labeled
+    images (task term), the KL term averages over all rows (labeled and unlabeled images alike)."""
     kl = torch.stack([kl_divergence(logits, z.detach(), T) for z in others]).mean()
-    return task_loss(logits, labels, multi_label) + kl_weight * kl, kl
+    return task_loss(logits[:labels.shape[0]], labels, multi_label) + kl_weight * kl, kl
 
 
 def aux_kl(aux_logits: torch.Tensor, source_logits: torch.Tensor, T: float = 1.0) -> torch.Tensor:

@@ -12,11 +12,12 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from sskt_lightning.errors import SSKTError
+from sskt_lightning.finetune import build_target
 from sskt_lightning.guard import NonFiniteGuard, check_weights_finite
 from sskt_lightning.losses import task_loss
 from sskt_lightning.methods.base import Method, enable_strong_views
 from sskt_lightning.metrics import primary_metric
-from sskt_lightning.nets.factory import TappedNet, create_network, resolve_model_name
+from sskt_lightning.nets.factory import TappedNet, resolve_model_name
 from sskt_lightning.optim import build_optimizer
 from sskt_lightning.sources import SourceBank, build_sources
 
@@ -81,10 +82,11 @@ class TransferModule(L.LightningModule):
             raise
 
         self.automatic_optimization = self.method.automatic_optimization
-        net = create_network(self.model_name, data_info["num_classes"], data_info["in_chans"],
-                             pretrained=bool(cfg.model.get("pretrained", False)),
-                             **(cfg.model.get("kwargs") or {}))
+        # model.weights / model.freeze (sskt_lightning.finetune): what results.json records of them
+        net, self.model_settings = build_target(self.model_name, OmegaConf.to_container(cfg.model), data_info)
         self.target = TappedNet(net, self.method.tap_pooled, self.method.tap_stages)
+        if cfg.model.get("freeze"):
+            self.target.freeze_backbone()
         source_cfg = cfg.get("source")
         source_cfg = OmegaConf.to_container(source_cfg) if source_cfg else {}
         self.sources = (build_sources(source_cfg, data_info,

@@ -349,6 +349,7 @@ def build_results(cfg: DictConfig, module, dm, data_info: dict, trainer, outcome
         "resumed_from": str(cfg.resume) if cfg.get("resume") else None,
         "method_settings": module.method.describe(),
         "compiled": module.compiled,   # networks run through torch.compile (compile.*)
+        "model_settings": module.model_settings,   # model.weights (+ sha256) / model.freeze; {} when unset
         "overrides": _task_overrides(),
         "extra": {k.replace("/", "_"): float(v) for k, v in tested.items() if k != "test/acc"},
     }

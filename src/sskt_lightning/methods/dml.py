@@ -12,6 +12,14 @@ module is). They are evaluated beside the target (``val/peer1_acc``, ``test/peer
 from 0 at the first step to 1, step by step: the common fix for peers that drag each other down
 while both are still guessing.
 
+With ``unlabeled=True`` (needs ``data.unlabeled=true``) every peer predicts the labeled and the
+unlabeled images (one forward of the concatenated batch, so BatchNorm sees both streams) and
+
+    L_k = CE(z_k[:B_l], y) + 1/(K-1) * sum_{l != k} T^2 * KL(softmax_T(z_l) || softmax_T(z_k))
+
+with the KL term the mean over all B_l + B_u images (each image weighted alike) and the task term
+on the B_l labeled ones.
+
 Each peer has its own optimizer and scheduler, built from the same ``cfg.optim``; the method uses
 manual optimization (``automatic_optimization = False``, steps through ``module.manual_backward``
 and ``module.optimizers()``, schedulers stepped by :class:`Method` per epoch or, with
@@ -84,11 +92,14 @@ def _buffers_kept(net: nn.Module):
 class DML(Method):
     name = "dml"
     automatic_optimization = False
+    accepts_unlabeled = True
 
     def __init__(self, peers: Sequence | Mapping | str = (MappingProxyType(
                      {"name": "resnet20", "pretrained": False, "kwargs": MappingProxyType({}), "weights": None}),),
-                 update: str = "sequential", temperature: float = 1.0, kl_warmup: float = 0.0):
+                 update: str = "sequential", temperature: float = 1.0, kl_warmup: float = 0.0,
+                 unlabeled: bool = False):
         super().__init__()
+        self.unlabeled = bool(unlabeled)
         if isinstance(kl_warmup, bool) or not isinstance(kl_warmup, (int, float)) or kl_warmup < 0:
             raise ConfigError(f"method.kl_warmup={kl_warmup!r} must be a number of epochs >= 0 (0: the KL "
                               f"term at full weight from the first step).")
@@ -183,6 +194,11 @@ class DML(Method):
 
     def training_step(self, module, batch):
         x, y, *_ = split_batch(batch)
+        if self.unlabeled:
+            if not (isinstance(batch, dict) and "unlabeled" in batch):
+                raise ConfigError("method.unlabeled=true needs data.unlabeled=true (a second, unlabeled stream).")
+            x = torch.cat([x, batch["unlabeled"][0]])   # labeled first: the task term reads the first len(y)
+        n = y.shape[0]
         optimizers = module.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
         nets, modules = self.networks(module), self.cohort(module)
@@ -203,7 +219,7 @@ class DML(Method):
         parts = {"loss": losses[0], **{f"peer{k}_loss": losses[k] for k in range(1, K)}}
         if self.kl_warmup > 0:
             parts["kl_weight"] = torch.tensor(weight, device=losses[0].device)
-        module.log_train(parts, logits[0].detach(), y)
+        module.log_train(parts, logits[0][:n].detach(), y)
         return losses[0]
 
     # ------------------------------------------------------------------ evaluation
@@ -215,6 +231,7 @@ class DML(Method):
 
     def describe(self):
         return {"update": self.update, "temperature": self.temperature, "kl_warmup": self.kl_warmup,
+                "unlabeled": self.unlabeled,
                 "peers": [{"model": n, "pretrained": s["pretrained"], "weights": s["weights"]}
                           for n, s in zip(self.peer_names, self.peer_specs)]}
 

@@ -2,7 +2,23 @@
 
     L = (1 - alpha) * CE(z, y) + alpha * T^2 * KL(softmax_T(z_teacher) || softmax_T(z))
 
-(formula: ``losses.kd_loss``; KL summed over classes, averaged over the batch). The teacher is the
+(formula: ``losses.kd_loss``; KL summed over classes, averaged over the batch).
+
+``loss`` picks the distillation term D (``losses.KD_LOSSES``): ``kd`` the KL above (default),
+``dist`` DIST (Huang et al. 2022, beta = gamma = 1), ``lskd`` logit-standardised KD (Sun et al. 2024):
+``L = (1 - alpha) * CE(z, y) + alpha * D(z, z_teacher, T)``.
+
+With ``unlabeled=True`` (needs ``data.unlabeled=true``) the batch is ``{"labeled": (x, y, idx, view),
+"unlabeled": (x_u, idx_u, view_u)}`` and the distillation term runs on both streams, the task term
+on the labeled images only:
+
+    L = (1 - alpha) * CE(z[:B_l], y) + alpha * D(z, z_teacher, T)     over all B_l + B_u images,
+
+i.e. the KD term is the mean over the B_l + B_u images of the concatenated batch, each image
+weighted alike (for ``dist``, the batch term ranks over all of them). The teacher labels both
+streams through ``module.sources(x, idx, view, stream)``, so the soft-label cache serves both.
+The target's forward runs once on the concatenated batch (its BatchNorm statistics see both
+streams, as SSKT's). The teacher is the
 single entry of ``cfg.source``: hub weights, a local file, or a checkpoint of this project
 (``source=[checkpoint] source.checkpoint.weights=<.ckpt>``). It is a :class:`FrozenSource`: no
 gradients, eval mode, never in the optimizer, never checkpointed; its input is adapted to its own
@@ -18,7 +34,7 @@ from __future__ import annotations
 import torch
 
 from sskt_lightning.errors import ConfigError
-from sskt_lightning.losses import kd_loss, kl_divergence
+from sskt_lightning.losses import KD_LOSSES, kd_loss
 from sskt_lightning.methods.base import TEMPERATURE_HINT, Method, check_positive, check_range, split_batch
 from sskt_lightning.methods.source_cache import SourceCacheOptions
 
@@ -36,14 +52,20 @@ def _names_preview(names, limit: int = 6) -> str:
 class KD(SourceCacheOptions, Method):
     name = "kd"
     needs_sources = True
+    accepts_unlabeled = True
     loss_terms = {"kd_loss": "the KD term"}
 
-    def __init__(self, alpha: float = 0.9, temperature: float = 4.0, cache: str = "off",
-                 cache_budget_gb: float = 16.0, cache_topk: int | None = None):
+    def __init__(self, alpha: float = 0.9, temperature: float = 4.0, loss: str = "kd", unlabeled: bool = False,
+                 cache: str = "off", cache_budget_gb: float = 16.0, cache_topk: int | None = None):
         super().__init__()
         self.alpha = check_range("alpha", alpha, 0.0, 1.0, "[0, 1] (KD mixes (1 - alpha) * CE + alpha * KD: "
                                  "L = (1 - alpha) * CE + alpha * T^2 * KL)")
         self.temperature = check_positive("temperature", temperature, TEMPERATURE_HINT)
+        if loss not in KD_LOSSES:
+            raise ConfigError(f"method.loss={loss!r}; choose one of {list(KD_LOSSES)} (kd: Hinton's KL, "
+                              "dist: DIST, lskd: logit-standardised KD).")
+        self.distill_loss = loss          # not ``self.loss``: that is the method computing the loss
+        self.unlabeled = bool(unlabeled)
         self.init_cache(cache, cache_budget_gb, cache_topk)
 
     # ------------------------------------------------------------------ set-up
@@ -78,21 +100,31 @@ class KD(SourceCacheOptions, Method):
 
     # ------------------------------------------------------------------ training
     def loss(self, module, logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor):
-        """The total loss and its two (unweighted) terms for logging."""
+        """The total loss and its two (unweighted) terms for logging. ``logits``/``teacher`` may hold
+        more rows than ``labels`` (the unlabeled stream after the labeled images)."""
         teacher = teacher.detach()
-        loss = kd_loss(logits, teacher, labels, self.alpha, self.temperature, module.multi_label)
+        loss = kd_loss(logits, teacher, labels, self.alpha, self.temperature, module.multi_label,
+                       self.distill_loss)
         with torch.no_grad():   # the terms of kd_loss, for the log only
-            task = module.task_loss(logits, labels)
-            kd = kl_divergence(logits, teacher, self.temperature)
+            task = module.task_loss(logits[:labels.shape[0]], labels)
+            kd = KD_LOSSES[self.distill_loss](logits, teacher, self.temperature)
         return loss, {"loss": loss, "task_loss": task, "kd_loss": kd}
 
     def training_step(self, module, batch):
         x, y, idx, view = split_batch(batch)
+        stream = "labeled"
+        if self.unlabeled:
+            if not (isinstance(batch, dict) and "unlabeled" in batch):
+                raise ConfigError("method.unlabeled=true needs data.unlabeled=true (a second, unlabeled stream).")
+            xu, idxu, viewu = batch["unlabeled"]
+            stream = [("labeled", len(x)), ("unlabeled", len(xu))]
+            x, idx, view = torch.cat([x, xu]), torch.cat([idx, idxu]), torch.cat([view, viewu])
         logits = module.target(x).logits
-        teacher = module.sources(x, idx, view)[0]   # FrozenSource (no_grad, eval), or its cache
+        teacher = module.sources(x, idx, view, stream)[0]   # FrozenSource (no_grad, eval), or its cache
         loss, parts = self.loss(module, logits, teacher, y)
-        module.log_train(parts, logits, y)
+        module.log_train(parts, logits[:y.shape[0]], y)
         return loss
 
     def describe(self):
-        return {"alpha": self.alpha, "temperature": self.temperature, **self.describe_cache()}
+        return {"alpha": self.alpha, "temperature": self.temperature, "loss": self.distill_loss,
+                "unlabeled": self.unlabeled, **self.describe_cache()}

@@ -47,6 +47,33 @@ class SourceCacheOptions:
                cache_dir=(module.cfg.get("paths") or {}).get("cache_dir"), device=module.device,
                budget_gb=self.cache_budget_gb, topk=self.cache_topk, temperature=self.cache_temperature,
                source_bn=getattr(self, "source_bn", "eval"))
+        self._check_raw_logits(module)
+
+    @property
+    def raw_logits_loss(self) -> str | None:
+        """The method's distillation loss when it reads the sources' raw logits (``losses.NEEDS_RAW_LOGITS``:
+        ``lskd`` z-scores them), else None; read from ``aux_loss`` (SSKT) or ``distill_loss`` (KD)."""
+        from sskt_lightning.losses import NEEDS_RAW_LOGITS
+        for name in (getattr(self, "aux_loss", None), getattr(self, "distill_loss", None)):
+            if name in NEEDS_RAW_LOGITS:
+                return name
+        return None
+
+    def _check_raw_logits(self, module) -> None:
+        """A top-k store gives back the k largest logits and a tail rebuilt for one temperature: right
+        for every loss of a softmax at that T, wrong for one that standardises the logits first."""
+        loss = self.raw_logits_loss
+        stores = [s for per in getattr(module.sources, "_stores", {}).values() for s in per]
+        topk = sorted({s.layout.k for s in stores if s.layout.kind == "topk"})
+        if loss is None or not topk:
+            return
+        module.sources.detach_cache()
+        option = "aux_loss" if getattr(self, "aux_loss", None) == loss else "loss"
+        raise ConfigError(
+            f"method.{option}={loss} z-scores the sources' raw logits, but the soft-label cache keeps only the "
+            f"top {topk[0]} logits per image (method.cache_topk, or a cache_budget_gb too small for all of "
+            "them) and rebuilds the rest for one temperature. Use method.cache=off, or a cache that holds "
+            "every logit: method.cache_topk=null with a larger method.cache_budget_gb.")
 
     def on_fit_end(self, module) -> None:
         if module.sources.cached:

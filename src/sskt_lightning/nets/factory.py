@@ -89,6 +89,12 @@ def _classifier(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
+def classifier_name(model: nn.Module) -> str:
+    """The module name of the final linear layer (:func:`_classifier`) inside ``model``."""
+    clf = _classifier(model)
+    return next(name for name, m in model.named_modules() if m is clf)
+
+
 def _replace_classifier(model: nn.Module, num_classes: int) -> None:
     old = _classifier(model)
     for name, module in model.named_modules():
@@ -166,3 +172,25 @@ class TappedNet(nn.Module):
                         self._stages if self.tap_stages else None)
         self._pooled, self._stages = None, []
         return out
+
+    # ------------------------------------------------------------------ model.freeze=backbone
+    frozen_backbone = False
+
+    def freeze_backbone(self) -> list[str]:
+        """A linear probe: every parameter but the classifier's stops requiring gradients, and the
+        backbone stays in eval mode whenever the module trains (BatchNorm keeps its running
+        statistics and normalises with them, dropout is off); returns the trainable parameters' names."""
+        self._classifier_name = classifier_name(self.net)
+        prefix = self._classifier_name + "."
+        for name, param in self.net.named_parameters():
+            param.requires_grad_(name.startswith(prefix))
+        self.frozen_backbone = True
+        self.train(self.training)
+        return [n for n, p in self.net.named_parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen_backbone and mode:
+            self.net.train(False)
+            self.net.get_submodule(self._classifier_name).train(True)
+        return self
