@@ -287,7 +287,6 @@ def _nan_like(t):
 ])
 def test_a_non_finite_term_is_named_with_its_step(tmp_path, cifar_dir, monkeypatch, method, patch, term):
     import sskt_lightning.methods.dml as dml_mod
-    import sskt_lightning.methods.kd as kd_mod
     import sskt_lightning.methods.maxl as maxl_mod
     import sskt_lightning.methods.sskt as sskt_mod
     if patch == "sskt":          # the auxiliary term of the one source goes NaN from the first step
@@ -308,9 +307,10 @@ def test_a_non_finite_term_is_named_with_its_step(tmp_path, cifar_dir, monkeypat
     elif patch == "maxl":        # the generator's entropy term
         real = maxl_mod.neg_entropy_of_mean
         monkeypatch.setattr(maxl_mod, "neg_entropy_of_mean", lambda g: _nan_like(real(g)))
-    else:                        # KD's distillation term
-        real = kd_mod.kl_divergence
-        monkeypatch.setattr(kd_mod, "kl_divergence", lambda *a: _nan_like(real(*a)))
+    else:                        # KD's distillation term (method.loss=kd: the KL of losses.KD_LOSSES)
+        import sskt_lightning.losses as losses_mod
+        real = losses_mod.KD_LOSSES["kd"]
+        monkeypatch.setitem(losses_mod.KD_LOSSES, "kd", lambda *a: _nan_like(real(*a)))
     extra = TIMM_SOURCE if method in ("sskt", "kd") else []
     with pytest.raises(NonFiniteError) as info:
         train(tmp_path, cifar_dir, f"method={method}", *extra)
