@@ -262,3 +262,44 @@ def test_resumed_run_logs_into_the_same_wandb_run(tmp_path, cifar_dir, monkeypat
     assert final["wandb_run_id"] == ids.pop()
     import wandb
     assert wandb.run is None
+
+
+# ------------------------------------------------------------------ checkpoints older than an option
+ADDED_SINCE = {"model": ["weights", "freeze", "ema", "ema_warmup"],
+               "method": ["consistency", "threshold", "tau", "lambda_u", "threshold_ema", "fairness_weight",
+                          "flex_warmup", "loss", "unlabeled"]}
+
+
+def _config(*overrides) -> dict:
+    from omegaconf import OmegaConf
+    cfg = compose_config(["data=cifar10", *overrides], output_dir=".")
+    return OmegaConf.to_container(cfg, resolve=False)
+
+
+def _as_written_before_the_options_existed(cfg: dict) -> dict:
+    import copy
+    old = copy.deepcopy(cfg)
+    for group, keys in ADDED_SINCE.items():
+        for key in keys:
+            old[group].pop(key, None)
+    return old
+
+
+@pytest.mark.parametrize("method", ["sskt", "kd", "dml", "scratch"])
+def test_a_checkpoint_written_before_an_option_existed_resumes_with_its_default(method):
+    """model.weights/freeze/ema/ema_warmup, SSKT's consistency options, KD's loss and KD/DML's
+    unlabeled came after checkpoints were written: a checkpoint without them ran as their defaults
+    say, so resuming it with the defaults is no difference; setting one is, and is named."""
+    from sskt_lightning.checkpoints import config_differences
+    ours = _config(f"method={method}")
+    theirs = _as_written_before_the_options_existed(ours)
+    assert any(k not in theirs["method"] for k in ADDED_SINCE["method"] if k in ours["method"]) or method == "scratch"
+    assert config_differences(theirs, ours) == []
+    changed = config_differences(theirs, _config(f"method={method}", "model.ema=0.99"))
+    assert [(k, a, b) for k, a, b in changed] == [("model.ema", None, 0.99)]
+    if method == "sskt":
+        changed = config_differences(theirs, _config("method=sskt", "method.consistency=fixmatch"))
+        assert [(k, a, b) for k, a, b in changed] == [("method.consistency", "none", "fixmatch")]
+    if method == "kd":
+        changed = config_differences(theirs, _config("method=kd", "method.loss=dist"))
+        assert [(k, a, b) for k, a, b in changed] == [("method.loss", "kd", "dist")]

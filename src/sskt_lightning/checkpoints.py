@@ -133,6 +133,35 @@ RESUME_MAY_DIFFER = ("data.data_dir", "data.download", "data.eval_batch_size", "
 # the whole run: there a longer run is another schedule, i.e. another run.
 LENGTH_FREE_SCHEDULES = ("sskt_lightning.optim.step_decay",)
 ABSENT = object()
+# model keys added after checkpoints were first written, with the value every older run had (a
+# checkpoint without them ran that way): the fine-tuning file, the frozen backbone, weight averaging
+MODEL_KEYS_ADDED = {"weights": None, "freeze": None, "ema": None, "ema_warmup": True}
+
+
+def _as_older_runs_had(theirs: Mapping) -> Mapping:
+    """The checkpoint's config with the keys added since it was written filled in as its run had
+    them: the model keys of :data:`MODEL_KEYS_ADDED`, and each method option the checkpoint lacks
+    with its constructor's default (the house rule: a new option's default keeps the old behaviour,
+    e.g. SSKT's ``consistency=none``, KD's ``loss=kd``, ``unlabeled=false``). So resuming a run
+    written before an option existed is no config difference, unless this run sets the option."""
+    import copy
+    import inspect
+    theirs = copy.deepcopy(dict(theirs))
+    model = theirs.get("model")
+    if isinstance(model, Mapping):
+        theirs["model"] = {**model, **{k: v for k, v in MODEL_KEYS_ADDED.items() if k not in model}}
+    method = theirs.get("method")
+    target = method.get("_target_") if isinstance(method, Mapping) else None
+    if target:
+        from hydra.utils import get_class
+        try:
+            params = inspect.signature(get_class(str(target)).__init__).parameters.values()
+        except Exception:     # not importable here: nothing to fill in, every difference counts
+            return theirs
+        defaults = {p.name: p.default for p in params
+                    if p.name != "self" and p.default is not inspect.Parameter.empty}
+        theirs["method"] = {**method, **{k: v for k, v in defaults.items() if k not in method}}
+    return theirs
 
 
 def keys_that_may_differ() -> tuple[str, ...]:
@@ -195,7 +224,9 @@ def _may_extend(theirs: Mapping, ours: Mapping) -> bool:
 
 def config_differences(theirs: Mapping, ours: Mapping, uses_sources: bool = True) -> list[tuple[str, object, object]]:
     """Where this run's resolved config differs from the checkpoint's in what defines the
-    experiment: ``[(dotted key, checkpoint value, this run's value)]``, in config order."""
+    experiment: ``[(dotted key, checkpoint value, this run's value)]``, in config order. Keys added
+    since the checkpoint was written count as the values its run had (:func:`_as_older_runs_had`)."""
+    theirs = _as_older_runs_had(theirs)
     allowed = keys_that_may_differ() + (() if uses_sources else ("source",))
     theirs_cb, ours_cb = theirs.get("callbacks") or {}, ours.get("callbacks") or {}
     for name in {*theirs_cb, *ours_cb}:
