@@ -29,7 +29,7 @@ from method_contract import (
     requires_unlabeled,
     variants,
 )
-from test_resume import COMMON, COMPARED, _csv_rows, _killed_run, _restore_deterministic_flag, _run, _weights  # noqa: F401
+from test_resume import _restore_deterministic_flag, assert_resume_equals_uninterrupted  # noqa: F401
 
 METHODS = packaged_methods()
 VARIANTS = {k: v for name in METHODS for k, v in variants(name).items()}
@@ -66,22 +66,7 @@ def test_trains_a_few_steps_and_checkpoints(name, cifar_dir, tmp_path):
 @pytest.mark.filterwarnings("ignore:.*RANDOM weights")
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path, cifar_dir, variant):
-    overrides = VARIANTS[variant]
-    ref = _run(tmp_path / "ref", cifar_dir, *overrides)
-    assert ref["epochs"] == 3 and ref["status"] == "ok"
-
-    out = tmp_path / "killed"
-    _killed_run(out, cifar_dir, overrides)
-    resumed = _run(out, cifar_dir, *overrides, f"resume={out / 'checkpoints' / 'last.ckpt'}")
-
-    assert {k: resumed[k] for k in COMPARED} == {k: ref[k] for k in COMPARED}
-    a, b = _weights(tmp_path / "ref" / "checkpoints" / "last.ckpt"), _weights(out / "checkpoints" / "last.ckpt")
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
-    # the log continues: the rows of epoch 0 written before the kill, then epochs 1-2, as uninterrupted
-    assert _csv_rows(out / "csv" / "metrics.csv") == _csv_rows(tmp_path / "ref" / "csv" / "metrics.csv")
-
+    assert_resume_equals_uninterrupted(tmp_path, cifar_dir, VARIANTS[variant])
 
 # ----------------------------------------------------------------------------- schedules
 

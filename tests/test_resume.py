@@ -303,3 +303,22 @@ def test_a_checkpoint_written_before_an_option_existed_resumes_with_its_default(
     if method == "kd":
         changed = config_differences(theirs, _config("method=kd", "method.loss=dist"))
         assert [(k, a, b) for k, a, b in changed] == [("method.loss", "kd", "dist")]
+
+
+def assert_resume_equals_uninterrupted(tmp_path, data_dir, overrides) -> dict:
+    """Train ``overrides`` for 3 epochs uninterrupted, and again SIGKILLed mid-epoch 1 then resumed:
+    the results, every checkpointed tensor and the metrics log must be identical. Returns the
+    uninterrupted run's checkpoint tensors (the method contract and the FixMatch tests use it)."""
+    ref = _run(tmp_path / "ref", data_dir, *overrides)
+    assert ref["epochs"] == 3 and ref["status"] == "ok"
+    out = tmp_path / "killed"
+    _killed_run(out, data_dir, overrides)
+    resumed = _run(out, data_dir, *overrides, f"resume={out / 'checkpoints' / 'last.ckpt'}")
+    assert {k: resumed[k] for k in COMPARED} == {k: ref[k] for k in COMPARED}
+    a, b = _weights(tmp_path / "ref" / "checkpoints" / "last.ckpt"), _weights(out / "checkpoints" / "last.ckpt")
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
+    # the log continues: the rows of epoch 0 written before the kill, then epochs 1-2, as uninterrupted
+    assert _csv_rows(out / "csv" / "metrics.csv") == _csv_rows(tmp_path / "ref" / "csv" / "metrics.csv")
+    return a
