@@ -18,6 +18,7 @@ from sskt_lightning.errors import ConfigError
 from sskt_lightning.methods.base import Method
 from sskt_lightning.methods.pseudo_labels import NEEDS_STREAM, PseudoLabelConsistency, unlabeled_parts
 
+
 class FixMatch(Method):
     name = "fixmatch"
     accepts_unlabeled = True
