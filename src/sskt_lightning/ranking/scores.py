@@ -120,13 +120,16 @@ def log_evidence(sigma, x, outside, alpha, beta, n: int, d: int) -> np.ndarray:
     return ev / n
 
 
-def logme_fit(features, labels, num_classes: int | None = None, tol: float = 1e-10,
-              max_iter: int = 1000) -> dict:
+def logme_fit(features, labels, num_classes: int | None = None, tol: float = 1e-8,
+              evidence_tol: float = 1e-10, max_iter: int = 300) -> dict:
     """LogME's fit: ``{"score", "evidence" (C,), "alpha" (C,), "beta" (C,), "iterations"}``.
 
     alpha and beta start at 1 and follow MacKay's updates ``alpha = gamma / |m|^2``,
-    ``beta = (n - gamma) / |F m - t|^2`` (``gamma = sum_i beta s_i / (alpha + beta s_i)``) until
-    alpha / beta changes by less than ``tol`` (relative) for every column."""
+    ``beta = (n - gamma) / |F m - t|^2`` (``gamma = sum_i beta s_i / (alpha + beta s_i)``) until,
+    for every column, alpha / beta changes by less than ``tol`` (relative) or the evidence by less
+    than ``evidence_tol``. With no more images than feature dimensions a column can be fitted
+    exactly: beta then grows without bound while the evidence converges to its supremum, which is
+    what the score takes."""
     f = np.asarray(features, dtype=np.float64)
     if f.ndim != 2:
         raise ValueError(f"features must be n x D, got shape {f.shape}")
@@ -136,15 +139,18 @@ def logme_fit(features, labels, num_classes: int | None = None, tol: float = 1e-
     t[np.arange(n), y] = 1.0
     sigma, x, outside = _spectrum(f, t)
     alpha, beta = np.ones(c), np.ones(c)
+    evidence = log_evidence(sigma, x, outside, alpha, beta, n, d)
     for it in range(1, max_iter + 1):
         gamma, m2, res2 = _terms(sigma, x, outside, alpha, beta)
         new_alpha = gamma / np.maximum(m2, FLOOR)
         new_beta = (n - gamma) / np.maximum(res2, FLOOR)
         change = np.abs(new_alpha / new_beta - alpha / beta) / (alpha / beta)
         alpha, beta = new_alpha, new_beta
-        if np.all(change < tol):
+        new_evidence = log_evidence(sigma, x, outside, alpha, beta, n, d)
+        settled = (change < tol) | (np.abs(new_evidence - evidence) < evidence_tol)
+        evidence = new_evidence
+        if np.all(settled):
             break
-    evidence = log_evidence(sigma, x, outside, alpha, beta, n, d)
     return {"score": float(evidence.mean()), "evidence": evidence, "alpha": alpha, "beta": beta,
             "iterations": it}
 
