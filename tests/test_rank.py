@@ -216,3 +216,33 @@ def test_a_non_finite_score_is_refused_naming_the_candidate(cifar_dir, tmp_path,
     with pytest.raises(ConfigError, match="candidate 'x'.*NaN"):
         R.score_candidate("x", torch.full((4, 3), float("nan")), torch.zeros(4, 2), np.array([0, 0, 1, 1]), 2,
                           _config(cifar_dir, tmp_path).rank)
+
+
+def test_the_soft_labels_go_through_the_cache_a_training_run_reads(cifar_dir, tmp_path):
+    """rank.cache=read_write stores each candidate's identity-view logits where a training run with
+    the same source finds them: a second ranking is served by the cache, and the store that
+    ``method=sskt method.cache=read_only`` opens for its labelled stream holds every ranked image."""
+    import torch
+
+    from sskt_lightning.cache.__main__ import _open_run_stores
+    from sskt_lightning.nets.factory import create_network
+    from sskt_lightning.rank import rank
+    weights = tmp_path / "source.pth"
+    torch.save(create_network("cifar_resnet20", 10, 3).state_dict(), weights)   # the same weights in both runs
+    source = ["source=[timm]", "source.timm.name=cifar_resnet20", "source.timm.pretrained=false",
+              f"source.timm.weights={weights}"]
+    common = ["data=cifar10", f"paths.data_dir={cifar_dir}", "data.val_size=20", *source,
+              f"paths.cache_dir={tmp_path / 'cache'}"]
+    opts = ["rank.bootstrap=0", "rank.logme_bootstrap=0", "rank.device=cpu", "rank.cache=read_write"]
+    first = rank(compose_config([*common, *opts], tmp_path / "r1", config_name="rank"))["ranking"][0]
+    second = rank(compose_config([*common, *opts], tmp_path / "r2", config_name="rank"))["ranking"][0]
+    assert (first["cache"]["misses"], first["cache"]["written"]) == (60, 60)
+    assert (second["cache"]["hits"], second["cache"]["misses"]) == (60, 0)
+    assert second["leep"]["value"] == first["leep"]["value"]       # the stored rows, hit or miss
+    train_cfg = compose_config([*common, "method=sskt", "method.cache=read_only"], tmp_path / "t")
+    dm, bank, _, stores = _open_run_stores(train_cfg, "read_only", torch.device("cpu"))
+    store = stores["labeled"][0]
+    assert store.count_filled() == 60
+    hit, _ = store.lookup(dm.train_indices.numpy(), np.full(60, dm.augment.identity_view))
+    assert hit.all()
+    store.close()
