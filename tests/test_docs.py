@@ -4,7 +4,7 @@
   to a heading (``page.md#anchor``) to a heading of that page;
 - every ``python -m sskt_lightning.<cmd>`` / ``sskt-<cmd>`` command in a fenced shell block is
   checked: a training command's overrides are composed by Hydra (so a renamed option or config
-  group fails here), ``sskt-eval``'s with its own root config, and the ``--flags`` of ``cache``,
+  group fails here), ``sskt-eval``'s and ``sskt-rank``'s with their own root configs, and the ``--flags`` of ``cache``,
   ``protocol`` and ``report`` must be ones their ``--help`` lists. A command that cannot be checked
   here carries ``# not run here: <reason>`` on its line or on the line before;
 - ``make <target>`` and ``python experiments/<script>.py --flag`` lines name targets, scripts and
@@ -134,7 +134,7 @@ def _sskt_command(tokens: list[str]) -> tuple[str, list[str]] | None:
         if module and i > 0 and tokens[i - 1] == "-m":
             return module.group(1), tokens[i + 1:]
     words = [t for t in tokens if not re.fullmatch(r"\w+=\S*", t)]   # env assignments before it
-    if words and re.fullmatch(r"sskt-(train|eval|report|cache)", words[0]):
+    if words and re.fullmatch(r"sskt-(train|eval|report|cache|rank)", words[0]):
         return words[0][len("sskt-"):], tokens[tokens.index(words[0]) + 1:]
     return None
 
@@ -221,7 +221,7 @@ def test_command_lines_are_found():
     assert {"README.md", "docs/getting-started.md", "docs/cache.md", "docs/multi-gpu-and-clusters.md",
             "docs/protocol-and-reports.md"} <= pages
     kinds = {_sskt_command(_tokens(c[2]))[0] for c in commands}
-    assert {"train", "eval", "cache", "protocol", "report"} <= kinds
+    assert {"train", "eval", "rank", "cache", "protocol", "report"} <= kinds
 
 
 def _help(module: str, sub: str | None) -> subprocess.Popen:
@@ -259,7 +259,7 @@ def test_every_documented_command_composes_or_is_marked(tmp_path):
         command = _sskt_command(_tokens(line))
         if command is not None and not marked:
             found.append((f"{page}:{number}: {line}", *command))
-    unknown = [where for where, command, _ in found if command not in ("train", "eval", "cache", "protocol", "report")]
+    unknown = [where for where, command, _ in found if command not in ("train", "eval", "rank", "cache", "protocol", "report")]
     assert not unknown, f"no check for these commands; check them here or mark them '{MARKER} <reason>':\n" + \
         "\n".join(unknown)
     keys = {("report", None), ("protocol", None)} | {("cache", args[0]) for _, c, args in found if c == "cache"}
@@ -269,8 +269,8 @@ def test_every_documented_command_composes_or_is_marked(tmp_path):
     for where, command, args in found:
         if command == "train":
             compositions += [(where, "train", overrides) for overrides in _compositions(_overrides(args))]
-        elif command == "eval":
-            compositions.append((where, "eval", _overrides(args)))
+        elif command in ("eval", "rank"):
+            compositions.append((where, command, _overrides(args)))
         elif command == "cache":
             pending.append((where, "cache", args[0], args[1:]))
         else:   # protocol: its own options, then `--` and the setting's overrides; report: options only

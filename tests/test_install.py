@@ -34,7 +34,8 @@ VENV = ROOT / ".venv-wheelcheck"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 CANONICAL = ["model=resnet18", "data=cifar10", "method=sskt"]
 SCRIPTS = {"sskt-train": "sskt_lightning.train:main", "sskt-eval": "sskt_lightning.eval:main",
-           "sskt-report": "sskt_lightning.report:main", "sskt-cache": "sskt_lightning.cache.__main__:main"}
+           "sskt-report": "sskt_lightning.report:main", "sskt-cache": "sskt_lightning.cache.__main__:main",
+           "sskt-rank": "sskt_lightning.rank:main"}
 # top-level entries not copied into the build tree: version control, environments, build and run outputs
 _NOT_SOURCE = {".git", ".venv", ".venv-wheelcheck", "build", "dist", "outputs", "multirun", "data", "runs",
                "wandb", "lightning_logs", "experiments", ".pytest_cache"}
