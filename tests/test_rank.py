@@ -246,3 +246,25 @@ def test_the_soft_labels_go_through_the_cache_a_training_run_reads(cifar_dir, tm
     hit, _ = store.lookup(dm.train_indices.numpy(), np.full(60, dm.augment.identity_view))
     assert hit.all()
     store.close()
+
+
+def test_the_validation_split_and_on_device_images_give_the_same_scores(cifar_dir, tmp_path):
+    from sskt_lightning.rank import rank
+    val = ["rank.split=val", "data.val_per_class=2", "rank.bootstrap=0", "rank.logme_bootstrap=0"]
+    host = rank(_config(cifar_dir, tmp_path, *val))
+    gathered = rank(_config(cifar_dir, tmp_path, *val, "data.on_device=true"))
+    assert host["num_images"] == 20 and host["split"] == "val"
+    assert [(r["candidate"], r["leep"]["value"], r["logme"]["value"]) for r in host["ranking"]] == \
+        [(r["candidate"], r["leep"]["value"], r["logme"]["value"]) for r in gathered["ranking"]]
+
+
+@pytest.mark.slow
+def test_command_line_refusals_exit_2_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+    for args, expected in ((["rank.split=test"], "rank.split=test is refused"),
+                           (["source=[nosuch]"], "no config named ['nosuch']")):
+        proc = subprocess.run([sys.executable, "-m", "sskt_lightning.rank", *args, f"hydra.run.dir={tmp_path / 'run'}"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert expected in proc.stderr and "Traceback" not in proc.stderr

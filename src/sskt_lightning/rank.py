@@ -108,21 +108,16 @@ def _forward(source, bank, dm, indices, labels, batch_size: int, device, context
         with torch.inference_mode():
             idx_all = torch.as_tensor(indices, dtype=torch.int64)
             y_all = torch.as_tensor(labels, dtype=torch.int64)
-            first = idx_all[:2]      # a warm-up pass outside the timing (kernel selection, allocation)
-            warm = dm.prepare_batch((dm.train_arrays.images[first], y_all[:2], first), augment=False, split="train") \
-                if not dm.on_device else dm.prepare_batch((y_all[:2].to(device), first.to(device)), False, split="train")
+            x, _, _ = _batch(dm, idx_all[:2], y_all[:2], device, true_dtype)
             with context:
-                source(_cast(warm[0].to(device), true_dtype))
+                source(x)            # a warm-up pass outside the timing (kernel selection, allocation)
             caught.clear()
             for a in range(0, len(idx_all), batch_size):
-                idx, y = idx_all[a:a + batch_size], y_all[a:a + batch_size]
-                batch = (dm.train_arrays.images[idx], y, idx) if not dm.on_device else (y.to(device), idx.to(device))
-                x, _, index, view = dm.prepare_batch(batch, augment=False, split="train")   # identity view
-                x = _cast(x.to(device), true_dtype)
+                x, index, view = _batch(dm, idx_all[a:a + batch_size], y_all[a:a + batch_size], device, true_dtype)
                 sync()
                 t0 = time.perf_counter()
                 with context:
-                    out = bank(x, index.to(device), view.to(device), "labeled")[0]
+                    out = bank(x, index, view, "labeled")[0]
                 sync()
                 ran = bool(caught) and caught[-1].shape[0] == len(x)
                 if not ran:                               # answered (in part) by the cache: features need a pass
@@ -143,13 +138,19 @@ def _forward(source, bank, dm, indices, labels, batch_size: int, device, context
     return torch.cat(logits), torch.cat(feats), seconds
 
 
-def _cast(x, dtype):
-    return x if dtype is None else x.to(dtype)
+def _batch(dm, idx, y, device, dtype):
+    """The images ``idx`` of the train array as the data module hands them to a method for
+    evaluation: normalised, in the identity view, with their sample indices and view ids."""
+    batch = (y.to(device), idx.to(device)) if dm.on_device else (dm.train_arrays.images[idx], y, idx)
+    x, _, index, view = dm.prepare_batch(batch, augment=False, split="train")
+    x = x.to(device)
+    return (x if dtype is None else x.to(dtype)), index.to(device), view.to(device)
 
 
 def _interval(score, n, resamples, seed, estimate) -> dict:
     from sskt_lightning.ranking.scores import bootstrap_interval
-    return bootstrap_interval(score, n, resamples, seed, estimate=estimate) or {"low": None, "high": None, "shift": None}
+    none = {"low": None, "high": None, "shift": None}
+    return bootstrap_interval(score, n, resamples, seed, estimate=estimate) or none
 
 
 def score_candidate(key: str, logits, feats, y, num_classes: int, r) -> dict:
