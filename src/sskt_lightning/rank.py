@@ -308,16 +308,19 @@ def figure_png(result: dict) -> bytes:
     names = [row["candidate"] for row in rows][::-1]
     for ax, s in zip(axes, SCORES):
         values = [row[s]["value"] for row in rows][::-1]
-        err = None
-        if rows[0][s]["low"] is not None:
-            err = [[max(row[s]["value"] - row[s]["low"], 0.0) for row in rows][::-1],
-                   [max(row[s]["high"] - row[s]["value"], 0.0) for row in rows][::-1]]
+        lows = [row[s]["low"] if row[s]["low"] is not None else row[s]["value"] for row in rows][::-1]
+        highs = [row[s]["high"] if row[s]["high"] is not None else row[s]["value"] for row in rows][::-1]
+        span = max(max(highs) - min(lows), 1e-3)
+        base = min(lows) - 0.15 * span        # the axis starts near the values: longer bar = higher score
+        err = [[v - lo for v, lo in zip(values, lows)], [hi - v for v, hi in zip(values, highs)]]
         color = "tab:blue" if s == result["score"] else "tab:gray"
-        ax.barh(names, values, xerr=err, color=color, capsize=3)
-        ax.set_title(s.upper() + (" (sort key)" if s == result["score"] else ""))
+        ax.barh(names, [v - base for v in values], left=base, xerr=err, color=color, capsize=3)
+        ax.set_xlim(base, max(highs) + 0.15 * span)
+        title = {"leep": "LEEP", "nce": "NCE", "logme": "LogME"}[s]
+        ax.set_title(title + (" (sort key)" if s == result["score"] else ""))
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(f"Which source? {result['data']}/{result['split']}, {result['num_images']} images "
-                 f"(95 % bootstrap intervals)")
+                 f"(95 % bootstrap intervals; each axis starts near its values)")
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
