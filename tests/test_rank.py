@@ -134,6 +134,11 @@ def test_the_bootstrap_is_seeded_and_placed_around_the_estimate():
     # the raw resampled LEEPs sit above the estimate (duplicated images fit the joint table better)
     assert one["shift"] > 0
     assert bootstrap_interval(score, 80, 0, 7) is None
+    # a resample as weights (how the command bootstraps LEEP and NCE) is the resample itself
+    idx = np.random.default_rng(5).integers(0, 80, 80)
+    w = np.bincount(idx, minlength=80)
+    assert leep(theta, y, 4, weights=w) == pytest.approx(leep(theta[idx], y[idx], 4), abs=1e-12)
+    assert nce(theta.argmax(1), y, 4, weights=w) == pytest.approx(nce(theta[idx].argmax(1), y[idx], 4), abs=1e-12)
 
 
 # ---------------------------------------------------------------------------------------- the command

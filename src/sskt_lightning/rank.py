@@ -167,8 +167,9 @@ def score_candidate(key: str, logits, feats, y, num_classes: int, r) -> dict:
     f = feats.numpy()
     n = len(y)
     out = {}
-    fns = {"leep": lambda i: leep(probs[i], y[i], num_classes),
-           "nce": lambda i: nce(pred[i], y[i], num_classes),
+    counts = lambda i: np.bincount(i, minlength=n)  # noqa: E731  (a resample as weights: no n x Z copy)
+    fns = {"leep": lambda i: leep(probs, y, num_classes, weights=counts(i)),
+           "nce": lambda i: nce(pred, y, num_classes, weights=counts(i)),
            "logme": lambda i: logme(f[i], y[i], num_classes)}
     resamples = {"leep": r.bootstrap, "nce": r.bootstrap,
                  "logme": r.bootstrap if r.get("logme_bootstrap") is None else r.logme_bootstrap}

@@ -64,7 +64,7 @@ def leep(probs, labels, num_classes: int | None = None, weights=None) -> float:
     joint = (onehot * w[:, None]).T @ theta / w.sum()              # C x Z: P(y, z)
     pz = joint.sum(0)
     cond = np.divide(joint, pz, out=np.zeros_like(joint), where=pz > 0)   # P(y | z)
-    eep = np.einsum("iz,iz->i", theta, cond[y])                    # sum_z P(y_i | z) theta_iz
+    eep = (theta @ cond.T)[np.arange(len(y)), y]                   # sum_z P(y_i | z) theta_iz
     with np.errstate(divide="ignore"):
         return float(np.dot(w, np.log(eep)) / w.sum())
 
