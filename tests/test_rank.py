@@ -194,12 +194,14 @@ def test_the_test_split_and_one_label_per_class_are_refused(cifar_dir, tmp_path)
 
 def test_an_unloadable_candidate_is_named_and_the_others_rank(cifar_dir, tmp_path, offline):
     from sskt_lightning.rank import rank
-    cfg = _config(cifar_dir, tmp_path, "source=[timm,imagenet_resnet18,imagenet_vgg16]",
+    cfg = _config(cifar_dir, tmp_path, "source=[timm,imagenet_resnet18,imagenet_vgg16,checkpoint]",
                   "source.imagenet_vgg16.name=resnet10t.c3_in1k")       # hub weights, not cached, offline
     result = rank(cfg)
     assert sorted(r["candidate"] for r in result["ranking"]) == ["imagenet_resnet18", "timm"]
-    [failed] = result["failed"]
-    assert failed["candidate"] == "imagenet_vgg16" and "source.imagenet_vgg16.weights=" in failed["reason"]
+    hub, checkpoint = result["failed"]
+    assert hub["candidate"] == "imagenet_vgg16" and "source.imagenet_vgg16.weights=" in hub["reason"]
+    assert checkpoint == {"candidate": "checkpoint", "reason": "source.checkpoint.weights is required: set "
+                                                               "source.checkpoint.weights=<value>."}
 
 
 def test_a_non_finite_score_is_refused_naming_the_candidate(cifar_dir, tmp_path, monkeypatch):

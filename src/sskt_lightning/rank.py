@@ -209,6 +209,12 @@ def rank(cfg: DictConfig) -> dict:
     print(f"ranking {len(sources)} candidate(s) on {dm.name}/{r.split}: {len(y)} labelled images, "
           f"{dm.num_classes} classes, on {device.type}", flush=True)
     for key, options in sources.items():
+        missing = [opt for opt in cfg.source[key] if OmegaConf.is_missing(cfg.source[key], opt)]
+        if missing:
+            reason = f"source.{key}.{missing[0]} is required: set source.{key}.{missing[0]}=<value>."
+            failed.append({"candidate": key, "reason": reason})
+            print(f"candidate {key!r} left out: {reason}", flush=True)
+            continue
         try:
             spec = SourceSpec.from_config(key, options)
             source = build_source(spec, info, "eval")
