@@ -184,8 +184,6 @@ def score_candidate(key: str, logits, feats, y, num_classes: int, r) -> dict:
 def rank(cfg: DictConfig) -> dict:
     """Score every candidate of ``cfg.source``; write and return ``ranking.json``'s content."""
     import lightning as L
-    import numpy as np
-    import torch
     from hydra.utils import instantiate
 
     from sskt_lightning.cache.__main__ import _precision_context
