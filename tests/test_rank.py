@@ -115,6 +115,17 @@ def test_logme_is_the_evidence_at_its_fixed_point(n, d):
             assert _direct_evidence(f, t, alpha, beta * 1.05)[0] <= direct + 1e-7
 
 
+def test_logme_of_features_that_are_all_zero_is_the_noise_models_evidence():
+    """A dead feature layer: only t ~ N(0, I/beta) is left, at its best beta = n / |t|^2."""
+    y = np.arange(20) % 2
+    per_class = []
+    for c in range(2):
+        t = (y == c).astype(float)
+        beta = 20 / (t @ t)
+        per_class.append((10 * math.log(beta) - beta / 2 * (t @ t) - 10 * math.log(2 * math.pi)) / 20)
+    assert logme(np.zeros((20, 4)), y) == pytest.approx(np.mean(per_class), abs=1e-12)
+
+
 def test_logme_prefers_features_that_predict_the_labels():
     rng = np.random.default_rng(3)
     n = 120

@@ -112,10 +112,17 @@ def _terms(sigma, x, outside, alpha, beta):
 
 
 def log_evidence(sigma, x, outside, alpha, beta, n: int, d: int) -> np.ndarray:
-    """The log evidence of each target column at (alpha, beta), divided by n."""
+    """The log evidence of each target column at (alpha, beta), divided by n:
+    ``d/2 log alpha + n/2 log beta - 1/2 log|A| - beta/2 |F m - t|^2 - alpha/2 |m|^2 - n/2 log 2 pi``
+    with ``log|A| = sum_{i<=k} log(alpha + beta s_i) + (d - k) log alpha`` (k non-zero eigenvalues
+    s_i of F^T F): the ``d - k`` null directions' ``log alpha`` cancel against ``d/2 log alpha``, so
+    it is computed as ``k/2 log alpha`` (finite for features that are all zero, where alpha -> 0)."""
     _, m2, res2 = _terms(sigma, x, outside, alpha, beta)
-    logdet = np.log(alpha + beta * sigma[:, None]).sum(0) + (d - len(sigma)) * np.log(alpha)
-    ev = (d / 2 * np.log(alpha) + n / 2 * np.log(beta) - logdet / 2 - beta / 2 * res2 - alpha / 2 * m2
+    k = len(sigma)
+    with np.errstate(divide="ignore"):
+        log_alpha = np.log(alpha) * k if k else np.zeros_like(alpha)
+    logdet_k = np.log(alpha + beta * sigma[:, None]).sum(0)
+    ev = (log_alpha / 2 + n / 2 * np.log(beta) - logdet_k / 2 - beta / 2 * res2 - alpha / 2 * m2
           - n / 2 * math.log(2 * math.pi))
     return ev / n
 
@@ -144,7 +151,8 @@ def logme_fit(features, labels, num_classes: int | None = None, tol: float = 1e-
         gamma, m2, res2 = _terms(sigma, x, outside, alpha, beta)
         new_alpha = gamma / np.maximum(m2, FLOOR)
         new_beta = (n - gamma) / np.maximum(res2, FLOOR)
-        change = np.abs(new_alpha / new_beta - alpha / beta) / (alpha / beta)
+        old_ratio = alpha / beta
+        change = np.abs(new_alpha / new_beta - old_ratio) / np.maximum(old_ratio, np.finfo(np.float64).tiny)
         alpha, beta = new_alpha, new_beta
         new_evidence = log_evidence(sigma, x, outside, alpha, beta, n, d)
         settled = (change < tol) | (np.abs(new_evidence - evidence) < evidence_tol)
