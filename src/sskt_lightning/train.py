@@ -519,13 +519,8 @@ def _hydra_main(cfg: DictConfig) -> float:
 def main() -> float | None:
     """The command line: checks Hydra cannot phrase well first (unknown source configs, an
     unwritable run directory), then Hydra composes and runs :func:`_hydra_main`."""
-    from sskt_lightning.validate import preflight
-    try:
-        preflight(sys.argv[1:])
-    except SSKTError as err:
-        print(f"\nerror: {err}\n", file=sys.stderr)
-        sys.exit(2)
-    return _hydra_main()
+    from sskt_lightning.validate import command_line
+    return command_line(_hydra_main)
 
 
 if __name__ == "__main__":

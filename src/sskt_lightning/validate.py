@@ -73,6 +73,21 @@ def _writable_location(path: Path) -> str | None:
     return None
 
 
+def command_line(hydra_main):
+    """Run a Hydra entry point as a command: :func:`preflight` on ``sys.argv`` first (an unknown
+    source config, an unwritable run directory: one line and exit code 2, not Hydra's traceback),
+    then ``hydra_main()`` (sskt-train, sskt-rank)."""
+    import sys
+
+    from sskt_lightning.errors import SSKTError
+    try:
+        preflight(sys.argv[1:])
+    except SSKTError as err:
+        print(f"\nerror: {err}\n", file=sys.stderr)
+        sys.exit(2)
+    return hydra_main()
+
+
 def preflight(argv: Sequence[str]) -> None:
     """Raise :class:`ConfigError` / :class:`OutputError` for what Hydra would report with a traceback."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
