@@ -172,15 +172,6 @@ class TargetAverage:
         self.averaged.n_averaged.fill_(self.updates)   # no device read
 
     # ------------------------------------------------------------------ evaluation
-    def broadcast_buffers(self) -> None:
-        """Under DDP: rank 0's averaged buffers to every process (each averaged its own BatchNorm
-        statistics since the last evaluation)."""
-        import torch
-        if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            for buffer in self.averaged.module.buffers():
-                torch.distributed.broadcast(buffer, src=0)
-
     def swap_in(self, target: torch.nn.Module) -> bool:
         """Put the average into the target (its raw weights kept aside); False when there is no
         average yet (no step taken: the average of nothing is the weights themselves)."""

@@ -256,9 +256,11 @@ class TransferModule(L.LightningModule):
 
         DDP broadcasts buffers at the start of a training forward, so after the last step each
         process holds the statistics of its own last batch; evaluation (sharded over processes)
-        and checkpoints must all use one set. Frozen sources never change and are skipped."""
+        and checkpoints must all use one set. Frozen sources never change and are skipped. With
+        ``model.ema`` the average's BatchNorm statistics too (each process averaged its own)."""
         if self.trainer.world_size > 1 and torch.distributed.is_initialized():
-            for buffer in [*self.target.buffers(), *self.method.buffers()]:
+            average = self.ema.averaged.module.buffers() if self.ema is not None and self.ema.updates else ()
+            for buffer in [*self.target.buffers(), *self.method.buffers(), *average]:
                 torch.distributed.broadcast(buffer, src=0)
 
     def on_validation_start(self):
@@ -271,8 +273,7 @@ class TransferModule(L.LightningModule):
 
     def _evaluate_average(self) -> None:
         """model.ema: evaluate the average of the target's weights (raw weights back at the end)."""
-        if self.ema is not None and self.ema.updates:
-            self.ema.broadcast_buffers()   # under DDP: rank 0's, as _broadcast_buffers for the target's
+        if self.ema is not None and self.ema.updates:   # its statistics: rank 0's (_broadcast_buffers)
             self.ema.swap_in(self.target)
 
     def on_validation_end(self):
