@@ -377,10 +377,16 @@ def test_benchmark_settings_compose_and_the_coarse_one_resumes_the_recorded_benc
     from sskt_lightning.compose import compose_config
     B = _experiment("benchmark")
     argv = B.argparse.Namespace(setting=["coarse", "disjoint"], labels=[5], out=tmp_path, ema=0.999, epochs=15,
-                                model="resnet20", steps_per_epoch=20)
+                                model="resnet20", steps_per_epoch=20, precision="32-true", channels_last=False)
     coarse, disjoint = B.cells(argv)
     assert disjoint.root == tmp_path / "labels5_disjoint_ema0.999" and coarse.root == tmp_path / "labels5_ema0.999"
     assert coarse.target[-1] == disjoint.target[-1] == "model.ema=0.999"
+    # the numerics switches: every run alike, and their own directories (never mixed with fp32 records)
+    fast = B.cells(B.argparse.Namespace(**{**vars(argv), "precision": "bf16-mixed", "channels_last": True}))
+    assert [c.root.name for c in fast] == ["labels5_ema0.999_bf16_cl", "labels5_disjoint_ema0.999_bf16_cl"]
+    assert fast[0].target == [*coarse.target, "trainer.precision=bf16-mixed", "channels_last=true"]
+    fast_cfg = compose_config([*fast[1].target, "seed=0"], tmp_path / "f")
+    assert fast_cfg.trainer.precision == "bf16-mixed" and fast_cfg.channels_last is True
     # the coarse setting without EMA is exactly what the recorded benchmark ran (so its runs resume)
     recorded = Path(__file__).resolve().parents[1] / "experiments/fashion_transfer/benchmark_runs/labels5/protocol"
     argv.ema = None

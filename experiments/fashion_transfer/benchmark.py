@@ -21,6 +21,8 @@ For every label budget and setting, the same for every method:
   * final: the selected configuration with seeds 0..4, tested once at the end (last epoch);
   * --ema DECAY: model.ema=DECAY for EVERY run (teachers, fine-tunes, trials, finals) alike; off by
     default; recorded in the report's header and in the output directories' names;
+  * --precision bf16-mixed --channels-last: the same two numerics switches for EVERY run alike (about
+    2x less compute on CPUs with AMX); recorded like --ema (directory suffix _bf16_cl);
   * report: mean ± std, seed-paired gain over scratch AND over the best other method on the same
     unlabeled images (the highest mean validation among them, never test), 95 % t intervals, wins.
 Methods (the protocol's names; see method_overrides):
@@ -206,16 +208,29 @@ class Cell:
         return self.root / "protocol"
 
 
+def speed_overrides(args) -> tuple[list[str], str]:
+    """(--precision / --channels-last as overrides for every run alike, their directory suffix)."""
+    over, suffix = [], ""
+    if args.precision != "32-true":
+        over.append(f"trainer.precision={args.precision}")
+        suffix += "_" + args.precision.replace("-mixed", "").replace("-true", "")
+    if args.channels_last:
+        over.append("channels_last=true")
+        suffix += "_cl"
+    return over, suffix
+
+
 def cells(args) -> list[Cell]:
     ema = [f"model.ema={args.ema}"] if args.ema is not None else []
+    speed, speed_suffix = speed_overrides(args)
     out = []
     for name in args.setting:
         s = SETTINGS[name]
         ckpt = (args.out / s.source_dir / "checkpoints" / "last.ckpt").resolve()
         for labels in args.labels:
             target = [*target_overrides(args.epochs, args.model, None, labels, args.steps_per_epoch,
-                                        VAL_PER_CLASS.get(labels, 20), s.target_classes), *ema]
-            suffix = s.suffix + (f"_ema{args.ema}" if args.ema is not None else "")
+                                        VAL_PER_CLASS.get(labels, 20), s.target_classes), *ema, *speed]
+            suffix = s.suffix + (f"_ema{args.ema}" if args.ema is not None else "") + speed_suffix
             out.append(Cell(s, labels, args.out / f"labels{labels}{suffix}", target, ckpt))
     return out
 
@@ -226,7 +241,9 @@ def protocol(args, cell: Cell, methods: list[str], policy: str, winner: str | No
             else f"classes {s.target_classes} (the source saw only {s.source_classes})")
     notes = [f"Setting: {s.name}: targets on {what}; source: ResNet-20 on the first half of the training images.",
              f"EMA of the weights: {'model.ema=' + str(args.ema) if args.ema is not None else 'off'}, "
-             "the same for every method."]
+             "the same for every method.",
+             f"Numerics: trainer.precision={args.precision}, channels_last={str(args.channels_last).lower()}, "
+             "the same for every run (teachers, fine-tunes, trials, finals)."]
     if "sskt_fixmatch" in methods:
         notes.append(f"sskt_fixmatch's pseudo-label policy: {policy} ("
                      + ("the searched policy with the best validation score)." if args.sskt_policy == "auto"
@@ -239,7 +256,9 @@ def protocol(args, cell: Cell, methods: list[str], policy: str, winner: str | No
         methods=specs(methods, cell.source_ckpt, cell.teachers, cell.finetuned, policy, winner),
         trials=args.trials, seeds=args.seeds, search_seed=args.search_seed, jobs=args.jobs, threads=1, batch=1,
         setting_name=f"{s.name}, {cell.labels} labels/class, {args.steps_per_epoch * args.epochs} steps"
-                     + (f", EMA {args.ema}" if args.ema is not None else ""),
+                     + (f", EMA {args.ema}" if args.ema is not None else "")
+                     + (f", {args.precision}" if args.precision != "32-true" else "")
+                     + (", channels-last" if args.channels_last else ""),
         baseline="scratch" if "scratch" in methods else "", notes=notes)
 
 
@@ -276,7 +295,8 @@ def plan(args, methods: list[str]) -> int:
     n_final, n_trials = len(args.seeds), args.trials
     stage_seeds = [args.search_seed, *args.seeds]
     print(f"benchmark plan: methods {' '.join(methods)}; {n_trials} trials, seeds {args.seeds}, "
-          f"EMA {args.ema if args.ema is not None else 'off'}")
+          f"EMA {args.ema if args.ema is not None else 'off'}, precision {args.precision}, "
+          f"channels_last {str(args.channels_last).lower()}")
     for cell in cells(args):
         lines, cell_runs, cell_s = [], 0, 0.0
         src = cell.setting.source_dir
@@ -340,6 +360,10 @@ def main(argv=None) -> None:
     p.add_argument("--sskt-policy", choices=["auto", "fixed", "flex", "free", "soft"], default="auto",
                    help="sskt_fixmatch's pseudo-label policy (auto: the searched policy best on validation)")
     p.add_argument("--ema", type=float, default=None, help="model.ema=DECAY for every run alike (default: off)")
+    p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"],
+                   help="trainer.precision for every run alike (bf16-mixed: about 2x faster on CPUs with AMX, "
+                        "e.g. Sapphire Rapids Xeons; see docs/results.md)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last=true for every run alike")
     p.add_argument("--trials", type=int, default=6, help="search trials per method (the same for all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--search-seed", type=int, default=100)
