@@ -24,6 +24,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -67,8 +68,8 @@ def _device(name: str):
     import torch
     if name != "auto":
         return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
+    if torch.cuda.is_available():     # a DDP process's own GPU (training's source=[auto,...] on rank 0: cuda:0)
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
@@ -181,8 +182,10 @@ def score_candidate(key: str, logits, feats, y, num_classes: int, r) -> dict:
     return out
 
 
-def rank(cfg: DictConfig) -> dict:
-    """Score every candidate of ``cfg.source``; write and return ``ranking.json``'s content."""
+def rank(cfg: DictConfig, out_dir: Path | None = None, record: dict | None = None) -> dict:
+    """Score every candidate of ``cfg.source``; write (in ``out_dir``, by default the run directory)
+    and return ``ranking.json``'s content, with ``record``'s keys added (training's ``source=[auto,...]``:
+    its fingerprint and top_k)."""
     import lightning as L
     from hydra.utils import instantiate
 
@@ -194,7 +197,7 @@ def rank(cfg: DictConfig) -> dict:
     r = check_options(cfg)
     mode = cache_mode(r.get("cache"))
     precision = precision_name(r.precision)
-    out_dir = Path(cfg.paths.output_dir)
+    out_dir = Path(cfg.paths.output_dir) if out_dir is None else out_dir
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     dm = instantiate(cfg.data)
     dm.setup("fit")
@@ -263,7 +266,7 @@ def rank(cfg: DictConfig) -> dict:
               "score": r.score, "bootstrap": int(r.bootstrap),
               "logme_bootstrap": int(r.bootstrap if r.get("logme_bootstrap") is None else r.logme_bootstrap),
               "level": 0.95, "seed": int(r.seed), "device": device.type, "precision": precision,
-              "cache": mode, "ranking": rows, "failed": failed}
+              "cache": mode, "ranking": rows, "failed": failed, **(record or {})}
     write_outputs(out_dir, result)
     print(table(result))
     print(f"-> {out_dir / 'ranking.json'}, ranking.csv, ranking.png")

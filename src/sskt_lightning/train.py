@@ -171,6 +171,8 @@ def _run(cfg: DictConfig) -> dict:
     the trainer, fit and test, the results. :func:`run` records a failure of any step."""
     output_dir = start_run(cfg)
     resume_path, resume_obj = load_resume(cfg, output_dir)
+    from sskt_lightning.ranking.auto import choose_sources
+    source_ranking = choose_sources(cfg, output_dir)   # source=[auto,...]: cfg.source becomes the top K
     if (cfg.get("extras") or {}).get("quiet_known_noise", True):
         from sskt_lightning.extras import quiet_known_noise
         quiet_known_noise()
@@ -197,6 +199,8 @@ def _run(cfg: DictConfig) -> dict:
     dm.split_batch_across(trainer.world_size)   # data.batch_size is global
     outcome = fit_and_test(cfg, trainer, module, dm, resume_path, watch, output_dir / "checkpoints")
     results = build_results(cfg, module, dm, data_info, trainer, outcome, watch, group, sources, output_dir)
+    if source_ranking is not None:
+        results["source_ranking"] = source_ranking
     if trainer.is_global_zero:
         publish_results(results, trainer, output_dir)
     return results

@@ -37,11 +37,20 @@ def group_options(group: str) -> list[str]:
 
 
 def known_top_level_keys() -> set[str]:
-    """The keys ``conf/train.yaml`` defines, plus one per config group directory."""
+    """The keys ``conf/train.yaml`` defines, plus one per config group directory and one per package a
+    group's file names in its header (``conf/ranking/*.yaml``: ``# @package rank``)."""
     config_dir = _config_dir()
     root = OmegaConf.load(config_dir / "train.yaml")
     keys = {k for k in root if k not in ("defaults", "hydra")}
-    keys |= {p.name for p in config_dir.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))}
+    groups = [p for p in config_dir.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))]
+    keys |= {p.name for p in groups}
+    for group in groups:
+        for f in group.glob("*.yaml"):
+            first = f.read_text().split("\n", 1)[0]
+            if first.startswith("# @package "):
+                top = first[len("# @package "):].strip().split(".")[0]
+                if top and not top.startswith("_"):
+                    keys.add(top)
     return keys
 
 
