@@ -356,7 +356,8 @@ def test_ddp_inside_a_multirun_runs_on_this_node_refused_only_across_nodes():
     assert own_process_plan(ddp, basic, True, env={}) == (True, None)
     assert own_process_plan(ddp, basic, False, env={}) == (False, None)          # a single run: Lightning's launcher
     assert own_process_plan(_cfg(strategy="ddp", devices=1), basic, True, env={}) == (False, None)
-    assert own_process_plan(_cfg(accelerator="cpu", devices=2), basic, True, env={}) == (False, None)  # auto on CPU: 1
+    assert own_process_plan(_cfg(accelerator="cpu", devices=2), basic, True, env={}) == (True, None)   # auto: ddp
+    assert own_process_plan(_cfg(strategy="ddp_spawn", devices=2), basic, True, env={}) == (False, None)
     nodes = _cfg(strategy="ddp", devices=4, num_nodes=2)
     assert "hydra/launcher=submitit_slurm" in launch_problem(nodes, True, False, env={})
     slurm = {"SLURM_NTASKS": "4", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "1"}

@@ -93,9 +93,7 @@ def several_processes(cfg: DictConfig) -> bool:
     if not isinstance(strategy, str) or strategy not in ("ddp", "auto"):
         return False   # ddp_spawn, fsdp, ... (not handled: see launch_problem's refusal)
     n = devices_count(trainer.get("devices", 1))
-    if strategy == "auto" and str(trainer.get("accelerator", "auto")) == "cpu":
-        return False   # Lightning picks one CPU process for the automatic strategy
-    return n is None or n > 1
+    return n is None or n > 1   # the automatic strategy with several devices is Lightning's "ddp" (CPU too)
 
 
 def slot_plan(cfg: DictConfig, launcher_target: str, env=os.environ) -> int | None:
