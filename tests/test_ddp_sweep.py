@@ -225,3 +225,42 @@ def test_the_protocol_with_ddp_runs_on_gpu_slots(tmp_path, cifar_dir):
         results = json.loads((run / "results.json").read_text())
         assert results["status"] == "ok" and results["devices"] == {"visible": "0,1", "slot": 0}
         ranks_agree(run)
+
+
+# ---------------------------------------------------------------------------- the job's command (fast)
+def _hydra_cfg(out):
+    from omegaconf import OmegaConf
+    return OmegaConf.create({
+        "overrides": {"task": ["hparams_search=scratch", "optim.optimizer.lr=0.0123", "seed=1"],
+                      "hydra": ["hydra.sweep.dir=/s", "hydra/launcher=joblib"]},
+        "runtime": {"output_dir": str(out), "cwd": "/where/it/started",
+                    "choices": {"hydra/job_logging": "sskt", "hydra/hydra_logging": "default"}},
+        "job": {"name": "train", "chdir": False, "num": 3}})
+
+
+def test_a_jobs_command_is_its_overrides_as_a_single_run_in_its_directory(tmp_path):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from sskt_lightning.ddp_launch import job_command
+    out = tmp_path / "a sweep, with 'quotes'" / "3"
+    cmd, cwd = job_command(_hydra_cfg(out))
+    assert cmd[1:3] == ["-m", "sskt_lightning.train"] and cwd == "/where/it/started"
+    assert cmd[3:6] == ["hparams_search=scratch", "optim.optimizer.lr=0.0123", "seed=1"]   # the job's, sampled included
+    assert "hydra.mode=RUN" in cmd                # hparams_search sets MULTIRUN: the job must not sweep again
+    assert not any(c.startswith(("hydra.sweep", "hydra/launcher", "hydra.launcher")) for c in cmd)   # the sweep's own
+    parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(cmd[6:])}
+    assert parsed["hydra.run.dir"] == str(out)    # quoted so that any path survives Hydra's parser
+    assert parsed["hydra/job_logging"] == "sskt" and parsed["hydra.output_subdir"] is None
+
+
+def test_a_rank_that_composed_another_config_is_refused():
+    from omegaconf import OmegaConf
+
+    from sskt_lightning.ddp_launch import check_digest, config_digest
+    from sskt_lightning.errors import ConfigError
+    cfg = OmegaConf.create({"seed": 1, "optim": {"lr": 0.1}})
+    check_digest(cfg, env={"SSKT_JOB_CONFIG_DIGEST": config_digest(cfg)})
+    check_digest(cfg, env={})                     # not a sweep job's process: nothing to compare
+    other = OmegaConf.create({"seed": 0, "optim": {"lr": 0.1}})
+    with pytest.raises(ConfigError, match="another configuration than its sweep job's"):
+        check_digest(other, env={"SSKT_JOB_CONFIG_DIGEST": config_digest(cfg)})

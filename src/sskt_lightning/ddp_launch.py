@@ -181,8 +181,9 @@ def run_job_in_subprocess(cfg: DictConfig, hydra_cfg, per_job: int | None) -> fl
         proc = subprocess.Popen(cmd, cwd=cwd, env=job_env(cfg, extra), start_new_session=True, pass_fds=pass_fds)
         try:
             code = proc.wait()
-        except BaseException:          # Ctrl-C / SIGTERM of the sweep: end the job's ranks too, then stop
-            _end_group(proc, signal.SIGTERM)
+        except BaseException as stop:  # Ctrl-C / SIGTERM of the sweep: end the job's ranks too, then stop
+            # (the job runs in a session of its own: the terminal's Ctrl-C does not reach it)
+            _end_group(proc, signal.SIGINT if isinstance(stop, KeyboardInterrupt) else signal.SIGTERM)
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
