@@ -635,6 +635,10 @@ def protocol_from_args(argv: list[str] | None = None) -> Protocol:
     trials = args.trials or int(spec.get("trials", 8))
     if trials < 1 or jobs < 1:
         raise ConfigError("protocol: --trials and --jobs must be >= 1.")
+    gpus_per_job = args.gpus_per_job if args.gpus_per_job is not None else int(spec.get("gpus_per_job", 0))
+    if gpus_per_job:   # more GPUs than the node has: refused before protocol.json is written (Runner checks too)
+        from sskt_lightning.device_slots import DeviceSlots
+        DeviceSlots(gpus_per_job).check_concurrency(jobs, "runs at once (--jobs)")
     batch = args.batch or int(spec.get("batch", 0)) or (1 if len(methods) >= jobs else jobs)
     baseline = args.baseline or spec.get("baseline") or ("scratch" if "scratch" in names else "")
     return Protocol(out=args.out, setting=[*(spec.get("setting") or []), *args.overrides], methods=methods,
@@ -643,7 +647,7 @@ def protocol_from_args(argv: list[str] | None = None) -> Protocol:
                     jobs=jobs, threads=args.threads or int(spec.get("threads", 0)) or max(1, (os.cpu_count() or 1) // jobs),
                     metric=metric, sampler_seed=int(spec.get("sampler_seed", 0)), batch=batch,
                     setting_name=args.setting or spec.get("name") or args.out.name, baseline=baseline,
-                    gpus_per_job=args.gpus_per_job if args.gpus_per_job is not None else int(spec.get("gpus_per_job", 0)))
+                    gpus_per_job=gpus_per_job)
 
 
 def main(argv: list[str] | None = None) -> int:

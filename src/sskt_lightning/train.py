@@ -516,11 +516,11 @@ def _hydra_main(cfg: DictConfig) -> float:
         try:
             check_digest(cfg)                   # a sweep job's process (each rank): the job's config
             own, per_job = own_process_plan(cfg, hydra_cfg, multirun)
-        except SSKTError as err:
+            if own:                             # DDP / a GPU slot inside -m: the job as a single run
+                return run_job_in_subprocess(cfg, hydra_cfg, per_job)
+        except SSKTError as err:                # refused before training (no slot fits, another config)
             record_failure(cfg, err)
             raise
-        if own:                                 # DDP / a GPU slot inside -m: the job as a single run
-            return run_job_in_subprocess(cfg, hydra_cfg, per_job)
         return optimized_value(cfg, run(cfg))   # run() records a failure in the run directory
     except Interrupted as err:                  # a sweep stops too: it was asked to
         print(f"\nerror: {err}\n", file=sys.stderr)
