@@ -191,6 +191,17 @@ def test_more_gpus_than_the_node_has_stops_before_any_job(tmp_path, cifar_dir):
 
 
 @pytest.mark.slow
+def test_a_job_whose_gpus_do_not_fit_fails_alone(tmp_path, cifar_dir):
+    """``trainer.devices`` swept past the node (the check before the sweep sees only the unswept value):
+    that job fails with the slot error recorded, the other trains, the sweep exits 1 naming it."""
+    sweep_dir, proc = sweep(tmp_path, cifar_dir, "trainer=cpu", "hydra/launcher=joblib", "hydra.launcher.n_jobs=1",
+                            "trainer.devices=1,3", returncode=1, env={"SSKT_FAKE_GPU_COUNT": "2"})
+    assert json.loads((sweep_dir / "0" / "results.json").read_text())["devices"] == {"visible": "0", "slot": 0}
+    assert (sweep_dir / "1" / "failed.txt").read_text().startswith("SlotError: each job asks for 3 GPU(s)")
+    assert "1 of 2 jobs failed" in proc.stderr and "  job 1: SlotError:" in proc.stderr
+
+
+@pytest.mark.slow
 def test_a_job_killed_mid_sweep(tmp_path, cifar_dir):
     """Job 0's rank 0 is SIGKILLed at its second batch (nothing recorded by it): its rank 1 is ended,
     job 1 trains to the end, the sweep exits 1 naming job 0."""
