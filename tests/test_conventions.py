@@ -346,16 +346,40 @@ def _cfg(**trainer):
     return OmegaConf.create({"trainer": trainer})
 
 
-def test_ddp_inside_a_multirun_refused_unless_slurm_starts_the_processes():
-    from sskt_lightning.train import cluster_launch, launch_problem
+def test_ddp_inside_a_multirun_runs_on_this_node_refused_only_across_nodes():
+    """DDP jobs in a sweep on this node run (each as a single run of its own, ddp_launch); only a job
+    spanning several nodes without a cluster launcher is refused, and SLURM-started jobs run as today."""
+    from sskt_lightning.train import cluster_launch, launch_problem, own_process_plan
     ddp = _cfg(strategy="ddp", devices=4)
-    assert "hydra/launcher=submitit_slurm" in launch_problem(ddp, True, False, env={})
+    assert launch_problem(ddp, True, False, env={}) is None
+    basic = OmegaConf.create({"launcher": {"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}})
+    assert own_process_plan(ddp, basic, True, env={}) == (True, None)
+    assert own_process_plan(ddp, basic, False, env={}) == (False, None)          # a single run: Lightning's launcher
+    assert own_process_plan(_cfg(strategy="ddp", devices=1), basic, True, env={}) == (False, None)
+    assert own_process_plan(_cfg(accelerator="cpu", devices=2), basic, True, env={}) == (True, None)   # auto: ddp
+    assert own_process_plan(_cfg(strategy="ddp_spawn", devices=2), basic, True, env={}) == (False, None)
+    nodes = _cfg(strategy="ddp", devices=4, num_nodes=2)
+    assert "hydra/launcher=submitit_slurm" in launch_problem(nodes, True, False, env={})
     slurm = {"SLURM_NTASKS": "4", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "1"}
     assert cluster_launch(slurm) == ("SLURM", 4)
-    assert launch_problem(ddp, True, False, env=slurm) is None            # submitit_slurm: SLURM starts them
+    assert launch_problem(nodes, True, False, env=slurm) is None            # submitit_slurm: SLURM starts them
+    assert own_process_plan(ddp, basic, True, env=slurm) == (False, None)   # ... and nothing changes under SLURM
     assert cluster_launch({**slurm, "SLURM_JOB_NAME": "bash"}) is None     # an interactive allocation
-    assert launch_problem(_cfg(strategy="ddp", devices=1), True, False, env={}) is None
     assert launch_problem(_cfg(devices=1), False, False, env={}) is None
+
+
+def test_gpu_slots_only_for_joblib_jobs_on_gpus():
+    from sskt_lightning.train import own_process_plan
+    joblib = OmegaConf.create({"launcher": {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher."
+                                                        "JoblibLauncher"}})
+    fake = {"SSKT_FAKE_GPU_COUNT": "8"}
+    assert own_process_plan(_cfg(devices=2), joblib, True, env=fake) == (True, 2)
+    assert own_process_plan(_cfg(devices=1), joblib, True, env=fake) == (True, 1)
+    assert own_process_plan(_cfg(devices="auto"), joblib, True, env=fake) == (True, 8)
+    assert own_process_plan(_cfg(devices=[0, 1]), joblib, True, env=fake) == (True, None)   # ids: the user's
+    assert own_process_plan(_cfg(devices=1, accelerator="cpu"), joblib, True, env={}) == (False, None)  # CPU jobs
+    basic = OmegaConf.create({"launcher": {"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}})
+    assert own_process_plan(_cfg(devices=1), basic, True, env=fake) == (False, None)   # one job at a time
 
 
 def test_processes_started_by_a_cluster_launcher_must_share_one_run_dir():

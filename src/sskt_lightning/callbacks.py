@@ -91,8 +91,8 @@ class ThroughputMeter(L.Callback):
 
 class WeightsDigest(L.Callback):
     """After training, each process writes digests of the target's parameters and of its buffers
-    (BatchNorm statistics) to ``<run dir>/weights_digest_rank<r>.json``: under DDP all ranks must
-    agree (a sync check)."""
+    (BatchNorm statistics), and of the resolved config it trained, to
+    ``<run dir>/weights_digest_rank<r>.json``: under DDP all ranks must agree (a sync check)."""
 
     @staticmethod
     def _digest(tensors) -> str:
@@ -104,6 +104,7 @@ class WeightsDigest(L.Callback):
         return digest.hexdigest()
 
     def on_fit_end(self, trainer, module):
+        import hashlib
         import json
         from pathlib import Path
 
@@ -111,6 +112,10 @@ class WeightsDigest(L.Callback):
         out = Path(trainer.default_root_dir) / f"weights_digest_rank{trainer.global_rank}.json"
         atomic_write_text(out, json.dumps({
             "rank": trainer.global_rank, "world_size": trainer.world_size,
+            # the resolved config this process trained (a sweep job's ranks: the job's, all alike)
+            "config": hashlib.sha256(json.dumps(module.hparams.get("config"), sort_keys=True,
+                                                default=str).encode()).hexdigest(),
+            "seed": (module.hparams.get("config") or {}).get("seed"),
             "parameters": self._digest(sorted(module.target.named_parameters())),
             "buffers": self._digest(sorted(module.target.named_buffers()))}))
 

@@ -100,6 +100,7 @@ class Protocol:
     setting_name: str = ""
     baseline: str = "scratch"
     notes: list[str] = field(default_factory=list)    # lines for the report's header (e.g. EMA on/off)
+    gpus_per_job: int = 0                 # >0: each run gets its own GPUs (device_slots; CUDA_VISIBLE_DEVICES)
 
     def identity(self) -> dict:
         """What must not change when a protocol resumes (the rest - jobs, threads - may)."""
@@ -383,6 +384,12 @@ class Runner:
         self.proto, self.log = proto, log
         self.running: list[tuple[Job, subprocess.Popen, float, Any]] = []
         self.started = time.perf_counter()
+        # GPU slots (issue #23): each run its own GPUs; more than the node has is refused here, before any run
+        from sskt_lightning.device_slots import DeviceSlots
+        self.slots = DeviceSlots(proto.gpus_per_job) if proto.gpus_per_job else None
+        if self.slots is not None:
+            self.slots.check_concurrency(proto.jobs, "runs at once (--jobs)")
+        self.devices: dict[Path, tuple] = {}   # run dir -> its slot's devices (results.json "devices")
 
     def _env(self) -> dict:
         env = dict(os.environ)
@@ -400,7 +407,11 @@ class Runner:
         job.run_dir.mkdir(parents=True, exist_ok=True)
         _write(job.run_dir / PROTOCOL_FILE, job.sidecar(self.proto, None))
         logf = open(job.run_dir / "train.log", "w")
-        proc = subprocess.Popen(job.command(self.proto), stdout=logf, stderr=subprocess.STDOUT, env=self._env())
+        env = self._env()
+        if self.slots is not None:
+            self.devices[job.run_dir] = self.slots.acquire()
+            env.update(self.slots.env(self.devices[job.run_dir]))
+        proc = subprocess.Popen(job.command(self.proto), stdout=logf, stderr=subprocess.STDOUT, env=env)
         self.running.append((job, proc, time.perf_counter(), logf))
 
     def reap(self) -> list[Job]:
@@ -410,6 +421,8 @@ class Runner:
                 still.append((job, proc, t0, logf))
                 continue
             logf.close()
+            if job.run_dir in self.devices:
+                self.slots.release(self.devices.pop(job.run_dir))
             elapsed = round(time.perf_counter() - t0, 1)
             _write(job.run_dir / PROTOCOL_FILE, job.sidecar(self.proto, elapsed))
             state = run_state(job.run_dir)
@@ -594,6 +607,8 @@ def protocol_from_args(argv: list[str] | None = None) -> Protocol:
     p.add_argument("--search-seed", type=int, help="the seed of every search trial (default 100)")
     p.add_argument("--jobs", type=int, help="training runs at a time (default 2)")
     p.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
+    p.add_argument("--gpus-per-job", type=int, help="GPUs of each run, its own (CUDA_VISIBLE_DEVICES); --jobs x this "
+                                                    "must fit the node's GPUs (default 0: runs see every GPU)")
     p.add_argument("--metric", choices=METRICS, help=f"validation key of results.json to select on "
                                                      f"(default {DEFAULT_METRIC}: the last epoch's, as the test "
                                                      f"number is; best_val_acc: best over epochs)")
@@ -605,7 +620,7 @@ def protocol_from_args(argv: list[str] | None = None) -> Protocol:
     args = p.parse_args(argv)
     spec = OmegaConf.to_container(OmegaConf.load(args.spec)) if args.spec else {}
     unknown = set(spec) - {"setting", "methods", "trials", "seeds", "search_seed", "jobs", "threads", "metric",
-                           "batch", "name", "baseline", "sampler_seed"}
+                           "batch", "name", "baseline", "sampler_seed", "gpus_per_job"}
     if unknown:
         raise ConfigError(f"protocol spec {args.spec}: unknown keys {sorted(unknown)}.")
     defined = spec.get("methods") or {}
@@ -620,6 +635,10 @@ def protocol_from_args(argv: list[str] | None = None) -> Protocol:
     trials = args.trials or int(spec.get("trials", 8))
     if trials < 1 or jobs < 1:
         raise ConfigError("protocol: --trials and --jobs must be >= 1.")
+    gpus_per_job = args.gpus_per_job if args.gpus_per_job is not None else int(spec.get("gpus_per_job", 0))
+    if gpus_per_job:   # more GPUs than the node has: refused before protocol.json is written (Runner checks too)
+        from sskt_lightning.device_slots import DeviceSlots
+        DeviceSlots(gpus_per_job).check_concurrency(jobs, "runs at once (--jobs)")
     batch = args.batch or int(spec.get("batch", 0)) or (1 if len(methods) >= jobs else jobs)
     baseline = args.baseline or spec.get("baseline") or ("scratch" if "scratch" in names else "")
     return Protocol(out=args.out, setting=[*(spec.get("setting") or []), *args.overrides], methods=methods,
@@ -627,7 +646,8 @@ def protocol_from_args(argv: list[str] | None = None) -> Protocol:
                     search_seed=args.search_seed if args.search_seed is not None else int(spec.get("search_seed", 100)),
                     jobs=jobs, threads=args.threads or int(spec.get("threads", 0)) or max(1, (os.cpu_count() or 1) // jobs),
                     metric=metric, sampler_seed=int(spec.get("sampler_seed", 0)), batch=batch,
-                    setting_name=args.setting or spec.get("name") or args.out.name, baseline=baseline)
+                    setting_name=args.setting or spec.get("name") or args.out.name, baseline=baseline,
+                    gpus_per_job=gpus_per_job)
 
 
 def main(argv: list[str] | None = None) -> int:

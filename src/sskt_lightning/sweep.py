@@ -1,4 +1,9 @@
-"""The end of a Hydra multirun: a sweep in which any job failed says so and exits non-zero.
+"""The start and end of a Hydra multirun: GPUs checked before any job starts; a sweep in which any
+job failed says so and exits non-zero.
+
+:class:`GpuSlotsCheck` (``hydra.callbacks.gpu_slots``): a sweep that spreads its jobs over the node's
+GPUs (``hydra/launcher=joblib``, :func:`sskt_lightning.ddp_launch.slot_plan`) and asks for more GPUs than
+the node has (per job, or ``hydra.launcher.n_jobs`` jobs at once) stops before any job starts, exit 2.
 
 Registered in ``conf/train.yaml`` (``hydra.callbacks.failed_jobs``). Each failed job wrote
 ``failed.txt`` (first line: the error on one line) into its directory; :class:`FailedJobsSummary`
@@ -31,6 +36,29 @@ def failed_jobs(sweep_dir: str | Path) -> list[tuple[str, str]]:
 
 def count_jobs(sweep_dir: str | Path) -> int:
     return sum(1 for p in Path(sweep_dir).rglob(".hydra") if p.is_dir())
+
+
+class GpuSlotsCheck(Callback):
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from omegaconf import OmegaConf
+
+        from sskt_lightning.ddp_launch import slot_plan
+        from sskt_lightning.device_slots import DeviceSlots
+        from sskt_lightning.errors import SSKTError
+        from sskt_lightning.train import cluster_launch
+        if cluster_launch() is not None:
+            return
+        try:
+            per_job = slot_plan(config, str(OmegaConf.select(config, "hydra.launcher._target_", default="") or ""))
+            if per_job is None:
+                return
+            slots = DeviceSlots(per_job)
+            n_jobs = OmegaConf.select(config, "hydra.launcher.n_jobs", default=None)
+            if isinstance(n_jobs, int) and n_jobs > 0:   # -1 (joblib's default, "every core"): as many as fit
+                slots.check_concurrency(n_jobs, "jobs at once (hydra.launcher.n_jobs)")
+        except SSKTError as err:
+            print(f"\nerror: {err}\n", file=sys.stderr)
+            sys.exit(2)
 
 
 class FailedJobsSummary(Callback):

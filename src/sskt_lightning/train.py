@@ -334,6 +334,7 @@ def fit_and_test(cfg: DictConfig, trainer, module, dm, resume_path: Path | None,
 def build_results(cfg: DictConfig, module, dm, data_info: dict, trainer, outcome: dict, watch: Watchers,
                   group: str, sources: list[str], output_dir: Path) -> dict:
     """The content of ``results.json`` (``outcome``: :func:`fit_and_test`'s)."""
+    from sskt_lightning.device_slots import assignment
     tested, val_hist = outcome["tested"], outcome["val"]
     return {
         "status": "ok",
@@ -355,6 +356,7 @@ def build_results(cfg: DictConfig, module, dm, data_info: dict, trainer, outcome
         "compiled": module.compiled,   # networks run through torch.compile (compile.*)
         "model_settings": module.model_settings,   # model.weights (+ sha256) / model.freeze; {} when unset
         "overrides": _task_overrides(),
+        "devices": assignment(),   # CUDA_VISIBLE_DEVICES and the GPU slot of a sweep / protocol job
         "extra": {k.replace("/", "_"): float(v) for k, v in tested.items() if k != "test/acc"},
     }
 
@@ -469,18 +471,19 @@ def cluster_launch(env=os.environ) -> tuple[str, int] | None:
 def launch_problem(cfg: DictConfig, multirun: bool, run_dir_given: bool, env=os.environ) -> str | None:
     """Why this DDP set-up cannot start, or None.
 
-    * ``trainer=ddp`` with several devices inside a multirun that no cluster launcher started:
-      Lightning's DDP launcher would re-run the command line, i.e. the whole sweep, in every
-      child (with ``hydra/launcher=submitit_slurm`` SLURM starts the processes: allowed);
+    * a multirun on one machine (no cluster launcher started it) whose jobs span several nodes
+      (``trainer.num_nodes`` > 1): the sweep can start a job's processes on this node only (a
+      job with several devices on this node is run by :mod:`sskt_lightning.ddp_launch`);
     * several processes started by torchrun or SLURM for a single run without ``hydra.run.dir``:
       each resolves the default ``${now:...}`` directory on its own and could write elsewhere."""
     launched = cluster_launch(env)
-    ddp = cfg.trainer.get("strategy") == "ddp"
-    if multirun and ddp and cfg.trainer.get("devices") not in (1, "1") and launched is None:
-        return ("trainer=ddp cannot run inside a Hydra multirun (-m) on one machine: Lightning's DDP "
-                "launcher re-runs the command line, i.e. the whole sweep, in every process. Run each job "
-                "as a single run instead, or sweep on a SLURM cluster with hydra/launcher=submitit_slurm "
-                "and hydra.launcher.tasks_per_node=<devices> (see docs/multi-gpu-and-clusters.md).")
+    nodes = cfg.trainer.get("num_nodes", 1)
+    if multirun and launched is None and isinstance(nodes, int) and nodes > 1:
+        return (f"trainer.num_nodes={nodes} inside a Hydra multirun (-m) that no cluster launcher started: "
+                "a sweep on this machine can start each job's processes on this node only. Sweep on a SLURM "
+                "cluster with hydra/launcher=submitit_slurm hydra.launcher.nodes=<nodes> "
+                "hydra.launcher.tasks_per_node=<devices> (see docs/multi-gpu-and-clusters.md), or use "
+                "trainer.num_nodes=1.")
     if launched is not None and not multirun and not run_dir_given:
         launcher, n = launched
         example = "outputs/$SLURM_JOB_ID" if launcher == "SLURM" else "outputs/<run name>"
@@ -488,6 +491,17 @@ def launch_problem(cfg: DictConfig, multirun: bool, run_dir_given: bool, env=os.
                 "directory (outputs/<date>/<time>) from its own clock, so they could write to different "
                 f"directories. Give them one: hydra.run.dir={example}.")
     return None
+
+
+def own_process_plan(cfg: DictConfig, hydra_cfg, multirun: bool, env=os.environ) -> tuple[bool, int | None]:
+    """``(run this multirun job in a process of its own, GPUs per job or None)``: a job of several
+    processes (DDP) or one on a GPU slot, in a sweep no cluster launcher started
+    (:mod:`sskt_lightning.ddp_launch`)."""
+    if not multirun or cluster_launch(env) is not None:
+        return False, None
+    from sskt_lightning.ddp_launch import several_processes, slot_plan
+    per_job = slot_plan(cfg, str(OmegaConf.select(hydra_cfg, "launcher._target_", default="") or ""), env)
+    return per_job is not None or several_processes(cfg), per_job
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
@@ -502,6 +516,15 @@ def _hydra_main(cfg: DictConfig) -> float:
     if any(isinstance(h, logging.FileHandler) for h in logging.getLogger().handlers):
         logging.captureWarnings(True)   # warnings into the run's log file too (hydra/job_logging=sskt)
     try:
+        from sskt_lightning.ddp_launch import check_digest, run_job_in_subprocess
+        try:
+            check_digest(cfg)                   # a sweep job's process (each rank): the job's config
+            own, per_job = own_process_plan(cfg, hydra_cfg, multirun)
+            if own:                             # DDP / a GPU slot inside -m: the job as a single run
+                return run_job_in_subprocess(cfg, hydra_cfg, per_job)
+        except SSKTError as err:                # refused before training (no slot fits, another config)
+            record_failure(cfg, err)
+            raise
         return optimized_value(cfg, run(cfg))   # run() records a failure in the run directory
     except Interrupted as err:                  # a sweep stops too: it was asked to
         print(f"\nerror: {err}\n", file=sys.stderr)
