@@ -41,7 +41,7 @@ def test_search_spaces_come_from_the_hparams_search_configs():
                           "method.temperature", "method.aux_loss", "data.unlabeled_ratio"}
     assert dists["method.aux_loss"].choices == ("ce", "kd")
     assert dists["method.alpha"].low == pytest.approx(0.05) and dists["method.alpha"].high == pytest.approx(2.0)
-    assert type(dists["method.alpha"]).__name__ == "LogUniformDistribution"
+    assert type(dists["method.alpha"]).__name__ == "FloatDistribution" and dists["method.alpha"].log
     for space, key in [("kd", "method.temperature"), ("dml", "method.kl_warmup"), ("maxl", "method.psi"),
                        ("maxl", "method.generator_optim.lr"), ("scratch", "optim.optimizer.lr")]:
         assert key in P.search_space(space)[0], (space, key)
@@ -461,3 +461,75 @@ def test_benchmark_runs_the_policies_first_then_the_winner_and_sskt_fixmatch_wit
     calls.clear()
     B.main(argv)
     assert len(calls) == 2 and [m for m, s in calls[0].items() if not s.final] == ["softmatch"]
+
+
+# ----------------------------------------------------------------------------- pruning (issue #20)
+
+
+def _fake_trial(search, k: int, val: float, steps: int) -> None:
+    """Trial k on disk as a finished run that scored ``val`` at each of its ``steps`` validations."""
+    search.ask_round(k)
+    fake_results(search.trial_dir(k), val, None)     # a search trial never tests
+    (search.trial_dir(k) / "protocol.json").write_text(json.dumps({"name": search.method.name, "phase": "search",
+                                                                  "trial": k, "elapsed_s": 1.0}))
+    (search.trial_dir(k) / "intermediate.jsonl").write_text(
+        "".join(json.dumps({"step": s, "val_acc": val}) + "\n" for s in range(steps)))
+
+
+def test_should_prune_spares_the_startup_trials_and_the_warmup():
+    from sskt_lightning.pruning import should_prune
+    earlier = [{"state": "complete", "value": 0.9, "values": {0: 0.8, 1: 0.9, 2: 0.9}}] * 2
+    ctx = {"trial": 2, "pruner": "median", "n_startup": 2, "warmup": 1, "earlier": earlier}
+    assert not should_prune(ctx, {0: 0.1})                     # step 0: the warm-up
+    assert should_prune(ctx, {0: 0.1, 1: 0.2})                 # below the earlier trials' median
+    assert not should_prune(ctx, {0: 0.1, 1: 0.95})
+    assert not should_prune({**ctx, "trial": 1}, {0: 0.1, 1: 0.2})    # a start-up trial: never
+    assert not should_prune({**ctx, "pruner": "none"}, {0: 0.1, 1: 0.2})
+    halving = {**ctx, "pruner": "halving"}
+    assert should_prune(halving, {0: 0.1, 1: 0.2}) and not should_prune(halving, {0: 0.1, 1: 0.95})
+
+
+@pytest.mark.slow
+def test_a_hopeless_trial_is_pruned_recorded_and_a_resume_knows_it(tmp_path, cifar_dir):
+    """Trials 0 and 1 scored 100 % at every validation (written here), so the median pruner stops trial
+    2 (a real run, 3 epochs) at its first validation; the final run is never pruned; a resume
+    repeats nothing and counts nothing as failed."""
+    from sskt_lightning.search import STUDY_FILE, Search, trial_state
+    proto = tiny_protocol(tmp_path, methods=[P.method_spec("scratch")], seeds=[0], pruner="median", prune_warmup=0,
+                          setting=["data=cifar10", f"paths.data_dir={cifar_dir}", "model=resnet20", "trainer=smoke",
+                                   "trainer.max_epochs=3", "data.batch_size=8", "data.num_workers=0",
+                                   "data.val_size=16", "optim=sgd_cosine"])
+    proto.out.mkdir(parents=True)
+    search = Search(proto, proto.methods[0])
+    for k in (0, 1):
+        _fake_trial(search, k, 1.0, steps=3)
+    lines: list[str] = []
+    selected = P.run_protocol(proto, log=lines.append)
+    trial = search.trial_dir(2)
+    res = json.loads((trial / "results.json").read_text())
+    pruned = json.loads((trial / "pruned.json").read_text())
+    assert res["status"] == "pruned" and pruned["epoch"] == 0 and res["epochs"] == 1 and pruned["max_epochs"] == 3
+    assert (trial / "checkpoints" / "last.ckpt").is_file() and (trial / "train.log").is_file()
+    assert trial_state(trial) == "pruned" and P.run_state(trial) == "done"
+    assert any("PRUNED at epoch 1" in ln for ln in lines)
+    assert selected["scratch"]["trial"] == 0 and selected["scratch"]["trials_pruned"] == 1
+    final = proto.out / "scratch" / "final" / "seed_0"
+    fres = json.loads((final / "results.json").read_text())
+    assert fres["status"] == "ok" and fres["epochs"] == 3 and not (final / "pruned.json").exists()
+    assert not any("callbacks.prune" in o for o in fres["overrides"])        # finals are never pruned
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    study = optuna.load_study(study_name="scratch",
+                              storage=JournalStorage(JournalFileBackend(str(proto.out / "scratch" / STUDY_FILE))))
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert study.trials[2].intermediate_values == {0: pytest.approx(pruned["val_acc"])}
+    md = (proto.out / "report" / "report.md").read_text()
+    assert "3 (0, 1)" in md and "pruner: median" in md
+
+    stamps = {p: p.stat().st_mtime_ns for p in proto.out.rglob("results.json")}
+    again: list[str] = []
+    P.run_protocol(proto, log=again.append)
+    assert {p: p.stat().st_mtime_ns for p in proto.out.rglob("results.json")} == stamps    # nothing re-ran
+    assert not any(" min] " in ln for ln in again) and P.missing(proto, selected) == []

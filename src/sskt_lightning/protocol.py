@@ -100,13 +100,30 @@ class Protocol:
     setting_name: str = ""
     baseline: str = "scratch"
     notes: list[str] = field(default_factory=list)    # lines for the report's header (e.g. EMA on/off)
+    pruner: str = "median"                # none | median | halving (sskt_lightning.pruning)
+    prune_startup: int = 2                # trials 0 (the recipe) .. n-1 are never pruned
+    prune_warmup: int | None = None       # validations never pruned (default: a third of the epochs)
 
     def identity(self) -> dict:
         """What must not change when a protocol resumes (the rest - jobs, threads - may)."""
         return {"setting": self.setting, "methods": {m.name: {"overrides": m.overrides, "space": m.space}
                                                      for m in self.methods},     # (flags: report only)
                 "trials": self.trials, "search_seed": self.search_seed, "metric": self.metric,
-                "sampler_seed": self.sampler_seed, "batch": self.batch}
+                "sampler_seed": self.sampler_seed, "batch": self.batch,
+                # (a protocol from before pruning existed resumes with --pruner none)
+                **({"pruner": {"kind": self.pruner, "startup": self.prune_startup, "warmup": self.prune_warmup}}
+                   if self.pruner != "none" else {})}
+
+
+PRUNE_CALLBACK = "sskt_lightning.pruning.PruneCallback"
+
+
+def __getattr__(name: str):
+    """The search (sskt_lightning.search) as before, from here: ``protocol.Search``, ``protocol.search_space``."""
+    if name in ("Search", "search_space", "parse_space", "trial_state"):
+        from sskt_lightning import search
+        return getattr(search, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def config_dir() -> Path:
@@ -170,26 +187,6 @@ def method_spec(name: str, value: Any = None, *, space: str | None = None, unlab
     unl = uses_unlabeled(overrides) if flags["unlabeled"] is None else bool(flags["unlabeled"])
     return MethodSpec(name, overrides, space or _space_name(name, overrides), unlabeled=unl,
                       reference=bool(flags["reference"]), final=bool(flags["final"]))
-
-
-def search_space(space: str) -> tuple[dict, dict, dict]:
-    """(distributions, fixed values, sampler settings) of ``conf/hparams_search/<space>.yaml``,
-    parsed by hydra-optuna-sweeper's own reader of ``hydra.sweeper.params``."""
-    path = config_dir() / "hparams_search" / f"{space}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"protocol: search space {path} not found.")
-    try:
-        from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
-    except ImportError as err:
-        raise ConfigError("protocol: the search needs optuna and hydra-optuna-sweeper: "
-                          "pip install 'sskt_lightning[sweep]'.") from err
-    sweeper = OmegaConf.load(path).get("hydra", {}).get("sweeper", {})
-    params = OmegaConf.to_container(sweeper.get("params") or {})
-    if not params:
-        raise ConfigError(f"protocol: {path} defines no hydra.sweeper.params.")
-    dists, fixed = create_params_from_overrides([f"{k}={v}" for k, v in params.items()])
-    sampler = OmegaConf.to_container(sweeper.get("sampler") or {})
-    return dists, fixed, sampler
 
 
 # ------------------------------------------------------------------------------------------ runs on disk
@@ -258,12 +255,15 @@ class Job:
     seed: int
     params: dict
     trial: int | None = None
+    prune: dict | None = None    # a search trial's pruning context (prune_context.json), None: never pruned
 
     def command(self, proto: Protocol) -> list[str]:
         return [sys.executable, "-m", "sskt_lightning.train", *_format(proto.setting, self.seed),
                 *_format(self.method.overrides, self.seed), *_param_overrides(self.params),
                 f"seed={self.seed}", f"hydra.run.dir={self.run_dir.resolve()}", "trainer.enable_progress_bar=false",
-                *(["test=false"] if self.phase == "search" else [])]   # a search never reads the test split
+                *(["test=false"] if self.phase == "search" else []),   # a search never reads the test split
+                *([f"+callbacks.prune._target_={PRUNE_CALLBACK}", f"+callbacks.prune.run_dir={self.run_dir.resolve()}"]
+                  if self.prune else [])]
 
     def sidecar(self, proto: Protocol, elapsed: float | None) -> dict:
         return {"name": self.method.name, "setting": proto.setting_name, "phase": self.phase, "trial": self.trial,
@@ -272,105 +272,6 @@ class Job:
 
 
 # ------------------------------------------------------------------------------------------ the search
-
-
-class Search:
-    """One method's search: trials asked round by round from a study rebuilt from disk."""
-
-    def __init__(self, proto: Protocol, method: MethodSpec) -> None:
-        self.proto, self.method = proto, method
-        self.dir = proto.out / method.name
-        self.dists, self.fixed, sampler = search_space(method.space)
-        self.n_startup = int(sampler.get("n_startup_trials", max(1, proto.trials // 3)))
-        self.defaults = self._defaults()
-
-    def _defaults(self) -> dict:
-        """The method's configured values of the searched keys (trial 0 tries them where they lie in
-        the space, so the search never misses the recipe it starts from)."""
-        from sskt_lightning.compose import compose_config
-        cfg = compose_config([*self.proto.setting, *_format(self.method.overrides, self.proto.search_seed)],
-                             self.proto.out / ".compose")
-        out = {}
-        for key, dist in self.dists.items():
-            value = OmegaConf.select(cfg, key, default=None)
-            try:
-                if value is not None and dist._contains(dist.to_internal_repr(value)):
-                    out[key] = value
-            except (ValueError, TypeError):
-                pass
-        return out
-
-    def trial_dir(self, k: int) -> Path:
-        return self.dir / "search" / f"trial_{k:03d}"
-
-    def trials_on_disk(self) -> dict[int, dict]:
-        out = {}
-        for k in range(self.proto.trials):
-            t = _read(self.trial_dir(k) / TRIAL_FILE)
-            if t is not None:
-                out[k] = t["params"]
-        return out
-
-    def _study(self, finished: dict[int, tuple[dict, float | None]], seed: int):
-        import optuna
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.n_startup)
-        study = optuna.create_study(direction="maximize", sampler=sampler)
-        for k in sorted(finished):
-            params, value = finished[k]
-            state = optuna.trial.TrialState.COMPLETE if value is not None else optuna.trial.TrialState.FAIL
-            study.add_trial(optuna.trial.create_trial(params=params, distributions=self.dists, value=value,
-                                                      state=state))
-        return study
-
-    def ask_round(self, r: int) -> None:
-        """Write trial.json for every trial of round ``r`` that has none (deterministic)."""
-        b = self.proto.batch
-        numbers = [k for k in range(r * b, min((r + 1) * b, self.proto.trials))]
-        if all((self.trial_dir(k) / TRIAL_FILE).is_file() for k in numbers):
-            return
-        finished = {k: (p, metric_value(self.trial_dir(k), self.proto.metric))
-                    for k, p in self.trials_on_disk().items() if k < r * b}
-        seed = (self.proto.sampler_seed * 1_000_003 + zlib.crc32(self.method.name.encode()) + r) % 2**31
-        study = self._study(finished, seed)
-        for k in numbers:
-            trial = study.ask(self.dists)
-            params = dict(trial.params)
-            if k == 0:
-                params.update(self.defaults)
-            params = {key: params[key] for key in self.dists}       # the space's order
-            path = self.trial_dir(k) / TRIAL_FILE
-            if not path.is_file():
-                _write(path, {"trial": k, "params": params, "fixed": self.fixed, "round": r})
-
-    def next_jobs(self) -> tuple[list[Job], bool]:
-        """(jobs to run now, finished?): the unfinished trials of the first incomplete round."""
-        b = self.proto.batch
-        for r in range(math.ceil(self.proto.trials / b)):
-            numbers = range(r * b, min((r + 1) * b, self.proto.trials))
-            self.ask_round(r)
-            todo = [k for k in numbers if run_state(self.trial_dir(k)) == "todo"]
-            if todo:
-                params = self.trials_on_disk()
-                return [Job(self.method, "search", self.trial_dir(k), self.proto.search_seed,
-                            {**self.fixed, **params[k]}, trial=k) for k in todo], False
-        return [], True
-
-    def select(self) -> dict | None:
-        """The best finished trial by the protocol's metric (ties: the earlier trial), or None."""
-        scored = []
-        for k, params in sorted(self.trials_on_disk().items()):
-            v = metric_value(self.trial_dir(k), self.proto.metric)
-            if v is not None:
-                scored.append((v, -k, k, params))
-        if not scored:
-            return None
-        value, _, k, params = max(scored)
-        selected = {"method": self.method.name, "metric": self.proto.metric, "value": value, "trial": k,
-                    "params": {**self.fixed, **params}, "trials": len(self.trials_on_disk()),
-                    "trials_ok": len(scored)}
-        _write(self.dir / SELECTED_FILE, selected)
-        return selected
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -399,6 +300,9 @@ class Runner:
                 _write(job.run_dir / TRIAL_FILE, keep)
         job.run_dir.mkdir(parents=True, exist_ok=True)
         _write(job.run_dir / PROTOCOL_FILE, job.sidecar(self.proto, None))
+        if job.prune is not None:
+            from sskt_lightning.pruning import CONTEXT_FILE
+            _write(job.run_dir / CONTEXT_FILE, job.prune)
         logf = open(job.run_dir / "train.log", "w")
         proc = subprocess.Popen(job.command(self.proto), stdout=logf, stderr=subprocess.STDOUT, env=self._env())
         self.running.append((job, proc, time.perf_counter(), logf))
@@ -413,7 +317,12 @@ class Runner:
             elapsed = round(time.perf_counter() - t0, 1)
             _write(job.run_dir / PROTOCOL_FILE, job.sidecar(self.proto, elapsed))
             state = run_state(job.run_dir)
-            if state != "done" and not (job.run_dir / "failed.txt").is_file():
+            pruned = _read(job.run_dir / "pruned.json") if state == "done" else None
+            if pruned is not None:       # stopped by its pruner: a finished, shortened run, not a failure
+                res = _read(job.run_dir / "results.json") or {}
+                _write(job.run_dir / "results.json", {**res, "status": "pruned", "pruned": pruned})
+                state = "pruned"
+            if state not in ("done", "pruned") and not (job.run_dir / "failed.txt").is_file():
                 tail = (job.run_dir / "train.log").read_text(errors="replace").splitlines()[-40:]
                 (job.run_dir / "failed.txt").write_text(
                     f"exit code {proc.returncode}, no results.json; the log's last lines:\n" + "\n".join(tail) + "\n")
@@ -421,6 +330,8 @@ class Runner:
             what = f"trial {job.trial}" if job.phase == "search" else f"seed {job.seed}"
             value = metric_value(job.run_dir, self.proto.metric)
             shown = f"{self.proto.metric} {100 * value:.2f}" if value is not None else state.upper()
+            if pruned is not None:
+                shown = f"PRUNED at epoch {pruned['epoch'] + 1} (val_acc {100 * pruned['val_acc']:.2f})"
             self.log(f"[{(time.perf_counter() - self.started) / 60:6.1f} min] {job.method.name:16s} "
                      f"{job.phase:6s} {what:9s} {shown} ({elapsed:.0f} s)")
             done.append(job)
@@ -435,12 +346,15 @@ def run_protocol(proto: Protocol, log=print) -> dict:
     """Run (or resume) the protocol; return {method: selected.json or None}, write the report."""
     proto.out.mkdir(parents=True, exist_ok=True)
     _check_identity(proto)
+    from sskt_lightning.search import Search
     searches = {m.name: Search(proto, m) for m in proto.methods}
     runner = Runner(proto, log)
     selected: dict[str, dict | None] = {}
     queue: list[Job] = []
     try:
         while True:
+            for name in {j.method.name for j in runner.reap() if j.phase == "search"}:
+                searches[name].save_study()      # <method>/study.journal: the study on disk, as it stands
             for name, search in searches.items():
                 if any(j.method.name == name for j in queue) or any(j.method.name == name and j.phase == "search"
                                                                    for j, *_ in runner.running):
@@ -467,7 +381,6 @@ def run_protocol(proto: Protocol, log=print) -> dict:
             if not queue and not runner.running and len(selected) == len(searches):
                 break
             time.sleep(0.5)
-            runner.reap()
     except KeyboardInterrupt:
         for _, proc, *_ in runner.running:
             proc.terminate()
@@ -541,6 +454,23 @@ def compute_seconds(out: Path) -> dict[str, float]:
     return totals
 
 
+def pruned_trials(method_dir: Path) -> list[dict]:
+    """The method's pruned search trials: trial, epoch stopped at, and the compute it did not spend
+    (its remaining epochs at its own seconds per epoch; None where the run's length is unknown)."""
+    out = []
+    for d in sorted((method_dir / "search").glob("trial_*")):
+        res = _read(d / "results.json") or {}
+        info = _read(d / "pruned.json")
+        if info is None or res.get("status") == "failed":
+            continue
+        ran, total = int(info.get("epoch", 0)) + 1, info.get("max_epochs")
+        elapsed = (_read(d / PROTOCOL_FILE) or {}).get("elapsed_s")
+        saved = (float(elapsed) * (int(total) - ran) / ran if elapsed is not None and total and int(total) > ran
+                 else None)
+        out.append({"trial": d.name, "epochs_run": ran, "max_epochs": total, "saved_s": saved})
+    return out
+
+
 def write_protocol_report(proto: Protocol, selected: dict, log=print) -> Path | None:
     """``DIR/report/``: the final runs' report (sskt_lightning.report), with the search summary appended."""
     import pandas as pd
@@ -554,16 +484,21 @@ def write_protocol_report(proto: Protocol, selected: dict, log=print) -> Path | 
     for m in proto.methods:
         sel = selected.get(m.name) or _read(proto.out / m.name / SELECTED_FILE)
         n_fail = sum(run_state(Path(d)) == "failed" for d in (proto.out / m.name / "search").glob("trial_*"))
+        pruned = pruned_trials(proto.out / m.name)
         rows.append({"method": m.name + (" (reference)" if m.reference else "") +
                      ("" if m.final else " (search only)"), "search space": f"hparams_search/{m.space}.yaml",
-                     "trials (failed)": f"{proto.trials} ({n_fail})",
+                     "trials (failed, pruned)": f"{proto.trials} ({n_fail}, {len(pruned)})",
+                     "pruning saved (est. min)": f"{sum(p['saved_s'] or 0 for p in pruned) / 60:.1f}" if pruned else "–",
                      f"selected: search {proto.metric} (%)": report._fmt(100 * sel["value"]) if sel else "–",
                      "trial": sel["trial"] if sel else "–",
                      "selected parameters": report._params_str(sel["params"]) if sel else "all trials failed"})
     compute = compute_seconds(proto.out)
     search_md = "\n".join([
         "", "## Search (validation only)", "",
-        f"Every method: {proto.trials} trials of TPE on its search space, seed {proto.search_seed}, selected by "
+        f"Every method: {proto.trials} trials of TPE on its search space, seed {proto.search_seed}, "
+        f"pruner: {proto.pruner}" + (f" (never trials 0-{proto.prune_startup - 1} nor the first validations; a pruned "
+                                     "trial is never selected; saved: the epochs it did not run, at its own pace)"
+                                     if proto.pruner != "none" else "") + ", selected by "
         f"`{proto.metric}` (validation); the selected configuration then ran with seeds {proto.seeds}. "
         f"Compute: search {compute['search'] / 60:.1f} min, final runs {compute['final'] / 60:.1f} min "
         f"(sum over runs; {proto.jobs} at a time, {proto.threads} thread(s) each).", "",
@@ -601,11 +536,15 @@ def protocol_from_args(argv: list[str] | None = None) -> Protocol:
                                              "side by side; with a single method, --jobs)")
     p.add_argument("--setting", help="the setting's name in the report (default: the --out directory's name)")
     p.add_argument("--baseline", help="the method the others are paired with (default scratch, when run)")
+    p.add_argument("--pruner", choices=("none", "median", "halving"),
+                   help="stop hopeless search trials early (default median: see sskt_lightning/pruning.py; "
+                        "finals are never pruned; none: every trial runs to its end, as before)")
+    p.add_argument("--prune-warmup", type=int, help="validations never pruned (default: a third of the epochs)")
     p.add_argument("overrides", nargs="*", help="the setting: overrides shared by every run")
     args = p.parse_args(argv)
     spec = OmegaConf.to_container(OmegaConf.load(args.spec)) if args.spec else {}
     unknown = set(spec) - {"setting", "methods", "trials", "seeds", "search_seed", "jobs", "threads", "metric",
-                           "batch", "name", "baseline", "sampler_seed"}
+                           "batch", "name", "baseline", "sampler_seed", "pruner", "prune_warmup"}
     if unknown:
         raise ConfigError(f"protocol spec {args.spec}: unknown keys {sorted(unknown)}.")
     defined = spec.get("methods") or {}
@@ -627,7 +566,9 @@ def protocol_from_args(argv: list[str] | None = None) -> Protocol:
                     search_seed=args.search_seed if args.search_seed is not None else int(spec.get("search_seed", 100)),
                     jobs=jobs, threads=args.threads or int(spec.get("threads", 0)) or max(1, (os.cpu_count() or 1) // jobs),
                     metric=metric, sampler_seed=int(spec.get("sampler_seed", 0)), batch=batch,
-                    setting_name=args.setting or spec.get("name") or args.out.name, baseline=baseline)
+                    setting_name=args.setting or spec.get("name") or args.out.name, baseline=baseline,
+                    pruner=args.pruner or spec.get("pruner", "median"),
+                    prune_warmup=args.prune_warmup if args.prune_warmup is not None else spec.get("prune_warmup"))
 
 
 def main(argv: list[str] | None = None) -> int:
