@@ -103,6 +103,7 @@ class Protocol:
     pruner: str = "median"                # none | median | halving (sskt_lightning.pruning)
     prune_startup: int = 2                # trials 0 (the recipe) .. n-1 are never pruned
     prune_warmup: int | None = None       # validations never pruned (default: a third of the epochs)
+    launch: str = "fork"                  # fork: jobs forked from a server holding the imports; subprocess
 
     def identity(self) -> dict:
         """What must not change when a protocol resumes (the rest - jobs, threads - may)."""
@@ -303,8 +304,12 @@ class Runner:
         if job.prune is not None:
             from sskt_lightning.pruning import CONTEXT_FILE
             _write(job.run_dir / CONTEXT_FILE, job.prune)
-        logf = open(job.run_dir / "train.log", "w")
-        proc = subprocess.Popen(job.command(self.proto), stdout=logf, stderr=subprocess.STDOUT, env=self._env())
+        logf = open(job.run_dir / "train.log", "a")   # appending: Hydra's log handler writes into it too
+        if self.proto.launch == "fork":        # a fork of the server that holds the imports (sskt_lightning.workers)
+            from sskt_lightning.workers import ForkedJob
+            proc = ForkedJob(job.command(self.proto)[3:], self._env(), job.run_dir / "train.log", self.proto.threads)
+        else:
+            proc = subprocess.Popen(job.command(self.proto), stdout=logf, stderr=subprocess.STDOUT, env=self._env())
         self.running.append((job, proc, time.perf_counter(), logf))
 
     def reap(self) -> list[Job]:
@@ -540,6 +545,10 @@ def protocol_from_args(argv: list[str] | None = None) -> Protocol:
                    help="stop hopeless search trials early (default median: see sskt_lightning/pruning.py; "
                         "finals are never pruned; none: every trial runs to its end, as before)")
     p.add_argument("--prune-warmup", type=int, help="validations never pruned (default: a third of the epochs)")
+    p.add_argument("--launch", choices=("fork", "subprocess"),
+                   help="fork (default on Linux): every run a fresh fork of a server that has imported torch, "
+                        "Lightning and this package once (sskt_lightning/workers.py); subprocess: a new "
+                        "interpreter per run, as before. Both: one process per run, the same records and results")
     p.add_argument("overrides", nargs="*", help="the setting: overrides shared by every run")
     args = p.parse_args(argv)
     spec = OmegaConf.to_container(OmegaConf.load(args.spec)) if args.spec else {}
@@ -567,8 +576,13 @@ def protocol_from_args(argv: list[str] | None = None) -> Protocol:
                     jobs=jobs, threads=args.threads or int(spec.get("threads", 0)) or max(1, (os.cpu_count() or 1) // jobs),
                     metric=metric, sampler_seed=int(spec.get("sampler_seed", 0)), batch=batch,
                     setting_name=args.setting or spec.get("name") or args.out.name, baseline=baseline,
-                    pruner=args.pruner or spec.get("pruner", "median"),
+                    pruner=args.pruner or spec.get("pruner", "median"), launch=args.launch or _default_launch(),
                     prune_warmup=args.prune_warmup if args.prune_warmup is not None else spec.get("prune_warmup"))
+
+
+def _default_launch() -> str:
+    from sskt_lightning.workers import default_launch
+    return default_launch()
 
 
 def main(argv: list[str] | None = None) -> int:
