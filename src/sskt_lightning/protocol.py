@@ -2,7 +2,8 @@
 
     python -m sskt_lightning.protocol --out DIR [--spec SPEC.yaml] [--methods scratch sskt ...]
         [--trials 8] [--seeds 0 1 2 3 4] [--search-seed 100] [--jobs 2] [--threads 1]
-        [--metric last_val_acc] [--setting NAME] -- <overrides of the setting ...>
+        [--metric last_val_acc] [--setting NAME] [--pruner median|halving|none] [--prune-warmup N]
+        [--launch fork|subprocess] -- <overrides of the setting ...>
 
 Per method: a hyper-parameter search on the VALIDATION split with the same trial budget for every
 method (Optuna's TPE over the search space of ``conf/hparams_search/<method>.yaml``), the best
@@ -20,18 +21,21 @@ stopped; finished trials and runs are never repeated):
     DIR/report/                             report.md/.csv, figures (python -m sskt_lightning.report)
 
 Every run is ``python -m sskt_lightning.train <setting> <method overrides> <parameters> seed=S`` in
-a subprocess with ``OMP_NUM_THREADS=--threads`` (default: the cores divided by --jobs), --jobs of
+a process of its own (``--launch fork``, the default on Linux: a fork of a server that has done the
+imports, sskt_lightning/workers.py; ``--launch subprocess``: a new interpreter) with ``OMP_NUM_THREADS=--threads`` (default: the cores divided by --jobs), --jobs of
 them at a time (default 2: on a CPU machine two single-threaded jobs beat one two-threaded job by
 far). Beside each run's results.json a ``protocol.json`` records its method name, setting, phase
 (search / final), parameters and compute time; the report reads it.
 
-Why not Hydra's Optuna sweeper (``hparams_search=<method>``, which works for a single search):
-optuna 2.10 (the version hydra-optuna-sweeper 1.3 allows) cannot open its SQL storage under
-SQLAlchemy 2 (``AssertionError`` in ``get_current_version``), so the sweeper's study lives in memory
-and an interrupted search starts again; and a sweep cannot chain search -> selection -> seeds ->
-report. Here the study is rebuilt from the trials on disk each round (``optuna.trial.create_trial``),
-with the sampler seeded by (method, round): the parameters of trial k depend only on the finished
-trials before its round, so a resumed protocol asks exactly what an uninterrupted one would.
+The search (sskt_lightning/search.py, optuna 4): the study is rebuilt from the trials on disk each
+round (``optuna.trial.create_trial``), with the sampler seeded by (method, round): the parameters of
+trial k depend only on the finished trials before its round, so a resumed protocol asks exactly what
+an uninterrupted one would; ``<method>/study.journal`` keeps it as an Optuna journal file. Search
+trials are pruned (``--pruner median|halving|none``, sskt_lightning/pruning.py): a pruned trial ends
+cleanly (``pruned.json``, results.json ``status: pruned``), is never selected, and a resume knows it.
+Why not Hydra's Optuna sweeper (``hparams_search=<method>``, the ``optuna-sweeper`` extra in its own
+environment): it caps optuna below 3, whose SQL storage fails under SQLAlchemy 2 (an in-memory study:
+an interrupted search starts again), and a sweep cannot chain search -> selection -> seeds -> report.
 
 Method names in ``--methods`` / the spec: ``NAME`` runs ``method=NAME``; a spec maps a name to its
 overrides (``sskt_unlabeled: [method=sskt, method.unlabeled=true, data.unlabeled=true, ...]``;
