@@ -515,3 +515,43 @@ def test_a_hopeless_trial_is_pruned_recorded_and_a_resume_knows_it(tmp_path, cif
     P.run_protocol(proto, log=again.append)
     assert {p: p.stat().st_mtime_ns for p in proto.out.rglob("results.json")} == stamps    # nothing re-ran
     assert not any(" min] " in ln for ln in again) and P.missing(proto, selected) == []
+
+
+@pytest.mark.slow
+def test_the_study_on_disk_survives_a_killed_protocol_and_the_resume_completes_it(tmp_path, cifar_dir):
+    """The protocol (and its runs: one process group) is SIGKILLed once trial 1 has finished: the
+    journal holds the finished trials; the same command then finishes the rest, repeating none."""
+    import os
+    import signal
+    import time
+
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    out = tmp_path / "proto"
+    cmd = [sys.executable, "-m", "sskt_lightning.protocol", "--out", str(out), "--methods", "scratch", "--trials", "3",
+           "--seeds", "0", "--jobs", "1", "--threads", "1", "--launch", "subprocess", "data=cifar10",
+           f"paths.data_dir={cifar_dir}", "model=resnet20", "trainer=smoke", "data.batch_size=8",
+           "data.num_workers=0", "data.val_size=16"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    journal = out / "scratch" / "study.journal"
+
+    def load():
+        return optuna.load_study(study_name="scratch", storage=JournalStorage(JournalFileBackend(str(journal))))
+    try:
+        deadline = time.time() + 600
+        while not (journal.is_file() and len(load().trials) >= 2) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    trials = load().trials
+    assert len(trials) >= 2 and [t.state.name for t in trials[:2]] == ["COMPLETE", "COMPLETE"]
+    for t in trials[:2]:
+        res = json.loads((out / "scratch" / "search" / f"trial_{t.user_attrs['trial']:03d}" / "results.json").read_text())
+        assert t.value == pytest.approx(res["last_val_acc"])
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("scratch/search/trial_00[01]/results.json")}
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps          # the finished trials were not repeated
+    assert [t.state.name for t in load().trials] == ["COMPLETE"] * 3

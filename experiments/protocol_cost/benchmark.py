@@ -1,7 +1,7 @@
 """The protocol's cost before and after issue #20, side by side: the 5-labels/class Fashion-MNIST
 protocol (experiments/fashion_transfer/benchmark.py's coarse setting: 300 steps per run, validation
 every epoch) with the same methods, seeds, search seed and trial budget, run twice AT THE SAME TIME
-(one job slot each, so both see the same machine load all along):
+(two protocol commands, one job slot each, so both see the same machine load all along):
 
   * before: ``--pruner none --launch subprocess`` (every trial to its end, a new interpreter per run);
   * after:  ``--pruner median --launch fork``     (hopeless trials stopped, runs forked from a server
@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -32,6 +33,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "fashion_transfer"))
 import benchmark as FB  # noqa: E402  (experiments/fashion_transfer/benchmark.py)
 from two_stage import target_overrides, train_source  # noqa: E402
+
+import yaml  # noqa: E402
 
 from sskt_lightning import protocol as P  # noqa: E402
 
@@ -85,21 +88,27 @@ def run(args) -> None:
         train_source(source_dir, s["source_epochs"], "resnet20", seed=0)
     if "kd" in args.methods:
         FB.train_stage(target, teachers, ["method=scratch"], [100, *s["seeds"]], 2, "teacher")
-    walls, errors = {}, {}
-
-    def one(name: str) -> None:
-        t0 = time.perf_counter()
-        try:
-            P.run_protocol(protos[name], log=lambda line: print(f"[{name}] {line}", flush=True))
-        except Exception as err:          # the other variant goes on; reported below
-            errors[name] = err
+    # the two variants as two protocol commands at once (one job each): separate processes, so nothing
+    # (Hydra's global state, the fork server) is shared between them
+    procs = {}
+    for name, proto in protos.items():
+        spec = {"setting": proto.setting, "methods": {m.name: {"overrides": m.overrides, "space": m.space}
+                                                      for m in proto.methods}}
+        spec_path = args.out / f"{name}.spec.yaml"
+        spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        cmd = [sys.executable, "-m", "sskt_lightning.protocol", "--out", str(proto.out), "--spec", str(spec_path),
+               "--trials", str(proto.trials), "--seeds", *map(str, proto.seeds), "--search-seed", str(proto.search_seed),
+               "--jobs", "1", "--threads", "1", "--batch", "1", "--setting", proto.setting_name,
+               "--pruner", proto.pruner, "--launch", proto.launch, *(["--baseline", proto.baseline] if proto.baseline else [])]
+        logf = open(args.out / f"{name}.log", "a")
+        procs[name] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
+                                        env={**os.environ, "OMP_NUM_THREADS": "1"}), time.perf_counter(), logf)
+        print(f"{name}: {' '.join(cmd)}\n  log: {args.out / f'{name}.log'}", flush=True)
+    walls, codes = {}, {}
+    for name, (proc, t0, logf) in procs.items():
+        codes[name] = proc.wait()
         walls[name] = time.perf_counter() - t0
-
-    threads = [threading.Thread(target=one, args=(n,)) for n in protos]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+        logf.close()
     state = P._read(args.out / "walls.json") or {}
     for n, w in walls.items():            # wall time of every session, summed (a resumed benchmark adds to it)
         state[n] = state.get(n, 0.0) + w
@@ -107,8 +116,9 @@ def run(args) -> None:
     text = comparison(protos, state)
     (args.out / "comparison.md").write_text(text)
     print(text)
-    if errors:
-        sys.exit("error: " + "; ".join(f"{n}: {e}" for n, e in errors.items()))
+    failed = {n: c for n, c in codes.items() if c != 0}
+    if failed:
+        sys.exit(f"error: protocol exit codes {failed}; see {args.out}/<variant>.log")
 
 
 def comparison(protos: dict[str, P.Protocol], walls: dict) -> str:
