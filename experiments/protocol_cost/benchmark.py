@@ -105,10 +105,12 @@ def run(args) -> None:
                                         env={**os.environ, "OMP_NUM_THREADS": "1"}), time.perf_counter(), logf)
         print(f"{name}: {' '.join(cmd)}\n  log: {args.out / f'{name}.log'}", flush=True)
     walls, codes = {}, {}
-    for name, (proc, t0, logf) in procs.items():
-        codes[name] = proc.wait()
-        walls[name] = time.perf_counter() - t0
-        logf.close()
+    while len(codes) < len(procs):        # each variant's own wall time (the first to finish is not kept waiting)
+        for name, (proc, t0, logf) in procs.items():
+            if name not in codes and proc.poll() is not None:
+                codes[name], walls[name] = proc.returncode, time.perf_counter() - t0
+                logf.close()
+        time.sleep(1)
     state = P._read(args.out / "walls.json") or {}
     for n, w in walls.items():            # wall time of every session, summed (a resumed benchmark adds to it)
         state[n] = state.get(n, 0.0) + w
