@@ -31,7 +31,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "fashion_transfer"))
-import benchmark as FB  # noqa: E402  (experiments/fashion_transfer/benchmark.py)
+import importlib.util  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("fashion_benchmark", HERE.parent / "fashion_transfer" / "benchmark.py")
+FB = importlib.util.module_from_spec(_spec)      # experiments/fashion_transfer/benchmark.py (same file name as this)
+sys.modules["fashion_benchmark"] = FB            # (dataclasses look their module up)
+_spec.loader.exec_module(FB)
 from two_stage import target_overrides, train_source  # noqa: E402
 
 import yaml  # noqa: E402
