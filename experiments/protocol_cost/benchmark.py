@@ -80,7 +80,8 @@ def plan(args) -> None:
         done = sum(P.run_state(d) != "todo" for *_, d in runs)
         est = sum(FB.COST_S[m] for m, *_ in runs)
         print(f"{name:6s} ({VARIANTS[name]}): {len(runs)} runs ({done} on disk), about {est / 60:.0f} min of "
-              f"single-thread compute without pruning, in {proto.out}")
+              f"single-thread compute without pruning{' (full-length runs: tiny runs are far shorter)' if args.tiny else ''}, "
+              f"in {proto.out}")
     print(f"both variants at once, one job each (2 cores); plus the source and {len(protos['before'].seeds) + 1} "
           "KD teachers once (not counted)")
 
