@@ -90,3 +90,18 @@ def test_a_killed_job_fails_alone_and_a_killed_server_is_replaced(tmp_path, cifa
     assert json.loads((proto.out / "scratch" / "final" / "seed_0" / "results.json").read_text())["status"] == "ok"
     assert workers.server_pid() not in (None, killed["server"])      # a new server took over
     assert any("FAILED" in ln for ln in lines)
+
+
+def test_a_forked_job_never_reruns_the_callers_unguarded_script(tmp_path):
+    """A script that starts a forked job at its top level, without ``if __name__ == "__main__"``: the job
+    runs the training command (here its --help) and the script's own code runs once, in the script."""
+    import subprocess
+    import sys
+    script = tmp_path / "unguarded.py"
+    log = tmp_path / "job.log"
+    script.write_text("import os\nfrom sskt_lightning.workers import ForkedJob\nprint('SCRIPT RAN', flush=True)\n"
+                      f"job = ForkedJob(['--help'], dict(os.environ), {str(log)!r}, 1)\n"
+                      "print('EXIT', job.wait(300), flush=True)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
+    assert proc.stdout.count("SCRIPT RAN") == 1 and "EXIT 0" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert "Powered by Hydra" in log.read_text() and "SCRIPT RAN" not in log.read_text()

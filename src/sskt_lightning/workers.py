@@ -67,7 +67,19 @@ class ForkedJob:
         ctx = multiprocessing.get_context("forkserver")
         _start_server(env)
         self.proc = ctx.Process(target=_job, args=(argv, env, str(log_path), threads), daemon=False)
-        self.proc.start()
+        from multiprocessing import spawn
+        prepare = spawn.get_preparation_data
+
+        def without_main(name):      # the job needs the server's imports only: never re-import the caller's
+            data = prepare(name)     # __main__ (a script that calls run_protocol unguarded would run again)
+            data.pop("init_main_from_path", None)
+            data.pop("init_main_from_name", None)
+            return data
+        spawn.get_preparation_data = without_main
+        try:
+            self.proc.start()
+        finally:
+            spawn.get_preparation_data = prepare
         self.pid = self.proc.pid
 
     @property
