@@ -23,7 +23,7 @@ def test_the_sweeper_environment_has_the_sweeper_and_its_optuna():
     from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
     assert optuna.__version__.startswith("2.10"), optuna.__version__
     dists, fixed = create_params_from_overrides(["optim.optimizer.lr=tag(log, interval(0.01, 0.4))", "seed=3"])
-    assert type(dists["optim.optimizer.lr"]).__name__ == "LogUniformDistribution" and fixed == {"seed": 3}
+    assert type(dists["optim.optimizer.lr"]).__name__ == "LogUniformDistribution" and fixed == {"seed": "3"}
 
 
 @pytest.mark.slow
