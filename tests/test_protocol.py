@@ -458,6 +458,24 @@ def test_the_protocol_runs_on_optuna_4_with_its_study_on_disk(tmp_path):
     assert study.ask().suggest_float("x", 0, 2) == 1.0
 
 
+def test_a_protocol_from_before_pruning_resumes_with_pruner_none_and_says_so(tmp_path):
+    old = tiny_protocol(tmp_path, pruner="none")
+    old.out.mkdir(parents=True)
+    P._check_identity(old)                      # written as by the code before pruning: no "pruner" key
+    assert "pruner" not in json.loads((old.out / P.PROTOCOL_FILE).read_text())
+    with pytest.raises(ConfigError, match="predates pruning: resume it with --pruner none"):
+        P._check_identity(tiny_protocol(tmp_path, pruner="median"))
+    P._check_identity(tiny_protocol(tmp_path, pruner="none"))
+    with pytest.raises(ConfigError, match="pruner 'sometimes'"):
+        P.protocol_from_args(["--out", str(tmp_path / "x"), "--methods", "scratch", "--spec", str(_spec(tmp_path))])
+
+
+def _spec(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("pruner: sometimes\n")
+    return path
+
+
 def test_should_prune_spares_the_startup_trials_and_the_warmup():
     from sskt_lightning.pruning import should_prune
     earlier = [{"state": "complete", "value": 0.9, "values": {0: 0.8, 1: 0.9, 2: 0.9}}] * 2

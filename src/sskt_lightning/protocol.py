@@ -107,7 +107,8 @@ class Protocol:
     pruner: str = "median"                # none | median | halving (sskt_lightning.pruning)
     prune_startup: int = 2                # trials 0 (the recipe) .. n-1 are never pruned
     prune_warmup: int | None = None       # validations never pruned (default: a third of the epochs)
-    launch: str = "fork"                  # fork: jobs forked from a server holding the imports; subprocess
+    launch: str = field(default_factory=lambda: _default_launch())   # fork (a server holding the imports:
+                                          # sskt_lightning.workers; where the platform has one) | subprocess
 
     def identity(self) -> dict:
         """What must not change when a protocol resumes (the rest - jobs, threads - may)."""
@@ -446,8 +447,10 @@ def _check_identity(proto: Protocol) -> None:
     if changed:
         differ.append(f"overrides or search space of method(s) {', '.join(changed)}")
     if differ:
+        hint = (" (it predates pruning: resume it with --pruner none)" if "pruner" in differ and "pruner" not in saved
+                else "")
         raise ConfigError(f"protocol: {proto.out} holds a protocol with other {', '.join(differ)} "
-                          f"(see {path}); resume it with the same settings or use another --out.")
+                          f"(see {path}){hint}; resume it with the same settings or use another --out.")
     added = {n: m for n, m in ident["methods"].items() if n not in saved_methods}
     if saved.get("seeds") != proto.seeds or added:      # a method may join a protocol (e.g. after a selection)
         _write(path, {**saved, "methods": {**saved_methods, **added}, "seeds": proto.seeds})
@@ -570,6 +573,9 @@ def protocol_from_args(argv: list[str] | None = None) -> Protocol:
     if metric not in METRICS:
         raise ConfigError(f"protocol: metric {metric!r}; choose one of {list(METRICS)} (validation only).")
     trials = args.trials or int(spec.get("trials", 8))
+    pruner = args.pruner or spec.get("pruner", "median")
+    if pruner not in ("none", "median", "halving"):
+        raise ConfigError(f"protocol: pruner {pruner!r}; choose none, median or halving.")
     if trials < 1 or jobs < 1:
         raise ConfigError("protocol: --trials and --jobs must be >= 1.")
     batch = args.batch or int(spec.get("batch", 0)) or (1 if len(methods) >= jobs else jobs)
@@ -580,7 +586,7 @@ def protocol_from_args(argv: list[str] | None = None) -> Protocol:
                     jobs=jobs, threads=args.threads or int(spec.get("threads", 0)) or max(1, (os.cpu_count() or 1) // jobs),
                     metric=metric, sampler_seed=int(spec.get("sampler_seed", 0)), batch=batch,
                     setting_name=args.setting or spec.get("name") or args.out.name, baseline=baseline,
-                    pruner=args.pruner or spec.get("pruner", "median"), launch=args.launch or _default_launch(),
+                    pruner=pruner, launch=args.launch or _default_launch(),
                     prune_warmup=args.prune_warmup if args.prune_warmup is not None else spec.get("prune_warmup"))
 
 
