@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml setup.py
 	@touch $(STAMP)
 
 $(SWEEPER_STAMP): pyproject.toml setup.py
-	@test -x $(SWEEPER_PY) || python3 -m venv $(SWEEPER_VENV)
+	@test -x $(SWEEPER_VENV)/bin/pip || python3 -m venv --clear $(SWEEPER_VENV)   # (again when an interrupted start left no pip)
 	$(SWEEPER_PY) -m pip install -q --disable-pip-version-check -e '.[dev,optuna-sweeper]'
 	@touch $(SWEEPER_STAMP)
 
