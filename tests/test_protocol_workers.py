@@ -105,3 +105,14 @@ def test_a_forked_job_never_reruns_the_callers_unguarded_script(tmp_path):
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600)
     assert proc.stdout.count("SCRIPT RAN") == 1 and "EXIT 0" in proc.stdout, proc.stdout + proc.stderr[-2000:]
     assert "Powered by Hydra" in log.read_text() and "SCRIPT RAN" not in log.read_text()
+
+
+def test_the_servers_preload_imports_only():
+    """What the fork server imports initialises no CUDA (a fork after CUDA's start is unusable): every job
+    chooses its own devices (CUDA_VISIBLE_DEVICES in its environment) and threads."""
+    import subprocess
+    import sys
+    code = ("import sskt_lightning._worker_preload, torch, sys; "
+            "print(torch.cuda.is_initialized(), 'sskt_lightning.train' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["False", "True"], out.stderr[-2000:]

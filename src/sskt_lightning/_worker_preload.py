@@ -10,3 +10,8 @@ import sskt_lightning.callbacks  # noqa: F401
 import sskt_lightning.data.datamodule  # noqa: F401
 import sskt_lightning.module  # noqa: F401
 import sskt_lightning.train  # noqa: F401
+
+try:                 # a search trial's pruning decision (sskt_lightning.pruning) asks optuna at every validation
+    import optuna  # noqa: F401
+except ImportError:  # the protocol names the extra itself when it needs it
+    pass
