@@ -9,11 +9,6 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
-def pytest_configure(config):
-    # tests that run Hydra's Optuna sweeper (hydra-optuna-sweeper + optuna 2.10): routable to the venv
-    # that has them (-m optuna_sweeper / -m "not optuna_sweeper")
-    config.addinivalue_line("markers", "optuna_sweeper: runs Hydra's Optuna sweeper (the sweep extra)")
-
 
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():

@@ -37,7 +37,7 @@ SCRIPTS = {"sskt-train": "sskt_lightning.train:main", "sskt-eval": "sskt_lightni
            "sskt-report": "sskt_lightning.report:main", "sskt-cache": "sskt_lightning.cache.__main__:main",
            "sskt-rank": "sskt_lightning.rank:main"}
 # top-level entries not copied into the build tree: version control, environments, build and run outputs
-_NOT_SOURCE = {".git", ".venv", ".venv-wheelcheck", "build", "dist", "outputs", "multirun", "data", "runs",
+_NOT_SOURCE = {".git", ".venv", ".venv-wheelcheck", ".venv-sweeper", "build", "dist", "outputs", "multirun", "data", "runs",
                "wandb", "lightning_logs", "experiments", ".pytest_cache"}
 
 
@@ -85,10 +85,22 @@ def test_every_import_in_the_package_is_a_declared_dependency():
 def test_every_import_in_the_tests_is_declared_for_make_test():
     extras = PYPROJECT["project"]["optional-dependencies"]
     declared = {_dist(r) for r in [*PYPROJECT["project"]["dependencies"], *extras["dev"], *extras["wandb"],
-                                    *extras["sweep"]]}
+                                    *extras["sweep"], *extras["bench"]]}
     assert _undeclared(ROOT / "tests", declared) == {}
     make = (ROOT / "Makefile").read_text()
-    assert "'.[dev,wandb,sweep]'" in make   # what `make test` installs
+    assert "'.[dev,wandb,sweep,bench]'" in make   # what `make test` installs
+    # and, for the tests marked optuna_sweeper, the sweeper's own environment
+    sweeper_tests = {_dist(r) for r in [*PYPROJECT["project"]["dependencies"], *extras["dev"],
+                                        *extras["optuna-sweeper"]]}
+    assert _undeclared(ROOT / "tests", sweeper_tests | declared) == {}
+    assert "'.[dev,optuna-sweeper]'" in make and '-m optuna_sweeper' in make and '-m "not optuna_sweeper"' in make
+
+
+def test_the_protocols_optuna_and_the_sweepers_optuna_live_in_separate_extras():
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    assert [r for r in extras["sweep"] if _dist(r) == "optuna"] == ["optuna>=4.0,<5"]
+    assert not any(_dist(r) == "hydra-optuna-sweeper" for r in extras["sweep"])
+    assert {_dist(r) for r in extras["optuna-sweeper"]} == {"hydra-optuna-sweeper", "optuna"}
 
 
 def test_console_scripts_point_at_functions_that_exist():

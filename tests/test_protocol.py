@@ -41,7 +41,7 @@ def test_search_spaces_come_from_the_hparams_search_configs():
                           "method.temperature", "method.aux_loss", "data.unlabeled_ratio"}
     assert dists["method.aux_loss"].choices == ("ce", "kd")
     assert dists["method.alpha"].low == pytest.approx(0.05) and dists["method.alpha"].high == pytest.approx(2.0)
-    assert type(dists["method.alpha"]).__name__ == "LogUniformDistribution"
+    assert type(dists["method.alpha"]).__name__ == "FloatDistribution" and dists["method.alpha"].log
     for space, key in [("kd", "method.temperature"), ("dml", "method.kl_warmup"), ("maxl", "method.psi"),
                        ("maxl", "method.generator_optim.lr"), ("scratch", "optim.optimizer.lr")]:
         assert key in P.search_space(space)[0], (space, key)
@@ -212,35 +212,6 @@ def test_tiny_protocol_end_to_end_and_resume(tmp_path, cifar_dir):
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in out.rglob("results.json")} == stamps   # nothing re-ran
     assert " min] " not in again.stdout          # no run was launched (the runner logs each finished run)
-
-
-@pytest.mark.slow
-def test_hydra_optuna_sweeper_runs_a_search_config(tmp_path, cifar_dir):
-    """`hparams_search=<method>` with hydra-optuna-sweeper 1.3 / optuna 2.10 (in-memory study):
-    the trials run and the best parameters are written; the value optimised is train.main's return
-    value, the validation metric named by cfg.optimized_metric."""
-    import yaml
-
-    from sskt_lightning.compose import compose_config
-
-    sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "sskt_lightning.train", "hparams_search=scratch", "method=scratch",
-           "hydra.sweeper.n_trials=2", "data=cifar10", f"paths.data_dir={cifar_dir}", "model=resnet20", "trainer=smoke",
-           "data.batch_size=8", "data.num_workers=0", "data.val_size=20", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert set(best["best_params"]) == {"optim.optimizer.lr", "optim.optimizer.weight_decay"}
-    runs = [json.loads((sweep / str(k) / "results.json").read_text()) for k in range(2)]
-    # train.main returns the metric cfg.optimized_metric names (a validation number, never test), and the
-    # sweeper (direction: maximize) reports the best trial's
-    cfg = compose_config(["hparams_search=scratch", "method=scratch"], tmp_path / "c")
-    search = yaml.safe_load((Path(CONFIG_DIR) / "hparams_search" / "scratch.yaml").read_text())
-    assert cfg.optimized_metric == "best_val_acc" and search["hydra"]["sweeper"]["direction"] == "maximize"
-    # data.val_size=20 makes the validation number (2/20) differ from the test number (2/16), so a
-    # sweeper fed test_acc would fail here
-    assert all(r["best_val_acc"] != r["test_acc"] for r in runs), runs
-    assert best["best_value"] == max(r[cfg.optimized_metric] for r in runs), (best, runs)
 
 
 def test_method_flags_unlabeled_reference_search_only_and_a_named_space():
@@ -461,3 +432,144 @@ def test_benchmark_runs_the_policies_first_then_the_winner_and_sskt_fixmatch_wit
     calls.clear()
     B.main(argv)
     assert len(calls) == 2 and [m for m, s in calls[0].items() if not s.final] == ["softmatch"]
+
+
+# ----------------------------------------------------------------------------- pruning (issue #20)
+
+
+def _fake_trial(search, k: int, val: float, steps: int) -> None:
+    """Trial k on disk as a finished run that scored ``val`` at each of its ``steps`` validations."""
+    search.ask_round(k)
+    fake_results(search.trial_dir(k), val, None)     # a search trial never tests
+    (search.trial_dir(k) / "protocol.json").write_text(json.dumps({"name": search.method.name, "phase": "search",
+                                                                  "trial": k, "elapsed_s": 1.0}))
+    (search.trial_dir(k) / "intermediate.jsonl").write_text(
+        "".join(json.dumps({"step": s, "val_acc": val}) + "\n" for s in range(steps)))
+
+
+def test_the_protocol_runs_on_optuna_4_with_its_study_on_disk(tmp_path):
+    """The main environment's Optuna is 4.x (the sweep extra), whose journal file the study uses."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    assert int(optuna.__version__.split(".")[0]) == 4, optuna.__version__
+    study = optuna.create_study(storage=JournalStorage(JournalFileBackend(str(tmp_path / "j"))), study_name="s")
+    study.enqueue_trial({"x": 1.0})
+    assert study.ask().suggest_float("x", 0, 2) == 1.0
+
+
+def test_a_protocol_from_before_pruning_resumes_with_pruner_none_and_says_so(tmp_path):
+    old = tiny_protocol(tmp_path, pruner="none")
+    old.out.mkdir(parents=True)
+    P._check_identity(old)                      # written as by the code before pruning: no "pruner" key
+    assert "pruner" not in json.loads((old.out / P.PROTOCOL_FILE).read_text())
+    with pytest.raises(ConfigError, match="predates pruning: resume it with --pruner none"):
+        P._check_identity(tiny_protocol(tmp_path, pruner="median"))
+    P._check_identity(tiny_protocol(tmp_path, pruner="none"))
+    with pytest.raises(ConfigError, match="pruner 'sometimes'"):
+        P.protocol_from_args(["--out", str(tmp_path / "x"), "--methods", "scratch", "--spec", str(_spec(tmp_path))])
+
+
+def _spec(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("pruner: sometimes\n")
+    return path
+
+
+def test_should_prune_spares_the_startup_trials_and_the_warmup():
+    from sskt_lightning.pruning import should_prune
+    earlier = [{"state": "complete", "value": 0.9, "values": {0: 0.8, 1: 0.9, 2: 0.9}}] * 2
+    ctx = {"trial": 2, "pruner": "median", "n_startup": 2, "warmup": 1, "earlier": earlier}
+    assert not should_prune(ctx, {0: 0.1})                     # step 0: the warm-up
+    assert should_prune(ctx, {0: 0.1, 1: 0.2})                 # below the earlier trials' median
+    assert not should_prune(ctx, {0: 0.1, 1: 0.95})
+    assert not should_prune({**ctx, "trial": 1}, {0: 0.1, 1: 0.2})    # a start-up trial: never
+    assert not should_prune({**ctx, "pruner": "none"}, {0: 0.1, 1: 0.2})
+    halving = {**ctx, "pruner": "halving"}
+    assert should_prune(halving, {0: 0.1, 1: 0.2}) and not should_prune(halving, {0: 0.1, 1: 0.95})
+
+
+@pytest.mark.slow
+def test_a_hopeless_trial_is_pruned_recorded_and_a_resume_knows_it(tmp_path, cifar_dir):
+    """Trials 0 and 1 scored 100 % at every validation (written here), so the median pruner stops trial
+    2 (a real run, 3 epochs) at its first validation; the final run is never pruned; a resume
+    repeats nothing and counts nothing as failed."""
+    from sskt_lightning.search import STUDY_FILE, Search, trial_state
+    proto = tiny_protocol(tmp_path, methods=[P.method_spec("scratch")], seeds=[0], pruner="median", prune_warmup=0,
+                          setting=["data=cifar10", f"paths.data_dir={cifar_dir}", "model=resnet20", "trainer=smoke",
+                                   "trainer.max_epochs=3", "data.batch_size=8", "data.num_workers=0",
+                                   "data.val_size=16", "optim=sgd_cosine"])
+    proto.out.mkdir(parents=True)
+    search = Search(proto, proto.methods[0])
+    for k in (0, 1):
+        _fake_trial(search, k, 1.0, steps=3)
+    lines: list[str] = []
+    selected = P.run_protocol(proto, log=lines.append)
+    trial = search.trial_dir(2)
+    res = json.loads((trial / "results.json").read_text())
+    pruned = json.loads((trial / "pruned.json").read_text())
+    assert res["status"] == "pruned" and pruned["epoch"] == 0 and res["epochs"] == 1 and pruned["max_epochs"] == 3
+    assert (trial / "checkpoints" / "last.ckpt").is_file() and (trial / "train.log").is_file()
+    assert trial_state(trial) == "pruned" and P.run_state(trial) == "done"
+    assert any("PRUNED at epoch 1" in ln for ln in lines)
+    assert selected["scratch"]["trial"] == 0 and selected["scratch"]["trials_pruned"] == 1
+    final = proto.out / "scratch" / "final" / "seed_0"
+    fres = json.loads((final / "results.json").read_text())
+    assert fres["status"] == "ok" and fres["epochs"] == 3 and not (final / "pruned.json").exists()
+    assert not any("callbacks.prune" in o for o in fres["overrides"])        # finals are never pruned
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    study = optuna.load_study(study_name="scratch",
+                              storage=JournalStorage(JournalFileBackend(str(proto.out / "scratch" / STUDY_FILE))))
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert study.trials[2].intermediate_values == {0: pytest.approx(pruned["val_acc"])}
+    md = (proto.out / "report" / "report.md").read_text()
+    assert "3 (0, 1)" in md and "pruner: median" in md
+
+    stamps = {p: p.stat().st_mtime_ns for p in proto.out.rglob("results.json")}
+    again: list[str] = []
+    P.run_protocol(proto, log=again.append)
+    assert {p: p.stat().st_mtime_ns for p in proto.out.rglob("results.json")} == stamps    # nothing re-ran
+    assert not any(" min] " in ln for ln in again) and P.missing(proto, selected) == []
+
+
+@pytest.mark.slow
+def test_the_study_on_disk_survives_a_killed_protocol_and_the_resume_completes_it(tmp_path, cifar_dir):
+    """The protocol (and its runs: one process group) is SIGKILLed once trial 1 has finished: the
+    journal holds the finished trials; the same command then finishes the rest, repeating none."""
+    import os
+    import signal
+    import time
+
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    out = tmp_path / "proto"
+    cmd = [sys.executable, "-m", "sskt_lightning.protocol", "--out", str(out), "--methods", "scratch", "--trials", "3",
+           "--seeds", "0", "--jobs", "1", "--threads", "1", "--launch", "subprocess", "data=cifar10",
+           f"paths.data_dir={cifar_dir}", "model=resnet20", "trainer=smoke", "data.batch_size=8",
+           "data.num_workers=0", "data.val_size=16"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    journal = out / "scratch" / "study.journal"
+
+    def load():
+        return optuna.load_study(study_name="scratch", storage=JournalStorage(JournalFileBackend(str(journal))))
+    try:
+        deadline = time.time() + 600
+        while not (journal.is_file() and len(load().trials) >= 2) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    trials = load().trials
+    assert len(trials) >= 2 and [t.state.name for t in trials[:2]] == ["COMPLETE", "COMPLETE"]
+    for t in trials[:2]:
+        res = json.loads((out / "scratch" / "search" / f"trial_{t.user_attrs['trial']:03d}" / "results.json").read_text())
+        assert t.value == pytest.approx(res["last_val_acc"])
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("scratch/search/trial_00[01]/results.json")}
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps          # the finished trials were not repeated
+    assert [t.state.name for t in load().trials] == ["COMPLETE"] * 3

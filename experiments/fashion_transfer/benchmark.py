@@ -259,7 +259,8 @@ def protocol(args, cell: Cell, methods: list[str], policy: str, winner: str | No
                      + (f", EMA {args.ema}" if args.ema is not None else "")
                      + (f", {args.precision}" if args.precision != "32-true" else "")
                      + (", channels-last" if args.channels_last else ""),
-        baseline="scratch" if "scratch" in methods else "", notes=notes)
+        baseline="scratch" if "scratch" in methods else "", notes=notes,
+        pruner=getattr(args, "pruner", "none"))   # none: the recorded benchmark (from before pruning) resumes
 
 
 def fixed_policy(args, methods: list[str], cell: Cell) -> tuple[str, str | None]:
@@ -365,6 +366,9 @@ def main(argv=None) -> None:
                         "e.g. Sapphire Rapids Xeons; see docs/results.md)")
     p.add_argument("--channels-last", action="store_true", help="channels_last=true for every run alike")
     p.add_argument("--trials", type=int, default=6, help="search trials per method (the same for all)")
+    p.add_argument("--pruner", choices=["none", "median", "halving"], default="none",
+                   help="the protocol's pruning of search trials (default none: the recorded runs predate it; "
+                        "experiments/protocol_cost/benchmark.py measures what median pruning saves)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--search-seed", type=int, default=100)
     p.add_argument("--steps-per-epoch", type=int, default=20)

@@ -2,7 +2,8 @@
 
     python -m sskt_lightning.protocol --out DIR [--spec SPEC.yaml] [--methods scratch sskt ...]
         [--trials 8] [--seeds 0 1 2 3 4] [--search-seed 100] [--jobs 2] [--threads 1]
-        [--metric last_val_acc] [--setting NAME] -- <overrides of the setting ...>
+        [--metric last_val_acc] [--setting NAME] [--pruner median|halving|none] [--prune-warmup N]
+        [--launch fork|subprocess] -- <overrides of the setting ...>
 
 Per method: a hyper-parameter search on the VALIDATION split with the same trial budget for every
 method (Optuna's TPE over the search space of ``conf/hparams_search/<method>.yaml``), the best
@@ -20,18 +21,21 @@ stopped; finished trials and runs are never repeated):
     DIR/report/                             report.md/.csv, figures (python -m sskt_lightning.report)
 
 Every run is ``python -m sskt_lightning.train <setting> <method overrides> <parameters> seed=S`` in
-a subprocess with ``OMP_NUM_THREADS=--threads`` (default: the cores divided by --jobs), --jobs of
+a process of its own (``--launch fork``, the default on Linux: a fork of a server that has done the
+imports, sskt_lightning/workers.py; ``--launch subprocess``: a new interpreter) with ``OMP_NUM_THREADS=--threads`` (default: the cores divided by --jobs), --jobs of
 them at a time (default 2: on a CPU machine two single-threaded jobs beat one two-threaded job by
 far). Beside each run's results.json a ``protocol.json`` records its method name, setting, phase
 (search / final), parameters and compute time; the report reads it.
 
-Why not Hydra's Optuna sweeper (``hparams_search=<method>``, which works for a single search):
-optuna 2.10 (the version hydra-optuna-sweeper 1.3 allows) cannot open its SQL storage under
-SQLAlchemy 2 (``AssertionError`` in ``get_current_version``), so the sweeper's study lives in memory
-and an interrupted search starts again; and a sweep cannot chain search -> selection -> seeds ->
-report. Here the study is rebuilt from the trials on disk each round (``optuna.trial.create_trial``),
-with the sampler seeded by (method, round): the parameters of trial k depend only on the finished
-trials before its round, so a resumed protocol asks exactly what an uninterrupted one would.
+The search (sskt_lightning/search.py, optuna 4): the study is rebuilt from the trials on disk each
+round (``optuna.trial.create_trial``), with the sampler seeded by (method, round): the parameters of
+trial k depend only on the finished trials before its round, so a resumed protocol asks exactly what
+an uninterrupted one would; ``<method>/study.journal`` keeps it as an Optuna journal file. Search
+trials are pruned (``--pruner median|halving|none``, sskt_lightning/pruning.py): a pruned trial ends
+cleanly (``pruned.json``, results.json ``status: pruned``), is never selected, and a resume knows it.
+Why not Hydra's Optuna sweeper (``hparams_search=<method>``, the ``optuna-sweeper`` extra in its own
+environment): it caps optuna below 3, whose SQL storage fails under SQLAlchemy 2 (an in-memory study:
+an interrupted search starts again), and a sweep cannot chain search -> selection -> seeds -> report.
 
 Method names in ``--methods`` / the spec: ``NAME`` runs ``method=NAME``; a spec maps a name to its
 overrides (``sskt_unlabeled: [method=sskt, method.unlabeled=true, data.unlabeled=true, ...]``;
@@ -101,13 +105,32 @@ class Protocol:
     baseline: str = "scratch"
     notes: list[str] = field(default_factory=list)    # lines for the report's header (e.g. EMA on/off)
     gpus_per_job: int = 0                 # >0: each run gets its own GPUs (device_slots; CUDA_VISIBLE_DEVICES)
+    pruner: str = "median"                # none | median | halving (sskt_lightning.pruning)
+    prune_startup: int = 2                # trials 0 (the recipe) .. n-1 are never pruned
+    prune_warmup: int | None = None       # validations never pruned (default: a third of the epochs)
+    launch: str = field(default_factory=lambda: _default_launch())   # fork (a server holding the imports:
+                                          # sskt_lightning.workers; where the platform has one) | subprocess
 
     def identity(self) -> dict:
         """What must not change when a protocol resumes (the rest - jobs, threads - may)."""
         return {"setting": self.setting, "methods": {m.name: {"overrides": m.overrides, "space": m.space}
                                                      for m in self.methods},     # (flags: report only)
                 "trials": self.trials, "search_seed": self.search_seed, "metric": self.metric,
-                "sampler_seed": self.sampler_seed, "batch": self.batch}
+                "sampler_seed": self.sampler_seed, "batch": self.batch,
+                # (a protocol from before pruning existed resumes with --pruner none)
+                **({"pruner": {"kind": self.pruner, "startup": self.prune_startup, "warmup": self.prune_warmup}}
+                   if self.pruner != "none" else {})}
+
+
+PRUNE_CALLBACK = "sskt_lightning.pruning.PruneCallback"
+
+
+def __getattr__(name: str):
+    """The search (sskt_lightning.search) as before, from here: ``protocol.Search``, ``protocol.search_space``."""
+    if name in ("Search", "search_space", "parse_space", "trial_state"):
+        from sskt_lightning import search
+        return getattr(search, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def config_dir() -> Path:
@@ -171,26 +194,6 @@ def method_spec(name: str, value: Any = None, *, space: str | None = None, unlab
     unl = uses_unlabeled(overrides) if flags["unlabeled"] is None else bool(flags["unlabeled"])
     return MethodSpec(name, overrides, space or _space_name(name, overrides), unlabeled=unl,
                       reference=bool(flags["reference"]), final=bool(flags["final"]))
-
-
-def search_space(space: str) -> tuple[dict, dict, dict]:
-    """(distributions, fixed values, sampler settings) of ``conf/hparams_search/<space>.yaml``,
-    parsed by hydra-optuna-sweeper's own reader of ``hydra.sweeper.params``."""
-    path = config_dir() / "hparams_search" / f"{space}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"protocol: search space {path} not found.")
-    try:
-        from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
-    except ImportError as err:
-        raise ConfigError("protocol: the search needs optuna and hydra-optuna-sweeper: "
-                          "pip install 'sskt_lightning[sweep]'.") from err
-    sweeper = OmegaConf.load(path).get("hydra", {}).get("sweeper", {})
-    params = OmegaConf.to_container(sweeper.get("params") or {})
-    if not params:
-        raise ConfigError(f"protocol: {path} defines no hydra.sweeper.params.")
-    dists, fixed = create_params_from_overrides([f"{k}={v}" for k, v in params.items()])
-    sampler = OmegaConf.to_container(sweeper.get("sampler") or {})
-    return dists, fixed, sampler
 
 
 # ------------------------------------------------------------------------------------------ runs on disk
@@ -259,12 +262,15 @@ class Job:
     seed: int
     params: dict
     trial: int | None = None
+    prune: dict | None = None    # a search trial's pruning context (prune_context.json), None: never pruned
 
     def command(self, proto: Protocol) -> list[str]:
         return [sys.executable, "-m", "sskt_lightning.train", *_format(proto.setting, self.seed),
                 *_format(self.method.overrides, self.seed), *_param_overrides(self.params),
                 f"seed={self.seed}", f"hydra.run.dir={self.run_dir.resolve()}", "trainer.enable_progress_bar=false",
-                *(["test=false"] if self.phase == "search" else [])]   # a search never reads the test split
+                *(["test=false"] if self.phase == "search" else []),   # a search never reads the test split
+                *([f"+callbacks.prune._target_={PRUNE_CALLBACK}", f"+callbacks.prune.run_dir={self.run_dir.resolve()}"]
+                  if self.prune else [])]
 
     def sidecar(self, proto: Protocol, elapsed: float | None) -> dict:
         return {"name": self.method.name, "setting": proto.setting_name, "phase": self.phase, "trial": self.trial,
@@ -273,105 +279,6 @@ class Job:
 
 
 # ------------------------------------------------------------------------------------------ the search
-
-
-class Search:
-    """One method's search: trials asked round by round from a study rebuilt from disk."""
-
-    def __init__(self, proto: Protocol, method: MethodSpec) -> None:
-        self.proto, self.method = proto, method
-        self.dir = proto.out / method.name
-        self.dists, self.fixed, sampler = search_space(method.space)
-        self.n_startup = int(sampler.get("n_startup_trials", max(1, proto.trials // 3)))
-        self.defaults = self._defaults()
-
-    def _defaults(self) -> dict:
-        """The method's configured values of the searched keys (trial 0 tries them where they lie in
-        the space, so the search never misses the recipe it starts from)."""
-        from sskt_lightning.compose import compose_config
-        cfg = compose_config([*self.proto.setting, *_format(self.method.overrides, self.proto.search_seed)],
-                             self.proto.out / ".compose")
-        out = {}
-        for key, dist in self.dists.items():
-            value = OmegaConf.select(cfg, key, default=None)
-            try:
-                if value is not None and dist._contains(dist.to_internal_repr(value)):
-                    out[key] = value
-            except (ValueError, TypeError):
-                pass
-        return out
-
-    def trial_dir(self, k: int) -> Path:
-        return self.dir / "search" / f"trial_{k:03d}"
-
-    def trials_on_disk(self) -> dict[int, dict]:
-        out = {}
-        for k in range(self.proto.trials):
-            t = _read(self.trial_dir(k) / TRIAL_FILE)
-            if t is not None:
-                out[k] = t["params"]
-        return out
-
-    def _study(self, finished: dict[int, tuple[dict, float | None]], seed: int):
-        import optuna
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.n_startup)
-        study = optuna.create_study(direction="maximize", sampler=sampler)
-        for k in sorted(finished):
-            params, value = finished[k]
-            state = optuna.trial.TrialState.COMPLETE if value is not None else optuna.trial.TrialState.FAIL
-            study.add_trial(optuna.trial.create_trial(params=params, distributions=self.dists, value=value,
-                                                      state=state))
-        return study
-
-    def ask_round(self, r: int) -> None:
-        """Write trial.json for every trial of round ``r`` that has none (deterministic)."""
-        b = self.proto.batch
-        numbers = [k for k in range(r * b, min((r + 1) * b, self.proto.trials))]
-        if all((self.trial_dir(k) / TRIAL_FILE).is_file() for k in numbers):
-            return
-        finished = {k: (p, metric_value(self.trial_dir(k), self.proto.metric))
-                    for k, p in self.trials_on_disk().items() if k < r * b}
-        seed = (self.proto.sampler_seed * 1_000_003 + zlib.crc32(self.method.name.encode()) + r) % 2**31
-        study = self._study(finished, seed)
-        for k in numbers:
-            trial = study.ask(self.dists)
-            params = dict(trial.params)
-            if k == 0:
-                params.update(self.defaults)
-            params = {key: params[key] for key in self.dists}       # the space's order
-            path = self.trial_dir(k) / TRIAL_FILE
-            if not path.is_file():
-                _write(path, {"trial": k, "params": params, "fixed": self.fixed, "round": r})
-
-    def next_jobs(self) -> tuple[list[Job], bool]:
-        """(jobs to run now, finished?): the unfinished trials of the first incomplete round."""
-        b = self.proto.batch
-        for r in range(math.ceil(self.proto.trials / b)):
-            numbers = range(r * b, min((r + 1) * b, self.proto.trials))
-            self.ask_round(r)
-            todo = [k for k in numbers if run_state(self.trial_dir(k)) == "todo"]
-            if todo:
-                params = self.trials_on_disk()
-                return [Job(self.method, "search", self.trial_dir(k), self.proto.search_seed,
-                            {**self.fixed, **params[k]}, trial=k) for k in todo], False
-        return [], True
-
-    def select(self) -> dict | None:
-        """The best finished trial by the protocol's metric (ties: the earlier trial), or None."""
-        scored = []
-        for k, params in sorted(self.trials_on_disk().items()):
-            v = metric_value(self.trial_dir(k), self.proto.metric)
-            if v is not None:
-                scored.append((v, -k, k, params))
-        if not scored:
-            return None
-        value, _, k, params = max(scored)
-        selected = {"method": self.method.name, "metric": self.proto.metric, "value": value, "trial": k,
-                    "params": {**self.fixed, **params}, "trials": len(self.trials_on_disk()),
-                    "trials_ok": len(scored)}
-        _write(self.dir / SELECTED_FILE, selected)
-        return selected
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -406,12 +313,20 @@ class Runner:
                 _write(job.run_dir / TRIAL_FILE, keep)
         job.run_dir.mkdir(parents=True, exist_ok=True)
         _write(job.run_dir / PROTOCOL_FILE, job.sidecar(self.proto, None))
-        logf = open(job.run_dir / "train.log", "w")
+        if job.prune is not None:
+            from sskt_lightning.pruning import CONTEXT_FILE
+            _write(job.run_dir / CONTEXT_FILE, job.prune)
+        logf = open(job.run_dir / "train.log", "a")   # appending: Hydra's log handler writes into it too
         env = self._env()
         if self.slots is not None:
             self.devices[job.run_dir] = self.slots.acquire()
             env.update(self.slots.env(self.devices[job.run_dir]))
-        proc = subprocess.Popen(job.command(self.proto), stdout=logf, stderr=subprocess.STDOUT, env=env)
+        command = job.command(self.proto)
+        if self.proto.launch == "fork" and not several_processes(command):
+            from sskt_lightning.workers import ForkedJob   # a fork of the server that holds the imports
+            proc = ForkedJob(command[3:], env, job.run_dir / "train.log", self.proto.threads)
+        else:   # (a DDP run's launcher starts its other ranks from the command line: a fresh interpreter)
+            proc = subprocess.Popen(command, stdout=logf, stderr=subprocess.STDOUT, env=env)
         self.running.append((job, proc, time.perf_counter(), logf))
 
     def reap(self) -> list[Job]:
@@ -426,7 +341,12 @@ class Runner:
             elapsed = round(time.perf_counter() - t0, 1)
             _write(job.run_dir / PROTOCOL_FILE, job.sidecar(self.proto, elapsed))
             state = run_state(job.run_dir)
-            if state != "done" and not (job.run_dir / "failed.txt").is_file():
+            pruned = _read(job.run_dir / "pruned.json") if state == "done" else None
+            if pruned is not None:       # stopped by its pruner: a finished, shortened run, not a failure
+                res = _read(job.run_dir / "results.json") or {}
+                _write(job.run_dir / "results.json", {**res, "status": "pruned", "pruned": pruned})
+                state = "pruned"
+            if state not in ("done", "pruned") and not (job.run_dir / "failed.txt").is_file():
                 tail = (job.run_dir / "train.log").read_text(errors="replace").splitlines()[-40:]
                 (job.run_dir / "failed.txt").write_text(
                     f"exit code {proc.returncode}, no results.json; the log's last lines:\n" + "\n".join(tail) + "\n")
@@ -434,6 +354,8 @@ class Runner:
             what = f"trial {job.trial}" if job.phase == "search" else f"seed {job.seed}"
             value = metric_value(job.run_dir, self.proto.metric)
             shown = f"{self.proto.metric} {100 * value:.2f}" if value is not None else state.upper()
+            if pruned is not None:
+                shown = f"PRUNED at epoch {pruned['epoch'] + 1} (val_acc {100 * pruned['val_acc']:.2f})"
             self.log(f"[{(time.perf_counter() - self.started) / 60:6.1f} min] {job.method.name:16s} "
                      f"{job.phase:6s} {what:9s} {shown} ({elapsed:.0f} s)")
             done.append(job)
@@ -448,12 +370,15 @@ def run_protocol(proto: Protocol, log=print) -> dict:
     """Run (or resume) the protocol; return {method: selected.json or None}, write the report."""
     proto.out.mkdir(parents=True, exist_ok=True)
     _check_identity(proto)
+    from sskt_lightning.search import Search
     searches = {m.name: Search(proto, m) for m in proto.methods}
     runner = Runner(proto, log)
     selected: dict[str, dict | None] = {}
     queue: list[Job] = []
     try:
         while True:
+            for name in {j.method.name for j in runner.reap() if j.phase == "search"}:
+                searches[name].save_study()      # <method>/study.journal: the study on disk, as it stands
             for name, search in searches.items():
                 if any(j.method.name == name for j in queue) or any(j.method.name == name and j.phase == "search"
                                                                    for j, *_ in runner.running):
@@ -480,7 +405,6 @@ def run_protocol(proto: Protocol, log=print) -> dict:
             if not queue and not runner.running and len(selected) == len(searches):
                 break
             time.sleep(0.5)
-            runner.reap()
     except KeyboardInterrupt:
         for _, proc, *_ in runner.running:
             proc.terminate()
@@ -537,8 +461,10 @@ def _check_identity(proto: Protocol) -> None:
     if changed:
         differ.append(f"overrides or search space of method(s) {', '.join(changed)}")
     if differ:
+        hint = (" (it predates pruning: resume it with --pruner none)" if "pruner" in differ and "pruner" not in saved
+                else "")
         raise ConfigError(f"protocol: {proto.out} holds a protocol with other {', '.join(differ)} "
-                          f"(see {path}); resume it with the same settings or use another --out.")
+                          f"(see {path}){hint}; resume it with the same settings or use another --out.")
     added = {n: m for n, m in ident["methods"].items() if n not in saved_methods}
     if saved.get("seeds") != proto.seeds or added:      # a method may join a protocol (e.g. after a selection)
         _write(path, {**saved, "methods": {**saved_methods, **added}, "seeds": proto.seeds})
@@ -554,6 +480,23 @@ def compute_seconds(out: Path) -> dict[str, float]:
     return totals
 
 
+def pruned_trials(method_dir: Path) -> list[dict]:
+    """The method's pruned search trials: trial, epoch stopped at, and the compute it did not spend
+    (its remaining epochs at its own seconds per epoch; None where the run's length is unknown)."""
+    out = []
+    for d in sorted((method_dir / "search").glob("trial_*")):
+        res = _read(d / "results.json") or {}
+        info = _read(d / "pruned.json")
+        if info is None or res.get("status") == "failed":
+            continue
+        ran, total = int(info.get("epoch", 0)) + 1, info.get("max_epochs")
+        elapsed = (_read(d / PROTOCOL_FILE) or {}).get("elapsed_s")
+        saved = (float(elapsed) * (int(total) - ran) / ran if elapsed is not None and total and int(total) > ran
+                 else None)
+        out.append({"trial": d.name, "epochs_run": ran, "max_epochs": total, "saved_s": saved})
+    return out
+
+
 def write_protocol_report(proto: Protocol, selected: dict, log=print) -> Path | None:
     """``DIR/report/``: the final runs' report (sskt_lightning.report), with the search summary appended."""
     import pandas as pd
@@ -567,16 +510,21 @@ def write_protocol_report(proto: Protocol, selected: dict, log=print) -> Path | 
     for m in proto.methods:
         sel = selected.get(m.name) or _read(proto.out / m.name / SELECTED_FILE)
         n_fail = sum(run_state(Path(d)) == "failed" for d in (proto.out / m.name / "search").glob("trial_*"))
+        pruned = pruned_trials(proto.out / m.name)
         rows.append({"method": m.name + (" (reference)" if m.reference else "") +
                      ("" if m.final else " (search only)"), "search space": f"hparams_search/{m.space}.yaml",
-                     "trials (failed)": f"{proto.trials} ({n_fail})",
+                     "trials (failed, pruned)": f"{proto.trials} ({n_fail}, {len(pruned)})",
+                     "pruning saved (est. min)": f"{sum(p['saved_s'] or 0 for p in pruned) / 60:.1f}" if pruned else "–",
                      f"selected: search {proto.metric} (%)": report._fmt(100 * sel["value"]) if sel else "–",
                      "trial": sel["trial"] if sel else "–",
                      "selected parameters": report._params_str(sel["params"]) if sel else "all trials failed"})
     compute = compute_seconds(proto.out)
     search_md = "\n".join([
         "", "## Search (validation only)", "",
-        f"Every method: {proto.trials} trials of TPE on its search space, seed {proto.search_seed}, selected by "
+        f"Every method: {proto.trials} trials of TPE on its search space, seed {proto.search_seed}, "
+        f"pruner: {proto.pruner}" + (f" (never trials 0-{proto.prune_startup - 1} nor the first validations; a pruned "
+                                     "trial is never selected; saved: the epochs it did not run, at its own pace)"
+                                     if proto.pruner != "none" else "") + ", selected by "
         f"`{proto.metric}` (validation); the selected configuration then ran with seeds {proto.seeds}. "
         f"Compute: search {compute['search'] / 60:.1f} min, final runs {compute['final'] / 60:.1f} min "
         f"(sum over runs; {proto.jobs} at a time, {proto.threads} thread(s) each).", "",
@@ -616,11 +564,19 @@ def protocol_from_args(argv: list[str] | None = None) -> Protocol:
                                              "side by side; with a single method, --jobs)")
     p.add_argument("--setting", help="the setting's name in the report (default: the --out directory's name)")
     p.add_argument("--baseline", help="the method the others are paired with (default scratch, when run)")
+    p.add_argument("--pruner", choices=("none", "median", "halving"),
+                   help="stop hopeless search trials early (default median: see sskt_lightning/pruning.py; "
+                        "finals are never pruned; none: every trial runs to its end, as before)")
+    p.add_argument("--prune-warmup", type=int, help="validations never pruned (default: a third of the epochs)")
+    p.add_argument("--launch", choices=("fork", "subprocess"),
+                   help="fork (default on Linux): every run a fresh fork of a server that has imported torch, "
+                        "Lightning and this package once (sskt_lightning/workers.py); subprocess: a new "
+                        "interpreter per run, as before. Both: one process per run, the same records and results")
     p.add_argument("overrides", nargs="*", help="the setting: overrides shared by every run")
     args = p.parse_args(argv)
     spec = OmegaConf.to_container(OmegaConf.load(args.spec)) if args.spec else {}
     unknown = set(spec) - {"setting", "methods", "trials", "seeds", "search_seed", "jobs", "threads", "metric",
-                           "batch", "name", "baseline", "sampler_seed", "gpus_per_job"}
+                           "batch", "name", "baseline", "sampler_seed", "gpus_per_job", "pruner", "prune_warmup"}
     if unknown:
         raise ConfigError(f"protocol spec {args.spec}: unknown keys {sorted(unknown)}.")
     defined = spec.get("methods") or {}
@@ -633,6 +589,9 @@ def protocol_from_args(argv: list[str] | None = None) -> Protocol:
     if metric not in METRICS:
         raise ConfigError(f"protocol: metric {metric!r}; choose one of {list(METRICS)} (validation only).")
     trials = args.trials or int(spec.get("trials", 8))
+    pruner = args.pruner or spec.get("pruner", "median")
+    if pruner not in ("none", "median", "halving"):
+        raise ConfigError(f"protocol: pruner {pruner!r}; choose none, median or halving.")
     if trials < 1 or jobs < 1:
         raise ConfigError("protocol: --trials and --jobs must be >= 1.")
     gpus_per_job = args.gpus_per_job if args.gpus_per_job is not None else int(spec.get("gpus_per_job", 0))
@@ -647,7 +606,26 @@ def protocol_from_args(argv: list[str] | None = None) -> Protocol:
                     jobs=jobs, threads=args.threads or int(spec.get("threads", 0)) or max(1, (os.cpu_count() or 1) // jobs),
                     metric=metric, sampler_seed=int(spec.get("sampler_seed", 0)), batch=batch,
                     setting_name=args.setting or spec.get("name") or args.out.name, baseline=baseline,
-                    gpus_per_job=gpus_per_job)
+                    gpus_per_job=gpus_per_job, pruner=pruner, launch=args.launch or _default_launch(),
+                    prune_warmup=args.prune_warmup if args.prune_warmup is not None else spec.get("prune_warmup"))
+
+
+def _default_launch() -> str:
+    from sskt_lightning.workers import default_launch
+    return default_launch()
+
+
+def several_processes(command: list[str]) -> bool:
+    """Whether a run's overrides ask for more than one process (DDP: ``trainer=ddp*``, a strategy,
+    several devices or nodes). Those runs get their own interpreter, never a fork of the server:
+    Lightning's launcher starts the other ranks by running the command line again."""
+    for arg in command:
+        key, _, value = arg.partition("=")
+        if key == "trainer" and value.startswith("ddp"):
+            return True
+        if key in ("trainer.strategy", "trainer.num_nodes") or (key == "trainer.devices" and value not in ("1", "[0]")):
+            return True
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
