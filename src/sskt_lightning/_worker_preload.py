@@ -8,8 +8,13 @@ import torchvision  # noqa: F401
 
 import sskt_lightning.callbacks  # noqa: F401
 import sskt_lightning.data.datamodule  # noqa: F401
+import sskt_lightning.loggers  # noqa: F401
+import sskt_lightning.methods  # noqa: F401
 import sskt_lightning.module  # noqa: F401
-import sskt_lightning.train  # noqa: F401
+import sskt_lightning.records  # noqa: F401
+import sskt_lightning.sources  # noqa: F401
+# (not the entry point itself: nothing in the package imports sskt_lightning.train; a job runs it
+# as `python -m sskt_lightning.train` would, sskt_lightning.workers)
 
 try:                 # a search trial's pruning decision (sskt_lightning.pruning) asks optuna at every validation
     import optuna  # noqa: F401

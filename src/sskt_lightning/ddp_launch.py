@@ -159,7 +159,7 @@ def _end_group(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
 def run_job_in_subprocess(cfg: DictConfig, hydra_cfg, per_job: int | None) -> float:
     """Run this multirun job as a single run in its own process (on a GPU slot when ``per_job``);
     return the value the sweeper optimises. A failed or killed job is recorded and returns NaN."""
-    from sskt_lightning.train import FAILED, RESULTS, optimized_value, record_failure
+    from sskt_lightning.records import FAILED, RESULTS, optimized_value, record_failure
     out = Path(hydra_cfg.runtime.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     for name in (FAILED, RESULTS):

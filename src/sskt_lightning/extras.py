@@ -189,3 +189,17 @@ def print_config_tree(cfg, order: Sequence[str] = ("data", "model", "method", "s
             text = str(value)
         branch.add(Syntax(text.rstrip() or "{}", "yaml", theme="ansi_dark", background_color="default"))
     rich_print(tree)
+
+
+def cluster_launch(env=os.environ) -> tuple[str, int] | None:
+    """``(launcher, processes)`` when a cluster launcher started this process as one of several
+    (Lightning's detection rules: torchrun sets RANK, GROUP_RANK, LOCAL_RANK and LOCAL_WORLD_SIZE;
+    SLURM sets SLURM_NTASKS outside an interactive ``bash``/``interactive`` job), else None. Then
+    Lightning joins the processes it finds and starts none itself."""
+    if {"RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"} <= set(env):
+        n = int(env.get("WORLD_SIZE") or 1)
+        return ("torchrun", n) if n > 1 else None
+    if env.get("SLURM_NTASKS") and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        n = int(env["SLURM_NTASKS"])
+        return ("SLURM", n) if n > 1 else None
+    return None

@@ -45,7 +45,7 @@ class GpuSlotsCheck(Callback):
         from sskt_lightning.ddp_launch import slot_plan
         from sskt_lightning.device_slots import DeviceSlots
         from sskt_lightning.errors import SSKTError
-        from sskt_lightning.train import cluster_launch
+        from sskt_lightning.extras import cluster_launch
         if cluster_launch() is not None:
             return
         try:

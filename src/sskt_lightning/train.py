@@ -22,7 +22,6 @@ import math
 import os
 import signal
 import sys
-import traceback
 from pathlib import Path
 
 import hydra
@@ -31,6 +30,14 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from sskt_lightning.errors import SSKTError
+from sskt_lightning.extras import cluster_launch  # (the launch checks below; tests import it from here too)
+from sskt_lightning.records import (  # noqa: F401  (the run's records: light, no torch)
+    FAILED,
+    RESULTS,
+    _task_overrides,
+    optimized_value,
+    record_failure,
+)
 
 log = logging.getLogger("sskt_lightning")
 from sskt_lightning.compose import CONFIG_DIR  # noqa: E402  (conf/, shipped as sskt_lightning.conf)
@@ -42,7 +49,6 @@ from sskt_lightning.loggers import (  # noqa: E402  (light: stdlib + omegaconf)
 )
 from sskt_lightning.loggers import group_name as _group_name  # noqa: E402
 
-RESULTS, FAILED = "results.json", "failed.txt"
 
 
 def __getattr__(name: str):
@@ -60,13 +66,6 @@ def data_info_of(dm) -> dict:
     entry point)."""
     from sskt_lightning.data.datamodule import data_info_of as info_of
     return info_of(dm)
-
-
-def _task_overrides() -> list[str]:
-    try:
-        return list(HydraConfig.get().overrides.task)
-    except ValueError:  # composed outside @hydra.main (tests, notebooks)
-        return []
 
 
 def _choices() -> dict:
@@ -399,73 +398,6 @@ def _rel(path: str, root: Path) -> str | None:
         return str(Path(path).resolve().relative_to(Path(root).resolve()))
     except ValueError:
         return str(Path(path).resolve())
-
-
-def optimized_value(cfg: DictConfig, results: dict) -> float:
-    """What a sweeper optimises: ``cfg.optimized_metric`` (a validation number), never test."""
-    value = results.get(cfg.get("optimized_metric") or "best_val_acc")
-    return float(value) if value is not None else float("nan")
-
-
-def _one_line(err: BaseException) -> str:
-    return f"{type(err).__name__}: {' '.join(str(err).split())}"
-
-
-def record_failure(cfg: DictConfig, err: BaseException) -> str | None:
-    """``failed.txt`` (line 1: the error on one line; then the traceback for unexpected errors) and
-    ``results.json`` with ``status: failed`` in the run directory, both atomic; never raises.
-    Returns why they could not be written (a full disk, a removed directory), or None."""
-    from sskt_lightning.atomic import atomic_write_text
-    out = Path(OmegaConf.select(cfg, "paths.output_dir", default=".") or ".")
-    detail = "" if isinstance(err, SSKTError) else "\n\n" + "".join(traceback.format_exception(err))
-    failure = {"status": "failed", "error": _one_line(err), "error_type": type(err).__name__,
-               "method": OmegaConf.select(cfg, "method.name", default=None),
-               "model": OmegaConf.select(cfg, "model.name", default=None),
-               "data": OmegaConf.select(cfg, "data.name", default=None),
-               "seed": OmegaConf.select(cfg, "seed", default=None),
-               "overrides": _task_overrides(), "failed_txt": FAILED}
-    try:
-        atomic_write_text(out / FAILED, _one_line(err) + "\n" + detail)
-        if _finished_results(out / RESULTS):
-            # refused before this run began (a bad option, a bad resume=) in a finished run's directory:
-            # that run's results stay; failed.txt says what was refused
-            log.error("%s keeps the finished run's results; this attempt's failure is in %s", out / RESULTS,
-                      out / FAILED)
-        else:
-            atomic_write_text(out / RESULTS, json.dumps(failure, indent=2, default=str))
-    except Exception as write_err:   # e.g. the run directory itself is the problem
-        log.error("could not record the failure in %s: %s", out, write_err)
-        unrecorded = str(write_err)
-    else:
-        unrecorded = None
-    try:
-        wandb = sys.modules.get("wandb")
-        if wandb is not None and getattr(wandb, "run", None) is not None:
-            wandb.finish(exit_code=1)
-    except Exception as wandb_err:   # never raises: the run's own error is the one to report
-        log.error("could not close the W&B run: %s", wandb_err)
-    return unrecorded
-
-
-def _finished_results(path: Path) -> bool:
-    try:
-        return json.loads(path.read_text()).get("status") == "ok"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def cluster_launch(env=os.environ) -> tuple[str, int] | None:
-    """``(launcher, processes)`` when a cluster launcher started this process as one of several
-    (Lightning's detection rules: torchrun sets RANK, GROUP_RANK, LOCAL_RANK and LOCAL_WORLD_SIZE;
-    SLURM sets SLURM_NTASKS outside an interactive ``bash``/``interactive`` job), else None. Then
-    Lightning joins the processes it finds and starts none itself."""
-    if {"RANK", "GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"} <= set(env):
-        n = int(env.get("WORLD_SIZE") or 1)
-        return ("torchrun", n) if n > 1 else None
-    if env.get("SLURM_NTASKS") and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
-        n = int(env["SLURM_NTASKS"])
-        return ("SLURM", n) if n > 1 else None
-    return None
 
 
 def launch_problem(cfg: DictConfig, multirun: bool, run_dir_given: bool, env=os.environ) -> str | None:

@@ -55,9 +55,9 @@ def _job(argv: list[str], env: dict, log_path: str, threads: int) -> None:
     sys.stderr.reconfigure(line_buffering=True)
     import torch
     torch.set_num_threads(threads)
-    from sskt_lightning import train
-    sys.argv = [train.__file__, *argv]
-    train.main()
+    import runpy                           # as `python -m sskt_lightning.train <argv>` runs it
+    sys.argv = ["-m", *argv]               # (runpy puts the module's file in argv[0])
+    runpy.run_module("sskt_lightning.train", run_name="__main__", alter_sys=True)
 
 
 class ForkedJob:
