@@ -215,19 +215,25 @@ def test_an_unloadable_candidate_is_named_and_the_others_rank(cifar_dir, tmp_pat
                                                                "source.checkpoint.weights=<value>."}
 
 
-def test_a_non_finite_score_is_refused_naming_the_candidate(cifar_dir, tmp_path, monkeypatch):
-    import torch
-
+def poison_logits(monkeypatch, key: str) -> None:
+    """Candidate ``key``'s logits get a NaN (its forward pass through the bank, as ranked)."""
     import sskt_lightning.rank as R
     real = R._forward
 
     def poisoned(source, *args, **kwargs):
         logits, feats, seconds = real(source, *args, **kwargs)
-        if source.key == "timm":
+        if source.key == key:
             logits[0, 0] = float("nan")
         return logits, feats, seconds
 
     monkeypatch.setattr(R, "_forward", poisoned)
+
+
+def test_a_non_finite_score_is_refused_naming_the_candidate(cifar_dir, tmp_path, monkeypatch):
+    import torch
+
+    import sskt_lightning.rank as R
+    poison_logits(monkeypatch, "timm")
     result = R.rank(_config(cifar_dir, tmp_path))
     assert [r["candidate"] for r in result["ranking"]] == ["imagenet_resnet18"]
     assert result["failed"][0]["candidate"] == "timm" and "refused" in result["failed"][0]["reason"]

@@ -135,16 +135,8 @@ def test_auto_without_candidates_and_too_few_scored_candidates_are_refused(cifar
     bare = compose_config([f"paths.data_dir={cifar_dir}", *SMOKE, "source=[auto]"], tmp_path / "a")
     with pytest.raises(ConfigError, match=r"source=\[auto\] has no candidates.*source=\[auto,"):
         auto.choose_sources(bare, tmp_path / "a")
-    import sskt_lightning.rank as R
-    real = R._forward
-
-    def poisoned(source, *args, **kwargs):
-        logits, feats, seconds = real(source, *args, **kwargs)
-        if source.key == "timm":
-            logits[0, 0] = float("nan")
-        return logits, feats, seconds
-
-    monkeypatch.setattr(R, "_forward", poisoned)
+    from test_rank import poison_logits
+    poison_logits(monkeypatch, "timm")
     (tmp_path / "b").mkdir()
     with pytest.raises(ConfigError, match=r"rank.top_k=2 but only 1 candidate\(s\) could be scored \(left out: timm"):
         auto.choose_sources(_cfg(cifar_dir, tmp_path / "b", "rank.top_k=2"), tmp_path / "b")
