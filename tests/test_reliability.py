@@ -522,7 +522,10 @@ def test_a_signal_stops_the_run_non_zero_with_a_failed_record(tmp_path, cifar_di
         [sys.executable, "-m", "sskt_lightning.train", *SMOKE, "method=scratch", f"paths.data_dir={cifar_dir}",
          f"hydra.run.dir={out}", "trainer.max_epochs=3", "+callbacks.stall._target_=reliability_helpers.Stall",
          f"+callbacks.stall.ready={ready}", "+callbacks.stall.epoch=1", "+callbacks.stall.batch=0"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        # Ctrl-C as a terminal delivers it, whoever started the tests: a suite run in the background by a
+        # non-interactive shell (nohup, a CI runner) passes SIGINT down ignored, and the run would stall
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # the run stalls at epoch 1 batch 0 until signalled (reliability_helpers.Stall): no window to hit and no
     # wall-clock limit; the hang guard is pytest-timeout's (pyproject.toml)
     with sigkilled_at_exit(proc):
