@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from sskt_lightning.errors import ConfigError
 from sskt_lightning.protocol import (SELECTED_FILE, TRIAL_FILE, Job, MethodSpec, Protocol, _format, _read, _write,
                                      config_dir, metric_value, run_state)
-from sskt_lightning.pruning import CONTEXT_FILE, PRUNED_FILE, read_values
+from sskt_lightning.pruning import PRUNED_FILE, read_values
 
 STUDY_FILE = "study.journal"
 

@@ -34,6 +34,7 @@ from sskt_lightning.extras import cluster_launch  # (the launch checks below; te
 from sskt_lightning.records import (  # noqa: F401  (the run's records: light, no torch)
     FAILED,
     RESULTS,
+    _one_line,
     _task_overrides,
     optimized_value,
     record_failure,
