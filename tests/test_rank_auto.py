@@ -12,13 +12,12 @@ from sskt_lightning.compose import compose_config
 from sskt_lightning.errors import ConfigError
 from sskt_lightning.ranking import auto
 from sskt_lightning.train import run
+from test_rank import TWO_SOURCES
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*RANDOM weights")
 
-# two random-weight candidates, no download: a 10-class and a 100-class ResNet-20 (as test_rank's)
-CANDIDATES = ["source=[auto,timm,imagenet_resnet18]", "source.timm.name=cifar_resnet20", "source.timm.num_classes=10",
-              "source.timm.pretrained=false", "source.imagenet_resnet18.name=cifar_resnet20",
-              "source.imagenet_resnet18.pretrained=false", "source.imagenet_resnet18.num_classes=100"]
+# test_rank's two random-weight candidates (no download: a 10-class and a 100-class ResNet-20), after auto
+CANDIDATES = ["source=[auto,timm,imagenet_resnet18]", *TWO_SOURCES[1:]]
 SMOKE = ["data=cifar10", "model=resnet20", "trainer=smoke", "data.batch_size=8", "data.val_size=16",
          "data.num_workers=0", "trainer.limit_train_batches=3", "trainer.max_epochs=1", "method=sskt",
          "rank.bootstrap=20", "rank.device=cpu"]

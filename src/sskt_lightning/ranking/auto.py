@@ -106,14 +106,14 @@ def choose_sources(cfg: DictConfig, output_dir: Path) -> dict | None:
     k = _top_k(cfg, candidates)
     fp = fingerprint(cfg)
     path = Path(output_dir) / RECORD
+    rank_zero = rank_from_env() == 0
     result = _matching(path, fp)
-    reused = result is not None or rank_from_env() != 0
-    if result is None:
-        if rank_from_env() != 0:
-            result = _wait_for(path, fp)
-        else:
-            from sskt_lightning.rank import rank
-            result = rank(cfg, out_dir=Path(output_dir), record={"fingerprint": fp, "top_k": k})
+    reused = result is not None or not rank_zero       # a rank > 0 always reads rank 0's record
+    if result is None and not rank_zero:
+        result = _wait_for(path, fp)
+    elif result is None:
+        from sskt_lightning.rank import rank
+        result = rank(cfg, out_dir=Path(output_dir), record={"fingerprint": fp, "top_k": k})
     rows = result["ranking"]
     if len(rows) < k:
         left_out = "; ".join(f"{f['candidate']}: {f['reason']}" for f in result.get("failed", []))
