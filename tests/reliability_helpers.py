@@ -33,11 +33,14 @@ class Stall(L.Callback):
 
 
 class DecreasingValAcc(L.Callback):
-    """Replace the logged val/acc by 1 - 0.1 * epoch, so the best validation epoch is epoch 0 and
-    every later epoch is worse (the checkpoint callbacks read it after this callback)."""
+    """Log val/acc = 1 - 0.1 * epoch at each validation epoch's end, so the best validation epoch is
+    epoch 0 and every later epoch is worse. Logged after the module's own val/acc (the callback's
+    entry is the later one, so it is the value every reader gets: BestValidation, the checkpoint
+    callbacks). Writing ``trainer.callback_metrics`` instead does nothing: Lightning rebuilds that
+    dict from the logged results each time it is read."""
 
-    def on_validation_end(self, trainer, module):
-        trainer.callback_metrics["val/acc"] = torch.tensor(1.0 - 0.1 * trainer.current_epoch)
+    def on_validation_epoch_end(self, trainer, module):
+        module.log("val/acc", 1.0 - 0.1 * trainer.current_epoch)
 
 
 @contextmanager

@@ -118,3 +118,22 @@ def test_the_servers_preload_imports_only():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     # the heavy imports done; the entry point itself not (nothing in the package imports it: a job runs it)
     assert out.stdout.split() == ["False", "True", "False"], out.stderr[-2000:]
+
+
+def test_runs_that_compose_to_several_processes_get_their_own_interpreter(tmp_path):
+    """The decision reads the composed config, not the overrides' text: an experiment file that
+    switches the trainer to DDP is seen (a fork of the server would re-run the server's command line
+    for the other ranks), and a strategy that composes to one device stays a fork."""
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "two_ranks.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /trainer: ddp_cpu\n")
+    cmd = ["python", "-m", "sskt_lightning.train", "data=cifar10", "model=resnet20", "seed=0",
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    assert not P.several_processes(cmd)
+    assert P.several_processes([*cmd, f"hydra.searchpath=[file://{tmp_path}]", "experiment=two_ranks"])
+    assert P.several_processes([*cmd, "trainer=ddp_cpu"])
+    assert P.several_processes([*cmd, "trainer.num_nodes=2"])
+    assert not P.several_processes([*cmd, "+trainer.strategy=ddp"])           # one device: no ranks
+    assert not P.several_processes([*cmd, "trainer.devices=[0]"])
+    # a config that does not compose runs in its own interpreter, which records why it cannot start
+    assert P.several_processes([*cmd, "model=no_such_model"])

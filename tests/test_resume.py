@@ -103,6 +103,7 @@ def test_last_ckpt_is_the_last_epoch_when_the_best_is_earlier(tmp_path, cifar_di
     res = _run(tmp_path, cifar_dir, "method=scratch",
                "+callbacks.fake_val._target_=reliability_helpers.DecreasingValAcc")
     assert res["best_val_epoch"] == 0 and res["epochs"] == 3
+    assert res["best_val_acc"] == 1.0                        # the replaced score, not the real one
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["epoch"] == 2                                # the end of the last epoch (0-based)
     assert res["checkpoints"] == {"last": "checkpoints/last.ckpt", "best": res["checkpoints"]["best"]}

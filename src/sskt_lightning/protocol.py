@@ -615,16 +615,17 @@ def _default_launch() -> str:
 
 
 def several_processes(command: list[str]) -> bool:
-    """Whether a run's overrides ask for more than one process (DDP: ``trainer=ddp*``, a strategy,
-    several devices or nodes). Those runs get their own interpreter, never a fork of the server:
-    Lightning's launcher starts the other ranks by running the command line again."""
-    for arg in command:
-        key, _, value = arg.partition("=")
-        if key == "trainer" and value.startswith("ddp"):
-            return True
-        if key in ("trainer.strategy", "trainer.num_nodes") or (key == "trainer.devices" and value not in ("1", "[0]")):
-            return True
-    return False
+    """Whether the run's composed config asks for more than one process (DDP: several devices or
+    nodes, set on the command line or by any yaml the overrides compose, e.g. an experiment file).
+    Those runs get their own interpreter, never a fork of the server: Lightning's launcher starts
+    the other ranks by running the command line again."""
+    from sskt_lightning.compose import compose_config
+    from sskt_lightning.ddp_launch import several_processes as asks_for_ranks
+    try:
+        cfg = compose_config(command[3:], Path("."))
+    except Exception:   # not a silent fallback: the run's own interpreter fails on it and records why
+        return True
+    return asks_for_ranks(cfg) or int(OmegaConf.select(cfg, "trainer.num_nodes", default=1) or 1) > 1
 
 
 def main(argv: list[str] | None = None) -> int:
