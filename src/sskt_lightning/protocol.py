@@ -31,7 +31,7 @@ The search (sskt_lightning/search.py, optuna 4): the study is rebuilt from the t
 round (``optuna.trial.create_trial``), with the sampler seeded by (method, round): the parameters of
 trial k depend only on the finished trials before its round, so a resumed protocol asks exactly what
 an uninterrupted one would; ``<method>/study.journal`` keeps it as an Optuna journal file. Search
-trials are pruned (``--pruner median|halving|none``, sskt_lightning/pruning.py): a pruned trial ends
+trials may be pruned (``--pruner median|halving``, off by default, sskt_lightning/pruning.py): a pruned trial ends
 cleanly (``pruned.json``, results.json ``status: pruned``), is never selected, and a resume knows it.
 Why not Hydra's Optuna sweeper (``hparams_search=<method>``, the ``optuna-sweeper`` extra in its own
 environment): it caps optuna below 3, whose SQL storage fails under SQLAlchemy 2 (an in-memory study:
@@ -104,7 +104,9 @@ class Protocol:
     baseline: str = "scratch"
     notes: list[str] = field(default_factory=list)    # lines for the report's header (e.g. EMA on/off)
     gpus_per_job: int = 0                 # >0: each run gets its own GPUs (device_slots; CUDA_VISIBLE_DEVICES)
-    pruner: str = "median"                # none | median | halving (sskt_lightning.pruning)
+    pruner: str = "none"                  # none | median | halving (sskt_lightning.pruning); none by default:
+                                          # median pruning lost SSKT + unlabeled its best trial (a late riser)
+                                          # in experiments/protocol_cost/ (README, 2026-12-06)
     prune_startup: int = 2                # trials 0 (the recipe) .. n-1 are never pruned
     prune_warmup: int | None = None       # validations never pruned (default: a third of the epochs)
     launch: str = field(default_factory=lambda: _default_launch())   # fork (a server holding the imports:
@@ -564,8 +566,10 @@ def protocol_from_args(argv: list[str] | None = None) -> Protocol:
     p.add_argument("--setting", help="the setting's name in the report (default: the --out directory's name)")
     p.add_argument("--baseline", help="the method the others are paired with (default scratch, when run)")
     p.add_argument("--pruner", choices=("none", "median", "halving"),
-                   help="stop hopeless search trials early (default median: see sskt_lightning/pruning.py; "
-                        "finals are never pruned; none: every trial runs to its end, as before)")
+                   help="stop hopeless search trials early (default none: every trial runs to its end; median / "
+                        "halving: see sskt_lightning/pruning.py, finals are never pruned; measured in "
+                        "experiments/protocol_cost/: median saved 13 %% of the search and pruned the trial "
+                        "a full search selects for sskt + unlabeled, whose validation rises late)")
     p.add_argument("--prune-warmup", type=int, help="validations never pruned (default: a third of the epochs)")
     p.add_argument("--launch", choices=("fork", "subprocess"),
                    help="fork (default on Linux): every run a fresh fork of a server that has imported torch, "
@@ -588,7 +592,7 @@ def protocol_from_args(argv: list[str] | None = None) -> Protocol:
     if metric not in METRICS:
         raise ConfigError(f"protocol: metric {metric!r}; choose one of {list(METRICS)} (validation only).")
     trials = args.trials or int(spec.get("trials", 8))
-    pruner = args.pruner or spec.get("pruner", "median")
+    pruner = args.pruner or spec.get("pruner", "none")
     if pruner not in ("none", "median", "halving"):
         raise ConfigError(f"protocol: pruner {pruner!r}; choose none, median or halving.")
     if trials < 1 or jobs < 1:
