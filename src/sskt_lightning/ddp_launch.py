@@ -87,8 +87,11 @@ def devices_count(devices) -> int | None:
 
 
 def several_processes(cfg: DictConfig) -> bool:
-    """Whether Lightning would start processes for this job (DDP / automatic strategy, not one device)."""
+    """Whether Lightning would start processes for this job (several nodes; DDP / automatic strategy,
+    not one device)."""
     trainer = cfg.get("trainer") or {}
+    if int(trainer.get("num_nodes", 1) or 1) > 1:
+        return True
     strategy = trainer.get("strategy", "auto")
     if not isinstance(strategy, str) or strategy not in ("ddp", "auto"):
         return False   # ddp_spawn, fsdp, ... (not handled: see launch_problem's refusal)

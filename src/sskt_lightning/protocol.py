@@ -629,7 +629,7 @@ def several_processes(command: list[str]) -> bool:
         cfg = compose_config(command[3:], Path("."))
     except Exception:   # not a silent fallback: the run's own interpreter fails on it and records why
         return True
-    return asks_for_ranks(cfg) or int(OmegaConf.select(cfg, "trainer.num_nodes", default=1) or 1) > 1
+    return asks_for_ranks(cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
