@@ -162,7 +162,7 @@ def test_many_loggers_offline(tmp_path, cifar_dir, monkeypatch):
 def test_debug_fast_dev_run_and_profiler(tmp_path, cifar_dir, capsys):
     res = run(compose_config(["data=cifar10", "model=resnet20", "data.batch_size=8", "data.val_size=16",
                               f"paths.data_dir={cifar_dir}", "method=scratch", "trainer=cpu",
-                              "trainer.enable_progress_bar=false", "debug=fast_dev_run"], tmp_path / "fdr"))
+                              "debug=fast_dev_run"], tmp_path / "fdr"))
     assert res["status"] == "ok" and (tmp_path / "fdr" / "checkpoints" / "last.ckpt").is_file()
     assert "trainer" in capsys.readouterr().out     # debug= prints the config tree
     run(compose_config([*SMOKE, f"paths.data_dir={cifar_dir}", "method=scratch", "debug=profiler"],
@@ -406,3 +406,20 @@ def test_submitit_slurm_launcher_composes_for_a_ddp_sweep():
     launcher = OmegaConf.create(proc.stdout).hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.tasks_per_node, launcher.gpus_per_node) == ("gpu", 4, 4)
+
+
+def test_no_test_switches_a_lightning_default_off():
+    """The tests fit with what users get (tests/small_trainer.py): the progress bar, the logger, the
+    checkpoint callback and the model summary stay on, and a test stays small through its limits.
+    A default switched off hides the bug users meet first (the first DDP run with the default progress
+    bar aborted). A line that must switch one off says why with ``# switched off on purpose: <why>``."""
+    import re
+    off = re.compile(r"\b(enable_progress_bar|enable_checkpointing|enable_model_summary|logger)\s*=\s*(False|None)\b"
+                     r"|trainer\.(enable_progress_bar|enable_checkpointing|enable_model_summary)=false\b"
+                     r"|[\"']logger=(null|none)[\"']")
+    tests = Path(__file__).parent
+    found = [f"{p.name}:{n}: {line.strip()}"
+             for p in sorted(tests.glob("*.py")) if p.name not in ("small_trainer.py", Path(__file__).name)
+             for n, line in enumerate(p.read_text().splitlines(), 1)
+             if off.search(line) and "# switched off on purpose:" not in line]
+    assert not found, "tests that switch a Lightning default off (use small_trainer and limits):\n" + "\n".join(found)

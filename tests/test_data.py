@@ -484,9 +484,10 @@ def test_datamodule_config_errors(cifar_root):
         ImageDataModule("cifar10", cifar_root, val_size=10, download=False, mean=[0.5], std=[0.5]).setup()
 
 
-def test_lightning_fit_with_combined_loader(cifar_root):
+def test_lightning_fit_with_combined_loader(cifar_root, tmp_path):
     """Under a Trainer the dict loader is combined (max_size_cycle) and batches arrive normalised."""
     import lightning as L
+    from small_trainer import small_trainer
 
     seen = []
 
@@ -509,8 +510,7 @@ def test_lightning_fit_with_combined_loader(cifar_root):
 
     dm = ImageDataModule("cifar10", cifar_root, batch_size=4, val_size=10, download=False,
                          labels_per_class=2, unlabeled=True)
-    trainer = L.Trainer(max_steps=3, limit_val_batches=1, accelerator="cpu", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = small_trainer(tmp_path, max_steps=3, limit_val_batches=1)
     trainer.fit(Probe(), datamodule=dm)
     train_steps = [s for s in seen if s[0] != "val"]
     assert len(train_steps) == 3

@@ -5,7 +5,6 @@ import csv
 import json
 import math
 
-import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -19,6 +18,8 @@ from sskt_lightning.losses import dml_loss, kl_divergence, task_loss
 from sskt_lightning.methods.dml import DML
 from sskt_lightning.module import TransferModule
 from sskt_lightning.train import run
+
+from small_trainer import small_trainer
 
 SMOKE = ["trainer=smoke", "data.batch_size=8", "data.val_size=16", "data.num_workers=0"]
 CIFAR10_INFO = {"name": "cifar10", "num_classes": 10, "in_chans": 3, "image_size": [32, 32],
@@ -41,10 +42,8 @@ def batches(n_batches=1, bs=8, seed=0):
     return DataLoader(ds, batch_size=bs, shuffle=False)
 
 
-def fit(module, loader, **kwargs):
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_val_batches=0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
+def fit(module, loader, root, **kwargs):
+    trainer = small_trainer(root, max_epochs=1, limit_val_batches=0, num_sanity_val_steps=0, **kwargs)
     trainer.fit(module, train_dataloaders=loader)
     return trainer
 
@@ -120,7 +119,7 @@ def test_sequential_partners_see_predictions_made_after_the_previous_steps(tmp_p
     spy, counts = Spy(module.method), count_forwards(module)
     before = [snapshot(n) for n in cohort(module)]
     loader = batches(1)
-    fit(module, loader)
+    fit(module, loader, tmp_path)
     assert counts == [2, 1]          # peer 0 predicted again after its step; peer 1 once
     (z0, partners0), (z1, partners1) = spy.calls
     assert torch.equal(partners0[0], z1)                 # peer 0 sees peer 1's (not yet updated) prediction
@@ -140,7 +139,7 @@ def test_sequential_partners_see_predictions_made_after_the_previous_steps(tmp_p
 def test_sequential_with_three_peers_predicts_2k_minus_1_times(tmp_path):
     module = dml_module(tmp_path, THREE)
     counts = count_forwards(module)
-    fit(module, batches(2))
+    fit(module, batches(2), tmp_path)
     assert counts == [4, 4, 2]       # per batch: 2, 2, 1
 
 
@@ -148,7 +147,7 @@ def test_simultaneous_predicts_once_per_peer_and_step(tmp_path):
     module = dml_module(tmp_path, THREE, "method.update=simultaneous")
     spy, counts = Spy(module.method), count_forwards(module)
     before = [snapshot(n) for n in cohort(module)]
-    fit(module, batches(2))
+    fit(module, batches(2), tmp_path)
     assert counts == [2, 2, 2]       # one forward per peer per step
     for step in range(2):
         calls = spy.calls[3 * step: 3 * step + 3]
@@ -162,7 +161,7 @@ def test_simultaneous_predicts_once_per_peer_and_step(tmp_path):
 def test_one_optimizer_and_scheduler_per_peer(tmp_path):
     module = dml_module(tmp_path)
     assert module.automatic_optimization is False
-    trainer = fit(module, batches(1))
+    trainer = fit(module, batches(1), tmp_path)
     assert len(trainer.optimizers) == 2 and len(trainer.lr_scheduler_configs) == 2
     params = [{id(p) for g in opt.param_groups for p in g["params"]} for opt in trainer.optimizers]
     assert params[0] == {id(p) for p in module.target.parameters()}
@@ -181,8 +180,7 @@ def test_kl_warmup_ramps_the_kl_weight_step_by_step(tmp_path):
         return inner(mod, logits, others, labels, kl_weight)
 
     module.method.peer_loss = spy
-    trainer = L.Trainer(accelerator="cpu", max_epochs=2, limit_val_batches=0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = small_trainer(tmp_path, max_epochs=2, limit_val_batches=0)
     trainer.fit(module, train_dataloaders=batches(4))
     per_batch = weights[::2]                           # two peers, one weight per batch
     assert weights[1::2] == per_batch
@@ -299,7 +297,7 @@ def test_unlabeled_stream_reaches_every_peer_and_changes_the_training(tmp_path):
         rows = {0: [], 1: []}
         for k, net in enumerate(cohort(module)):
             net.register_forward_pre_hook(lambda m, args, k=k: rows[k].append(args[0].shape[0]))
-        fit(module, dict_batches(n=8))
+        fit(module, dict_batches(n=8), tmp_path)
         expected = 12 if unlabeled else 8
         assert rows[0] and rows[1] and set(rows[0]) == set(rows[1]) == {expected}
         finals[unlabeled] = snapshot(module.target)
@@ -309,7 +307,7 @@ def test_unlabeled_stream_reaches_every_peer_and_changes_the_training(tmp_path):
 def test_dml_unlabeled_without_the_stream_is_refused(tmp_path):
     module = dml_module(tmp_path, "method.unlabeled=true")
     with pytest.raises(ConfigError, match=r"method.unlabeled=true needs data.unlabeled=true"):
-        fit(module, batches())
+        fit(module, batches(), tmp_path)
 
 
 @pytest.mark.slow

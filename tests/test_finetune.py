@@ -6,7 +6,6 @@ BatchNorm statistics; results.json records the file, its sha256 and the freeze."
 import hashlib
 import json
 
-import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -18,6 +17,8 @@ from sskt_lightning.errors import ConfigError
 from sskt_lightning.module import TransferModule
 from sskt_lightning.nets.factory import create_network
 from sskt_lightning.train import run
+
+from small_trainer import small_trainer
 
 SMOKE = ["trainer=smoke", "data.batch_size=8", "data.val_size=16", "data.num_workers=0"]
 CIFAR10_INFO = {"name": "cifar10", "num_classes": 10, "in_chans": 3, "image_size": [32, 32],
@@ -154,10 +155,8 @@ def batches(n=16, bs=8):
     return DataLoader(ds, batch_size=bs)
 
 
-def fit(module):
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_val_batches=0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0)
+def fit(module, root):
+    trainer = small_trainer(root, max_epochs=1, limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(module, train_dataloaders=batches())
     return trainer
 
@@ -174,7 +173,7 @@ def test_a_frozen_backbone_keeps_weights_and_batchnorm_statistics(tmp_path, free
     modes = []
     bn = next(m for m in module.target.net.modules() if isinstance(m, torch.nn.BatchNorm2d))
     bn.register_forward_pre_hook(lambda m, _: modes.append(m.training))
-    trainer = fit(module)
+    trainer = fit(module, tmp_path)
     after = module.target.net.state_dict()
     optimized = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
     trainable = {n for n, p in module.target.net.named_parameters() if p.requires_grad}

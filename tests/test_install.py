@@ -253,7 +253,7 @@ def test_readme_library_example_runs(tmp_path, monkeypatch):
          'SourceOptions("imagenet_resnet18", pretrained=False, input_size=32)'),
         ("batch_size=128, val_size=5000", "batch_size=8, val_size=16, num_workers=0"),
         ('max_epochs=10, accelerator="auto"', 'max_epochs=1, accelerator="cpu", limit_train_batches=2, '
-         'limit_val_batches=2, limit_test_batches=2, enable_progress_bar=False'),
+         'limit_val_batches=2, limit_test_batches=2'),
     ]:
         assert old in code, f"docs/python-api.md example changed: {old!r} not found"
         code = code.replace(old, new)

@@ -5,7 +5,6 @@ import json
 import math
 from types import SimpleNamespace
 
-import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -19,6 +18,8 @@ from sskt_lightning.methods.kd import KD
 from sskt_lightning.module import TransferModule
 from sskt_lightning.nets.factory import NetOutput
 from sskt_lightning.train import data_info_of, run
+
+from small_trainer import small_trainer
 
 SMOKE = ["trainer=smoke", "data.batch_size=8", "data.val_size=16", "data.num_workers=0"]
 # A random-weight 10-class teacher that needs no download.
@@ -156,8 +157,7 @@ def test_teacher_unchanged_and_in_eval_mode_while_the_target_learns(tmp_path, da
     target_before = {k: v.clone() for k, v in module.target.state_dict().items()}
     modes = []
     teacher.net.register_forward_hook(lambda m, i, o: modes.append((m.training, o.requires_grad)))
-    trainer = L.Trainer(accelerator="cpu", max_steps=3, limit_val_batches=0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = small_trainer(tmp_path, max_steps=3, limit_val_batches=0)
     trainer.fit(module, datamodule=dm)
     assert len(modes) == 3 and all(m == (False, False) for m in modes)   # eval mode, no graph
     after = teacher.state_dict()

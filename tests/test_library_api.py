@@ -121,7 +121,7 @@ def test_the_options_module_and_the_package_stay_light():
 
 @pytest.mark.slow
 def test_a_typed_module_trains_checkpoints_and_is_evaluated_like_a_cli_run(tmp_path, cifar_dir):
-    import lightning as L
+    from small_trainer import small_trainer
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from sskt_lightning import TransferModule
@@ -131,8 +131,7 @@ def test_a_typed_module_trains_checkpoints_and_is_evaluated_like_a_cli_run(tmp_p
     module = TransferModule.from_options(data=dm, model=ModelOptions("resnet20", kwargs={"shortcut": "B"}),
                                          method=ScratchOptions(), optim=OptimOptions(lr=0.05))
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", limit_train_batches=1, limit_val_batches=1,
-                        logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[ckpt])
+    trainer = small_trainer(tmp_path, max_epochs=2, limit_train_batches=1, limit_val_batches=1, callbacks=[ckpt])
     trainer.fit(module, datamodule=dm)
     # the schedule spans the Trainer's 2 epochs (x0.2 at round(0.3*2)=1, round(0.6*2)=1, round(0.8*2)=2)
     scheduler = trainer.lr_scheduler_configs[0].scheduler
@@ -152,13 +151,12 @@ def test_a_typed_module_trains_checkpoints_and_is_evaluated_like_a_cli_run(tmp_p
 
 
 def test_a_step_budget_needs_the_schedules_epochs(tmp_path, cifar_dir):
-    import lightning as L
+    from small_trainer import small_trainer
 
     from sskt_lightning import TransferModule
     dm = data_module("cifar10", data_dir=str(cifar_dir), **TINY)
     module = TransferModule.from_options(data=dm, method="scratch")
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, enable_model_summary=False)
+    trainer = small_trainer(tmp_path, max_steps=1)
     with pytest.raises(ConfigError, match=r"OptimOptions\(max_epochs=N\)"):
         trainer.fit(module, datamodule=dm)
 

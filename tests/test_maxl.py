@@ -6,7 +6,6 @@ import json
 import warnings
 from types import SimpleNamespace
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +18,8 @@ from sskt_lightning.errors import ConfigError
 from sskt_lightning.methods.maxl import MAXL, mask_softmax
 from sskt_lightning.nets.factory import TappedNet
 from sskt_lightning.train import run
+
+from small_trainer import small_trainer
 
 SMOKE = ["trainer=smoke", "data.batch_size=4", "data.val_size=16", "data.num_workers=0",
          "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
@@ -252,8 +253,7 @@ def test_each_update_moves_only_its_own_network(tmp_path, meta):
     method.multitask_update, method.meta_update = checked_multitask, checked_meta
     x = torch.randn(8, 3, 8, 8)
     loader = DataLoader(TensorDataset(x, torch.arange(8) % 3, torch.arange(8)), batch_size=8)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_val_batches=0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = small_trainer(tmp_path, max_epochs=1, limit_val_batches=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(module, train_dataloaders=loader)

@@ -7,7 +7,6 @@ conf/method/<name>.yaml is picked up with no edit here (tests/method_contract.py
 does; tests/test_ddp.py runs every method under DDP)."""
 import math
 
-import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -30,6 +29,7 @@ from method_contract import (
     variants,
 )
 from test_resume import _restore_deterministic_flag, assert_resume_equals_uninterrupted  # noqa: F401
+from small_trainer import small_trainer
 
 METHODS = packaged_methods()
 VARIANTS = {k: v for name in METHODS for k, v in variants(name).items()}
@@ -89,8 +89,7 @@ def test_step_schedules_step_per_training_step(tmp_path, cifar_dir, name, monkey
     dm = instantiate(cfg.data)
     dm.setup("fit")
     module = train_mod.TransferModule(OmegaConf.to_container(cfg, resolve=True), train_mod.data_info_of(dm))
-    trainer = L.Trainer(accelerator="cpu", max_epochs=2, limit_val_batches=0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = small_trainer(tmp_path, max_epochs=2, limit_val_batches=0)
     trainer.fit(module, datamodule=dm)
     configs = trainer.lr_scheduler_configs
     step_based = [c for c in configs if c.interval == "step"]

@@ -481,13 +481,12 @@ def test_a_step_budget_is_refused_for_methods_with_several_optimizers(tmp_path, 
                           "+trainer.max_steps=8"], tmp_path / "run")
     with pytest.raises(ConfigError, match=rf"trainer.max_steps=8 cannot budget method={method}.*data.steps_per_epoch"):
         run(cfg)
-    import lightning as L
+    from small_trainer import small_trainer
 
     from sskt_lightning import TransferModule, data_module
     dm = data_module("cifar10", data_dir=str(cifar_dir), batch_size=8, val_size=16, num_workers=0)
     module = TransferModule.from_options(data=dm, method=method)
-    trainer = L.Trainer(max_steps=8, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, enable_model_summary=False)
+    trainer = small_trainer(tmp_path, max_steps=8)
     with pytest.raises(ConfigError, match="cannot budget"):
         trainer.fit(module, datamodule=dm)
 

@@ -266,8 +266,8 @@ def test_the_capability_defaults_off_and_the_harness_refuses_it_without_an_unlab
         enable_strong_views(method, _dm(cifar_dir, unlabeled=False, labels_per_class=None))
 
 
-def test_a_users_trainer_turns_strong_views_on_before_the_first_batch(cifar_dir):
-    import lightning as L
+def test_a_users_trainer_turns_strong_views_on_before_the_first_batch(cifar_dir, tmp_path):
+    from small_trainer import small_trainer
 
     from sskt_lightning import TransferModule
     dm = _dm(cifar_dir)
@@ -281,8 +281,7 @@ def test_a_users_trainer_turns_strong_views_on_before_the_first_batch(cifar_dir)
         return step(mod, batch)
 
     module.method.training_step = recording
-    trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, accelerator="cpu", logger=False,
-                        enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+    trainer = small_trainer(tmp_path, max_epochs=1, limit_train_batches=2, limit_val_batches=0)
     trainer.fit(module, datamodule=dm)
     assert len(seen) == 2
     assert all(s["unlabeled_strong"] == s["unlabeled"] == (8, 3, 32, 32) for s in seen)
@@ -321,7 +320,7 @@ def test_the_batched_rendering_equals_each_images_ops_applied_one_at_a_time(c, h
 def test_a_resumed_fit_replays_the_strong_views_bit_for_bit(tmp_path, cifar_dir):
     """Lightning saves the data module's generators in the checkpoint: epoch 2 of a run resumed from
     epoch 1's checkpoint sees the same strong views as epoch 2 of an uninterrupted run."""
-    import lightning as L
+    from small_trainer import small_trainer
 
     from sskt_lightning import TransferModule
 
@@ -336,9 +335,7 @@ def test_a_resumed_fit_replays_the_strong_views_bit_for_bit(tmp_path, cifar_dir)
             return step(mod, batch)
 
         module.method.training_step = recording
-        trainer = L.Trainer(max_epochs=epochs, limit_train_batches=2, limit_val_batches=0, accelerator="cpu",
-                            logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                            enable_model_summary=False)
+        trainer = small_trainer(tmp_path, max_epochs=epochs, limit_train_batches=2, limit_val_batches=0)
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
         if save:
             trainer.save_checkpoint(save)

@@ -137,7 +137,7 @@ def test_images_kept_on_the_device_train_exactly_as_loaded_batches(tmp_path, cif
 @pytest.mark.slow
 def test_sources_bit_identical_after_training_and_heads_learn(tmp_path, cifar_dir):
     from sskt_lightning.module import TransferModule
-    import lightning as L
+    from small_trainer import small_trainer
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
     from sskt_lightning.train import data_info_of
@@ -151,8 +151,7 @@ def test_sources_bit_identical_after_training_and_heads_learn(tmp_path, cifar_di
     before = {k: v.clone() for k, v in module.sources.state_dict().items()}
     heads_before = {k: v.clone() for k, v in module.method.heads.state_dict().items()}
     target_before = {k: v.clone() for k, v in module.target.state_dict().items()}
-    trainer = L.Trainer(accelerator="cpu", max_steps=3, limit_val_batches=0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False)
+    trainer = small_trainer(tmp_path, max_steps=3, limit_val_batches=0)
     trainer.fit(module, datamodule=dm)
     after = module.sources.state_dict()
     assert before.keys() == after.keys() and any("running_mean" in k for k in after)

@@ -1,5 +1,4 @@
 """SSKT with unlabeled images: the auxiliary loss sees both streams, the task loss only labels."""
-import lightning as L
 import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -7,6 +6,8 @@ from omegaconf import OmegaConf
 from sskt_lightning.compose import compose_config
 from sskt_lightning.module import TransferModule
 from sskt_lightning.train import data_info_of, run
+
+from small_trainer import small_trainer
 
 UNLABELED = ["data=cifar10", "data.val_size=16", "data.batch_size=4", "data.num_workers=0",
              "data.labels_per_class=2", "data.unlabeled=true", "data.unlabeled_ratio=2.0",
@@ -41,8 +42,7 @@ def test_unlabeled_images_reach_only_the_aux_loss(tmp_path, cifar_dir):
 
     module.task_loss = spy_task
     module.sources.forward = spy_sources
-    trainer = L.Trainer(accelerator="cpu", max_steps=3, limit_val_batches=0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False)
+    trainer = small_trainer(tmp_path, max_steps=3, limit_val_batches=0)
     trainer.fit(module, datamodule=dm)
     labeled_bs, unlabeled_bs = dm.batch_size, dm.unlabeled_batch_size
     assert unlabeled_bs == 8
