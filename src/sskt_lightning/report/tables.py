@@ -74,7 +74,7 @@ def _table(part: pd.DataFrame, title: str) -> pd.DataFrame:
         table["wins (same unlabeled)"] = [DASH if n == 0 else f"{int(w)}/{n}"
                                           for w, n in zip(part["same_unl_wins"], part["same_unl_n_paired"])]
     if part["params"].astype(bool).any():
-        table["selected on validation"] = [_short_params(p) or DASH for p in part["params"]]
+        table["selected on validation"] = [short_params(p) or DASH for p in part["params"]]
     table["train / val / unlabeled"] = [" / ".join(_count(x) for x in t)
                                         for t in zip(part["num_train"], part["num_val"], part["num_unlabeled"])]
     table["wall time (s)"] = part["wall_time_s_mean"].map(lambda x: _fmt(x, 0))
@@ -82,7 +82,7 @@ def _table(part: pd.DataFrame, title: str) -> pd.DataFrame:
     return table
 
 
-def _short_params(params: str) -> str:
+def short_params(params: str) -> str:
     """``optim.optimizer.lr=0.1 method.alpha=1`` -> ``lr=0.1 alpha=1`` (the table's short form)."""
     return " ".join(t.removeprefix("optim.optimizer.").removeprefix("method.").removeprefix("data.")
                     for t in params.split())

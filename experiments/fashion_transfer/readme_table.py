@@ -1,0 +1,139 @@
+"""The README's compact table of a benchmark cell, from the records on disk (no hand copying).
+
+    python experiments/fashion_transfer/readme_table.py \\
+        experiments/fashion_transfer/benchmark_runs/labels5_ema0.999_bf16_cl [more cells ...]
+
+For each cell (one directory ``benchmark.py`` wrote: ``protocol/`` with its ``report/report.csv``,
+``teachers/``, ``finetuned/``) one markdown table, a row per method in the report's order:
+
+* test accuracy (%), mean ± std over the seeds (last epoch);
+* the seed-paired gain over scratch, 95 % t interval, wins; bold where the interval excludes zero;
+* the seed-paired gain over the best OTHER method on the same unlabeled images (the report's choice:
+  highest mean validation, never test), named, with its interval and wins;
+* EMA - raw: the mean paired difference between the averaged weights' test accuracy and the raw
+  weights' (``extra.test_raw_acc`` of each final run; "–" without ``model.ema``);
+* the settings selected on validation;
+* compute in minutes: the method's search trials + its finals (``elapsed_s`` of each run's
+  ``protocol.json``), plus the runs it needs first (KD's born-again teachers, kd_unlabeled's
+  fine-tuned sources; ``wall_time_s`` of their ``results.json``). The stage-1 source, shared by every
+  method that reads it, is counted once, below the table.
+
+A cell whose report is missing (the benchmark has not finished it) is an error that names it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from sskt_lightning.report.tables import short_params
+
+STAGES = {"kd": "teachers", "kd_unlabeled": "finetuned"}   # runs a method needs before its own
+NAMES = {"scratch": "scratch", "kd": "KD (born-again teacher)", "dml": "DML", "maxl": "MAXL", "sskt": "SSKT",
+         "sskt_unlabeled": "SSKT + unlabeled", "fixmatch": "FixMatch", "freematch": "FreeMatch",
+         "flexmatch": "FlexMatch", "softmatch": "SoftMatch", "kd_unlabeled": "KD + unlabeled (fine-tuned source)",
+         "dml_unlabeled": "DML + unlabeled", "sskt_fixmatch": "SSKT + FixMatch",
+         "finetuned_source": "fine-tuned source (reference)", "linear_probe": "linear probe (reference)"}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _num(value) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(v) else v
+
+
+def _gain(mean, low, high, wins, n) -> str:
+    mean, low, high = _num(mean), _num(low), _num(high)
+    if mean is None:
+        return "–"
+    text = f"{mean:+.2f} [{low:+.2f}, {high:+.2f}], {int(_num(wins) or 0)}/{int(_num(n) or 0)}" \
+        if low is not None and high is not None else f"{mean:+.2f}"
+    return f"**{text}**" if low is not None and high is not None and (low > 0 or high < 0) else text
+
+
+def compute_minutes(cell: Path, method: str) -> float:
+    """Search + finals of ``method`` (protocol.json's elapsed_s) + the stage runs it needs."""
+    seconds = sum(_num(_read_json(p).get("elapsed_s")) or 0.0
+                  for p in (cell / "protocol" / method).glob("*/*/protocol.json"))
+    if method in STAGES:
+        seconds += sum(_num(_read_json(p).get("wall_time_s")) or 0.0
+                       for p in (cell / STAGES[method]).glob("seed_*/results.json"))
+    return seconds / 60
+
+
+def ema_minus_raw(cell: Path, method: str) -> float | None:
+    """Mean over the final runs of (EMA test acc - raw test acc), in points; None without EMA."""
+    diffs = []
+    for p in sorted((cell / "protocol" / method / "final").glob("seed_*/results.json")):
+        res = _read_json(p)
+        raw, acc = _num((res.get("extra") or {}).get("test_raw_acc")), _num(res.get("test_acc"))
+        if raw is not None and acc is not None:
+            diffs.append(100 * (acc - raw))
+    return sum(diffs) / len(diffs) if diffs else None
+
+
+def table(cell: Path) -> str:
+    report = cell / "protocol" / "report" / "report.csv"
+    if not report.is_file():
+        raise FileNotFoundError(f"{report} does not exist: the benchmark has not finished this cell "
+                                f"(run experiments/fashion_transfer/benchmark.py --plan with its options)")
+    rows = pd.read_csv(report)
+    lines = ["| method | test acc (%) | gain over scratch [95 % CI], wins | gain over the best other method on "
+             "the same unlabeled images [95 % CI], wins | EMA − raw | selected on validation | compute (min) |",
+             "|---|---|---|---|---|---|---|"]
+    for _, r in rows.iterrows():
+        name = str(r["name"])
+        test = f"{r['test_mean']:.2f} ± {r['test_std']:.2f}" if _num(r.get("test_std")) is not None \
+            else f"{r['test_mean']:.2f}"
+        base = "baseline" if name == "scratch" else _gain(r.get("gain_mean"), r.get("gain_ci_low"),
+                                                          r.get("gain_ci_high"), r.get("wins"), r.get("n_paired"))
+        other = r.get("same_unl_best")
+        same = "–" if not isinstance(other, str) or other == name else \
+            f"vs {other}: " + _gain(r.get("same_unl_gain_mean"), r.get("same_unl_gain_ci_low"),
+                                    r.get("same_unl_gain_ci_high"), r.get("same_unl_wins"),
+                                    r.get("same_unl_n_paired"))
+        if bool(r.get("reference")):
+            same = "– (reference)"
+        ema = ema_minus_raw(cell, name)
+        params = short_params(r["params"]) if isinstance(r.get("params"), str) else "–"
+        lines.append(f"| {NAMES.get(name, name)} | {test} | {base} | {same} | "
+                     f"{'–' if ema is None else f'{ema:+.2f}'} | {params} | {compute_minutes(cell, name):.1f} |")
+    source = _num(_read_json(cell.parent / "source" / "results.json").get("wall_time_s"))
+    total = sum(compute_minutes(cell, str(n)) for n in rows["name"])
+    searched_only = sorted({p.parent.name for p in (cell / "protocol").glob("*/search")} - set(rows["name"]))
+    extra = sum(compute_minutes(cell, m) for m in searched_only)
+    lines += ["", f"Compute: {total + extra:.1f} min summed over the runs of this cell"
+              + (f" (of which {extra:.1f} min for the searches of {', '.join(searched_only)}, which had no finals)"
+                 if searched_only else "")
+              + (f"; the stage-1 source, shared by every cell: {source / 60:.1f} min" if source else "") + "."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("cells", nargs="+", type=Path, help="benchmark cell directories (benchmark_runs/labels...)")
+    args = p.parse_args(argv)
+    out = []
+    for cell in args.cells:
+        try:
+            out.append(f"### {cell.name}\n\n{table(cell)}\n")
+        except FileNotFoundError as e:
+            sys.exit(f"error: {e}")
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""experiments/fashion_transfer/readme_table.py: the README's table of a benchmark cell, from a cell
+written here in the benchmark's layout, against hand-computed values."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "fashion_transfer" / "readme_table.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("_readme_table", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+@pytest.fixture
+def cell(tmp_path):
+    cell = tmp_path / "runs" / "labels5_ema0.999"
+    nan = float("nan")
+    rows = [
+        dict(name="scratch", test_mean=70.0, test_std=10.0, gain_mean=nan, gain_ci_low=nan, gain_ci_high=nan,
+             wins=nan, n_paired=0, same_unl_best="fixmatch", same_unl_gain_mean=-5.0, same_unl_gain_ci_low=-9.0,
+             same_unl_gain_ci_high=-1.0, same_unl_wins=0, same_unl_n_paired=2, reference=False,
+             params="optim.optimizer.lr=0.1"),
+        dict(name="fixmatch", test_mean=75.0, test_std=2.5, gain_mean=5.0, gain_ci_low=1.0, gain_ci_high=9.0,
+             wins=2, n_paired=2, same_unl_best="sskt_unlabeled", same_unl_gain_mean=-1.5, same_unl_gain_ci_low=-4.0,
+             same_unl_gain_ci_high=1.0, same_unl_wins=1, same_unl_n_paired=2, reference=False,
+             params="optim.optimizer.lr=0.03 method.tau=0.95 data.unlabeled_ratio=7"),
+        dict(name="kd", test_mean=69.0, test_std=1.0, gain_mean=-1.0, gain_ci_low=-3.0, gain_ci_high=1.0, wins=1,
+             n_paired=2, same_unl_best="fixmatch", same_unl_gain_mean=-6.0, same_unl_gain_ci_low=-7.0,
+             same_unl_gain_ci_high=-5.0, same_unl_wins=0, same_unl_n_paired=2, reference=False,
+             params="method.alpha=0.9"),
+        dict(name="finetuned_source", test_mean=90.0, test_std=1.0, gain_mean=20.0, gain_ci_low=15.0,
+             gain_ci_high=25.0, wins=2, n_paired=2, same_unl_best="fixmatch", same_unl_gain_mean=15.0,
+             same_unl_gain_ci_low=10.0, same_unl_gain_ci_high=20.0, same_unl_wins=2, same_unl_n_paired=2,
+             reference=True, params=nan),
+    ]
+    report = cell / "protocol" / "report" / "report.csv"
+    report.parent.mkdir(parents=True)
+    pd.DataFrame(rows).to_csv(report, index=False)
+    # fixmatch: a search trial of 60 s and two finals of 120 s and 180 s -> 6.0 min;
+    # EMA - raw: (0.80 - 0.78) and (0.70 - 0.71) -> +2 and -1 points -> +0.50
+    _write(cell / "protocol/fixmatch/search/trial_000/protocol.json", {"elapsed_s": 60})
+    for seed, (acc, raw, s) in enumerate([(0.80, 0.78, 120), (0.70, 0.71, 180)]):
+        _write(cell / f"protocol/fixmatch/final/seed_{seed}/protocol.json", {"elapsed_s": s})
+        _write(cell / f"protocol/fixmatch/final/seed_{seed}/results.json",
+               {"test_acc": acc, "extra": {"test_raw_acc": raw, "test_loss": 1.0}})
+    # kd: 30 s of its own and two born-again teachers of 45 s each -> 2.0 min; no EMA recorded
+    _write(cell / "protocol/kd/final/seed_0/protocol.json", {"elapsed_s": 30})
+    _write(cell / "protocol/kd/final/seed_0/results.json", {"test_acc": 0.69, "extra": {"test_loss": 1.0}})
+    for seed in (0, 1):
+        _write(cell / f"teachers/seed_{seed}/results.json", {"wall_time_s": 45})
+    _write(cell / "protocol/scratch/search/trial_000/protocol.json", {"elapsed_s": 90})
+    # a policy that was searched and lost: no row, but its compute counts
+    _write(cell / "protocol/softmatch/search/trial_000/protocol.json", {"elapsed_s": 240})
+    _write(cell.parent / "source" / "results.json", {"wall_time_s": 120})
+    return cell
+
+
+def test_the_table_from_a_cell_on_disk(cell):
+    lines = _script().table(cell).splitlines()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| ") and "---" not in line}
+    assert rows["scratch"] == ("| scratch | 70.00 ± 10.00 | baseline | vs fixmatch: **-5.00 [-9.00, -1.00], 0/2** "
+                               "| – | lr=0.1 | 1.5 |")
+    assert rows["FixMatch"] == ("| FixMatch | 75.00 ± 2.50 | **+5.00 [+1.00, +9.00], 2/2** | vs sskt_unlabeled: "
+                                "-1.50 [-4.00, +1.00], 1/2 | +0.50 | lr=0.03 tau=0.95 unlabeled_ratio=7 | 6.0 |")
+    assert rows["KD (born-again teacher)"].endswith("| -1.00 [-3.00, +1.00], 1/2 | vs fixmatch: **-6.00 [-7.00, "
+                                                    "-5.00], 0/2** | – | alpha=0.9 | 2.0 |")
+    assert "| – (reference) |" in rows["fine-tuned source (reference)"]
+    # 1.5 + 6.0 + 2.0 + 0 (finetuned_source) + 4.0 (softmatch's search, no finals)
+    assert lines[-1] == ("Compute: 13.5 min summed over the runs of this cell (of which 4.0 min for the searches of "
+                         "softmatch, which had no finals); the stage-1 source, shared by every cell: 2.0 min.")
+
+
+def test_an_unfinished_cell_is_an_error_that_names_its_report(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        _script().main([str(tmp_path / "labels1")])
+    assert "labels1/protocol/report/report.csv does not exist" in str(info.value)
+    assert "--plan" in str(info.value)
