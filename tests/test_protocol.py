@@ -291,6 +291,10 @@ def test_benchmark_plan_counts_the_runs_and_follows_the_policy_selection(tmp_pat
         fake_results(proto / "scratch" / "search" / f"trial_{k:03d}", 0.5, 0.5)
     for name, value in [("fixmatch", 0.8), ("freematch", 0.8), ("flexmatch", 0.7), ("softmatch", 0.75)]:
         (proto / name).mkdir(parents=True)
+        if name == "softmatch":     # while a policy's search runs, no winner: its finals are still possible
+            assert B.policy_winner(proto, list(B.POLICIES)) is None
+            B.main(argv)
+            assert "(+5 finals if it wins the policy selection)" in capsys.readouterr().out
         (proto / name / P.SELECTED_FILE).write_text(json.dumps({"value": value, "trial": 0, "params": {}}))
     assert B.policy_winner(proto, list(B.POLICIES)) == "freematch"
     assert B.policy_winner(proto, ["fixmatch", "softmatch"]) == "fixmatch"

@@ -151,11 +151,14 @@ def specs(methods: list[str], source_ckpt: Path, teachers: Path, finetuned: Path
 
 def policy_winner(proto_out: Path, policies: list[str]) -> str | None:
     """The policy whose selected trial has the best validation score (selected.json; ties in POLICIES'
-    order); None when none has one yet."""
+    order); None while any of ``policies`` has no selection yet (its search is not finished), so a
+    half-finished search never names a winner."""
     best = None
     for name in [p for p in POLICIES if p in policies]:
         sel = P._read(proto_out / name / P.SELECTED_FILE)
-        if sel is not None and sel.get("value") is not None and (best is None or sel["value"] > best[1]):
+        if sel is None or sel.get("value") is None:
+            return None
+        if best is None or sel["value"] > best[1]:
             best = (name, float(sel["value"]))
     return best[0] if best else None
 
