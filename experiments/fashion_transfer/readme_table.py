@@ -23,13 +23,13 @@ A cell whose report is missing (the benchmark has not finished it) is an error t
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
 import pandas as pd
 
+from sskt_lightning import protocol as P
 from sskt_lightning.report.tables import short_params
 
 STAGES = {"kd": "teachers", "kd_unlabeled": "finetuned"}   # runs a method needs before its own
@@ -41,10 +41,8 @@ NAMES = {"scratch": "scratch", "kd": "KD (born-again teacher)", "dml": "DML", "m
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+    """The protocol's reader of a record (None when missing, unreadable or not an object) as a dict."""
+    return P._read(path) or {}
 
 
 def _num(value) -> float | None:
@@ -94,6 +92,7 @@ def table(cell: Path) -> str:
     lines = ["| method | test acc (%) | gain over scratch [95 % CI], wins | gain over the best other method on "
              "the same unlabeled images [95 % CI], wins | EMA − raw | selected on validation | compute (min) |",
              "|---|---|---|---|---|---|---|"]
+    minutes = {m: compute_minutes(cell, m) for m in map(str, rows["name"])}
     for _, r in rows.iterrows():
         name = str(r["name"])
         test = f"{r['test_mean']:.2f} ± {r['test_std']:.2f}" if _num(r.get("test_std")) is not None \
@@ -110,10 +109,10 @@ def table(cell: Path) -> str:
         ema = ema_minus_raw(cell, name)
         params = short_params(r["params"]) if isinstance(r.get("params"), str) else "–"
         lines.append(f"| {NAMES.get(name, name)} | {test} | {base} | {same} | "
-                     f"{'–' if ema is None else f'{ema:+.2f}'} | {params} | {compute_minutes(cell, name):.1f} |")
+                     f"{'–' if ema is None else f'{ema:+.2f}'} | {params} | {minutes[name]:.1f} |")
     source = _num(_read_json(cell.parent / "source" / "results.json").get("wall_time_s"))
-    total = sum(compute_minutes(cell, str(n)) for n in rows["name"])
-    searched_only = sorted({p.parent.name for p in (cell / "protocol").glob("*/search")} - set(rows["name"]))
+    total = sum(minutes.values())
+    searched_only = sorted({p.parent.name for p in (cell / "protocol").glob("*/search")} - set(minutes))
     extra = sum(compute_minutes(cell, m) for m in searched_only)
     lines += ["", f"Compute: {total + extra:.1f} min summed over the runs of this cell"
               + (f" (of which {extra:.1f} min for the searches of {', '.join(searched_only)}, which had no finals)"
