@@ -677,6 +677,8 @@ def _edit_meta(path, **fields):
     (lambda p: _edit_meta(p, num_images=-2, num_views=-2), "num_images=-2 is not a whole number"),
     (lambda p: (p / PAYLOAD).unlink(), "it has no payload.bin"),
     (lambda p: (p / FILLED).unlink(), "it has no filled.bin"),
+    (lambda p: (p / META).write_text("[1, 2]"), "its meta.json cannot be read (ValueError: not a JSON object (a list))"),
+    (lambda p: (p / META).unlink(), "it has no meta.json"),
 ])
 def test_a_store_with_impossible_meta_or_missing_files_is_damaged(tmp_path, capsys, damage, why):
     store, key = make_store(tmp_path)

@@ -264,6 +264,36 @@ def test_a_jobs_command_is_its_overrides_as_a_single_run_in_its_directory(tmp_pa
     assert parsed["hydra/job_logging"] == "sskt" and parsed["hydra.output_subdir"] is None
 
 
+@pytest.mark.parametrize("left", ['[{"status": "ok"}]', '{"status": "ok", "best_val_acc": 0.5', None])
+def test_a_job_that_exits_0_without_a_readable_results_object_is_a_failed_job(tmp_path, monkeypatch, left):
+    """The job's process says 0 but its results.json is a list, cut short or absent (another tool's file,
+    a full disk): one failed job (NaN, failed.txt, results.json status failed), not an error that ends
+    the sweep."""
+    from omegaconf import OmegaConf
+
+    from sskt_lightning import ddp_launch
+
+    out = tmp_path / "3"
+
+    class ExitsZero:                       # the job's process: writes what it left, exits 0
+        def __init__(self, cmd, **kwargs):
+            self.pid = os.getpid()
+            if left is not None:
+                (out / "results.json").write_text(left)
+
+        def wait(self, timeout=None):
+            return 0
+
+    monkeypatch.setattr(ddp_launch.subprocess, "Popen", ExitsZero)
+    monkeypatch.setattr(ddp_launch, "_end_group", lambda proc, sig=None: None)    # pid is this test's own
+    cfg = OmegaConf.create({"seed": 1, "method": {"name": "scratch"}, "paths": {"output_dir": str(out)}})
+    value = ddp_launch.run_job_in_subprocess(cfg, _hydra_cfg(out), per_job=None)
+    assert value != value                                     # NaN: the sweeper sees a failed trial
+    assert (out / "failed.txt").read_text().startswith(
+        "RuntimeError: the job's process exited with code 0 but left no readable results.json")
+    assert json.loads((out / "results.json").read_text())["status"] == "failed"
+
+
 def test_a_rank_that_composed_another_config_is_refused():
     from omegaconf import OmegaConf
 

@@ -106,6 +106,7 @@ def test_other_ranks_wait_for_rank_zeros_ranking_and_never_rank(cifar_dir, tmp_p
     monkeypatch.setattr(R, "rank", _never_rank)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setattr(auto, "WAIT_S", 0.5)
+    (out / auto.RECORD).write_text("[]")      # not a record (another tool's file): waited past, not a crash
     with pytest.raises(ConfigError, match=r"rank 0 wrote no ranking to .*SSKT_RANK_WAIT_S"):
         auto.choose_sources(_cfg(cifar_dir, out), out)
     monkeypatch.setattr(auto, "WAIT_S", 30)

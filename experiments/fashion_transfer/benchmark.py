@@ -67,6 +67,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from two_stage import target_overrides, train_source  # noqa: E402
 
 from sskt_lightning import protocol as P  # noqa: E402
+from sskt_lightning.jsonfile import read_object  # noqa: E402
 
 HERE = Path(__file__).parent
 VAL_PER_CLASS = {1: 20, 5: 20, 100: 100}
@@ -155,7 +156,7 @@ def policy_winner(proto_out: Path, policies: list[str]) -> str | None:
     half-finished search never names a winner."""
     best = None
     for name in [p for p in POLICIES if p in policies]:
-        sel = P._read(proto_out / name / P.SELECTED_FILE)
+        sel = read_object(proto_out / name / P.SELECTED_FILE)
         if sel is None or sel.get("value") is None:
             return None
         if best is None or sel["value"] > best[1]:
@@ -280,7 +281,7 @@ def fixed_policy(args, methods: list[str], cell: Cell) -> tuple[str, str | None]
 def conflicts(cell: Cell, methods: list[str], policy: str) -> list[str]:
     """Why the protocol directory already on disk would refuse this benchmark (another setting, or a
     method's overrides changed: e.g. records made under another checkout path); [] when it resumes."""
-    saved = P._read(cell.proto_out / P.PROTOCOL_FILE)
+    saved = read_object(cell.proto_out / P.PROTOCOL_FILE)
     if saved is None:
         return []
     out = [] if saved.get("setting") == cell.target else ["its setting differs"]

@@ -30,6 +30,7 @@ from pathlib import Path
 import pandas as pd
 
 from sskt_lightning import protocol as P
+from sskt_lightning.jsonfile import read_object
 from sskt_lightning.report.tables import short_params
 
 STAGES = {"kd": "teachers", "kd_unlabeled": "finetuned"}   # runs a method needs before its own
@@ -41,8 +42,8 @@ NAMES = {"scratch": "scratch", "kd": "KD (born-again teacher)", "dml": "DML", "m
 
 
 def _read_json(path: Path) -> dict:
-    """The protocol's reader of a record (None when missing, unreadable or not an object) as a dict."""
-    return P._read(path) or {}
+    """A record as a dict ({} when it is missing, unreadable or not a JSON object)."""
+    return read_object(path) or {}
 
 
 def _num(value) -> float | None:

@@ -44,6 +44,7 @@ from two_stage import target_overrides, train_source  # noqa: E402
 import yaml  # noqa: E402
 
 from sskt_lightning import protocol as P  # noqa: E402
+from sskt_lightning.jsonfile import read_object  # noqa: E402
 
 METHODS = ["scratch", "kd", "dml", "maxl", "sskt", "sskt_unlabeled"]
 VARIANTS = {"before": {"pruner": "none", "launch": "subprocess"}, "after": {"pruner": "median", "launch": "fork"}}
@@ -121,7 +122,7 @@ def run(args) -> None:
                 codes[name], walls[name] = proc.returncode, time.perf_counter() - t0
                 logf.close()
         time.sleep(1)
-    state = P._read(args.out / "walls.json") or {}
+    state = read_object(args.out / "walls.json") or {}
     for n, w in walls.items():            # wall time of every session, summed (a resumed benchmark adds to it)
         state[n] = state.get(n, 0.0) + w
     P._write(args.out / "walls.json", state)
@@ -149,8 +150,8 @@ def comparison(protos: dict[str, P.Protocol], walls: dict) -> str:
     for m in protos["before"].methods:
         cells = []
         for proto in protos.values():
-            sel = P._read(proto.out / m.name / P.SELECTED_FILE)
-            tests = [r.get("test_acc") for r in (P._read(d / "results.json") or {} for d in
+            sel = read_object(proto.out / m.name / P.SELECTED_FILE)
+            tests = [r.get("test_acc") for r in (read_object(d / "results.json") or {} for d in
                                                  sorted((proto.out / m.name / "final").glob("seed_*")))]
             tests = [t for t in tests if isinstance(t, (int, float))]
             pr = P.pruned_trials(proto.out / m.name)

@@ -40,6 +40,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from sskt_lightning.errors import ConfigError
+from sskt_lightning.jsonfile import read_object
 
 log = logging.getLogger("sskt_lightning")
 
@@ -197,20 +198,17 @@ def run_job_in_subprocess(cfg: DictConfig, hydra_cfg, per_job: int | None) -> fl
     finally:
         if slots is not None:
             slots.release(devs)
-    results = _read(out / RESULTS)
+    results = read_object(out / RESULTS)
     if code == 0 and results and results.get("status") == "ok":
         return optimized_value(cfg, results)
     if not (out / FAILED).is_file():   # killed (no chance to record it), or died before recording
-        how = f"signal {-code} ({signal.Signals(-code).name})" if code < 0 else f"exit code {code}"
-        record_failure(cfg, RuntimeError(f"the job's process ended with {how} before it finished"))
+        if code == 0:
+            why = "the job's process exited with code 0 but left no readable results.json (a JSON object)"
+        else:
+            how = f"signal {-code} ({signal.Signals(-code).name})" if code < 0 else f"exit code {code}"
+            why = f"the job's process ended with {how} before it finished"
+        record_failure(cfg, RuntimeError(why))
     first = (out / FAILED).read_text(errors="replace").splitlines()[:1] if (out / FAILED).is_file() else []
     log.error("job %s failed (%s); the sweep goes on. Details: %s", hydra_cfg.job.num,
               first[0] if first else f"exit code {code}", out / FAILED)
     return math.nan
-
-
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None

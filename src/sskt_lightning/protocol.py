@@ -64,6 +64,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from sskt_lightning.errors import ConfigError, SSKTError
+from sskt_lightning.jsonfile import read_object as _read
 
 PROTOCOL_FILE = "protocol.json"          # DIR/protocol.json (the protocol) and <run>/protocol.json (a run)
 TRIAL_FILE, SELECTED_FILE = "trial.json", "selected.json"
@@ -198,16 +199,6 @@ def method_spec(name: str, value: Any = None, *, space: str | None = None, unlab
 
 
 # ------------------------------------------------------------------------------------------ runs on disk
-
-
-def _read(path: Path) -> dict | None:
-    """The JSON object in ``path``; None when it is missing or unreadable (not UTF-8, not JSON, or
-    JSON that is not an object: callers read fields of it)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):          # ValueError: JSONDecodeError, UnicodeDecodeError
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _write(path: Path, data: dict) -> None:

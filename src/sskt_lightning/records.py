@@ -13,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from sskt_lightning.errors import SSKTError
+from sskt_lightning.jsonfile import read_object
 
 log = logging.getLogger("sskt_lightning")
 RESULTS, FAILED = "results.json", "failed.txt"
@@ -72,7 +73,4 @@ def record_failure(cfg: DictConfig, err: BaseException) -> str | None:
 
 
 def _finished_results(path: Path) -> bool:
-    try:
-        return json.loads(path.read_text()).get("status") == "ok"
-    except (OSError, ValueError, AttributeError):
-        return False
+    return (read_object(path) or {}).get("status") == "ok"

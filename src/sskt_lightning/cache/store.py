@@ -48,6 +48,7 @@ import numpy as np
 
 from sskt_lightning.atomic import atomic_write_text
 from sskt_lightning.errors import CacheError, OutputError
+from sskt_lightning.jsonfile import load_object
 
 if TYPE_CHECKING:   # torch is imported where tensors are handled: `cache info` starts without it
     import torch
@@ -388,14 +389,11 @@ def read_meta(path: str | Path) -> dict:
     the file is missing or unreadable (a store copied in part, a torn write by another tool)."""
     path = Path(path)
     try:
-        meta = json.loads((path / META).read_text())
+        return load_object(path / META)
     except FileNotFoundError:
         raise _damaged(path, f"it has no {META}") from None
-    except (OSError, ValueError) as err:                 # JSONDecodeError, UnicodeDecodeError
+    except (OSError, ValueError) as err:     # JSONDecodeError, UnicodeDecodeError, not an object
         raise _damaged(path, f"its {META} cannot be read ({type(err).__name__}: {err})") from None
-    if not isinstance(meta, dict):
-        raise _damaged(path, f"its {META} holds a {type(meta).__name__}, not an object")
-    return meta
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:

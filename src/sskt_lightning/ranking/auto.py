@@ -27,6 +27,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sskt_lightning.errors import ConfigError
+from sskt_lightning.jsonfile import read_object
 
 RECORD = "ranking.json"
 WAIT_S = float(os.environ.get("SSKT_RANK_WAIT_S", 3600))   # how long a rank > 0 waits for rank 0's ranking
@@ -71,11 +72,8 @@ def fingerprint(cfg: DictConfig) -> str:
 
 
 def _matching(path: Path, fp: str) -> dict | None:
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return result if result.get("fingerprint") == fp else None
+    result = read_object(path)
+    return result if result is not None and result.get("fingerprint") == fp else None
 
 
 def _wait_for(path: Path, fp: str) -> dict:

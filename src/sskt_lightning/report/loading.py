@@ -2,7 +2,6 @@
 and their reasons, and the validation curves in the runs' ``metrics.csv``."""
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from sskt_lightning.jsonfile import load_object
 from sskt_lightning.report.common import FAILED_NAME, PROTOCOL_NAME, RESULTS_NAME, ReportError
 
 
@@ -40,14 +40,10 @@ def _files(roots: list[Path], name: str) -> list[Path]:
 
 def _read_json(path: Path) -> dict | None:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:     # ValueError: JSONDecodeError, UnicodeDecodeError
+        return load_object(path)
+    except (OSError, ValueError) as e:     # ValueError: JSONDecodeError, UnicodeDecodeError, not an object
         print(f"report: warning: skipping unreadable {path}: {type(e).__name__}: {e}", file=sys.stderr)
         return None
-    if not isinstance(data, dict):
-        print(f"report: warning: skipping {path}: not a JSON object", file=sys.stderr)
-        return None
-    return data
 
 
 def _failed(r: dict) -> bool:
