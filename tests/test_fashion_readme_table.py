@@ -88,3 +88,31 @@ def test_an_unfinished_cell_is_an_error_that_names_its_report(tmp_path, capsys):
         _script().main([str(tmp_path / "labels1")])
     assert "labels1/protocol/report/report.csv does not exist" in str(info.value)
     assert "--plan" in str(info.value)
+
+
+def test_the_summary_across_cells(cell, tmp_path, capsys):
+    # a second cell with scratch and kd only: fixmatch and the reference have "–" there
+    other = tmp_path / "runs" / "labels1_ema0.999"
+    nan = float("nan")
+    report = other / "protocol" / "report" / "report.csv"
+    report.parent.mkdir(parents=True)
+    pd.DataFrame([dict(name="scratch", test_mean=40.0, test_std=nan, gain_mean=nan, gain_ci_low=nan,
+                       gain_ci_high=nan, wins=nan, n_paired=0),
+                  dict(name="kd", test_mean=30.5, test_std=4.0, gain_mean=-9.5, gain_ci_low=-12.0,
+                       gain_ci_high=-7.0, wins=0, n_paired=2)]).to_csv(report, index=False)
+    _script().main(["--summary", f"5 labels={cell}", str(other)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == ("| method | 5 labels: test acc (%) | gain over scratch [95 % CI], wins | "
+                        "labels1_ema0.999: test acc (%) | gain over scratch [95 % CI], wins |")
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines[2:]}
+    assert list(rows) == ["scratch", "FixMatch", "KD (born-again teacher)", "fine-tuned source (reference)"]
+    assert rows["scratch"] == "| scratch | 70.00 ± 10.00 | baseline | 40.00 | baseline |"
+    assert rows["KD (born-again teacher)"] == ("| KD (born-again teacher) | 69.00 ± 1.00 | -1.00 [-3.00, +1.00], 1/2 "
+                                               "| 30.50 ± 4.00 | **-9.50 [-12.00, -7.00], 0/2** |")
+    assert rows["FixMatch"].endswith("| **+5.00 [+1.00, +9.00], 2/2** | – | – |")
+
+
+def test_the_summary_names_an_unfinished_cell(cell, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        _script().main(["--summary", str(cell), f"1 label={tmp_path / 'labels1'}"])
+    assert "labels1/protocol/report/report.csv does not exist" in str(info.value)

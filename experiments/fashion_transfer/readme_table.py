@@ -18,6 +18,10 @@ For each cell (one directory ``benchmark.py`` wrote: ``protocol/`` with its ``re
   fine-tuned sources; ``wall_time_s`` of their ``results.json``). The stage-1 source, shared by every
   method that reads it, is counted once, below the table.
 
+With ``--summary``, one table across the cells instead: a row per method, for each cell its test
+accuracy and its seed-paired gain over scratch (the README's compact view; the full tables live in
+docs/results.md). A column is named by ``label=directory`` or, without a label, the directory's name.
+
 A cell whose report is missing (the benchmark has not finished it) is an error that names it.
 """
 from __future__ import annotations
@@ -84,12 +88,16 @@ def ema_minus_raw(cell: Path, method: str) -> float | None:
     return sum(diffs) / len(diffs) if diffs else None
 
 
-def table(cell: Path) -> str:
+def _report(cell: Path) -> pd.DataFrame:
     report = cell / "protocol" / "report" / "report.csv"
     if not report.is_file():
         raise FileNotFoundError(f"{report} does not exist: the benchmark has not finished this cell "
                                 f"(run experiments/fashion_transfer/benchmark.py --plan with its options)")
-    rows = pd.read_csv(report)
+    return pd.read_csv(report)
+
+
+def table(cell: Path) -> str:
+    rows = _report(cell)
     lines = ["| method | test acc (%) | gain over scratch [95 % CI], wins | gain over the best other method on "
              "the same unlabeled images [95 % CI], wins | EMA − raw | selected on validation | compute (min) |",
              "|---|---|---|---|---|---|---|"]
@@ -122,17 +130,50 @@ def table(cell: Path) -> str:
     return "\n".join(lines)
 
 
+def summary(cells: dict[str, Path]) -> str:
+    """One row per method (first cell's order, then the others'), per cell: test acc and gain over scratch."""
+    reports = {label: _report(cell).set_index("name") for label, cell in cells.items()}
+    order: list[str] = []
+    for rep in reports.values():
+        order += [str(m) for m in rep.index if str(m) not in order]
+    lines = ["| method | " + " | ".join(f"{label}: test acc (%) | gain over scratch [95 % CI], wins"
+                                       for label in reports) + " |",
+             "|---|" + "---|---|" * len(reports)]
+    for name in order:
+        cols = []
+        for rep in reports.values():
+            if name not in rep.index:
+                cols += ["–", "–"]
+                continue
+            r = rep.loc[name]
+            cols.append(f"{r['test_mean']:.2f} ± {r['test_std']:.2f}" if _num(r.get("test_std")) is not None
+                        else f"{r['test_mean']:.2f}")
+            cols.append("baseline" if name == "scratch" else _gain(r.get("gain_mean"), r.get("gain_ci_low"),
+                                                                   r.get("gain_ci_high"), r.get("wins"),
+                                                                   r.get("n_paired")))
+        lines.append(f"| {NAMES.get(name, name)} | " + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
+def _labelled(spec: str) -> tuple[str, Path]:
+    label, sep, path = spec.partition("=")
+    return (label, Path(path)) if sep else (Path(spec).name, Path(spec))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("cells", nargs="+", type=Path, help="benchmark cell directories (benchmark_runs/labels...)")
+    p.add_argument("cells", nargs="+", help="benchmark cell directories (benchmark_runs/labels...), "
+                                            "with --summary optionally as label=directory")
+    p.add_argument("--summary", action="store_true", help="one table across the cells (test acc, gain over scratch)")
     args = p.parse_args(argv)
-    out = []
-    for cell in args.cells:
-        try:
-            out.append(f"### {cell.name}\n\n{table(cell)}\n")
-        except FileNotFoundError as e:
-            sys.exit(f"error: {e}")
-    print("\n".join(out))
+    cells = dict(_labelled(c) for c in args.cells)
+    try:
+        if args.summary:
+            print(summary(cells))
+            return
+        print("\n".join(f"### {cell.name}\n\n{table(cell)}\n" for cell in cells.values()))
+    except FileNotFoundError as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
