@@ -91,7 +91,7 @@ def test_an_unfinished_cell_is_an_error_that_names_its_report(tmp_path, capsys):
 
 
 def test_the_summary_across_cells(cell, tmp_path, capsys):
-    # a second cell with scratch and kd only: fixmatch and the reference have "–" there
+    # a second cell with scratch, kd and softmatch: fixmatch and the reference have "–" there
     other = tmp_path / "runs" / "labels1_ema0.999"
     nan = float("nan")
     report = other / "protocol" / "report" / "report.csv"
@@ -99,13 +99,17 @@ def test_the_summary_across_cells(cell, tmp_path, capsys):
     pd.DataFrame([dict(name="scratch", test_mean=40.0, test_std=nan, gain_mean=nan, gain_ci_low=nan,
                        gain_ci_high=nan, wins=nan, n_paired=0),
                   dict(name="kd", test_mean=30.5, test_std=4.0, gain_mean=-9.5, gain_ci_low=-12.0,
-                       gain_ci_high=-7.0, wins=0, n_paired=2)]).to_csv(report, index=False)
+                       gain_ci_high=-7.0, wins=0, n_paired=2),
+                  dict(name="softmatch", test_mean=41.0, test_std=1.0, gain_mean=1.0, gain_ci_low=-1.0,
+                       gain_ci_high=3.0, wins=1, n_paired=2)]).to_csv(report, index=False)
     _script().main(["--summary", f"5 labels={cell}", str(other)])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == ("| method | 5 labels: test acc (%) | gain over scratch [95 % CI], wins | "
                         "labels1_ema0.999: test acc (%) | gain over scratch [95 % CI], wins |")
     rows = {line.split(" | ")[0].lstrip("| "): line for line in lines[2:]}
-    assert list(rows) == ["scratch", "FixMatch", "KD (born-again teacher)", "fine-tuned source (reference)"]
+    # softmatch, only in the second cell, follows the row it follows there (kd)
+    assert list(rows) == ["scratch", "FixMatch", "KD (born-again teacher)", "SoftMatch", "fine-tuned source (reference)"]
+    assert rows["SoftMatch"] == "| SoftMatch | – | – | 41.00 ± 1.00 | +1.00 [-1.00, +3.00], 1/2 |"
     assert rows["scratch"] == "| scratch | 70.00 ± 10.00 | baseline | 40.00 | baseline |"
     assert rows["KD (born-again teacher)"] == ("| KD (born-again teacher) | 69.00 ± 1.00 | -1.00 [-3.00, +1.00], 1/2 "
                                                "| 30.50 ± 4.00 | **-9.50 [-12.00, -7.00], 0/2** |")

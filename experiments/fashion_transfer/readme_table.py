@@ -131,11 +131,16 @@ def table(cell: Path) -> str:
 
 
 def summary(cells: dict[str, Path]) -> str:
-    """One row per method (first cell's order, then the others'), per cell: test acc and gain over scratch."""
+    """One row per method (the first cell's order; a method only a later cell has comes after the
+    row it follows there), per cell: test acc and gain over scratch."""
     reports = {label: _report(cell).set_index("name") for label, cell in cells.items()}
     order: list[str] = []
     for rep in reports.values():
-        order += [str(m) for m in rep.index if str(m) not in order]
+        previous = None
+        for m in map(str, rep.index):
+            if m not in order:
+                order.insert(order.index(previous) + 1 if previous is not None else len(order), m)
+            previous = m
     lines = ["| method | " + " | ".join(f"{label}: test acc (%) | gain over scratch [95 % CI], wins"
                                        for label in reports) + " |",
              "|---|" + "---|---|" * len(reports)]
