@@ -5,7 +5,8 @@ the step count copied; with and without the warm-up); validation, test, last.ckp
 the average while the raw weights stay in the checkpoint; a run killed mid-epoch and resumed ends
 bit-identical (raw weights, average, its step count); two DDP processes hold the same average; a
 method with manual optimization (DML: two optimizers, one holds the target) averages once per batch;
-bad decays are refused before any data is read."""
+bad decays are refused before any data is read. model.ema_bn=recompute: the statistics against hand
+computation, what the checkpoint holds and sskt-eval reads, the images it uses, resume and DDP."""
 import json
 import os
 import subprocess
@@ -41,6 +42,95 @@ def test_ema_warmup_must_be_a_boolean_and_null_is_off():
         check_ema_options({"ema": 0.9, "ema_warmup": "yes"})
     assert check_ema_options({"ema": None}) == (None, True)
     assert check_ema_options({"ema": 0.99, "ema_warmup": False}) == (0.99, False)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("ema_bn", "update", r"model.ema_bn='update': choose average .* or recompute"),
+    ("ema_bn_images", 0, r"model.ema_bn_images=0: must be a positive number of images"),
+    ("ema_bn_images", 1.5, r"model.ema_bn_images=1.5: must be a positive number"),
+    ("ema_bn_images", True, r"model.ema_bn_images=True: must be a positive number"),
+])
+def test_bad_ema_bn_options_are_refused_before_any_data_is_read(option, value, message, tmp_path):
+    from sskt_lightning.validate import validate_config
+    cfg = compose_config(["data=cifar10", "method=scratch", "model.ema=0.9",
+                          f"paths.data_dir={tmp_path / 'absent'}"], tmp_path)
+    cfg.model[option] = value
+    with pytest.raises(ConfigError, match=message):
+        validate_config(cfg)
+
+
+def test_recomputed_statistics_without_an_average_are_refused(tmp_path):
+    from sskt_lightning.validate import validate_config
+    cfg = compose_config(["data=cifar10", "method=scratch", "model.ema_bn=recompute",
+                          f"paths.data_dir={tmp_path / 'absent'}"], tmp_path)
+    with pytest.raises(ConfigError, match=r"model.ema_bn=recompute .* there is no average: set model.ema=<decay>"):
+        validate_config(cfg)
+
+
+def test_recomputed_statistics_are_the_hand_computed_mean_and_variance():
+    """update_bn through TargetAverage: every BatchNorm's running mean / variance become the mean over
+    the batches of each batch's mean / unbiased variance of its input (float64, by hand); the
+    parameters and the target are untouched; the averaged statistics before it are gone."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 2, 1), torch.nn.BatchNorm2d(2)).double()
+    avg = TargetAverage(net, 0.9, bn="recompute", bn_images=8)
+    for _ in range(3):                          # some averaged statistics first
+        with torch.no_grad():
+            net.train()(torch.randn(5, 3, 6, 6, dtype=torch.float64) * 3 + 1)
+        avg.update(net)
+    target_before = {k: v.clone() for k, v in net.state_dict().items()}
+    params_before = [p.clone() for p in avg.averaged.module.parameters()]
+    mode_before = avg.averaged.module.training
+    batches = [torch.randn(4, 3, 6, 6, dtype=torch.float64) * 2 - 1 for _ in range(2)]
+    avg.recompute_statistics(iter(batches))
+    m = avg.averaged.module
+    # by hand: layer by layer in train mode, each batch normalised by its own statistics
+    conv1, bn1, conv2, bn2 = m[0], m[1], m[3], m[4]
+    with torch.no_grad():
+        h1 = [conv1(x) for x in batches]
+        mean1 = torch.stack([h.mean((0, 2, 3)) for h in h1]).mean(0)
+        var1 = torch.stack([h.var((0, 2, 3), unbiased=True) for h in h1]).mean(0)
+        z = [torch.relu((h - h.mean((0, 2, 3), keepdim=True)) / (h.var((0, 2, 3), unbiased=False, keepdim=True)
+                                                                 + bn1.eps).sqrt() * bn1.weight[:, None, None]
+                        + bn1.bias[:, None, None]) for h in h1]
+        h2 = [conv2(x) for x in z]
+        mean2 = torch.stack([h.mean((0, 2, 3)) for h in h2]).mean(0)
+        var2 = torch.stack([h.var((0, 2, 3), unbiased=True) for h in h2]).mean(0)
+    torch.testing.assert_close(bn1.running_mean, mean1)
+    torch.testing.assert_close(bn1.running_var, var1)
+    torch.testing.assert_close(bn2.running_mean, mean2)
+    torch.testing.assert_close(bn2.running_var, var2)
+    assert bn1.momentum == 0.1 and m.training == mode_before    # update_bn restores both
+    assert all(torch.equal(a, b) for a, b in zip(params_before, m.parameters()))
+    assert all(torch.equal(v, target_before[k]) for k, v in net.state_dict().items())
+
+
+def test_statistics_images_are_fixed_by_the_seed_and_draw_nothing_from_training(tmp_path, cifar_dir):
+    """The unlabeled stream's images when there is one, else the labelled ones; the same order for
+    the same data.seed (another for another seed); the training streams' generators untouched."""
+    from sskt_lightning.train import build_data
+    common = ["data=cifar10", f"paths.data_dir={cifar_dir}", "method=scratch", "data.labels_per_class=2",
+              "data.val_size=16"]
+
+    def dm(*extra):
+        module = build_data(compose_config([*common, *extra], tmp_path))
+        module.setup("fit")
+        return module
+
+    labelled = dm()
+    before = [g.get_state() for g in labelled._generators]
+    images = labelled.statistics_images(1000)
+    assert all(torch.equal(a, g.get_state()) for a, g in zip(before, labelled._generators))
+    assert images.dtype == torch.uint8 and len(images) == len(labelled.train_indices) == 20   # all 20 labelled
+    train = labelled.train_arrays.images[labelled.train_indices]
+    assert sorted(map(bytes, images.flatten(1).numpy())) == sorted(map(bytes, train.flatten(1).numpy()))
+    pool = dm("data.unlabeled=true")
+    a, b = pool.statistics_images(7), dm("data.unlabeled=true").statistics_images(7)
+    assert len(a) == 7 and torch.equal(a, b)
+    unlabeled = pool._unlabeled_images[pool.unlabeled_indices]
+    assert all(any(torch.equal(x, u) for u in unlabeled) for x in a)
+    assert not torch.equal(a, dm("data.unlabeled=true", "seed=1").statistics_images(7))
 
 
 def test_warmup_decay_values():
@@ -205,6 +295,52 @@ def test_validation_test_checkpoint_and_eval_use_the_average(tmp_path, cifar_dir
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("schedule", [[], ["trainer.max_epochs=3", "trainer.check_val_every_n_epoch=2"]],
+                         ids=["validated every epoch", "last epoch not validated"])
+def test_recomputed_statistics_are_what_is_evaluated_and_exported(tmp_path, cifar_dir, schedule):
+    """scratch, model.ema=0.7, ema_bn=recompute against ema_bn=average, same seed: training is the
+    same (raw weights and averaged parameters bit-identical: the recomputation draws nothing); the
+    recompute run's last.ckpt holds BatchNorm statistics equal to update_bn of its averaged weights
+    over statistics_images, by hand, not the averaged ones - also when no validation recomputed them
+    before the checkpoint was written; sskt-eval of it gives the run's test accuracy back."""
+    import sskt_lightning.train as train_mod
+    from torch.optim.swa_utils import update_bn
+    from sskt_lightning.data.augment import normalize
+    runs = {}
+    for mode in ("average", "recompute"):
+        overrides = [*SMALL, f"paths.data_dir={cifar_dir}", "method=scratch", "model.ema=0.7", f"model.ema_bn={mode}",
+                     "model.ema_bn_images=40", *schedule]
+        res = train_mod.run(compose_config(overrides, tmp_path / mode))
+        assert res["status"] == "ok"
+        runs[mode] = (res, torch.load(tmp_path / mode / "checkpoints" / "last.ckpt", weights_only=True))
+    (_, avg), (res, rec) = runs["average"], runs["recompute"]
+    assert avg["ema"]["raw_state_dict"].keys() == rec["ema"]["raw_state_dict"].keys()
+    assert all(torch.equal(v, rec["ema"]["raw_state_dict"][k]) for k, v in avg["ema"]["raw_state_dict"].items())
+    bn_keys = [k for k in rec["state_dict"] if k.startswith("target.") and ("running_" in k)]
+    params = [k for k in rec["state_dict"] if k.startswith("target.") and "running_" not in k
+              and "num_batches" not in k]
+    assert bn_keys and all(torch.equal(avg["state_dict"][k], rec["state_dict"][k]) for k in params)
+    assert all(not torch.equal(avg["state_dict"][k], rec["state_dict"][k]) for k in bn_keys)
+    # by hand: the averaged weights, statistics over the data module's 40 images, in evaluation batches
+    dm = train_mod.build_data(compose_config([*SMALL, f"paths.data_dir={cifar_dir}", "method=scratch"], tmp_path / "d"))
+    dm.setup("fit")
+    net = build_target({**read_checkpoint(tmp_path / "recompute" / "checkpoints" / "last.ckpt"),
+                        "state_dict": avg["state_dict"]})
+    images = dm.statistics_images(40)
+    assert len(images) == 40
+    size = dm.eval_batch_size or dm.batch_size
+    assert size == 16                            # 16, 16, 8: update_bn weighs every batch alike
+    update_bn([normalize(images[i:i + size], dm.mean, dm.std) for i in range(0, 40, size)], net)
+    mine = net.state_dict()
+    for key in bn_keys:
+        torch.testing.assert_close(rec["state_dict"][key], mine[key.removeprefix("target.net.")],
+                                   rtol=1e-5, atol=1e-6, msg=key)
+    tested = evaluate(compose_config([f"ckpt_path={tmp_path / 'recompute' / 'checkpoints' / 'last.ckpt'}",
+                                      "trainer=smoke"], tmp_path / "e", config_name="eval"))
+    assert tested["acc"] == pytest.approx(res["test_acc"], abs=1e-6)
+
+
+@pytest.mark.slow
 def test_dml_manual_optimization_averages_once_per_batch(tmp_path, cifar_dir):
     """DML steps two optimizers per batch (global_step 2 per batch); only the target's counts."""
     res = _run(tmp_path, cifar_dir, "method=dml", "model.ema=0.9", "trainer.max_epochs=1")
@@ -216,10 +352,12 @@ def test_dml_manual_optimization_averages_once_per_batch(tmp_path, cifar_dir):
 
 
 @pytest.mark.slow
-def test_killed_and_resumed_run_with_an_average_equals_the_uninterrupted_one(tmp_path, cifar_dir):
+@pytest.mark.parametrize("ema_bn", ["average", "recompute"])
+def test_killed_and_resumed_run_with_an_average_equals_the_uninterrupted_one(tmp_path, cifar_dir, ema_bn):
     """DML (manual optimization) with model.ema: SIGKILL mid-epoch 1, resume from epoch 0's last.ckpt:
-    the same results, and bit-identical raw weights, average and update count."""
-    overrides = ["method=dml", "model.ema=0.8"]
+    the same results, and bit-identical raw weights, average and update count (with the average's
+    BatchNorm statistics averaged, or recomputed before each evaluation)."""
+    overrides = ["method=dml", "model.ema=0.8", f"model.ema_bn={ema_bn}", "model.ema_bn_images=24"]
     ref = _run(tmp_path / "ref", cifar_dir, *overrides)
     out = tmp_path / "killed"
     _killed_run(out, cifar_dir, overrides)
@@ -252,14 +390,15 @@ class AverageDigest(L.Callback):
 
 
 @pytest.mark.slow
-def test_two_ddp_processes_hold_the_same_average(tmp_path, cifar_dir):
+@pytest.mark.parametrize("ema_bn", ["average", "recompute"])
+def test_two_ddp_processes_hold_the_same_average(tmp_path, cifar_dir, ema_bn):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "sskt_lightning.train", "data=cifar10", f"paths.data_dir={cifar_dir}",
            f"hydra.run.dir={out}", "trainer=ddp_cpu", "method=scratch", "model.ema=0.9", "data.batch_size=8",
            "data.val_size=16", "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
-           "+callbacks.avg._target_=test_ema.AverageDigest"]   # the default progress bar on, under DDP too
+           "+callbacks.avg._target_=test_ema.AverageDigest", f"model.ema_bn={ema_bn}"]   # the default progress bar on
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())

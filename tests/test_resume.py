@@ -267,7 +267,7 @@ def test_resumed_run_logs_into_the_same_wandb_run(tmp_path, cifar_dir, monkeypat
 
 
 # ------------------------------------------------------------------ checkpoints older than an option
-ADDED_SINCE = {"model": ["weights", "freeze", "ema", "ema_warmup"],
+ADDED_SINCE = {"model": ["weights", "freeze", "ema", "ema_warmup", "ema_bn", "ema_bn_images"],
                "method": ["consistency", "threshold", "tau", "lambda_u", "threshold_ema", "fairness_weight",
                           "flex_warmup", "loss", "unlabeled"]}
 
@@ -289,7 +289,7 @@ def _as_written_before_the_options_existed(cfg: dict) -> dict:
 
 @pytest.mark.parametrize("method", ["sskt", "kd", "dml", "scratch"])
 def test_a_checkpoint_written_before_an_option_existed_resumes_with_its_default(method):
-    """model.weights/freeze/ema/ema_warmup, SSKT's consistency options, KD's loss and KD/DML's
+    """model.weights/freeze/ema/ema_warmup/ema_bn/ema_bn_images, SSKT's consistency options, KD's loss and KD/DML's
     unlabeled came after checkpoints were written: a checkpoint without them ran as their defaults
     say, so resuming it with the defaults is no difference; setting one is, and is named."""
     from sskt_lightning.checkpoints import config_differences
@@ -299,6 +299,8 @@ def test_a_checkpoint_written_before_an_option_existed_resumes_with_its_default(
     assert config_differences(theirs, ours) == []
     changed = config_differences(theirs, _config(f"method={method}", "model.ema=0.99"))
     assert [(k, a, b) for k, a, b in changed] == [("model.ema", None, 0.99)]
+    changed = config_differences(theirs, _config(f"method={method}", "model.ema=0.99", "model.ema_bn=recompute"))
+    assert [(k, a, b) for k, a, b in changed] == [("model.ema", None, 0.99), ("model.ema_bn", "average", "recompute")]
     if method == "sskt":
         changed = config_differences(theirs, _config("method=sskt", "method.consistency=fixmatch"))
         assert [(k, a, b) for k, a, b in changed] == [("method.consistency", "none", "fixmatch")]

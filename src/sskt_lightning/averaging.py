@@ -3,6 +3,8 @@
     model:
       ema: null          # null: off | a decay in (0, 1), e.g. 0.999
       ema_warmup: true   # decay_n = min(decay, (1 + n) / (10 + n)), n = updates already averaged
+      ema_bn: average    # the average's BatchNorm statistics: average | recompute (before each evaluation)
+      ema_bn_images: 1024
 
 For any method: the average is a :class:`torch.optim.swa_utils.AveragedModel` copy of the target,
 updated with :func:`torch.optim.swa_utils.get_ema_multi_avg_fn` after EVERY step of the optimizer
@@ -22,6 +24,16 @@ documented alternative to ``update_bn``, and what Lightning's ``WeightAveraging`
 are identical on every process after every step, so their averages are too (no collective); the
 BatchNorm statistics are each process's own between evaluations (as the target's are), so before an
 evaluation rank 0's averaged buffers are broadcast, as the module does for the target's.
+
+``model.ema_bn=recompute`` (default ``average``: the above) recomputes the average's BatchNorm
+statistics for the averaged weights before every evaluation (``update_bn``, torch's recipe for
+averaged weights) on ``model.ema_bn_images`` training images, unaugmented: the unlabeled stream's
+when there is one, else the labelled images (``ImageDataModule.statistics_images``: a fixed order,
+the same on every process and after a resume). Why it exists: averaged statistics need not match
+averaged weights when the weights still move at the end of training (high learning rate times
+weight decay under BatchNorm); measured in docs/results.md, a recipe lost 8 points to it and
+recomputed statistics gave the raw accuracy back. Cost: one forward pass over those images per
+evaluation. The recomputed statistics are what the checkpoint's ``state_dict`` holds.
 
 Validation, test, ``checkpoints/*.ckpt`` (``state_dict``: the network ``sskt-eval``, a source or a
 DML peer read from the file get) and so ``results.json`` and the report use the average. The raw
@@ -65,6 +77,25 @@ def check_ema_options(model_cfg: Mapping | None) -> tuple[float | None, bool]:
     return float(decay), warmup
 
 
+EMA_BN_MODES = ("average", "recompute")
+
+
+def check_ema_bn(model_cfg: Mapping | None) -> tuple[str, int]:
+    """``(mode, images)`` of ``model.ema_bn`` / ``model.ema_bn_images``, or a :class:`ConfigError`."""
+    model_cfg = model_cfg or {}
+    mode, images = model_cfg.get("ema_bn", "average"), model_cfg.get("ema_bn_images", 1024)
+    if mode not in EMA_BN_MODES:
+        raise ConfigError(f"model.ema_bn={mode!r}: choose average (the average's BatchNorm statistics are "
+                          "averaged with its weights) or recompute (recomputed for the averaged weights before "
+                          "each evaluation, on model.ema_bn_images training images).")
+    if isinstance(images, bool) or not isinstance(images, int) or images < 1:
+        raise ConfigError(f"model.ema_bn_images={images!r}: must be a positive number of images (e.g. 1024).")
+    if mode == "recompute" and model_cfg.get("ema") is None:
+        raise ConfigError("model.ema_bn=recompute recomputes the weight average's BatchNorm statistics, but there "
+                          "is no average: set model.ema=<decay> (e.g. 0.999) or leave model.ema_bn=average.")
+    return mode, images
+
+
 def decay_at(decay: float, warmup: bool, n: int) -> float:
     """The decay of the update that follows ``n`` averaged updates (``n >= 1``)."""
     return min(decay, (1.0 + n) / (10.0 + n)) if warmup else decay
@@ -100,9 +131,11 @@ class TargetAverage:
     the module docstring). ``averaged`` is the :class:`AveragedModel`; ``updates`` its
     ``n_averaged`` kept on the host (read at no device sync)."""
 
-    def __init__(self, target: torch.nn.Module, decay: float, warmup: bool = True):
+    def __init__(self, target: torch.nn.Module, decay: float, warmup: bool = True, bn: str = "average",
+                 bn_images: int = 1024):
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
         self.decay, self.warmup = check_ema_options({"ema": decay, "ema_warmup": warmup})
+        self.bn, self.bn_images = check_ema_bn({"ema": decay, "ema_bn": bn, "ema_bn_images": bn_images})
         self.averaged = AveragedModel(target, multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True)
         self.averaged.requires_grad_(False)
         self.updates = 0
@@ -172,6 +205,15 @@ class TargetAverage:
         self.averaged.n_averaged.fill_(self.updates)   # no device read
 
     # ------------------------------------------------------------------ evaluation
+    def recompute_statistics(self, batches) -> None:
+        """``model.ema_bn=recompute``: the average's BatchNorm statistics recomputed over ``batches``
+        (normalised inputs on the average's device and float type) by ``torch.optim.swa_utils.update_bn``:
+        reset, then the plain mean over the batches in train mode (the running mean and the unbiased
+        running variance of every batch, averaged). Deterministic for the same batches, so every
+        process of a DDP run and a resumed run compute the same statistics."""
+        from torch.optim.swa_utils import update_bn
+        update_bn(batches, self.averaged.module)
+
     def swap_in(self, target: torch.nn.Module) -> bool:
         """Put the average into the target (its raw weights kept aside); False when there is no
         average yet (no step taken: the average of nothing is the weights themselves)."""
@@ -233,4 +275,5 @@ class TargetAverage:
 def build_average(model_cfg: Mapping | None, target: torch.nn.Module) -> TargetAverage | None:
     """The target's :class:`TargetAverage` as ``model.ema`` asks, or None (off)."""
     decay, warmup = check_ema_options(model_cfg)
-    return None if decay is None else TargetAverage(target, decay, warmup)
+    bn, bn_images = check_ema_bn(model_cfg)
+    return None if decay is None else TargetAverage(target, decay, warmup, bn, bn_images)

@@ -135,7 +135,8 @@ LENGTH_FREE_SCHEDULES = ("sskt_lightning.optim.step_decay",)
 ABSENT = object()
 # model keys added after checkpoints were first written, with the value every older run had (a
 # checkpoint without them ran that way): the fine-tuning file, the frozen backbone, weight averaging
-MODEL_KEYS_ADDED = {"weights": None, "freeze": None, "ema": None, "ema_warmup": True}
+MODEL_KEYS_ADDED = {"weights": None, "freeze": None, "ema": None, "ema_warmup": True, "ema_bn": "average",
+                    "ema_bn_images": 1024}
 
 
 def _as_older_runs_had(theirs: Mapping) -> Mapping:

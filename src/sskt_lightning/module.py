@@ -11,7 +11,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from sskt_lightning.errors import SSKTError
+from sskt_lightning.errors import ConfigError, SSKTError
 from sskt_lightning.finetune import build_target
 from sskt_lightning.guard import NonFiniteGuard, check_weights_finite
 from sskt_lightning.losses import task_loss
@@ -98,6 +98,8 @@ class TransferModule(L.LightningModule):
                 part.to(memory_format=torch.channels_last)
         from sskt_lightning.averaging import build_average
         self.ema = build_average(cfg.model, self.target)   # model.ema: None (off), or the evaluated average
+        self._statistics_images: torch.Tensor | None = None  # model.ema_bn=recompute: its images (uint8)
+        self._statistics_at: int | None = None   # the average's update count its statistics were recomputed at
         self.compiled: list[str] = []
         if cfg.get("compile"):
             from sskt_lightning.compiling import compile_networks
@@ -154,6 +156,8 @@ class TransferModule(L.LightningModule):
             self.method.attach_data(datamodule)   # idempotent (the command line called it already)
         if self.ema is not None:           # updated after every step of the target's optimizer
             self.ema.attach(self.target, self.trainer.optimizers)
+            if self.ema.bn == "recompute":
+                self._statistics_data()    # before any step: a run without the images fails now
         self.method.on_fit_start(self)     # e.g. open the soft-label cache
 
     def on_fit_end(self):
@@ -274,7 +278,37 @@ class TransferModule(L.LightningModule):
     def _evaluate_average(self) -> None:
         """model.ema: evaluate the average of the target's weights (raw weights back at the end)."""
         if self.ema is not None and self.ema.updates:   # its statistics: rank 0's (_broadcast_buffers)
+            self._recompute_average_statistics()         # model.ema_bn=recompute: the same on every process
             self.ema.swap_in(self.target)
+
+    def _statistics_data(self):
+        dm = getattr(self.trainer, "datamodule", None)
+        if not hasattr(dm, "statistics_images"):
+            raise ConfigError("model.ema_bn=recompute needs the training images of the run's data module "
+                              "(sskt_lightning.data.ImageDataModule, passed to the trainer as datamodule=); "
+                              "this run has none: use model.ema_bn=average.")
+        return dm
+
+    def _recompute_average_statistics(self) -> None:
+        """model.ema_bn=recompute: the average's BatchNorm statistics over the data module's
+        ``statistics_images`` (normalised as every batch is, in batches of the evaluation size), once
+        per state of the average: before it is evaluated or saved (last.ckpt is written at the end
+        of the training epoch, before validation), so what a checkpoint holds is what was evaluated."""
+        if self.ema is None or not self.ema.updates or self.ema.bn != "recompute" \
+                or self._statistics_at == self.ema.updates:
+            return
+        dm = self._statistics_data()
+        if self._statistics_images is None:
+            self._statistics_images = dm.statistics_images(self.ema.bn_images)
+        from sskt_lightning.data.augment import normalize
+        first = next(self.ema.averaged.module.parameters())
+        size = dm.eval_batch_size or dm.batch_size
+        images = self._statistics_images
+        fmt = torch.channels_last if self.cfg.get("channels_last") else torch.contiguous_format
+        self.ema.recompute_statistics(
+            normalize(images[i:i + size].to(first.device), dm.mean, dm.std).to(dtype=first.dtype, memory_format=fmt)
+            for i in range(0, len(images), size))
+        self._statistics_at = self.ema.updates
 
     def on_validation_end(self):
         if self.ema is not None:
@@ -334,6 +368,8 @@ class TransferModule(L.LightningModule):
         self.check_finite("before saving a checkpoint")
         sd = checkpoint["state_dict"]
         if self.ema is not None:   # state_dict: the average (what is evaluated); raw weights under "ema"
+            if not self.ema.evaluating:
+                self._recompute_average_statistics()
             self.ema.export(checkpoint, self.target, "target.")
         raw = (checkpoint.get("ema") or {}).get("raw_state_dict") or {}
         check_weights_finite(((k, v) for k, v in [*sd.items(), *raw.items()] if not k.startswith(SOURCES_PREFIX)),

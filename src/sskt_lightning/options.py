@@ -81,6 +81,8 @@ class ModelOptions:
     freeze: str | None = None       # model.freeze: None or "backbone" (train the classifier only)
     ema: float | None = None        # model.ema: the decay of the evaluated weight average (None: off)
     ema_warmup: bool = True         # model.ema_warmup: decay min(ema, (1 + n) / (10 + n)) at update n
+    ema_bn: str = "average"         # model.ema_bn: the average's BatchNorm statistics, average | recompute
+    ema_bn_images: int = 1024       # model.ema_bn_images: images model.ema_bn=recompute uses
 
 
 # --------------------------------------------------------------------------------------- methods
@@ -283,6 +285,7 @@ def build_config(*, method: MethodOptions | str, model: ModelOptions | str = "re
         cfg.model.weights = None if model.weights is None else str(model.weights)
         cfg.model.freeze, cfg.model.ema = model.freeze, model.ema
         cfg.model.ema_warmup = bool(model.ema_warmup)
+        cfg.model.ema_bn, cfg.model.ema_bn_images = model.ema_bn, model.ema_bn_images
         for key, value in method_values.items():
             cfg.method[key] = _plain(value)
         _set_optim(cfg, optim)

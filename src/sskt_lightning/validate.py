@@ -199,8 +199,9 @@ def validate_config(cfg: DictConfig) -> None:
     check_step_budget(method_cls, max_steps, name)
     from sskt_lightning.compiling import check_compile_options
     check_compile_options(cfg.get("compile"), method_cls)
-    from sskt_lightning.averaging import check_ema_options
+    from sskt_lightning.averaging import check_ema_bn, check_ema_options
     check_ema_options(cfg.get("model"))
+    check_ema_bn(cfg.get("model"))
 
     needs_sources = getattr(method_cls, "needs_sources", True)
     for key in OmegaConf.missing_keys(cfg):

@@ -52,6 +52,7 @@ from sskt_lightning.metrics import METRICS  # acc (single-label); map, reference
 UNLABELED_SOURCES = ("auto", "split", "pool")
 
 AUGMENT_SEED_OFFSET = 10_007                           # the augmentation generators' seeds: seed + this + stream
+STATISTICS_SEED_OFFSET = 20_011                        # statistics_images' order: seed + this
 AUGMENT_GENERATOR = {"labeled": 2, "unlabeled": 3}     # stream -> its augmentation generator in `_generators`
 STRONG_GENERATOR = 4                                   # the unlabeled stream's strong views (`strong_views`)
 STRONG_KEY = "unlabeled_strong"                        # their key in a training batch
@@ -404,6 +405,19 @@ class ImageDataModule(L.LightningDataModule):
     def unlabeled_indices(self) -> torch.Tensor:
         self.task
         return self._unlabeled_idx
+
+    def statistics_images(self, n: int) -> torch.Tensor:
+        """Up to ``n`` training images (uint8, unaugmented) to recompute BatchNorm statistics on
+        (``model.ema_bn=recompute``): the unlabeled stream's images when there is one, else the
+        labelled ones, in an order fixed by ``data.seed`` (its own generator: no draw from the
+        training streams, so a resumed run gets the same images). The same on every process."""
+        task = self.task
+        if self.unlabeled:
+            images, idx = self._unlabeled_images, self._unlabeled_idx
+        else:
+            images, idx = self._train_arrays.images, task.train
+        order = torch.randperm(len(idx), generator=torch.Generator().manual_seed(self.seed + STATISTICS_SEED_OFFSET))
+        return images[idx[order[:n]]]
 
     def split_batch_across(self, world_size: int) -> None:
         """Make the configured (global) batch sizes per-process for ``world_size`` processes."""
