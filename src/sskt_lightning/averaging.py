@@ -26,14 +26,15 @@ BatchNorm statistics are each process's own between evaluations (as the target's
 evaluation rank 0's averaged buffers are broadcast, as the module does for the target's.
 
 ``model.ema_bn=recompute`` (default ``average``: the above) recomputes the average's BatchNorm
-statistics for the averaged weights before every evaluation (``update_bn``, torch's recipe for
-averaged weights) on ``model.ema_bn_images`` training images, unaugmented: the unlabeled stream's
-when there is one, else the labelled images (``ImageDataModule.statistics_images``: a fixed order,
-the same on every process and after a resume). Why it exists: averaged statistics need not match
-averaged weights when the weights still move at the end of training (high learning rate times
-weight decay under BatchNorm); measured in docs/results.md, a recipe lost 8 points to it and
-recomputed statistics gave the raw accuracy back. Cost: one forward pass over those images per
-evaluation. The recomputed statistics are what the checkpoint's ``state_dict`` holds.
+statistics for the averaged weights before every evaluation and every checkpoint (``update_bn``,
+torch's recipe for averaged weights; once per state of the average) on ``model.ema_bn_images``
+training images, unaugmented: the unlabeled stream's when there is one, else the labelled images
+(``ImageDataModule.statistics_images``: a fixed order, the same on every process and after a
+resume). Why it exists: averaged statistics need not match averaged weights when the weights still
+move at the end of training (high learning rate times weight decay under BatchNorm); measured in
+docs/results.md, a recipe lost 8 points to it and recomputed statistics gave the raw accuracy back.
+Cost: one forward pass over those images per evaluated or saved state of the average (about once per
+epoch). The recomputed statistics are what the checkpoint's ``state_dict`` holds.
 
 Validation, test, ``checkpoints/*.ckpt`` (``state_dict``: the network ``sskt-eval``, a source or a
 DML peer read from the file get) and so ``results.json`` and the report use the average. The raw
