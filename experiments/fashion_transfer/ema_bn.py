@@ -10,8 +10,9 @@ holds the average in ``state_dict`` and the raw weights under ``"ema"``) the tes
 * ``ema, raw BN``: the averaged weights with the raw network's buffers (what USB's and the FixMatch
   PyTorch reimplementations' EMA do: they copy buffers);
 * ``ema, BN recomputed``: the averaged weights with BatchNorm statistics recomputed by
-  ``torch.optim.swa_utils.update_bn`` over the first ``--images`` images of the run's unlabeled pool
-  (runs without one: its labelled images), unaugmented, in train mode;
+  ``torch.optim.swa_utils.update_bn`` over ``--images`` images of the run's unlabeled pool (runs
+  without one: its labelled images), unaugmented, in train mode: the images ``model.ema_bn=recompute``
+  uses (``ImageDataModule.statistics_images``);
 * ``raw``: the raw weights with their own buffers;
 
 and the median relative distance ``|ema - raw| / |raw|`` of the convolution weights. Evaluated in
@@ -75,14 +76,13 @@ def run(run_dir: Path, n_images: int) -> dict:
     average, raw = networks(ckpt)
     dm = E.recorded_data_module(dict(ckpt["hyper_parameters"]["config"]["data"]), ckpt_path, user_data_dir=False)
     dm.setup("fit")
-    pool = dm._unlabeled_images[dm._unlabeled_idx] if dm._unlabeled_images is not None else \
-        dm._train_arrays.images[dm.task.train]
+    pool = dm.statistics_images(n_images)      # the images model.ema_bn=recompute uses
     test = dm.test_dataloader()
-    dist = sorted(float((a - r).norm() / r.norm()) for a, r in zip(average.parameters(), raw.parameters())
+    dist = sorted(float((a - r).detach().norm() / r.norm()) for a, r in zip(average.parameters(), raw.parameters())
                   if a.dim() == 4)
     return {"run": str(run_dir), "ema": accuracy(average, test, dm.mean, dm.std),
             "ema_raw_bn": accuracy(with_buffers_of(average, raw), test, dm.mean, dm.std),
-            "ema_bn_recomputed": accuracy(recomputed(average, pool[:n_images], dm.mean, dm.std), test,
+            "ema_bn_recomputed": accuracy(recomputed(average, pool, dm.mean, dm.std), test,
                                           dm.mean, dm.std),
             "raw": accuracy(raw, test, dm.mean, dm.std), "conv_distance": dist[len(dist) // 2]}
 
