@@ -106,6 +106,32 @@ def test_recomputed_statistics_are_the_hand_computed_mean_and_variance():
     assert all(torch.equal(v, target_before[k]) for k, v in net.state_dict().items())
 
 
+def test_recomputed_statistics_do_not_depend_on_the_process_count(tmp_path, cifar_dir):
+    """Every process recomputes the statistics over all the images, in batches of the configured
+    (global) evaluation size: a data module split across 2 processes gives bit-identical statistics
+    to an unsplit one (before the fix, the per-process batch size halved the batches, which changes
+    update_bn's mean of per-batch statistics)."""
+    from types import SimpleNamespace
+    from sskt_lightning.train import build_data, build_module, data_info_of
+    cfg = compose_config(["data=cifar10", f"paths.data_dir={cifar_dir}", "method=scratch", "data.batch_size=8",
+                          "data.val_size=16", "model.ema=0.9", "model.ema_bn=recompute", "model.ema_bn_images=24"],
+                         tmp_path)
+    stats = []
+    for processes in (1, 2):
+        dm = build_data(cfg)
+        dm.setup("fit")
+        dm.split_batch_across(processes)
+        assert dm.eval_batch_size == 16 // processes and dm.global_eval_batch_size == 16
+        torch.manual_seed(0)
+        module = build_module(cfg, data_info_of(dm))
+        module._trainer = SimpleNamespace(datamodule=dm)
+        module.ema.update(module.target)
+        module._recompute_average_statistics()
+        stats.append({k: v.clone() for k, v in module.ema.averaged.module.state_dict().items() if "running_" in k})
+    assert stats[0] and stats[0].keys() == stats[1].keys()
+    assert all(torch.equal(v, stats[1][k]) for k, v in stats[0].items()), "the statistics depend on the process count"
+
+
 def test_statistics_images_are_fixed_by_the_seed_and_draw_nothing_from_training(tmp_path, cifar_dir):
     """The unlabeled stream's images when there is one, else the labelled ones; the same order for
     the same data.seed (another for another seed); the training streams' generators untouched."""

@@ -291,7 +291,8 @@ class TransferModule(L.LightningModule):
 
     def _recompute_average_statistics(self) -> None:
         """model.ema_bn=recompute: the average's BatchNorm statistics over the data module's
-        ``statistics_images`` (normalised as every batch is, in batches of the evaluation size), once
+        ``statistics_images`` (normalised as every batch is, in batches of the configured, global
+        evaluation size: every process computes all of them, so one process or several get the same), once
         per state of the average: before it is evaluated or saved (last.ckpt is written at the end
         of the training epoch, before validation), so what a checkpoint holds is what was evaluated."""
         if self.ema is None or not self.ema.updates or self.ema.bn != "recompute" \
@@ -302,7 +303,7 @@ class TransferModule(L.LightningModule):
             self._statistics_images = dm.statistics_images(self.ema.bn_images)
         from sskt_lightning.data.augment import normalize
         first = next(self.ema.averaged.module.parameters())
-        size = dm.eval_batch_size or dm.batch_size
+        size = dm.global_eval_batch_size
         images = self._statistics_images
         fmt = torch.channels_last if self.cfg.get("channels_last") else torch.contiguous_format
         self.ema.recompute_statistics(

@@ -209,6 +209,7 @@ class ImageDataModule(L.LightningDataModule):
         self.name, self.data_dir, self.download = name, str(data_dir), bool(download)
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or 2 * batch_size)
+        self.processes = 1      # split_batch_across: the batch sizes above are per process
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
         self.on_device = bool(on_device)
         self._device_arrays: dict[tuple[str, str], torch.Tensor] = {}
@@ -430,6 +431,14 @@ class ImageDataModule(L.LightningDataModule):
                     f"data.{attr}={value} is the global batch size and must divide by the "
                     f"{world_size} processes (devices x nodes); choose a multiple of {world_size}.")
             setattr(self, attr, value // world_size)
+        self.processes = world_size
+
+    @property
+    def global_eval_batch_size(self) -> int:
+        """The configured evaluation batch size over all processes (``split_batch_across`` made the
+        attribute per-process): what a computation that every process repeats in whole uses, so it
+        does not depend on the process count."""
+        return self.eval_batch_size * self.processes
 
     @property
     def unlabeled_batch_size(self) -> int:
