@@ -120,3 +120,30 @@ def test_the_summary_names_an_unfinished_cell(cell, tmp_path):
     with pytest.raises(SystemExit) as info:
         _script().main(["--summary", str(cell), f"1 label={tmp_path / 'labels1'}"])
     assert "labels1/protocol/report/report.csv does not exist" in str(info.value)
+
+
+def test_ranking_by_the_raw_weights_names_the_methods_that_move(tmp_path):
+    """Three methods, two seeds each: ranked by the average A (80) > B (75) > C (70); by the raw
+    weights (hand means) B 81 > A 78.5 > C 71, so A and B swap and C stays; the line says so. Equal
+    orders say so too, and a method without raw accuracies (no model.ema) leaves the line out."""
+    cell = tmp_path / "runs" / "labels5_ema0.999"
+    raws = {"sskt": (0.78, 0.79), "fixmatch": (0.80, 0.82), "scratch": (0.70, 0.72)}
+    for method, pair in raws.items():
+        for seed, raw in enumerate(pair):
+            _write(cell / f"protocol/{method}/final/seed_{seed}/results.json",
+                   {"test_acc": 0.5, "extra": {"test_raw_acc": raw}})
+    rows = pd.DataFrame([dict(name="sskt", test_mean=80.0), dict(name="fixmatch", test_mean=75.0),
+                         dict(name="scratch", test_mean=70.0)])
+    script = _script()
+    assert script.raw_mean(cell, "sskt") == pytest.approx(78.5)
+    assert script.ranking_with_raw_weights(cell, rows) == (
+        "Ranked by the raw weights' test accuracy instead of the average's: FixMatch 1st (81.00; 2nd with the "
+        "average); SSKT 2nd (78.50; 1st with the average).")
+    same = rows.assign(test_mean=[75.0, 80.0, 70.0])
+    assert script.ranking_with_raw_weights(cell, same) == (
+        "Ranked by the raw weights' test accuracy instead of the average's, the methods keep their order.")
+    _write(cell / "protocol/scratch/final/seed_1/results.json", {"test_acc": 0.5, "extra": {}})
+    assert script.raw_mean(cell, "scratch") is None
+    assert script.ranking_with_raw_weights(cell, rows) == ""
+    assert [script._ordinal(k) for k in (1, 2, 3, 4, 11, 12, 13, 21, 22)] == \
+        ["1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd"]

@@ -16,7 +16,9 @@ For each cell (one directory ``benchmark.py`` wrote: ``protocol/`` with its ``re
 * compute in minutes: the method's search trials + its finals (``elapsed_s`` of each run's
   ``protocol.json``), plus the runs it needs first (KD's born-again teachers, kd_unlabeled's
   fine-tuned sources; ``wall_time_s`` of their ``results.json``). The stage-1 source, shared by every
-  method that reads it, is counted once, below the table.
+  method that reads it, is counted once, below the table;
+* below it, whether ranking the methods by the raw weights' test accuracy changes their order (the
+  methods that move, named).
 
 With ``--summary``, one table across the cells instead: a row per method, for each cell its test
 accuracy and its seed-paired gain over scratch (the README's compact view; the full tables live in
@@ -88,6 +90,34 @@ def ema_minus_raw(cell: Path, method: str) -> float | None:
     return sum(diffs) / len(diffs) if diffs else None
 
 
+def raw_mean(cell: Path, method: str) -> float | None:
+    """Mean test accuracy (%) of the RAW weights over the final runs (``extra.test_raw_acc``); None
+    when a final run has none (no ``model.ema``)."""
+    raws = [_num((_read_json(p).get("extra") or {}).get("test_raw_acc"))
+            for p in sorted((cell / "protocol" / method / "final").glob("seed_*/results.json"))]
+    return 100 * sum(raws) / len(raws) if raws and all(r is not None for r in raws) else None
+
+
+def _ordinal(k: int) -> str:
+    return f"{k}{'th' if 10 <= k % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(k % 10, 'th')}"
+
+
+def ranking_with_raw_weights(cell: Path, rows: pd.DataFrame) -> str:
+    """Whether ranking the methods by the raw weights' mean test accuracy instead of the average's
+    changes the order: the methods whose rank moves, named; "" when a method has no raw accuracy."""
+    ema = {str(r["name"]): float(r["test_mean"]) for _, r in rows.iterrows()}
+    raw = {m: raw_mean(cell, m) for m in ema}
+    if not ema or any(v is None for v in raw.values()):
+        return ""
+    by_ema = sorted(ema, key=lambda m: -ema[m])
+    by_raw = sorted(raw, key=lambda m: -raw[m])
+    moved = [f"{NAMES.get(m, m)} {_ordinal(by_raw.index(m) + 1)} ({raw[m]:.2f}; "
+             f"{_ordinal(by_ema.index(m) + 1)} with the average)" for m in by_raw if by_raw.index(m) != by_ema.index(m)]
+    if not moved:
+        return "Ranked by the raw weights' test accuracy instead of the average's, the methods keep their order."
+    return "Ranked by the raw weights' test accuracy instead of the average's: " + "; ".join(moved) + "."
+
+
 def _report(cell: Path) -> pd.DataFrame:
     report = cell / "protocol" / "report" / "report.csv"
     if not report.is_file():
@@ -127,6 +157,9 @@ def table(cell: Path) -> str:
               + (f" (of which {extra:.1f} min for the searches of {', '.join(searched_only)}, which had no finals)"
                  if searched_only else "")
               + (f"; the stage-1 source, shared by every cell: {source / 60:.1f} min" if source else "") + "."]
+    ranking = ranking_with_raw_weights(cell, rows)
+    if ranking:
+        lines += ["", ranking]
     return "\n".join(lines)
 
 
