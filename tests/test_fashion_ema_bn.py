@@ -1,6 +1,6 @@
 """experiments/fashion_transfer/ema_bn.py: a finished run's checkpoint evaluated four ways. Its
 ``ema`` and ``raw`` columns must be what the run itself tested (results.json: test_acc and
-extra.test_raw_acc), and a checkpoint without an average is refused with a message."""
+extra.test_raw_acc; with split val, ``ema`` is its last_val_acc), and a checkpoint without an average is refused with a message."""
 from __future__ import annotations
 
 import importlib.util
@@ -31,6 +31,10 @@ def test_the_average_and_raw_columns_are_the_runs_own_test_numbers(tmp_path, cif
     assert row["raw"] == pytest.approx(100 * res["extra"]["test_raw_acc"], abs=1e-4)
     assert 0 <= row["ema_raw_bn"] <= 100 and 0 <= row["ema_bn_recomputed"] <= 100
     assert row["conv_distance"] > 0          # the average is not the raw weights
+    val = _script().run(tmp_path / "run", 24, "val")         # what the run validated: the average
+    assert val["ema"] == pytest.approx(100 * res["last_val_acc"], abs=1e-4)
+    with pytest.raises(SystemExit, match="choose test or val"):
+        _script().run(tmp_path / "run", 24, "train")
 
 
 @pytest.mark.slow

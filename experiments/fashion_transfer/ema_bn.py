@@ -1,8 +1,8 @@
 """What the weight average's BatchNorm statistics do to a finished run: one checkpoint, four networks.
 
-    python experiments/fashion_transfer/ema_bn.py RUN_DIR [RUN_DIR ...] [--images 4096]
+    python experiments/fashion_transfer/ema_bn.py RUN_DIR [RUN_DIR ...] [--images 4096] [--split test|val]
 
-For each run directory (a final run of ``benchmark.py`` with ``model.ema``: ``checkpoints/last.ckpt``
+For each run directory (a run of ``benchmark.py`` with ``model.ema``: ``checkpoints/last.ckpt``
 holds the average in ``state_dict`` and the raw weights under ``"ema"``) the test accuracy (%) of
 
 * ``ema``: the averaged weights with the averaged BatchNorm buffers (what the harness evaluates,
@@ -18,7 +18,9 @@ holds the average in ``state_dict`` and the raw weights under ``"ema"``) the tes
 and the median relative distance ``|ema - raw| / |raw|`` of the convolution weights. Evaluated in
 float32 on the checkpoint's recorded data (the test split of its classes), one thread, so the ``ema`` and
 ``raw`` columns can differ from the bf16 run's results.json by a few tenths. A diagnostic of finished
-runs: nothing is selected with it.
+runs: nothing is selected with it. ``--split val`` scores the validation split instead (its ``ema``
+column is then the run's ``last_val_acc``): for search trials, to see what the selection would have
+seen with other BatchNorm statistics.
 """
 from __future__ import annotations
 
@@ -70,16 +72,19 @@ def accuracy(net: torch.nn.Module, loader, mean, std) -> float:
     return 100.0 * correct / total
 
 
-def run(run_dir: Path, n_images: int) -> dict:
+def run(run_dir: Path, n_images: int, split: str = "test") -> dict:
+    if split not in ("test", "val"):
+        raise SystemExit(f"--split {split!r}: choose test or val")
     ckpt_path = run_dir / "checkpoints" / "last.ckpt"
     ckpt = E.read_checkpoint(ckpt_path)
     average, raw = networks(ckpt)
     dm = E.recorded_data_module(dict(ckpt["hyper_parameters"]["config"]["data"]), ckpt_path, user_data_dir=False)
     dm.setup("fit")
     pool = dm.statistics_images(n_images)      # the images model.ema_bn=recompute uses
-    test = dm.test_dataloader()
-    dist = sorted(float((a - r).detach().norm() / r.norm()) for a, r in zip(average.parameters(), raw.parameters())
-                  if a.dim() == 4)
+    test = dm.test_dataloader() if split == "test" else dm.val_dataloader()
+    with torch.no_grad():
+        dist = sorted(float((a - r).norm() / r.norm()) for a, r in zip(average.parameters(), raw.parameters())
+                      if a.dim() == 4)
     return {"run": str(run_dir), "ema": accuracy(average, test, dm.mean, dm.std),
             "ema_raw_bn": accuracy(with_buffers_of(average, raw), test, dm.mean, dm.std),
             "ema_bn_recomputed": accuracy(recomputed(average, pool, dm.mean, dm.std), test,
@@ -89,15 +94,18 @@ def run(run_dir: Path, n_images: int) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", type=Path, help="final run directories (holding checkpoints/last.ckpt)")
+    p.add_argument("runs", nargs="+", type=Path, help="run directories (holding checkpoints/last.ckpt)")
     p.add_argument("--images", type=int, default=4096, help="images for the recomputed BatchNorm statistics")
+    p.add_argument("--split", choices=["test", "val"], default="test",
+                   help="the split scored (default test; val: what a search's selection sees)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
+    print(f"{args.split} accuracy (%):\n")
     print("| run | ema | ema, raw BN | ema, BN recomputed | raw | conv \\|ema − raw\\| / \\|raw\\| |")
     print("|---|---:|---:|---:|---:|---:|")
     rows = []
     for run_dir in args.runs:
-        r = run(run_dir, args.images)
+        r = run(run_dir, args.images, args.split)
         rows.append(r)
         name = "/".join(run_dir.parts[-3:])
         print(f"| {name} | {r['ema']:.2f} | {r['ema_raw_bn']:.2f} | {r['ema_bn_recomputed']:.2f} | {r['raw']:.2f} "
