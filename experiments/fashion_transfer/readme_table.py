@@ -79,22 +79,26 @@ def compute_minutes(cell: Path, method: str) -> float:
     return seconds / 60
 
 
-def ema_minus_raw(cell: Path, method: str) -> float | None:
-    """Mean over the final runs of (EMA test acc - raw test acc), in points; None without EMA."""
-    diffs = []
+def final_accuracies(cell: Path, method: str) -> list[tuple[float | None, float | None]]:
+    """(test acc, raw weights' test acc) of each final run (``test_acc``, ``extra.test_raw_acc``;
+    None where missing: a run without ``model.ema`` has no raw accuracy)."""
+    out = []
     for p in sorted((cell / "protocol" / method / "final").glob("seed_*/results.json")):
         res = _read_json(p)
-        raw, acc = _num((res.get("extra") or {}).get("test_raw_acc")), _num(res.get("test_acc"))
-        if raw is not None and acc is not None:
-            diffs.append(100 * (acc - raw))
+        out.append((_num(res.get("test_acc")), _num((res.get("extra") or {}).get("test_raw_acc"))))
+    return out
+
+
+def ema_minus_raw(cell: Path, method: str) -> float | None:
+    """Mean over the final runs of (EMA test acc - raw test acc), in points; None without EMA."""
+    diffs = [100 * (acc - raw) for acc, raw in final_accuracies(cell, method) if acc is not None and raw is not None]
     return sum(diffs) / len(diffs) if diffs else None
 
 
 def raw_mean(cell: Path, method: str) -> float | None:
-    """Mean test accuracy (%) of the RAW weights over the final runs (``extra.test_raw_acc``); None
-    when a final run has none (no ``model.ema``)."""
-    raws = [_num((_read_json(p).get("extra") or {}).get("test_raw_acc"))
-            for p in sorted((cell / "protocol" / method / "final").glob("seed_*/results.json"))]
+    """Mean test accuracy (%) of the RAW weights over the final runs; None when a final run has
+    none (no ``model.ema``)."""
+    raws = [raw for _, raw in final_accuracies(cell, method)]
     return 100 * sum(raws) / len(raws) if raws and all(r is not None for r in raws) else None
 
 
