@@ -346,7 +346,7 @@ def test_benchmark_methods_use_the_interface_names_and_flags(monkeypatch):
     assert B.missing_spaces(["scratch"]) == []
 
 
-def test_benchmark_settings_compose_and_the_coarse_one_resumes_the_recorded_benchmark(tmp_path):
+def test_benchmark_settings_compose_and_the_coarse_one_resumes_the_recorded_benchmark(tmp_path, capsys):
     from omegaconf import OmegaConf
 
     from sskt_lightning.compose import compose_config
@@ -362,6 +362,17 @@ def test_benchmark_settings_compose_and_the_coarse_one_resumes_the_recorded_benc
     assert fast[0].target == [*coarse.target, "trainer.precision=bf16-mixed", "channels_last=true"]
     fast_cfg = compose_config([*fast[1].target, "seed=0"], tmp_path / "f")
     assert fast_cfg.trainer.precision == "bf16-mixed" and fast_cfg.channels_last is True
+    # --ema-bn recompute: every run alike, its own directories; refused without --ema
+    rec = B.cells(B.argparse.Namespace(**{**vars(argv), "precision": "bf16-mixed", "channels_last": True,
+                                          "ema_bn": "recompute"}))
+    assert [c.root.name for c in rec] == ["labels5_ema0.999_bnrc_bf16_cl", "labels5_disjoint_ema0.999_bnrc_bf16_cl"]
+    assert rec[0].target == [*coarse.target, "model.ema_bn=recompute", "trainer.precision=bf16-mixed",
+                             "channels_last=true"]
+    assert compose_config([*rec[0].target, "seed=0"], tmp_path / "r").model.ema_bn == "recompute"
+    with pytest.raises(SystemExit):
+        B.main(["--plan", "--ema-bn", "recompute", "--out", str(tmp_path)])
+    assert "--ema-bn recompute recomputes the statistics of the weight average: add --ema DECAY" \
+        in capsys.readouterr().err
     # the coarse setting without EMA is exactly what the recorded benchmark ran (so its runs resume)
     recorded = Path(__file__).resolve().parents[1] / "experiments/fashion_transfer/benchmark_runs/labels5/protocol"
     argv.ema = None

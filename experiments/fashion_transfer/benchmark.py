@@ -20,7 +20,9 @@ For every label budget and setting, the same for every method:
     recipe;
   * final: the selected configuration with seeds 0..4, tested once at the end (last epoch);
   * --ema DECAY: model.ema=DECAY for EVERY run (teachers, fine-tunes, trials, finals) alike; off by
-    default; recorded in the report's header and in the output directories' names;
+    default; recorded in the report's header and in the output directories' names; --ema-bn recompute
+    adds model.ema_bn=recompute (BatchNorm statistics recomputed for the averaged weights) to every
+    run alike (directory suffix _bnrc; the recorded re-run averaged them, the default);
   * --precision bf16-mixed --channels-last: the same two numerics switches for EVERY run alike (about
     2x less compute on CPUs with AMX); recorded like --ema (directory suffix _bf16_cl);
   * report: mean ± std, seed-paired gain over scratch AND over the best other method on the same
@@ -226,6 +228,9 @@ def speed_overrides(args) -> tuple[list[str], str]:
 
 def cells(args) -> list[Cell]:
     ema = [f"model.ema={args.ema}"] if args.ema is not None else []
+    recompute = getattr(args, "ema_bn", "average") == "recompute"
+    if recompute:
+        ema.append("model.ema_bn=recompute")
     speed, speed_suffix = speed_overrides(args)
     out = []
     for name in args.setting:
@@ -234,7 +239,8 @@ def cells(args) -> list[Cell]:
         for labels in args.labels:
             target = [*target_overrides(args.epochs, args.model, None, labels, args.steps_per_epoch,
                                         VAL_PER_CLASS.get(labels, 20), s.target_classes), *ema, *speed]
-            suffix = s.suffix + (f"_ema{args.ema}" if args.ema is not None else "") + speed_suffix
+            suffix = s.suffix + (f"_ema{args.ema}" if args.ema is not None else "") \
+                + ("_bnrc" if recompute else "") + speed_suffix
             out.append(Cell(s, labels, args.out / f"labels{labels}{suffix}", target, ckpt))
     return out
 
@@ -244,8 +250,9 @@ def protocol(args, cell: Cell, methods: list[str], policy: str, winner: str | No
     what = ("4 coarse classes (unions of the source's 10)" if s.target_classes is None
             else f"classes {s.target_classes} (the source saw only {s.source_classes})")
     notes = [f"Setting: {s.name}: targets on {what}; source: ResNet-20 on the first half of the training images.",
-             f"EMA of the weights: {'model.ema=' + str(args.ema) if args.ema is not None else 'off'}, "
-             "the same for every method.",
+             f"EMA of the weights: {'model.ema=' + str(args.ema) if args.ema is not None else 'off'}"
+             + (", model.ema_bn=recompute" if getattr(args, "ema_bn", "average") == "recompute" else "")
+             + ", the same for every method.",
              f"Numerics: trainer.precision={args.precision}, channels_last={str(args.channels_last).lower()}, "
              "the same for every run (teachers, fine-tunes, trials, finals)."]
     if "sskt_fixmatch" in methods:
@@ -261,6 +268,7 @@ def protocol(args, cell: Cell, methods: list[str], policy: str, winner: str | No
         trials=args.trials, seeds=args.seeds, search_seed=args.search_seed, jobs=args.jobs, threads=1, batch=1,
         setting_name=f"{s.name}, {cell.labels} labels/class, {args.steps_per_epoch * args.epochs} steps"
                      + (f", EMA {args.ema}" if args.ema is not None else "")
+                     + (" (BN recomputed)" if getattr(args, "ema_bn", "average") == "recompute" else "")
                      + (f", {args.precision}" if args.precision != "32-true" else "")
                      + (", channels-last" if args.channels_last else ""),
         baseline="scratch" if "scratch" in methods else "", notes=notes,
@@ -365,6 +373,8 @@ def main(argv=None) -> None:
     p.add_argument("--sskt-policy", choices=["auto", "fixed", "flex", "free", "soft"], default="auto",
                    help="sskt_fixmatch's pseudo-label policy (auto: the searched policy best on validation)")
     p.add_argument("--ema", type=float, default=None, help="model.ema=DECAY for every run alike (default: off)")
+    p.add_argument("--ema-bn", choices=["average", "recompute"], default="average",
+                   help="model.ema_bn for every run alike (default average, as the recorded re-run; needs --ema)")
     p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"],
                    help="trainer.precision for every run alike (bf16-mixed: about 2x faster on CPUs with AMX, "
                         "e.g. Sapphire Rapids Xeons; see docs/results.md)")
@@ -382,6 +392,8 @@ def main(argv=None) -> None:
     p.add_argument("--model", default="resnet20")
     p.add_argument("--plan", action="store_true", help="print the runs it would do and their compute; run nothing")
     args = p.parse_args(argv)
+    if args.ema_bn == "recompute" and args.ema is None:
+        p.error("--ema-bn recompute recomputes the statistics of the weight average: add --ema DECAY")
     methods = list(dict.fromkeys(args.methods))
 
     if args.plan:
