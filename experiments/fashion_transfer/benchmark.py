@@ -226,9 +226,14 @@ def speed_overrides(args) -> tuple[list[str], str]:
     return over, suffix
 
 
+def recompute_bn(args) -> bool:
+    """--ema-bn recompute (absent from older argument sets: the default, average)."""
+    return getattr(args, "ema_bn", "average") == "recompute"
+
+
 def cells(args) -> list[Cell]:
     ema = [f"model.ema={args.ema}"] if args.ema is not None else []
-    recompute = getattr(args, "ema_bn", "average") == "recompute"
+    recompute = recompute_bn(args)
     if recompute:
         ema.append("model.ema_bn=recompute")
     speed, speed_suffix = speed_overrides(args)
@@ -251,7 +256,7 @@ def protocol(args, cell: Cell, methods: list[str], policy: str, winner: str | No
             else f"classes {s.target_classes} (the source saw only {s.source_classes})")
     notes = [f"Setting: {s.name}: targets on {what}; source: ResNet-20 on the first half of the training images.",
              f"EMA of the weights: {'model.ema=' + str(args.ema) if args.ema is not None else 'off'}"
-             + (", model.ema_bn=recompute" if getattr(args, "ema_bn", "average") == "recompute" else "")
+             + (", model.ema_bn=recompute" if recompute_bn(args) else "")
              + ", the same for every method.",
              f"Numerics: trainer.precision={args.precision}, channels_last={str(args.channels_last).lower()}, "
              "the same for every run (teachers, fine-tunes, trials, finals)."]
@@ -268,7 +273,7 @@ def protocol(args, cell: Cell, methods: list[str], policy: str, winner: str | No
         trials=args.trials, seeds=args.seeds, search_seed=args.search_seed, jobs=args.jobs, threads=1, batch=1,
         setting_name=f"{s.name}, {cell.labels} labels/class, {args.steps_per_epoch * args.epochs} steps"
                      + (f", EMA {args.ema}" if args.ema is not None else "")
-                     + (" (BN recomputed)" if getattr(args, "ema_bn", "average") == "recompute" else "")
+                     + (" (BN recomputed)" if recompute_bn(args) else "")
                      + (f", {args.precision}" if args.precision != "32-true" else "")
                      + (", channels-last" if args.channels_last else ""),
         baseline="scratch" if "scratch" in methods else "", notes=notes,

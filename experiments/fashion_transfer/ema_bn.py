@@ -81,15 +81,15 @@ def run(run_dir: Path, n_images: int, split: str = "test") -> dict:
     dm = E.recorded_data_module(dict(ckpt["hyper_parameters"]["config"]["data"]), ckpt_path, user_data_dir=False)
     dm.setup("fit")
     pool = dm.statistics_images(n_images)      # the images model.ema_bn=recompute uses
-    test = dm.test_dataloader() if split == "test" else dm.val_dataloader()
+    loader = dm.test_dataloader() if split == "test" else dm.val_dataloader()
     with torch.no_grad():
         dist = sorted(float((a - r).norm() / r.norm()) for a, r in zip(average.parameters(), raw.parameters())
                       if a.dim() == 4)
-    return {"run": str(run_dir), "ema": accuracy(average, test, dm.mean, dm.std),
-            "ema_raw_bn": accuracy(with_buffers_of(average, raw), test, dm.mean, dm.std),
-            "ema_bn_recomputed": accuracy(recomputed(average, pool, dm.mean, dm.std), test,
+    return {"run": str(run_dir), "ema": accuracy(average, loader, dm.mean, dm.std),
+            "ema_raw_bn": accuracy(with_buffers_of(average, raw), loader, dm.mean, dm.std),
+            "ema_bn_recomputed": accuracy(recomputed(average, pool, dm.mean, dm.std), loader,
                                           dm.mean, dm.std),
-            "raw": accuracy(raw, test, dm.mean, dm.std), "conv_distance": dist[len(dist) // 2]}
+            "raw": accuracy(raw, loader, dm.mean, dm.std), "conv_distance": dist[len(dist) // 2]}
 
 
 def main(argv=None) -> None:
